@@ -1,0 +1,102 @@
+"""LoRA (Hu et al., 2106.09685) and rsLoRA (Kalajdzievski, 2312.03732) — SPEC §2.1.
+
+    y = x W0ᵀ + b0 + s · (x_d Aᵀ) Bᵀ,     s = α/r  (LoRA)  or  α/√r  (rsLoRA)
+
+Backward, with G = dL/dy and u = x_d Aᵀ:
+    dB = s Gᵀ u,   du = s G B,   dA = duᵀ x_d,   dx = G W0 + (du A) ⊙ mask
+W0 is frozen, so ``Gᵀ x`` (the largest product of a full fine-tune) is never formed.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from .. import backend
+from ..decompose import check_rank, svd_split
+from ..module import Parameter
+from ..ops.linear import linear_forward
+from .base import AdaptedLinear, AdapterConfig, register
+
+LORA_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<q>", "olora", "milora")
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)$")
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    init: str = "kaiming"
+    rslora: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init not in ("kaiming", "gaussian", "pissa", "olora", "milora") \
+                and not _PISSA_NITER.match(str(self.init)):
+            raise ValueError(f"init must be one of {LORA_INITS}, got {self.init!r}")
+
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+
+
+def lora_factors(W0, r: int, s: float, init: str, rng):
+    """``(A (r, n), B (m, r), new_W0)``; new_W0 is W0 minus ``s·BA`` for the data-driven inits."""
+    xp = backend.get_namespace(W0)
+    m, n = W0.shape
+    dtype = W0.dtype.name
+    if init == "kaiming":   # PEFT: kaiming_uniform_(a=√5) == U(-1/√n, 1/√n)
+        bound = 1.0 / math.sqrt(n)
+        return backend.host_uniform(rng, (r, n), -bound, bound, dtype, xp), xp.zeros((m, r), dtype), W0
+    if init == "gaussian":
+        return backend.host_normal(rng, (r, n), 1.0 / r, dtype, xp), xp.zeros((m, r), dtype), W0
+    if init == "olora":
+        Q, R = backend.qr(W0)                           # (m, k), (k, n)
+        B, A = Q[:, :r].copy(), R[:r].copy()
+    else:  # pissa, pissa_niter_q, milora: the triplets split evenly between A and B
+        niter = _PISSA_NITER.match(init)
+        split = svd_split(W0, r, method="randomized" if niter else "exact",
+                          n_iter=int(niter.group(1)) if niter else 0,
+                          seed=int(rng.integers(2**31)), smallest=init == "milora")
+        root = xp.sqrt(split.S / s)                     # (r,)
+        A = root[:, None] * split.Vt                    # (r, n)
+        B = split.U * root                              # (m, r)
+    return A, B, W0 - s * (B @ A)
+
+
+@register("lora", LoraConfig)
+class LoraLinear(AdaptedLinear):
+    def init_adapter(self, rng) -> None:
+        cfg = self.config
+        check_rank(cfg.r, self.weight.shape)
+        if cfg.init not in ("kaiming", "gaussian") and not backend.is_finite(self.weight.data):
+            raise ValueError(f"W0 contains NaN or Inf; init={cfg.init!r} needs a finite matrix")
+        self.scaling = cfg.scaling()
+        A, B, self.weight.data = lora_factors(self.weight.data, cfg.r, self.scaling, cfg.init, rng)
+        self.lora_A = Parameter(A)   # (r, n), "lora_A.weight"
+        self.lora_B = Parameter(B)   # (m, r), "lora_B.weight"
+
+    def adapter_forward(self, x, dropout_mask):
+        y, _ = linear_forward(x, self.weight.data, self._bias_data())   # (..., m)
+        x_d, mask = self.dropout(x, dropout_mask)
+        u = x_d @ self.lora_A.data.T                                     # (..., r)
+        y += self.scaling * (u @ self.lora_B.data.T)
+        return y, (x_d, mask, u)
+
+    def adapter_backward(self, dy, cache):
+        x_d, mask, u = cache
+        A, B, s = self.lora_A, self.lora_B, self.scaling
+        dx = dy @ self.weight.data                                       # (..., n)
+        if B.trainable:
+            dB = dy.reshape(-1, B.shape[0]).T @ u.reshape(-1, B.shape[1])  # (m, r)
+            dB *= s
+            B.accumulate(dB)
+        du = dy @ B.data                                                 # (..., r)
+        du *= s
+        if A.trainable:
+            A.accumulate(du.reshape(-1, A.shape[0]).T @ x_d.reshape(-1, A.shape[1]))  # (r, n)
+        dx_adapter = du @ A.data                                         # (..., n)
+        if mask is not None:
+            dx_adapter *= mask
+        dx += dx_adapter
+        return dx
+
+    def delta_weight(self):
+        return self.scaling * (self.lora_B.data @ self.lora_A.data)     # (m, n)

@@ -1,0 +1,214 @@
+"""The array backend: the only place that imports numpy, cupy or cupyx for compute.
+
+Three backends share one code path:
+
+* ``numpy``        — the CPU reference;
+* ``cupy``         — the GPU (extra ``gpu``);
+* ``numpy-strict`` — NumPy arrays that raise wherever CuPy would (see ``strict.py``), so
+  the GPU switch is proven on machines without a GPU.
+
+Compute code never names a backend: it asks ``get_namespace(*arrays)`` for ``xp``.
+Host<->device moves are explicit (``asarray``, ``to_numpy``). Random initial values are drawn
+on the host in float64 with PCG64, cast, then moved, so every backend starts bit-identical.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .strict import StrictArray, StrictMixingError, strict_numpy
+
+BACKENDS = ("numpy", "numpy-strict", "cupy")
+FLOAT_DTYPES = ("float32", "float64")
+DEFAULT_DTYPE = "float32"
+
+_active = None  # the selected backend's name; resolved lazily from LOWRANK_BACKEND
+
+
+# --- selection -------------------------------------------------------------------------
+
+def _import_cupy():
+    try:
+        import cupy
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # ImportError, CUDARuntimeError, ...
+        raise RuntimeError(
+            "backend 'cupy' is not usable here: "
+            f"{type(exc).__name__}: {exc}. Install the GPU extra with "
+            "`pip install -e \".[gpu]\"` (a cupy-cudaXXx wheel matching your CUDA) on a machine "
+            "with an NVIDIA GPU, or use backend 'numpy'.") from exc
+    return cupy
+
+
+def cupy_available() -> bool:
+    try:
+        _import_cupy()
+    except RuntimeError:
+        return False
+    return True
+
+
+def namespace(name: str):
+    """The array module of backend ``name``."""
+    if name == "numpy":
+        return np
+    if name == "numpy-strict":
+        return strict_numpy
+    if name == "cupy":
+        return _import_cupy()
+    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
+def set_backend(name: str) -> None:
+    """Select the backend used where no input array decides it (parameter creation)."""
+    global _active
+    namespace(name)  # validates and, for cupy, checks that it loads
+    _active = name
+
+
+def get_backend() -> str:
+    global _active
+    if _active is None:
+        set_backend(os.environ.get("LOWRANK_BACKEND", "numpy"))
+    return _active
+
+
+def xp_default():
+    return namespace(get_backend())
+
+
+def backend_of(array) -> str:
+    if isinstance(array, StrictArray):
+        return "numpy-strict"
+    if isinstance(array, (np.ndarray, np.generic)):
+        return "numpy"
+    if type(array).__module__.startswith("cupy"):
+        return "cupy"
+    raise ValueError(f"not an array of a known backend: {type(array).__name__}")
+
+
+def get_namespace(*arrays):
+    """``xp`` for the given arrays (``None`` entries ignored); mixing backends raises."""
+    names = {backend_of(a) for a in arrays if a is not None}
+    if len(names) > 1:
+        raise ValueError(f"arrays from different backends were mixed: {sorted(names)}; "
+                         "move them explicitly with lowrank.backend.asarray()")
+    return namespace(names.pop()) if names else xp_default()
+
+
+# --- moves and dtypes ------------------------------------------------------------------
+
+def asarray(a, dtype=None, xp=None):
+    """Explicit move/cast of host data (or an array) onto backend ``xp`` (default: active)."""
+    xp = xp_default() if xp is None else xp
+    return xp.asarray(a, dtype=dtype)
+
+
+def to_numpy(a) -> np.ndarray:
+    """Explicit copy of any backend array to a host ``numpy.ndarray``."""
+    if isinstance(a, np.ndarray):
+        return a
+    if isinstance(a, StrictArray) or backend_of(a) == "cupy":
+        return a.get()
+    return np.asarray(a)
+
+
+def synchronize(xp=None) -> None:
+    """Wait for queued device work (a no-op on the CPU backends); use before timing."""
+    xp = xp_default() if xp is None else xp
+    if getattr(xp, "__name__", "") == "cupy":
+        xp.cuda.get_current_stream().synchronize()
+
+
+def check_dtype(dtype) -> str:
+    """Normalise a float dtype name; only float32 and float64 are supported."""
+    name = np.dtype(dtype).name if dtype is not None else DEFAULT_DTYPE
+    if name not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {name!r}")
+    return name
+
+
+def tolerance(dtype) -> float:
+    """Relative tolerance for comparing results computed in ``dtype`` against float64."""
+    return {"float32": 1e-5, "float64": 1e-12}[check_dtype(dtype)]
+
+
+# --- randomness --------------------------------------------------------------------------
+
+def host_rng(seed) -> np.random.Generator:
+    if isinstance(seed, np.random.Generator):
+        return seed
+    return np.random.Generator(np.random.PCG64(seed))
+
+
+def host_normal(rng, shape, std=1.0, dtype=DEFAULT_DTYPE, xp=None):
+    """N(0, std²) drawn on the host in float64, cast to ``dtype``, moved to ``xp``."""
+    values = host_rng(rng).standard_normal(shape) * std
+    return asarray(values.astype(check_dtype(dtype)), xp=xp)
+
+
+def host_uniform(rng, shape, low, high, dtype=DEFAULT_DTYPE, xp=None):
+    values = host_rng(rng).uniform(low, high, size=shape)
+    return asarray(values.astype(check_dtype(dtype)), xp=xp)
+
+
+class DeviceRNG:
+    """Per-step randomness (dropout masks) drawn where the arrays live, no host transfer."""
+
+    def __init__(self, seed: int, xp):
+        self.xp = xp
+        if getattr(xp, "__name__", "") == "cupy":
+            self._gen = xp.random.default_rng(seed)
+        else:
+            self._gen = np.random.Generator(np.random.PCG64(seed))
+
+    def keep_mask(self, shape, p: float, dtype):
+        """Inverted-dropout multiplier: 1/(1-p) where kept, 0 where dropped."""
+        keep = self._gen.random(shape) >= p
+        mask = keep.astype(dtype) * (1.0 / (1.0 - p))
+        if self.xp is strict_numpy:
+            mask = strict_numpy.asarray(mask)
+        return mask
+
+
+# --- linear algebra and scatter --------------------------------------------------------
+
+def svd(a):
+    """Thin SVD ``U (m,k), S (k,), Vt (k,n)``, k = min(m, n)."""
+    xp = get_namespace(a)
+    return xp.linalg.svd(a, full_matrices=False)
+
+
+def qr(a):
+    """Reduced QR ``Q (m,k), R (k,n)``."""
+    xp = get_namespace(a)
+    return xp.linalg.qr(a, mode="reduced")
+
+
+def scatter_add(target, indices, values) -> None:
+    """``target[indices] += values`` with repeated indices accumulated (embedding backward)."""
+    name = backend_of(target)
+    get_namespace(target, indices, values)
+    if name == "numpy":
+        np.add.at(target, indices, values)
+    elif name == "numpy-strict":
+        np.add.at(target._a, indices._a if isinstance(indices, StrictArray) else indices,
+                  values._a)
+    else:
+        import cupyx
+        cupyx.scatter_add(target, indices, values)
+
+
+def is_finite(a) -> bool:
+    xp = get_namespace(a)
+    return bool(xp.all(xp.isfinite(a)))
+
+
+__all__ = [
+    "BACKENDS", "FLOAT_DTYPES", "DEFAULT_DTYPE", "StrictArray", "StrictMixingError",
+    "namespace", "set_backend", "get_backend", "xp_default", "backend_of", "get_namespace",
+    "asarray", "to_numpy", "synchronize", "check_dtype", "tolerance", "host_rng",
+    "host_normal", "host_uniform", "DeviceRNG", "svd", "qr", "scatter_add", "is_finite",
+    "cupy_available",
+]

@@ -1,0 +1,10 @@
+"""Oracles for the parity tests: independent implementations that share no code with lowrank.
+
+* ``naive``       — dense float64 NumPy formulas (forward, hand-written gradients, Eckart–Young);
+* ``finite_diff`` — central differences and a host-side relative error;
+* ``torch_twin``  — a LoRA linear written directly in torch, for autograd gradients;
+* ``peft_parity`` — the same layer built by PEFT (huggingface/peft), the reference semantics.
+
+Rule: nothing under ``reference/`` may import ``lowrank`` (an oracle that reuses the code it
+checks proves nothing). Arrays cross the boundary as host NumPy arrays.
+"""
