@@ -4,6 +4,9 @@ Each is a thin stateful shell around the functional ops: ``forward(x) -> (y, cac
 ``backward(dy, cache) -> dx``, accumulating into its Parameters and skipping every gradient
 of a frozen one. The projections (``attn.q/k/v/o``, ``mlp.fc1/fc2``) are looked up as
 attributes at call time, so ``adapters.inject`` can swap in an adapted layer.
+
+The residual stream is ``(B, T, d)``; projections see it flattened to ``(N, d)``, N = B·T (a
+free view): one large GEMM instead of NumPy's loop of B smaller ones over a 3-D operand.
 """
 from __future__ import annotations
 
@@ -58,22 +61,26 @@ class CausalSelfAttention(Module):
         self.q, self.k, self.v, self.o = q, k, v, o   # name order: q, k, v, o
         self.n_head = n_head
 
-    def forward(self, x):                              # x (B, T, d)
-        q, cq = self.q.forward(x)
-        k, ck = self.k.forward(x)
-        v, cv = self.v.forward(x)
-        y, ca = attention_forward(q, k, v, self.n_head)   # (B, T, d)
-        out, co = self.o.forward(y)
-        return out, (cq, ck, cv, ca, co)
+    def forward(self, x):
+        B, T, d = x.shape
+        x2 = x.reshape(B * T, d)                       # (N, d)
+        q, cq = self.q.forward(x2)                     # (N, d)
+        k, ck = self.k.forward(x2)
+        v, cv = self.v.forward(x2)
+        y, ca = attention_forward(q.reshape(B, T, d), k.reshape(B, T, d), v.reshape(B, T, d),
+                                  self.n_head)         # (B, T, d)
+        out, co = self.o.forward(y.reshape(B * T, d))  # (N, d)
+        return out.reshape(B, T, d), (cq, ck, cv, ca, co)
 
     def backward(self, dout, cache):
         cq, ck, cv, ca, co = cache
-        dy = self.o.backward(dout, co)
-        dq, dk, dv = attention_backward(dy, ca)
-        dx = self.q.backward(dq, cq)
-        dx += self.k.backward(dk, ck)
-        dx += self.v.backward(dv, cv)
-        return dx
+        B, T, d = dout.shape
+        dy = self.o.backward(dout.reshape(B * T, d), co)             # (N, d)
+        dq, dk, dv = attention_backward(dy.reshape(B, T, d), ca)     # each (B, T, d)
+        dx = self.q.backward(dq.reshape(B * T, d), cq)               # (N, d)
+        dx += self.k.backward(dk.reshape(B * T, d), ck)
+        dx += self.v.backward(dv.reshape(B * T, d), cv)
+        return dx.reshape(B, T, d)
 
 
 class MLP(Module):
@@ -83,16 +90,18 @@ class MLP(Module):
         self.fc1, self.fc2 = fc1, fc2
 
     def forward(self, x):
-        h, c1 = self.fc1.forward(x)        # (B, T, 4d)
+        B, T, d = x.shape
+        h, c1 = self.fc1.forward(x.reshape(B * T, d))  # (N, 4d)
         g, cg = gelu_forward(h)
-        out, c2 = self.fc2.forward(g)      # (B, T, d)
-        return out, (c1, cg, c2)
+        out, c2 = self.fc2.forward(g)                  # (N, d)
+        return out.reshape(B, T, d), (c1, cg, c2)
 
     def backward(self, dout, cache):
         c1, cg, c2 = cache
-        dg = self.fc2.backward(dout, c2)
+        B, T, d = dout.shape
+        dg = self.fc2.backward(dout.reshape(B * T, d), c2)   # (N, 4d)
         dh = gelu_backward(dg, cg)
-        return self.fc1.backward(dh, c1)
+        return self.fc1.backward(dh, c1).reshape(B, T, d)
 
 
 class Block(Module):

@@ -2,7 +2,9 @@
 
     x = tok_emb[idx] + pos_emb[:T]                       (B, T, d)
     x = blocks[i](x)       for i in 0..L-1
-    logits = ln_f(x) @ W_headᵀ                           (B, T, V); W_head = tok_emb.weight when tied
+    logits = ln_f(x) @ W_headᵀ                           (B, T, V)
+
+with ``W_head = tok_emb.weight`` when the embeddings are tied, else ``lm_head.weight``.
 
 ``named_parameters()`` gives exactly the SPEC names (tok_emb.weight, pos_emb.weight,
 blocks.{i}.ln1.weight, blocks.{i}.attn.q.weight, ..., ln_f.bias[, lm_head.weight]).
@@ -17,7 +19,6 @@ from .blocks import MLP, Block, CausalSelfAttention, Embedding, LayerNorm, any_t
 from .layers import Linear
 from .module import Module, Parameter
 from .ops.cross_entropy import check_targets, cross_entropy_backward, cross_entropy_forward
-from .ops.layernorm import layernorm_backward, layernorm_forward
 from .ops.linear import linear_backward, linear_forward
 
 _INIT_STD = 0.02
@@ -38,7 +39,8 @@ class GPTConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.d_model % self.n_head:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by "
+                             f"n_head ({self.n_head})")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
 
@@ -105,7 +107,8 @@ class GPT(Module):
         """``(B, T)`` integer token ids on the model's backend, T <= context, ids < vocab."""
         backend.get_namespace(idx, self.tok_emb.weight.data)   # raises on mixed backends
         if getattr(idx, "ndim", None) != 2:
-            raise ValueError(f"{name} must be a 2-D (B, T) array, got shape {getattr(idx, 'shape', None)}")
+            raise ValueError(f"{name} must be a 2-D (B, T) array, "
+                             f"got shape {getattr(idx, 'shape', None)}")
         B, T = idx.shape
         if B < 1 or T < 1:
             raise ValueError(f"{name} must be non-empty, got shape {tuple(idx.shape)}")
@@ -125,8 +128,9 @@ class GPT(Module):
             x, c = block.forward(x)
             c_blocks.append(c)
         h, c_lnf = self.ln_f.forward(x)                        # (B, T, d)
-        logits, c_head = linear_forward(h, self.head_weight.data)   # (B, T, V)
-        return logits, (c_tok, T, c_blocks, c_lnf, c_head)
+        d = h.shape[-1]
+        logits, c_head = linear_forward(h.reshape(B * T, d), self.head_weight.data)   # (N, V)
+        return logits.reshape(B, T, -1), (c_tok, T, c_blocks, c_lnf, c_head)
 
     def backward(self, dlogits, cache) -> None:
         """Accumulate ``dL/dθ`` for every trainable θ given ``dlogits (B, T, V)``.
@@ -134,19 +138,23 @@ class GPT(Module):
         Backward stops as soon as nothing further down is trainable: with a frozen trunk
         (e.g. only ln_f trained) the blocks are never traversed."""
         c_tok, T, c_blocks, c_lnf, c_head = cache
-        W = self.head_weight
-        dh, dW, _ = linear_backward(dlogits, c_head, W.data, need_dweight=W.trainable,
-                                    need_dbias=False)          # dh (B, T, d), dW (V, d)
-        if dW is not None:
-            W.accumulate(dW)
         # needed[i]: some parameter in the embeddings or blocks[:i+1] trains
         needed, acc = [], any_trainable(self.tok_emb, self.pos_emb)
         for block in self.blocks:
             acc = acc or any_trainable(block)
             needed.append(acc)
-        if not (needed[-1] or any_trainable(self.ln_f)):
+        W = self.head_weight
+        B, _, V = dlogits.shape
+        dlogits = dlogits.reshape(-1, V)                       # (N, V)
+        if not (needed[-1] or any_trainable(self.ln_f)):    # only the head (if anything) trains
+            if W.trainable:
+                W.accumulate(dlogits.T @ c_head)               # (V, d)
             return
-        dx = self.ln_f.backward(dh, c_lnf)
+        dh, dW, _ = linear_backward(dlogits, c_head, W.data, need_dweight=W.trainable,
+                                    need_dbias=False)          # dh (N, d), dW (V, d)
+        if dW is not None:
+            W.accumulate(dW)
+        dx = self.ln_f.backward(dh.reshape(B, T, -1), c_lnf)   # (B, T, d)
         for i in reversed(range(len(self.blocks))):
             if not needed[i]:
                 return

@@ -3,7 +3,8 @@
 * ``naive``       — dense float64 NumPy formulas (forward, hand-written gradients, Eckart–Young);
 * ``finite_diff`` — central differences and a host-side relative error;
 * ``torch_twin``  — a LoRA linear written directly in torch, for autograd gradients;
-* ``peft_parity`` — the same layer built by PEFT (huggingface/peft), the reference semantics.
+* ``peft_parity`` — the same layer built by PEFT (huggingface/peft), the reference semantics;
+* ``torch_gpt``   — a torch twin of the mini GPT (SPEC §3), under the same rule.
 
 Rule: nothing under ``reference/`` may import ``lowrank`` (an oracle that reuses the code it
 checks proves nothing). Arrays cross the boundary as host NumPy arrays.

@@ -1,8 +1,21 @@
-"""Adapters: one file per variant, one registry, one contract (SPEC §2)."""
+"""Adapters: one file per variant, one registry, one contract (SPEC §2).
+
+Every module in this package other than ``base`` and ``inject`` is a variant that registers
+itself with ``@register(name, Config)`` when imported; they are imported here in name order,
+so adding a variant is adding its file.
+"""
+import importlib
+import pkgutil
+
 from .base import (AdaptedLinear, AdapterConfig, available, config, config_from_dict,
                    register)
-from . import lora  # noqa: F401  (registers "lora")
-from .lora import LoraConfig, LoraLinear
+from .inject import adapted_modules, inject, merge_all
+
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _info.name not in ("base", "inject") and not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
+
+from .lora import LoraConfig, LoraLinear  # noqa: E402
 
 __all__ = ["AdaptedLinear", "AdapterConfig", "available", "config", "config_from_dict",
-           "register", "LoraConfig", "LoraLinear"]
+           "register", "inject", "adapted_modules", "merge_all", "LoraConfig", "LoraLinear"]

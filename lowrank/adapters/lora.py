@@ -74,29 +74,48 @@ class LoraLinear(AdaptedLinear):
         self.lora_B = Parameter(B)   # (m, r), "lora_B.weight"
 
     def adapter_forward(self, x, dropout_mask):
-        y, _ = linear_forward(x, self.weight.data, self._bias_data())   # (..., m)
         x_d, mask = self.dropout(x, dropout_mask)
+        if mask is None:
+            # Without dropout x_d = x, so y = x (W0 + sBA)ᵀ + b0: forming the effective weight
+            # costs m·n·r, against N·(m+n)·r and two extra passes over y for the two-step path.
+            W_eff = self.effective_weight()                              # (m, n)
+            y, _ = linear_forward(x, W_eff, self._bias_data())           # (..., m)
+            return y, (x, None, None, W_eff)
+        y, _ = linear_forward(x, self.weight.data, self._bias_data())   # (..., m)
         u = x_d @ self.lora_A.data.T                                     # (..., r)
         y += self.scaling * (u @ self.lora_B.data.T)
-        return y, (x_d, mask, u)
+        return y, (x_d, mask, u, None)
 
     def adapter_backward(self, dy, cache):
-        x_d, mask, u = cache
+        x_d, mask, u, W_eff = cache
         A, B, s = self.lora_A, self.lora_B, self.scaling
-        dx = dy @ self.weight.data                                       # (..., n)
+        r, n = A.shape
+        m = B.shape[0]
+        x2 = x_d.reshape(-1, n)                                          # (N, n)
+        dy2 = dy.reshape(-1, m)                                          # (N, m)
         if B.trainable:
-            dB = dy.reshape(-1, B.shape[0]).T @ u.reshape(-1, B.shape[1])  # (m, r)
+            u2 = x2 @ A.data.T if u is None else u.reshape(-1, r)        # (N, r)
+            dB = dy2.T @ u2                                              # (m, r)
             dB *= s
             B.accumulate(dB)
-        du = dy @ B.data                                                 # (..., r)
+        du = dy2 @ B.data                                                # (N, r)
         du *= s
         if A.trainable:
-            A.accumulate(du.reshape(-1, A.shape[0]).T @ x_d.reshape(-1, A.shape[1]))  # (r, n)
-        dx_adapter = du @ A.data                                         # (..., n)
-        if mask is not None:
-            dx_adapter *= mask
+            A.accumulate(du.T @ x2)                                      # (r, n)
+        if W_eff is not None:   # G (W0 + sBA) = G W0 + du A
+            return dy @ W_eff                                            # (..., n)
+        dx = dy @ self.weight.data                                       # (..., n)
+        dx_adapter = (du @ A.data).reshape(dx.shape)                     # (..., n)
+        dx_adapter *= mask
         dx += dx_adapter
         return dx
+
+    def effective_weight(self):
+        """``W0 + s·BA`` (m, n), the weight the unmerged layer applies without dropout."""
+        W_eff = self.lora_B.data @ self.lora_A.data                     # (m, n)
+        W_eff *= self.scaling
+        W_eff += self.weight.data
+        return W_eff
 
     def delta_weight(self):
         return self.scaling * (self.lora_B.data @ self.lora_A.data)     # (m, n)

@@ -163,6 +163,18 @@ class DeviceRNG:
         else:
             self._gen = np.random.Generator(np.random.PCG64(seed))
 
+    @property
+    def state(self):
+        """The generator state (JSON-able) for bit-identical resume; ``None`` on CuPy."""
+        if getattr(self.xp, "__name__", "") == "cupy":
+            return None
+        return self._gen.bit_generator.state
+
+    @state.setter
+    def state(self, value) -> None:
+        if value is not None and getattr(self.xp, "__name__", "") != "cupy":
+            self._gen.bit_generator.state = value
+
     def keep_mask(self, shape, p: float, dtype):
         """Inverted-dropout multiplier: 1/(1-p) where kept, 0 where dropped."""
         keep = self._gen.random(shape) >= p

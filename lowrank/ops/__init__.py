@@ -1,4 +1,12 @@
 """Functional forward/backward pairs (llm.c style): ``*_forward`` returns ``(out, cache)``."""
 from .linear import linear_forward, linear_backward, check_input
+from .embedding import embedding_forward, embedding_backward
+from .layernorm import layernorm_forward, layernorm_backward
+from .gelu import gelu_forward, gelu_backward
+from .attention import attention_forward, attention_backward
+from .cross_entropy import cross_entropy_forward, cross_entropy_backward
 
-__all__ = ["linear_forward", "linear_backward", "check_input"]
+__all__ = ["linear_forward", "linear_backward", "check_input",
+           "embedding_forward", "embedding_backward", "layernorm_forward", "layernorm_backward",
+           "gelu_forward", "gelu_backward", "attention_forward", "attention_backward",
+           "cross_entropy_forward", "cross_entropy_backward"]

@@ -3,7 +3,8 @@
 Per head (hs = d / H):  ``P = softmax(q kᵀ / √hs + causal mask)``,  ``y = P v``.
 Backward, with ``dS`` the gradient of the pre-softmax scores:
 
-    dv = Pᵀ dy,   dP = dy vᵀ,   dS = P ⊙ (dP - rowsum(dP ⊙ P)),   dq = dS k / √hs,   dk = dSᵀ q / √hs
+    dv = Pᵀ dy,   dP = dy vᵀ,   dS = P ⊙ (dP - rowsum(dP ⊙ P)),
+    dq = dS k / √hs,   dk = dSᵀ q / √hs
 
 The scale is folded into q before the product (B·T·d multiplies instead of B·H·T·T); the cache
 holds the scaled q, k, v in head layout and P. Masked entries have P = 0, so dS is 0 there.

@@ -1,9 +1,13 @@
 """GELU, tanh form (GPT-2, ``torch.nn.GELU(approximate="tanh")``):
 
-    y = ½ x (1 + t),   t = tanh(c (x + a x³)),   c = √(2/π), a = 0.044715
-    dy/dx = ½ (1 + t) + ½ x (1 - t²) c (1 + 3 a x²)
+    y = x p,   p = ½ (1 + tanh(u)),   u = c x (1 + a x²),   c = √(2/π), a = 0.044715
 
-The cache keeps x and t so backward does not recompute the tanh.
+With ``1 - tanh²(u) = 4 p (1 - p)`` the derivative needs only x and p (no second tanh):
+
+    dy/dx = p + ½ x (1 - tanh²(u)) u' = p (1 + 2 (1 - p) · c x (1 + 3 a x²))
+
+Written as chains of in-place ops: each line is one pass over a (N, 4d) array, the widest
+activation of the model, so the pass count is what matters.
 """
 from __future__ import annotations
 
@@ -16,30 +20,26 @@ _A = 0.044715
 
 
 def gelu_forward(x):
-    """``x (...)`` -> ``(y, (x, t))``; x is not modified."""
+    """``x (...)`` -> ``(y, (x, p))``; x is not modified."""
     xp = backend.get_namespace(x)
-    t = x * x                        # x²; becomes t in place (one temporary for the whole chain)
-    t *= _A
-    t += 1.0
-    t *= x
-    t *= _C                          # c (x + a x³)
-    xp.tanh(t, out=t)
-    y = t + 1.0
-    y *= x
-    y *= 0.5
-    return y, (x, t)
+    p = x * x
+    p *= _C * _A
+    p += _C
+    p *= x                           # u = c x (1 + a x²)
+    xp.tanh(p, out=p)
+    p *= 0.5
+    p += 0.5                         # p = ½ (1 + tanh u)
+    return x * p, (x, p)
 
 
 def gelu_backward(dy, cache):
-    x, t = cache
+    x, p = cache
     dx = x * x
-    dx *= 3.0 * _A
+    dx *= 6.0 * _C * _A
+    dx += 2.0 * _C
+    dx *= x                          # 2 c x (1 + 3 a x²)
+    dx *= 1.0 - p
     dx += 1.0
-    dx *= _C
-    dx *= x
-    dx *= 1.0 - t * t               # x (1 - t²) c (1 + 3 a x²)
-    dx += t
-    dx += 1.0
-    dx *= 0.5
+    dx *= p
     dx *= dy
     return dx

@@ -17,7 +17,7 @@ def layernorm_forward(x, weight, bias, eps: float = EPS):
     """``x (..., d)``, ``weight, bias (d,)`` -> ``(y, (xhat, rstd, weight))``."""
     xp = backend.get_namespace(x, weight, bias)
     mean = x.mean(axis=-1, keepdims=True)              # (..., 1)
-    xhat = x - mean                                    # (..., d), centred; normalised in place below
+    xhat = x - mean                                    # (..., d) centred, normalised below
     var = (xhat * xhat).mean(axis=-1, keepdims=True)   # (..., 1)  biased, as torch
     var += eps
     rstd = 1.0 / xp.sqrt(var)                          # (..., 1)

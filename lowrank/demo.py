@@ -1,0 +1,142 @@
+"""``lowrank demo``: pretrain on Python's own documentation, adapt to its standard library's
+source with full fine-tuning and every registered adapter variant at the same budget, and
+compare. Offline: both corpora ship with CPython. The base model is cached in ``out/base``.
+"""
+from __future__ import annotations
+
+import json
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+from . import adapters, backend, workflows as wf
+from .train import Trainer, TrainConfig
+
+# the base: small enough to pretrain in well under a minute on 2 cores
+BASE = wf.ModelSpec(vocab_size=1024, context=64, n_layer=2, n_head=4, d_model=128)
+DOCS, CODE = wf.DataSpec("docs"), wf.DataSpec("code", max_bytes=1_000_000)
+TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
+ADAPTER = {"r": 8, "alpha": 16.0}
+LR = {"full": 1e-3}          # adapters train at DEFAULT_LR
+DEFAULT_LR = 4e-3
+# extra rows for variants whose options change the story (beyond their default config)
+EXTRA_ROWS = {"lora": [("lora+pissa", {"init": "pissa"})]}
+
+
+def rows():
+    """``(label, variant, options)`` for full fine-tuning and every registered variant."""
+    out = [("full", "full", None)]
+    for name in adapters.available():
+        out.append((name, name, dict(ADAPTER)))
+        out += [(label, name, {**ADAPTER, **extra}) for label, extra in EXTRA_ROWS.get(name, [])]
+    return out
+
+
+def _base(out: Path, steps: int, dtype: str, seed: int, progress: bool) -> Path:
+    base = out / "base"
+    want = {"steps": steps, "spec": BASE.__dict__, "dtype": dtype, "seed": seed}
+    run = wf.read_run(base)
+    if run.get("demo") == want and (base / "model.safetensors").exists():
+        print(f"using the cached base model in {base}")
+        return base
+    print(f"pretraining the base model on Python's documentation ({steps} steps) ...")
+    train = TrainConfig(steps=steps, batch_size=16, lr=3e-3, min_lr=3e-4, warmup=20, seed=seed)
+    result = wf.pretrain(base, BASE, DOCS, train, dtype=dtype, progress=progress)
+    run = wf.read_run(base)
+    run["demo"] = want
+    wf._write_run(base, run)
+    print(f"  base: {result.total:,} parameters, docs validation loss {result.val_loss:.3f}, "
+          f"{result.tokens_per_s:,.0f} tokens/s")
+    return base
+
+
+def run_demo(out="lowrank-demo", pretrain_steps=400, finetune_steps=150, dtype="float32",
+             seed=0, progress=True) -> list[dict]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    base = _base(out, pretrain_steps, dtype, seed, progress)
+    model, tok, _ = wf.load_base(base)
+    code = wf.token_data(tok, CODE, BASE.context)
+    docs = wf.token_data(tok, DOCS, BASE.context)
+    print(f"fine-tuning on the standard library's source: {code.num_tokens('train'):,} tokens")
+    results = [{"label": "base (no fine-tuning)", "trainable": 0,
+                "total": model.num_parameters(), "code_loss": wf.evaluate(model, code),
+                "docs_loss": wf.evaluate(model, docs), "tokens_per_s": float("nan"),
+                "peak_mb": float("nan"), "curve": []}]
+    for label, variant, options in rows():
+        model, _, _ = wf.load_base(base)
+        wf.prepare_finetune(model, variant, TARGETS, options or {}, seed=seed)
+        train = TrainConfig(steps=finetune_steps, batch_size=16, lr=LR.get(variant, DEFAULT_LR),
+                            min_lr=LR.get(variant, DEFAULT_LR) / 10, warmup=10, seed=seed)
+        trainer = Trainer(model, code, train)
+        tracemalloc.start()
+        history = trainer.fit(progress=progress, desc=label)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        row = {"label": label, "trainable": model.num_parameters(True),
+               "total": model.num_parameters(), "code_loss": wf.evaluate(model, code),
+               "docs_loss": wf.evaluate(model, docs),
+               "tokens_per_s": wf._median_speed(history), "peak_mb": peak / 2**20,
+               "curve": [h["loss"] for h in history]}
+        row.update(_variant_report(model))
+        results.append(row)
+        print(f"  {label:<14} code {row['code_loss']:.3f}  docs {row['docs_loss']:.3f}  "
+              f"{row['tokens_per_s']:,.0f} tok/s")
+    table = format_table(results)
+    print()
+    print(table)
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    png = plot(results, out / "loss_curves.png")
+    print(f"\nwrote {png} and {out / 'results.md'} in {time.perf_counter() - start:.0f} s")
+    return results
+
+
+def _variant_report(model) -> dict:
+    """Per-variant facts worth a column (e.g. the rank each module kept), if the variant has any."""
+    report = {}
+    for name, module in adapters.adapted_modules(model):
+        if hasattr(module, "demo_report"):
+            report.setdefault("notes", {})[name] = module.demo_report()
+    return report
+
+
+def format_table(results) -> str:
+    lines = ["| variant | trainable params | % of model | val loss, code | loss kept, docs "
+             "| tokens/s | peak MB |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        share = 100.0 * r["trainable"] / r["total"]
+        speed = "–" if np.isnan(r["tokens_per_s"]) else f"{r['tokens_per_s']:,.0f}"
+        peak = "–" if np.isnan(r["peak_mb"]) else f"{r['peak_mb']:.1f}"
+        lines.append(f"| {r['label']} | {r['trainable']:,} | {share:.2f} | {r['code_loss']:.3f} "
+                     f"| {r['docs_loss']:.3f} | {speed} | {peak} |")
+    return "\n".join(lines)
+
+
+def plot(results, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in results:
+        if r["curve"]:
+            curve = np.asarray(r["curve"])
+            smooth = np.convolve(curve, np.ones(10) / 10, mode="valid") if len(curve) > 10 else curve
+            left.plot(np.arange(len(smooth)) + (len(curve) - len(smooth)), smooth, label=r["label"])
+    left.set(xlabel="step", ylabel="training loss on code (10-step mean)",
+             title="Fine-tuning on the standard library's source")
+    left.legend()
+    labels = [r["label"] for r in results]
+    x = np.arange(len(results))
+    right.bar(x - 0.2, [r["code_loss"] for r in results], 0.4, label="code (target)")
+    right.bar(x + 0.2, [r["docs_loss"] for r in results], 0.4, label="docs (kept)")
+    right.set_xticks(x, labels, rotation=30, ha="right")
+    right.set(ylabel="validation loss", title="After fine-tuning")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
