@@ -16,27 +16,27 @@ A model directory holds
 An adapter directory holds ``adapter_model.safetensors`` (PEFT keys, e.g.
 ``blocks.0.attn.q.lora_A.weight``) and ``adapter_config.json``.
 
-Atomicity: each file is written to a temporary file in the same directory, flushed,
-fsync'ed, then ``os.replace``d over the target, so a crash leaves either the old or the new
-file, never a torn one. ``config.json`` is written last: it refers to the other files.
-Each safetensors file also carries a SHA-256 of its tensors in its metadata, so bit rot or
-a torn copy made outside this module is reported instead of loaded.
+Atomicity (``lowrank.storage``): each save writes all its files in full, then renames them
+with the JSON that refers to them last; every safetensors file carries the save's id, the
+JSON records the id of each file it refers to (``"files"``), and loading checks them, so a
+save cut short is reported rather than mixed with an older one. Each safetensors file also
+carries a SHA-256 of its tensors, so bit rot or a torn copy is reported instead of loaded.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
-import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
-import safetensors.numpy as st
 
 from . import backend
 from .module import Module
+from .storage import (SAVE_ID_KEY, StagedFiles, atomic_write, check_same_save,  # noqa: F401
+                      encode_train_state, join_arrays, json_bytes, read_json,
+                      read_safetensors, read_safetensors_metadata, safetensors_bytes,
+                      split_arrays, write_json)
+
+_read_safetensors = read_safetensors   # older name, used by tests and tools
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -45,209 +45,9 @@ ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 FORMAT = "lowrank"
 ADAPTER_FORMAT = "lowrank-adapter"
-_CHECKSUM_KEY = "lowrank.sha256"
-_TENSOR_REF = "__tensor__"
 
 # lowrank parameter name -> PEFT key suffix (other adapter parameters keep their names)
 _PEFT_SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
-
-
-# --- atomic files ------------------------------------------------------------------------
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable (best effort: not every platform can open a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, replace.
-
-    On any failure the temporary file is removed and an existing ``path`` is left untouched.
-    """
-    path = Path(path)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _write_json(path, obj) -> Path:
-    return atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n")
-
-
-def _read_json(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            obj = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read JSON file {path}: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise ValueError(f"JSON file {path} does not hold an object")
-    return obj
-
-
-# --- safetensors with a checksum ----------------------------------------------------------
-
-def _checksum(tensors: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        a = np.ascontiguousarray(tensors[key])
-        h.update(json.dumps([key, a.dtype.str, list(a.shape)]).encode("utf-8"))
-        h.update(memoryview(a).cast("B") if a.size else b"")
-    return h.hexdigest()
-
-
-def _host(a) -> np.ndarray:
-    return np.ascontiguousarray(backend.to_numpy(a))
-
-
-def _write_safetensors(path, tensors: dict, metadata: dict | None = None) -> Path:
-    host = {str(k): _host(v) for k, v in tensors.items()}
-    meta = {"format": "np", **{str(k): str(v) for k, v in (metadata or {}).items()}}
-    meta[_CHECKSUM_KEY] = _checksum(host)
-    return atomic_write(path, st.save(host, metadata=meta))
-
-
-def _read_safetensors(path) -> dict[str, np.ndarray]:
-    """All tensors of ``path`` as host arrays; any unreadable or corrupt file -> ValueError."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read checkpoint file {path}: {exc}") from exc
-    try:
-        if len(data) < 8:
-            raise ValueError(f"{len(data)} bytes is shorter than the 8-byte header length")
-        (n,) = struct.unpack("<Q", data[:8])
-        if 8 + n > len(data):
-            raise ValueError(f"header of {n} bytes runs past the end of the file")
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-        meta = header.get("__metadata__") or {}
-        tensors = {k: (a if a.flags.writeable else a.copy()) for k, a in st.load(data).items()}
-    except Exception as exc:  # SafetensorError, ValueError, JSON and Unicode errors
-        raise ValueError(f"corrupt or unreadable safetensors file {path}: "
-                         f"{type(exc).__name__}: {exc}") from exc
-    expected = meta.get(_CHECKSUM_KEY)
-    if expected is not None and _checksum(tensors) != expected:
-        raise ValueError(f"corrupt safetensors file {path}: checksum mismatch "
-                         "(the tensor bytes changed after it was written)")
-    return tensors
-
-
-# --- JSON state with arrays split out ---------------------------------------------------------
-
-def _is_array(v) -> bool:
-    if isinstance(v, np.ndarray):
-        return True
-    try:
-        backend.backend_of(v)
-    except ValueError:
-        return False
-    return not isinstance(v, np.generic)
-
-
-def _dotted(path: tuple) -> str:
-    return ".".join(path)
-
-
-def _split_arrays(obj, path: tuple, tensors: dict, where: str, key=_dotted):
-    """JSON skeleton of ``obj`` with arrays moved into ``tensors`` under ``key(path)``."""
-    if _is_array(obj):
-        name = key(path)
-        if name in tensors:
-            raise ValueError(f"two arrays in the training state map to the key {name!r}")
-        tensors[name] = _host(obj)
-        return {_TENSOR_REF: name}
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            if not isinstance(k, str):
-                raise ValueError(f"training state keys must be strings, got {k!r} in {where}")
-            if k == _TENSOR_REF:
-                raise ValueError(f"the key {_TENSOR_REF!r} is reserved (in {where})")
-            out[k] = _split_arrays(v, path + (k,), tensors, where, key)
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [_split_arrays(v, path + (str(i),), tensors, where, key) for i, v in enumerate(obj)]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise ValueError(f"cannot store a {type(obj).__name__} at {_dotted(path) or '<root>'} of "
-                     f"{where} in a checkpoint (use JSON values or arrays)")
-
-
-def _optimizer_key(path: tuple) -> str:
-    """``exp_avg.<param name>`` for per-parameter moments (``{"state": {name: {"exp_avg":
-    a}}}`` as AdamW.state_dict() has it, or ``{"exp_avg": {name: a}}``); else the dotted path."""
-    if len(path) == 3 and path[0] == "state":
-        return f"{path[2]}.{path[1]}"
-    return _dotted(path)
-
-
-def _join_arrays(obj, tensors: dict, source):
-    if isinstance(obj, dict):
-        if set(obj) == {_TENSOR_REF}:
-            key = obj[_TENSOR_REF]
-            if key not in tensors:
-                raise ValueError(f"training state refers to tensor {key!r}, which "
-                                 f"{source} does not hold")
-            return tensors[key]
-        return {k: _join_arrays(v, tensors, source) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_join_arrays(v, tensors, source) for v in obj]
-    return obj
-
-
-def _encode_train_state(train_state: dict) -> tuple[dict, dict]:
-    """Split a train state into its JSON skeleton and its arrays.
-
-    Arrays under ``train_state["optimizer"]`` get keys relative to it, per-parameter moments
-    as ``exp_avg.<param name>`` (torch/PEFT-like); arrays elsewhere keep their full dotted
-    path (``rng.key``). The skeleton stores the exact key of every array, so loading needs
-    no naming rule.
-    """
-    if not isinstance(train_state, dict):
-        raise ValueError(f"train_state must be a dict, got {type(train_state).__name__}")
-    tensors: dict = {}
-    skeleton = {}
-    for k, v in train_state.items():
-        if not isinstance(k, str):
-            raise ValueError(f"train_state keys must be strings, got {k!r}")
-        if k == "optimizer":
-            skeleton[k] = _split_arrays(v, (), tensors, "train_state['optimizer']",
-                                        _optimizer_key)
-        else:
-            skeleton[k] = _split_arrays(v, (k,), tensors, f"train_state[{k!r}]")
-    return skeleton, tensors
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -271,37 +71,46 @@ def _model_dtype(model) -> str | None:
     return None
 
 
-def _write_state_files(directory: Path, config: dict, tensors: dict) -> None:
-    """``optimizer.safetensors`` first, then ``config.json`` (which refers to it); a stale
-    optimizer file from an older save is removed only once the new config no longer needs it."""
-    target = directory / OPTIMIZER_FILE
+def _stage(staged: StagedFiles, path: Path, tensors: dict, kind: str, files: dict) -> None:
+    """Add a safetensors file stamped with the save's id; record the id for the JSON."""
+    staged.add(path, safetensors_bytes(tensors, {"kind": kind, SAVE_ID_KEY: staged.save_id}))
+    files[path.name] = staged.save_id
+
+
+def _stage_state(staged, directory: Path, config: dict, train_state, files: dict) -> None:
+    """The training state's arrays (``optimizer.safetensors``) and then ``config.json``."""
+    skeleton, tensors = (None, {}) if train_state is None else encode_train_state(train_state)
     if tensors:
-        _write_safetensors(target, tensors, {"kind": "train_state"})
-    _write_json(directory / CONFIG_FILE, config)
-    if not tensors and target.exists():
-        target.unlink()
+        _stage(staged, directory / OPTIMIZER_FILE, tensors, "train_state", files)
+    else:
+        files.pop(OPTIMIZER_FILE, None)
+    config.update(lowrank_version=_version(), train_state=skeleton, files=files)
+    staged.add(directory / CONFIG_FILE, json_bytes(config))
+
+
+def _commit(staged: StagedFiles, directory: Path, files: dict) -> None:
+    staged.commit()
+    stale = directory / OPTIMIZER_FILE
+    if OPTIMIZER_FILE not in files and stale.exists():   # the new config no longer needs it
+        stale.unlink()
 
 
 def save_model(model: Module, directory, train_state: dict | None = None) -> Path:
-    """Save ``model`` (and optionally the training state) into ``directory``.
-
-    Writes ``model.safetensors`` (keys = parameter names), then ``optimizer.safetensors``
-    with the arrays of ``train_state`` (if any), then ``config.json``. Returns the directory.
-    """
+    """Save ``model`` (and optionally the training state) into ``directory``: one staged set of
+    ``model.safetensors`` (keys = parameter names), ``optimizer.safetensors``, ``config.json``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"format": FORMAT, "lowrank_version": _version(),
-              "model": _model_config_dict(model), "dtype": _model_dtype(model),
-              "train_state": None}
+    config = {"format": FORMAT, "model": _model_config_dict(model), "dtype": _model_dtype(model)}
     tensors = {}
     for name, p in model.named_parameters():
         if name in tensors:
             raise ValueError(f"parameter name {name!r} occurs twice in the model")
         tensors[name] = p.data
-    _write_safetensors(directory / MODEL_FILE, tensors, {"kind": "model"})
-    skeleton, state_tensors = (None, {}) if train_state is None else _encode_train_state(train_state)
-    config["train_state"] = skeleton
-    _write_state_files(directory, config, state_tensors)
+    files: dict = {}
+    with StagedFiles() as staged:
+        _stage(staged, directory / MODEL_FILE, tensors, "model", files)
+        _stage_state(staged, directory, config, train_state, files)
+        _commit(staged, directory, files)
     return directory
 
 
@@ -318,17 +127,33 @@ def save_training_state(directory, step: int, optimizer_state: dict, rng_state: 
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    config_path = directory / CONFIG_FILE
+    config = read_json(config_path) if config_path.exists() else {"format": FORMAT}
+    files = dict(config.get("files") or {})
+    with StagedFiles() as staged:
+        _stage_state(staged, directory, config,
+                     _training_state(step, optimizer_state, rng_state, extra), files)
+        _commit(staged, directory, files)
+    return directory
+
+
+def _training_state(step, optimizer_state, rng_state, extra) -> dict:
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
         raise ValueError(f"step must be an integer, got {step!r}")
-    state = {"step": int(step), "optimizer": optimizer_state, "rng": rng_state,
-             "extra": {} if extra is None else extra}
-    skeleton, tensors = _encode_train_state(state)
-    config_path = directory / CONFIG_FILE
-    config = _read_json(config_path) if config_path.exists() else {"format": FORMAT}
-    config["lowrank_version"] = _version()
-    config["train_state"] = skeleton
-    _write_state_files(directory, config, tensors)
-    return directory
+    return {"step": int(step), "optimizer": optimizer_state, "rng": rng_state,
+            "extra": {} if extra is None else extra}
+
+
+def verify_saved_together(directory, config: dict | None = None) -> None:
+    """Every file ``config.json`` (or the given JSON) records must carry the id it records."""
+    directory = Path(directory)
+    if config is None:
+        config = read_json(directory / CONFIG_FILE)
+    for name, save_id in (config.get("files") or {}).items():
+        path = directory / name
+        if path.is_file():
+            check_same_save(directory / CONFIG_FILE, save_id, path,
+                            read_safetensors_metadata(path).get(SAVE_ID_KEY))
 
 
 def load_training_state(directory) -> dict | None:
@@ -336,13 +161,14 @@ def load_training_state(directory) -> dict | None:
     ``None`` if none was saved. After ``save_training_state`` the dict has ``step``,
     ``optimizer``, ``rng`` and ``extra``."""
     directory = Path(directory)
-    config = _read_json(directory / CONFIG_FILE)
+    config = read_json(directory / CONFIG_FILE)
     skeleton = config.get("train_state")
     if skeleton is None:
         return None
+    verify_saved_together(directory, config)
     source = directory / OPTIMIZER_FILE
-    tensors = _read_safetensors(source) if source.exists() else {}
-    return _join_arrays(skeleton, tensors, source)   # references carry the exact keys
+    tensors = read_safetensors(source) if source.exists() else {}
+    return join_arrays(skeleton, tensors, source)   # references carry the exact keys
 
 
 def _resolve_weights_file(directory_or_file, default_name: str) -> Path:
@@ -391,14 +217,16 @@ def load_weights(model: Module, directory_or_file, strict: bool = True):
     the key and shapes; nothing is assigned then. Returns ``(missing, unexpected)`` keys.
     """
     path = _resolve_weights_file(directory_or_file, MODEL_FILE)
-    tensors = _read_safetensors(path)
+    if (path.parent / CONFIG_FILE).is_file():
+        verify_saved_together(path.parent)
+    tensors = read_safetensors(path)
     expected = dict(model.named_parameters())
     return _check_and_assign(expected, tensors, path, strict)
 
 
 def read_config(directory) -> dict:
     """The ``config.json`` of a saved model."""
-    return _read_json(Path(directory) / CONFIG_FILE)
+    return read_json(Path(directory) / CONFIG_FILE)
 
 
 def load_model(directory, backend: str | None = None):
@@ -412,7 +240,7 @@ def load_model(directory, backend: str | None = None):
 
     name = backend
     directory = Path(directory)
-    config = _read_json(directory / CONFIG_FILE)
+    config = read_json(directory / CONFIG_FILE)
     if "model" not in config:
         raise ValueError(f"{directory / CONFIG_FILE} has no 'model' entry (a training-state-"
                          "only directory?)")
@@ -457,7 +285,9 @@ def _adapter_params(model) -> tuple[dict, dict]:
     for mname, m in _adapter_modules(model):
         for pname, p in m.named_parameters():
             if pname in ("weight", "bias") and not p.trainable:
-                continue
+                if not (pname == "weight" and getattr(m, "saves_base_weight", False)):
+                    continue
+                pname = "base_layer.weight"   # a base the variant rewrites in training (ReLoRA)
             key = _peft_key(mname, pname)
             if key in params:
                 raise ValueError(f"adapter key {key!r} occurs twice")
@@ -477,18 +307,29 @@ def _module_metadata(name, m) -> dict:
                    for pname, p in m.named_parameters()
                    if not (pname in ("weight", "bias") and not p.trainable)},
     }
+    meta["params"].update({k: list(a.shape) for k, a in _exported_tensors(name, m).items()})
     hook = getattr(m, "adapter_metadata", None)   # variants may add JSON-able extras
     if callable(hook):
         arrays: dict = {}
-        meta["extra"] = _split_arrays(hook(), (), arrays, f"{name}.adapter_metadata()")
+        meta["extra"] = split_arrays(hook(), (), arrays, f"{name}.adapter_metadata()")
         if arrays:
             raise ValueError(f"{name}.adapter_metadata() must be JSON-able; it holds arrays "
                              f"at {sorted(arrays)} (make them Parameters or lists)")
     return meta
 
 
-def save_adapter(model: Module, directory) -> Path:
-    """Write only the adapter: ``adapter_model.safetensors`` (PEFT keys) + ``adapter_config.json``."""
+def _exported_tensors(name, m) -> dict:
+    """File key -> array for a module that saves its parameters in another shape than it holds
+    them (``adapter_tensors() -> {param name: array}``; AdaLoRA keeps only its active triplets).
+    ``expand_adapter_tensors(tensors, extra)`` is its inverse at load time."""
+    export = getattr(m, "adapter_tensors", None)
+    return {} if not callable(export) else \
+        {_peft_key(name, pname): a for pname, a in export().items()}
+
+
+def save_adapter(model: Module, directory, train_state: dict | None = None) -> Path:
+    """Write only the adapter: ``adapter_model.safetensors`` (PEFT keys) + ``adapter_config.json``;
+    with ``train_state`` also ``optimizer.safetensors`` + ``config.json``, all as one save."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     modules = _adapter_modules(model)
@@ -503,15 +344,27 @@ def save_adapter(model: Module, directory) -> Path:
         "targets": targets,
         "modules": {name: _module_metadata(name, m) for name, m in modules},
     }
-    _write_safetensors(directory / ADAPTER_FILE, {k: p.data for k, p in params.items()},
-                       {"kind": "adapter"})
-    _write_json(directory / ADAPTER_CONFIG_FILE, info)
+    tensors = {k: p.data for k, p in params.items()}
+    for name, m in modules:
+        exported = _exported_tensors(name, m)
+        if set(exported) - set(params):
+            raise ValueError(f"{name}.adapter_tensors() names no parameter of the module: "
+                             f"{sorted(set(exported) - set(params))}")
+        tensors.update(exported)
+    files: dict = {}
+    with StagedFiles() as staged:
+        _stage(staged, directory / ADAPTER_FILE, tensors, "adapter", files)
+        info["files"] = dict(files)
+        staged.add(directory / ADAPTER_CONFIG_FILE, json_bytes(info))
+        if train_state is not None:
+            _stage_state(staged, directory, {"format": FORMAT}, train_state, files)
+        staged.commit()
     return directory
 
 
 def read_adapter_config(directory) -> dict:
     """The ``adapter_config.json`` of a saved adapter (``config``, ``targets``, ``modules``)."""
-    return _read_json(Path(directory) / ADAPTER_CONFIG_FILE)
+    return read_json(Path(directory) / ADAPTER_CONFIG_FILE)
 
 
 def load_adapter(model: Module, directory) -> dict:
@@ -524,7 +377,10 @@ def load_adapter(model: Module, directory) -> dict:
     directory = Path(directory)
     info = read_adapter_config(directory)
     path = _resolve_weights_file(directory, ADAPTER_FILE)
-    tensors = _read_safetensors(path)
+    verify_saved_together(directory, info)
+    if (directory / CONFIG_FILE).is_file():   # the training state saved with it, if any
+        verify_saved_together(directory)
+    tensors = read_safetensors(path)
     params, _ = _adapter_params(model)
     modules = dict(_adapter_modules(model))
     saved_modules = info.get("modules") or {}
@@ -536,7 +392,17 @@ def load_adapter(model: Module, directory) -> dict:
         if m.merged:
             raise ValueError(f"adapter module {mname!r} is merged; unmerge() before loading "
                              "adapter weights")
+        expand = getattr(m, "expand_adapter_tensors", None)
+        if callable(expand):   # saved in another shape (adapter_tensors): back to the module's
+            keys = {pname: _peft_key(mname, pname) for pname, _ in m.named_parameters()}
+            local = {pname: tensors[k] for pname, k in keys.items() if k in tensors}
+            extra = (saved or {}).get("extra") or {}
+            tensors.update({keys[pname]: a for pname, a in expand(local, extra).items()})
     _check_and_assign(params, tensors, path, strict=True)
+    for mname, m in modules.items():
+        restore = getattr(m, "load_adapter_metadata", None)
+        if callable(restore):
+            restore((saved_modules.get(mname) or {}).get("extra") or {})
     return info
 
 

@@ -4,12 +4,14 @@
     lowrank finetune --base base --variant lora --targets q,v --r 8 --alpha 16 --out lora
     lowrank generate --model base --adapter lora --prompt "def "
     lowrank demo
+    mpiexec -n 2 lowrank finetune --base base --out lora   # data parallel, auto-detected
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .parallel import ParameterDriftError
 from .train import NonFiniteLossError, TrainConfig
 
 
@@ -34,6 +36,10 @@ def _common(parser, steps, lr, out=None):
     parser.add_argument("--corpus", nargs="+", default=None,
                         help="'docs', 'code', or text files to train on")
     parser.add_argument("--max-bytes", type=int, default=1_500_000)
+    parser.add_argument("--comm", choices=("auto", "none", "mpi", "nccl"), default="auto",
+                        help="data parallel over processes: 'auto' uses MPI (NCCL with cupy) "
+                             "when started by mpiexec with several processes; --batch-size is "
+                             "the global batch, split between them")
 
 
 def _train_config(args) -> TrainConfig:
@@ -159,15 +165,43 @@ def main(argv=None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "finetune":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.comm_obj = None
     try:
         args.variant_options = _variant_options(extra) if extra else {}
         return _run(args)
-    except NonFiniteLossError as exc:
-        print(f"lowrank: {exc}", file=sys.stderr)
-        return 1
+    except (NonFiniteLossError, ParameterDriftError) as exc:
+        return _fail(args, f"lowrank: {exc}", 1)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"lowrank {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args, f"lowrank {args.command}: error: {exc}", 2)
+
+
+def _fail(args, message: str, code: int) -> int:
+    """Print the error; in a parallel run stop every rank (the others would otherwise wait
+    for this one in their next collective)."""
+    comm = args.comm_obj
+    if comm is not None and comm.size > 1:
+        comm.abort(message, code)
+    print(message, file=sys.stderr)
+    return code
+
+
+def _make_comm(args):
+    """The communicator of a training command, announced once (rank 0) when parallel."""
+    import os
+
+    from .parallel import get_comm
+    try:
+        comm = args.comm_obj = get_comm(args.comm)
+    except RuntimeError as exc:     # mpi4py or NCCL missing: a message, not a traceback
+        raise ValueError(str(exc)) from exc
+    if comm.size > 1:
+        pids = comm.allgather(os.getpid())
+        if comm.is_root:
+            local = args.batch_size // comm.size if args.batch_size % comm.size == 0 else "?"
+            print(f"lowrank {args.command}: data parallel over {comm.size} processes "
+                  f"({comm.kind}); global batch {args.batch_size} = {comm.size} x {local} "
+                  f"rows; pids by rank: {pids}", file=sys.stderr, flush=True)
+    return comm
 
 
 def _run(args) -> int:
@@ -175,6 +209,7 @@ def _run(args) -> int:
     if getattr(args, "backend", None):
         from . import backend
         backend.set_backend(args.backend)
+    comm = _make_comm(args) if args.command in ("pretrain", "finetune") else None
     if args.command == "pretrain":
         spec = wf.ModelSpec(args.vocab_size, args.context, args.n_layer, args.n_head,
                             args.d_model, tie_embeddings=not args.untied)
@@ -182,7 +217,9 @@ def _run(args) -> int:
                                                          args.max_bytes),
                              _train_config(args), dtype=args.dtype or "float32",
                              resume=args.resume, save_every=args.save_every,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, comm=comm)
+        if not comm.is_root:
+            return 0
         print(f"pretrained {result.total:,} parameters; validation loss {result.val_loss:.4f}; "
               f"{result.tokens_per_s:,.0f} tokens/s; saved to {result.out}")
     elif args.command == "finetune":
@@ -199,7 +236,9 @@ def _run(args) -> int:
                              wf.DataSpec(_corpus(args.corpus, "code"), args.max_bytes),
                              _train_config(args), dtype=args.dtype,
                              resume=args.resume, save_every=args.save_every,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, comm=comm)
+        if not comm.is_root:
+            return 0
         share = 100.0 * result.trainable / result.total
         print(f"{args.variant}: {result.trainable:,} trainable parameters ({share:.2f}%); "
               f"validation loss {result.val_loss:.4f}; {result.tokens_per_s:,.0f} tokens/s; "

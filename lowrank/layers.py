@@ -21,6 +21,8 @@ class Linear(Module):
             weight = backend.host_uniform(rng, (out_features, in_features), -bound, bound, dtype, xp)
             if bias and bias_value is None:
                 bias_value = backend.host_uniform(rng, (out_features,), -bound, bound, dtype, xp)
+        if bias and bias_value is None:
+            bias_value = backend.get_namespace(weight).zeros(weight.shape[0], weight.dtype)
         self.weight = Parameter(weight)
         self.bias = Parameter(bias_value) if bias else None
 

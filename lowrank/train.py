@@ -11,10 +11,21 @@ Hooks are plain objects with any of these methods:
 * ``after_step(trainer)``: after the optimizer step, before zero-grad (masks, growth, restarts);
 * ``lr_at(trainer, step, lr) -> float``: reshape the learning-rate schedule;
 * ``owns(name, param) -> bool``: parameters the hook steps itself, kept out of AdamW;
-* ``state_dict()`` / ``load_state_dict(state)``: what ``--resume`` must restore.
+* ``state_dict()`` / ``load_state_dict(state)``: what ``--resume`` must restore;
+* ``bind(trainer)``: called once when the trainer is built (e.g. to learn ``trainer.comm``).
 
 An adapter class that needs one defines ``step_hook(model)`` (a classmethod); ``hooks_for``
 hands it to the trainer, so no user has to remember to call it.
+
+Data parallel (``comm`` of size K > 1, see ``lowrank.parallel``): every rank samples the same
+global batch of ``batch_size`` rows with the same host RNG and computes on its contiguous
+``batch_size / K`` rows; the mean gradients (and the loss) are averaged over the ranks right
+after the backward, before ``extra_loss``, so a regulariser's gradient (computed from the
+identical parameters on every rank) is added once, not K times, and every hook sees the
+same numbers one process would. A hook that collects statistics of its own from local
+activations must sum them with ``trainer.comm.allreduce_sum``. Evaluation shards the eval
+batches round-robin over the ranks and averages. Every ``check_every`` steps the ranks
+compare parameter checksums and stop with ``ParameterDriftError`` if they differ.
 """
 from __future__ import annotations
 
@@ -26,6 +37,7 @@ import numpy as np
 
 from . import backend
 from .optim import AdamW, clip_grad_norm, lr_at
+from .parallel import GradientAllReduce, SingleProcess
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,9 +89,22 @@ def hooks_for(model) -> list:
 
 
 class Trainer:
-    def __init__(self, model, data, config: TrainConfig, hooks=None):
+    def __init__(self, model, data, config: TrainConfig, hooks=None, comm=None,
+                 check_every: int = 20):
         self.model, self.data, self.config = model, data, config
+        self.comm = SingleProcess() if comm is None else comm
+        size, rank = self.comm.size, self.comm.rank
+        if config.batch_size % size:
+            raise ValueError(f"batch_size ({config.batch_size}) must be divisible by the "
+                             f"number of processes ({size})")
+        local = config.batch_size // size
+        self.rows = slice(rank * local, (rank + 1) * local)   # this rank's share of a batch
+        self.grad_sync = GradientAllReduce(model, self.comm) if size > 1 else None
+        self.check_every = int(check_every)
         self.hooks = hooks_for(model) if hooks is None else list(hooks)
+        for hook in self.hooks:   # a hook that needs the trainer (its comm) before step 1
+            if hasattr(hook, "bind"):
+                hook.bind(self)
         owned = [h.owns for h in self.hooks if hasattr(h, "owns")]
         self.optimizer = AdamW([(n, p) for n, p in model.named_parameters(trainable_only=True)
                                 if not any(owns(n, p) for owns in owned)],
@@ -91,6 +116,7 @@ class Trainer:
         self.tokens_seen = 0
         model.train()
         model.zero_grad()
+        _jump_dropout_streams(model, rank)
 
     @property
     def xp(self):
@@ -106,7 +132,13 @@ class Trainer:
 
     def batch(self, split: str, rng):
         x, y = self.data.batch(split, self.config.batch_size, rng)
+        if self.comm.size > 1:
+            x, y = x[self.rows], y[self.rows]
         return backend.asarray(x, xp=self.xp), backend.asarray(y, xp=self.xp)
+
+    def _non_finite(self, loss) -> NonFiniteLossError:
+        return NonFiniteLossError(f"loss is {loss} at step {self.step}; stopping (lower --lr, "
+                                  "or use --dtype float64); the last good checkpoint is kept")
 
     def train_step(self) -> dict:
         c, model = self.config, self.model
@@ -115,13 +147,15 @@ class Trainer:
         for _ in range(c.accum_steps):
             x, y = self.batch("train", self.rng)
             micro_loss, cache = model.loss(x, y)
-            if not math.isfinite(micro_loss):
-                raise NonFiniteLossError(f"loss is {micro_loss} at step {self.step}; stopping "
-                                         "(lower --lr, or use --dtype float64); the last good "
-                                         "checkpoint is kept")
+            if not math.isfinite(micro_loss) and self.grad_sync is None:
+                raise self._non_finite(micro_loss)   # parallel: after the all-reduce, on all
             model.loss_backward(cache, dloss=1.0 / c.accum_steps)
             loss += micro_loss / c.accum_steps
-            self.tokens_seen += int(x.size)
+            self.tokens_seen += int(x.size) * self.comm.size
+        if self.grad_sync is not None:
+            (loss,) = self.grad_sync.allreduce([loss], self.step)   # the global mean gradient
+            if not math.isfinite(loss):
+                raise self._non_finite(loss)
         for hook in self.hooks:
             if hasattr(hook, "extra_loss"):
                 loss += hook.extra_loss(self)
@@ -137,26 +171,50 @@ class Trainer:
         seconds = time.perf_counter() - start
         self.step += 1
         tokens = c.accum_steps * c.batch_size * self.data.context
-        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": tokens / seconds, "seconds": seconds}
+        record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": tokens / seconds, "seconds": seconds}
+        if self.grad_sync is not None:
+            record["allreduce_bytes"] = self.grad_sync.bytes_per_step
+            if (self.check_every and self.step % self.check_every == 0
+                    or self.step == c.steps):            # and the final model
+                self.grad_sync.check_drift(self.step, self._probe())
+        return record
+
+    def _probe(self):
+        """A fixed token batch (1 row of up to 8 tokens) whose output the drift check compares
+        across ranks."""
+        cfg = getattr(self.model, "config", None)
+        if cfg is None or not hasattr(cfg, "vocab_size"):
+            return None
+        tokens = backend.host_rng(1234).integers(0, cfg.vocab_size, (1, min(8, cfg.context)))
+        return backend.asarray(tokens, xp=self.xp)
 
     def evaluate(self, data=None, split: str = "val") -> float:
-        """Mean loss over ``eval_batches`` fixed batches (dropout off)."""
+        """Mean loss over ``eval_batches`` fixed batches (dropout off); in parallel each rank
+        scores every K-th batch and the sums are all-reduced (a collective: call on all)."""
         data = self.data if data is None else data
         self.model.eval()
         losses = []
-        for x, y in data.eval_batches(split, self.config.batch_size, self.config.eval_batches):
-            loss, _ = self.model.loss(backend.asarray(x, xp=self.xp), backend.asarray(y, xp=self.xp))
-            losses.append(loss)
+        batches = data.eval_batches(split, self.config.batch_size, self.config.eval_batches)
+        for i, (x, y) in enumerate(batches):
+            if i % self.comm.size == self.comm.rank:
+                loss, _ = self.model.loss(backend.asarray(x, xp=self.xp),
+                                          backend.asarray(y, xp=self.xp))
+                losses.append(loss)
         self.model.train()
-        return float(np.mean(losses))
+        if self.comm.size == 1:
+            return float(np.mean(losses))
+        total = self.comm.allreduce_sum(np.array([sum(losses), len(losses)], dtype=np.float64))
+        return float(total[0] / total[1])
 
     def fit(self, on_step=None, progress: bool = True, desc: str = "train") -> list[dict]:
         """Run until ``config.steps``; ``on_step(trainer, record)`` after each (checkpoints)."""
         from tqdm import tqdm
         history = []
-        bar = tqdm(total=self.config.steps, initial=self.step, desc=desc, disable=not progress,
-                   dynamic_ncols=True, leave=False)
+        bar = tqdm(total=self.config.steps, initial=self.step, desc=desc,
+                   disable=not progress or not self.comm.is_root, dynamic_ncols=True, leave=False)
+        if self.grad_sync is not None:
+            self.grad_sync.check_drift(self.step, self._probe())   # identical start
         while self.step < self.config.steps:
             record = self.train_step()
             if self.config.eval_interval and self.step % self.config.eval_interval == 0:
@@ -183,6 +241,7 @@ class Trainer:
         self.rng.bit_generator.state = state["rng"]
         self.optimizer.load_state_dict(state["optimizer"])
         _set_dropout_states(self.model, state.get("dropout_rngs", {}))
+        _jump_dropout_streams(self.model, self.comm.rank)
         for hook, hook_state in zip(self.hooks, state.get("hooks") or []):
             if hook_state is not None:
                 hook.load_state_dict(hook_state)
@@ -199,3 +258,18 @@ def _set_dropout_states(model, states: dict) -> None:
     for name, m in adapted_modules(model):
         if name in states:
             m._dropout_rng.state = states[name]
+
+
+def _jump_dropout_streams(model, rank: int) -> None:
+    """Rank r draws its dropout masks from the r-th jump of rank 0's PCG64 stream, so ranks
+    drop independently; a checkpoint holds rank 0's states and resume re-derives the others.
+    (CuPy generators expose no state: their masks are drawn per rank from the same seed.)"""
+    if rank == 0:
+        return
+    from .adapters import adapted_modules
+    for _, m in adapted_modules(model):
+        state = m._dropout_rng.state
+        if state is not None and state.get("bit_generator") == "PCG64":
+            stream = np.random.PCG64()
+            stream.state = state
+            m._dropout_rng.state = stream.jumped(rank).state

@@ -9,6 +9,10 @@ Each workflow writes into one directory:
   writes a whole model instead.
 
 Checkpoints are written atomically, so a crash (or a non-finite loss) leaves the last good one.
+
+Data parallel (``comm`` of size > 1, e.g. under ``mpiexec``): every rank builds the same model
+and trains its share of each batch; only rank 0 writes files (tokenizer, checkpoints, run
+files, reports) while the others wait at a barrier, so no rank races ahead of a write.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from . import backend, checkpoint
 from .adapters import adapted_modules, config as adapter_config, config_from_dict, inject
 from .data import TokenData, corpus
 from .model import GPT, GPTConfig
+from .parallel import SingleProcess
 from .tokenizer import Tokenizer, train_tokenizer
 from .train import Trainer, TrainConfig
 
@@ -78,9 +83,21 @@ def _checkpointer(out: Path, trainer: Trainer, save, every: int):
     return on_step
 
 
+def _root_only(comm):
+    """Decorate a writer: it runs on rank 0 only and every rank waits until it is done."""
+    def wrap(write):
+        def run(*args):
+            if comm.is_root:
+                write(*args)
+            comm.barrier()
+        return run
+    return wrap
+
+
 def pretrain(out, model_spec: ModelSpec, data_spec: DataSpec, train: TrainConfig, *,
              dtype="float32", backend_name=None, resume=False, save_every=0,
-             progress=True) -> RunResult:
+             progress=True, comm=None) -> RunResult:
+    comm = SingleProcess() if comm is None else comm
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if backend_name:
@@ -88,20 +105,26 @@ def pretrain(out, model_spec: ModelSpec, data_spec: DataSpec, train: TrainConfig
     tok_path = out / "tokenizer.json"
     if resume and tok_path.exists():
         tok = Tokenizer.load(tok_path)
-    else:
+    elif comm.size == 1:
         text = corpus(data_spec.corpus, max_bytes=data_spec.max_bytes)
         tok = train_tokenizer(text, model_spec.vocab_size)
         tok.save(tok_path)
+    else:   # rank 0 trains it; every rank tokenizes with the saved file, so all agree
+        _root_only(comm)(lambda: train_tokenizer(
+            corpus(data_spec.corpus, max_bytes=data_spec.max_bytes),
+            model_spec.vocab_size).save(tok_path))()
+        tok = Tokenizer.load(tok_path)
     data = token_data(tok, data_spec, model_spec.context)
     cfg = GPTConfig(vocab_size=tok.vocab_size, context=model_spec.context,
                     n_layer=model_spec.n_layer, n_head=model_spec.n_head,
                     d_model=model_spec.d_model, tie_embeddings=model_spec.tie_embeddings)
     model = GPT(cfg, seed=train.seed, dtype=dtype)
-    trainer = Trainer(model, data, train)
+    trainer = Trainer(model, data, train, comm=comm)
     history = []
     if resume:
         history = _resume(out, trainer, lambda: checkpoint.load_weights(model, out))
 
+    @_root_only(comm)
     def save(tr):
         checkpoint.save_model(model, out, train_state=_train_state(tr))
         _write_run(out, {"kind": "base", "data": data_spec.__dict__, "train": train.to_dict(),
@@ -135,8 +158,9 @@ def prepare_finetune(model, variant: str, targets, options: dict, seed: int = 0)
 def finetune(out, base, variant: str, targets=DEFAULT_TARGETS, options=None,
              data_spec: DataSpec | None = None, train: TrainConfig | None = None, *,
              dtype=None, backend_name=None, resume=False, save_every=0, progress=True,
-             eval_data: dict | None = None) -> RunResult:
+             eval_data: dict | None = None, comm=None) -> RunResult:
     """Fine-tune ``base`` on ``data_spec``; ``eval_data`` maps names to extra TokenData to score."""
+    comm = SingleProcess() if comm is None else comm
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_spec = data_spec or DataSpec(corpus="code")
@@ -144,13 +168,15 @@ def finetune(out, base, variant: str, targets=DEFAULT_TARGETS, options=None,
     model, tok, base_run = load_base(base, dtype, backend_name)
     data = token_data(tok, data_spec, model.config.context)
     cfg = prepare_finetune(model, variant, targets, options or {}, seed=train.seed)
-    trainer = Trainer(model, data, train)
+    trainer = Trainer(model, data, train, comm=comm)
     history = []
     if resume:
         history = _resume(out, trainer, lambda: _load_finetuned_weights(model, out, cfg))
 
-    tok.save(out / "tokenizer.json")   # a fine-tuned directory is usable on its own
+    # a fine-tuned directory is usable on its own
+    _root_only(comm)(lambda: tok.save(out / "tokenizer.json"))()
 
+    @_root_only(comm)
     def save(tr):
         if cfg is None:
             checkpoint.save_model(model, out, train_state=_train_state(tr))
@@ -173,7 +199,8 @@ def finetune(out, base, variant: str, targets=DEFAULT_TARGETS, options=None,
     result.seconds = elapsed
     result.model, result.trainer = model, trainer
     result.extra_eval = {name: trainer.evaluate(d) for name, d in (eval_data or {}).items()}
-    result.report = variant_report(model, out)
+    result.report = variant_report(model, out) if comm.is_root else []
+    comm.barrier()
     return result
 
 
@@ -196,8 +223,12 @@ def load_finetuned(base, adapter_dir, dtype=None, backend_name=None):
         return model, tok
     model, tok, _ = load_base(base, dtype, backend_name)
     info = checkpoint.read_adapter_config(adapter_dir)
-    cfg = config_from_dict(info["config"])
-    inject(model, cfg, info["targets"], seed=run.get("train", {}).get("seed", 0))
+    seed = run.get("train", {}).get("seed", 0)
+    if info["config"] is not None:
+        inject(model, config_from_dict(info["config"]), info["targets"], seed=seed)
+    else:   # modules differ (e.g. SoRA pruned to a LoRA of each module's kept rank)
+        for i, (name, meta) in enumerate(info["modules"].items()):
+            inject(model, config_from_dict(meta["config"]), [name], seed=seed + 7919 * i)
     checkpoint.load_adapter(model, adapter_dir)
     return model, tok
 

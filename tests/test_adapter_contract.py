@@ -3,6 +3,8 @@
 A new variant gets this battery by registering itself; ``CASES`` may list extra configs
 that exercise its options (inits, flags). Float64 for gradients, on every backend.
 """
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,19 @@ from .helpers import rel_err, to_host
 CASES = {
     "lora": [dict(init=i) for i in ("kaiming", "gaussian", "pissa", "pissa_niter_2", "olora",
                                     "milora")] + [dict(rslora=True), dict(bias="lora_only")],
+    "svd": [dict(train=("U", "S")), dict(train=("V",)), dict(train=("S",)),
+            dict(method="randomized", n_iter=1), dict(bias="lora_only")],
+    "dora": [dict(exact_norm_grad=True), dict(rslora=True),
+             dict(rslora=True, exact_norm_grad=True), dict(bias="lora_only")],
+    "adalora": [dict(bias="lora_only"), dict(init_r=3, target_r=2),
+                dict(orth_squared=True, tinit=1, tfinal=1, total_step=5)],
+    "sora": [dict(gate_optimizer="sgd"), dict(lambda_schedule="linear", max_lambda=0.01),
+             dict(bias="lora_only")],
+    # at the default config S is empty until training chooses its support: exercise it here
+    "rosa": [dict(support="random"), dict(support="random", density=0.5),
+             dict(support="random", density=1.0, bias="all")],
+    "increlora": [dict(init_r=2), dict(bias="lora_only"), dict(init_r=1, add_r=1, total_budget=3)],
+    "relora": [dict(bias="lora_only"), dict(optimizer_reset="magnitude", reset_ratio=0.5)],
 }
 M, N, R, ROWS = 6, 5, 2, 4
 
@@ -94,17 +109,21 @@ def test_gradients_match_finite_differences(xp, name, extra, with_mask):
     assert analytic, "a variant with nothing to train"
     arrays = {name: p.data for name, p in layer.named_parameters(trainable_only=True)}
     arrays["x"], analytic["x"] = x, dx
-    for pname, array in arrays.items():
-        numeric = np.zeros(array.shape)
-        for idx in np.ndindex(*array.shape):
-            old = float(array[idx])
-            array[idx] = old + 1e-6
-            up = float((layer.forward(x, dropout_mask=mask)[0] * G).sum())
-            array[idx] = old - 1e-6
-            down = float((layer.forward(x, dropout_mask=mask)[0] * G).sum())
-            array[idx] = old
-            numeric[idx] = (up - down) / 2e-6
-        assert rel_err(analytic[pname], numeric) < 1e-6, pname
+    # a layer whose backward treats part of the map as a constant (DoRA's detached norm) says
+    # so with finite_difference_context(): inside it, the forward holds that part fixed
+    fd_context = getattr(layer, "finite_difference_context", contextlib.nullcontext)
+    with fd_context():
+        for pname, array in arrays.items():
+            numeric = np.zeros(array.shape)
+            for idx in np.ndindex(*array.shape):
+                old = float(array[idx])
+                array[idx] = old + 1e-6
+                up = float((layer.forward(x, dropout_mask=mask)[0] * G).sum())
+                array[idx] = old - 1e-6
+                down = float((layer.forward(x, dropout_mask=mask)[0] * G).sum())
+                array[idx] = old
+                numeric[idx] = (up - down) / 2e-6
+            assert rel_err(analytic[pname], numeric) < 1e-6, pname
 
 
 @pytest.mark.parametrize("name,extra", cases())

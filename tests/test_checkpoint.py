@@ -9,6 +9,7 @@ import pytest
 import safetensors.numpy as stn
 
 import lowrank.checkpoint as ckpt
+from lowrank import storage
 from lowrank import adapters, backend
 from lowrank.layers import Linear
 from lowrank.module import Module, Parameter
@@ -186,7 +187,7 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
         def __exit__(self, *exc):
             self.fh.close()
 
-    monkeypatch.setattr(ckpt.os, "fdopen", lambda fd, mode: HalfWriter(real_fdopen(fd, mode)))
+    monkeypatch.setattr(storage.os, "fdopen", lambda fd, mode: HalfWriter(real_fdopen(fd, mode)))
     with pytest.raises(_Boom):
         ckpt.save_model(Tiny(seed=99), tmp_path)
     monkeypatch.undo()
@@ -205,7 +206,7 @@ def test_failed_replace_leaves_previous_file_and_no_temp(tmp_path, monkeypatch):
     def fail(*args):
         raise _Boom("crash before rename")
 
-    monkeypatch.setattr(ckpt.os, "replace", fail)
+    monkeypatch.setattr(storage.os, "replace", fail)
     with pytest.raises(_Boom):
         ckpt.atomic_write(target, b"new contents")
     monkeypatch.undo()
@@ -453,3 +454,26 @@ def test_adapter_errors(tmp_path):
     (tmp_path / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="adapter_model.safetensors"):
         ckpt.load_adapter(AdaptedNet(cfg), tmp_path)
+
+
+def test_a_save_cut_between_renames_is_reported_not_mixed(tmp_path, monkeypatch):
+    """The files of one save are renamed one by one; a crash between two renames leaves a new
+    model.safetensors beside the old config.json. Loading must refuse the mix."""
+    state = {"step": 1, "optimizer": {"state": {}}, "rng": {}, "extra": {}}
+    ckpt.save_model(Tiny(seed=1), tmp_path, train_state=state)
+    real_replace = storage.os.replace
+    renamed = []
+
+    def crash_after_first(src, dst):
+        if renamed:
+            raise OSError("killed between renames")
+        renamed.append(dst)
+        real_replace(src, dst)
+    monkeypatch.setattr(storage.os, "replace", crash_after_first)
+    with pytest.raises(OSError, match="killed between renames"):
+        ckpt.save_model(Tiny(seed=2), tmp_path, train_state={**state, "step": 2})
+    monkeypatch.undo()
+    assert [Path(p).name for p in renamed] == [ckpt.MODEL_FILE]
+    with pytest.raises(ValueError, match="come from different saves"):
+        ckpt.load_weights(Tiny(seed=3), tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]   # no temporaries

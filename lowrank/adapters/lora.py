@@ -16,6 +16,7 @@ from .. import backend
 from ..decompose import check_rank, svd_split
 from ..module import Parameter
 from ..ops.linear import linear_forward
+from ._delta import lowrank_delta_backward, lowrank_delta_forward
 from .base import AdaptedLinear, AdapterConfig, register
 
 LORA_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<q>", "olora", "milora")
@@ -82,8 +83,8 @@ class LoraLinear(AdaptedLinear):
             y, _ = linear_forward(x, W_eff, self._bias_data())           # (..., m)
             return y, (x, None, None, W_eff)
         y, _ = linear_forward(x, self.weight.data, self._bias_data())   # (..., m)
-        u = x_d @ self.lora_A.data.T                                     # (..., r)
-        y += self.scaling * (u @ self.lora_B.data.T)
+        u = x_d.reshape(-1, self.in_features) @ self.lora_A.data.T       # (N, r)
+        y += (self.scaling * (u @ self.lora_B.data.T)).reshape(y.shape)  # (..., m)
         return y, (x_d, mask, u, None)
 
     def adapter_backward(self, dy, cache):
@@ -103,9 +104,9 @@ class LoraLinear(AdaptedLinear):
         if A.trainable:
             A.accumulate(du.T @ x2)                                      # (r, n)
         if W_eff is not None:   # G (W0 + sBA) = G W0 + du A
-            return dy @ W_eff                                            # (..., n)
-        dx = dy @ self.weight.data                                       # (..., n)
-        dx_adapter = (du @ A.data).reshape(dx.shape)                     # (..., n)
+            return (dy2 @ W_eff).reshape(x_d.shape)                      # (..., n)
+        dx = (dy2 @ self.weight.data).reshape(x_d.shape)                 # (..., n)
+        dx_adapter = (du @ A.data).reshape(dx.shape)                     # (..., n) from (N, n)
         dx_adapter *= mask
         dx += dx_adapter
         return dx
@@ -119,3 +120,17 @@ class LoraLinear(AdaptedLinear):
 
     def delta_weight(self):
         return self.scaling * (self.lora_B.data @ self.lora_A.data)     # (m, n)
+
+    # --- multi-adapter fast path (lowrank.parallel.multi; formulas in adapters/_delta.py) ------
+    def delta_forward(self, x, dropout_mask):
+        """``(Δy, cache)`` with ``adapter_forward(x) = x W0ᵀ + b0 + Δy``; valid while W0 is the
+        base the caller shares (kaiming/gaussian inits; not after a merge or a ReLoRA restart)."""
+        return lowrank_delta_forward(self, x, dropout_mask, self.lora_A.data, self.lora_B.data,
+                                     self.scaling)
+
+    def delta_backward(self, dy, cache):
+        """Accumulate A's and B's gradients; return dx minus ``dy W0`` (the caller's part)."""
+        dA, _, dx = lowrank_delta_backward(dy, cache, self.lora_B, need_dP=self.lora_A.trainable)
+        if dA is not None:
+            self.lora_A.accumulate(dA)
+        return dx

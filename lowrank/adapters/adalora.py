@@ -1,0 +1,393 @@
+"""AdaLoRA (Zhang et al., 2303.10512) — adaptive rank from SVD-form triplets (SPEC §2.4).
+
+    Ã = E ⊙_rows A (r, n),   y = x W0ᵀ + b0 + c · (x_d Ãᵀ) Bᵀ,   c = α / (init_r + 1e-5)
+
+``A (r, n) ~ N(0, 0.02²)`` ("lora_A.weight"), ``E (r,) = 0`` ("lora_E"; PEFT stores (r, 1)),
+``B (m, r) ~ N(0, 0.02²)`` ("lora_B.weight"), r = init_r. The scaling is PEFT's exactly:
+``lora_alpha / (ranknum + 1e-5)`` with ranknum = init_r, and it never changes, not even when
+a pruned adapter is loaded with fewer triplets.
+
+Backward, with G = dL/dy and u = x_d Ãᵀ (N, r):
+    dB = c Gᵀ u,   du = c G B,   dÃ = duᵀ x_d,   dA = E ⊙_rows dÃ,   dE = Σ_cols(dÃ ⊙ A)
+    dx = G W0 + (du Ã) ⊙ mask          (= G (W0 + c B Ã) without dropout)
+
+The orthogonality regulariser, the importance scores, the budget schedule and the masks live
+in ``_adalora_allocator`` (formulas there). ``AdaLoraLinear.step_hook(model)`` returns the hook
+the Trainer runs every step (``extra_loss`` = regulariser, ``after_step`` = importance + mask),
+so training through ``lowrank.train.Trainer`` cannot forget it; a layer driven by hand for more
+than ``total_step`` steps without the allocator raises RuntimeError (a step = a backward pass in
+training mode with a fresh E gradient, i.e. after a zero-grad, so accumulation counts once;
+with ``total_step=None`` there is no T to check against until a trainer supplies one).
+
+Config: ``r`` and ``init_r`` are one field (PEFT ignores ``r``): ``init_r`` wins when given,
+else ``init_r = r``; ``r`` defaults to 12 (PEFT's init_r). ``target_r`` defaults to
+``max(1, 2·init_r // 3)`` (PEFT's 8 for 12). ``total_step=None`` means the trainer's steps,
+read at the first step and kept in the resume state (a resumed run keeps its schedule).
+
+Export: ``layer.rank_pattern`` (a bool per triplet, PEFT's ``rank_pattern``), ``realised_rank``.
+Saving keeps only the rows in use: ``saved_rows = rank_pattern | (E != 0)`` (a triplet revived
+between two masks of ΔT > 1 stays, so a reload reproduces the outputs exactly; PEFT drops it),
+with the pattern and the rows in adapter_config.json; loading scatters the rows back into the
+init_r-sized layer (E = A = B = 0 elsewhere), so resume needs no reshaping; the hook's resume
+state carries the dropped rows of A and B, which the regulariser still sees.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import backend
+from ..decompose import check_rank
+from ..module import Parameter
+from ..ops.linear import linear_forward
+from ._delta import lowrank_delta_backward, lowrank_delta_forward
+from ._adalora_allocator import RankAllocator, budget_schedule, orth_regularizer
+from .base import AdaptedLinear, AdapterConfig, register
+from .inject import adapted_modules
+
+RANKNUM_EPS = 1e-5          # PEFT: scaling / (ranknum + 1e-5)
+MATRIX_ORDER = ("q", "k", "v", "o", "fc1", "fc2")
+
+
+def _int_field(name, value, low, optional=False):
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass
+class AdaLoraConfig(AdapterConfig):
+    r: int = 12                       # = init_r (see the module docstring)
+    init_r: int | None = None
+    target_r: int | None = None
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+    orth_squared: bool = False        # the paper's ‖·‖_F² instead of PEFT's ‖·‖_F
+
+    def __post_init__(self):
+        super().__post_init__()
+        _int_field("init_r", self.init_r, 1, optional=True)
+        if self.init_r is None:
+            self.init_r = self.r
+        self.r = self.init_r
+        if self.target_r is None:
+            self.target_r = max(1, 2 * self.init_r // 3)
+        _int_field("target_r", self.target_r, 1)
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r must be <= init_r, got target_r={self.target_r}, "
+                             f"init_r={self.init_r}")
+        _int_field("tinit", self.tinit, 0)
+        _int_field("tfinal", self.tfinal, 0)
+        _int_field("deltaT", self.deltaT, 1)
+        _int_field("total_step", self.total_step, 1, optional=True)
+        for name in ("beta1", "beta2"):
+            if not 0.0 < float(getattr(self, name)) < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
+            setattr(self, name, float(getattr(self, name)))
+        if not float(self.orth_reg_weight) >= 0.0:
+            raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
+        self.orth_reg_weight = float(self.orth_reg_weight)
+        if not isinstance(self.orth_squared, bool):
+            raise ValueError(f"orth_squared must be a bool, got {self.orth_squared!r}")
+        if self.total_step is not None and not self.tinit + self.tfinal < self.total_step:
+            raise ValueError(f"tinit + tfinal must be < total_step, got tinit={self.tinit}, "
+                             f"tfinal={self.tfinal}, total_step={self.total_step}")
+
+
+@register("adalora", AdaLoraConfig)
+class AdaLoraLinear(AdaptedLinear):
+    def init_adapter(self, rng) -> None:
+        cfg = self.config
+        check_rank(cfg.r, self.weight.shape)
+        m, n = self.weight.shape
+        dtype, xp = self.weight.dtype.name, self.xp
+        self.scaling = cfg.alpha / (cfg.init_r + RANKNUM_EPS)
+        self.lora_A = Parameter(backend.host_normal(rng, (cfg.r, n), 0.02, dtype, xp))  # (r, n)
+        self.lora_E = Parameter(xp.zeros((cfg.r,), dtype=dtype))                         # (r,)
+        self.lora_B = Parameter(backend.host_normal(rng, (m, cfg.r), 0.02, dtype, xp))  # (m, r)
+        self.rank_pattern = [True] * cfg.r
+        self._steps_since_allocation = 0
+        self._step_grad = None
+
+    @property
+    def r(self) -> int:
+        return int(self.lora_A.shape[0])
+
+    @property
+    def realised_rank(self) -> int:
+        return int(sum(self.rank_pattern))
+
+    # --- the adapted map ---------------------------------------------------------------------
+    def masked_A(self):
+        """``Ã = E ⊙_rows A`` (r, n)."""
+        return self.lora_A.data * self.lora_E.data[:, None]
+
+    def adapter_forward(self, x, dropout_mask):
+        x_d, mask = self.dropout(x, dropout_mask)
+        At = self.masked_A()                                             # (r, n)
+        if mask is None:   # one (m, n) weight: m·n·r to form, one pass over y
+            W_eff = self.lora_B.data @ At                                # (m, n)
+            W_eff *= self.scaling
+            W_eff += self.weight.data
+            y, _ = linear_forward(x, W_eff, self._bias_data())           # (..., m)
+            return y, (x, None, None, At, W_eff)
+        y, _ = linear_forward(x, self.weight.data, self._bias_data())   # (..., m)
+        u = x_d @ At.T                                                   # (..., r)
+        y += self.scaling * (u @ self.lora_B.data.T)                     # (..., m)
+        return y, (x_d, mask, u, At, None)
+
+    def adapter_backward(self, dy, cache):
+        if self.training:
+            self._count_step()
+        x_d, mask, u, At, W_eff = cache
+        A, E, B, c = self.lora_A, self.lora_E, self.lora_B, self.scaling
+        r, n = A.shape
+        m = B.shape[0]
+        x2 = x_d.reshape(-1, n)                                          # (N, n)
+        dy2 = dy.reshape(-1, m)                                          # (N, m)
+        if B.trainable:
+            u2 = x2 @ At.T if u is None else u.reshape(-1, r)            # (N, r)
+            dB = dy2.T @ u2                                              # (m, r)
+            dB *= c
+            B.accumulate(dB)
+        du = dy2 @ B.data                                                # (N, r)
+        du *= c
+        if A.trainable or E.trainable:
+            dAt = du.T @ x2                                              # (r, n)
+            if E.trainable:
+                E.accumulate((dAt * A.data).sum(axis=1))                 # (r,)
+            if A.trainable:
+                dAt *= E.data[:, None]
+                A.accumulate(dAt)                                        # (r, n)
+        self._step_grad = E.grad
+        if W_eff is not None:   # G (W0 + c B Ã) = G W0 + du Ã
+            return dy @ W_eff                                            # (..., n)
+        dx = dy @ self.weight.data                                       # (..., n)
+        dx_adapter = (du @ At).reshape(dx.shape)                         # (..., n)
+        dx_adapter *= mask
+        dx += dx_adapter
+        return dx
+
+    def _count_step(self) -> None:
+        """A new step starts when E's gradient array is a fresh one (a zero-grad happened)."""
+        if not self.lora_E.trainable or (self.lora_E.grad is not None
+                                         and self.lora_E.grad is self._step_grad):
+            return
+        self._steps_since_allocation += 1
+        limit = self.config.total_step
+        if limit is not None and self._steps_since_allocation > limit:
+            raise RuntimeError(
+                f"AdaLoRA: this layer has been trained for more than total_step={limit} steps "
+                "without its rank allocator, so it was never pruned. Train with "
+                "lowrank.train.Trainer (it runs the allocator), or call "
+                "hook = AdaLoraLinear.step_hook(model) once and hook.after_step(trainer) after "
+                "every optimizer step, before zero-grad.")
+
+    def delta_weight(self):
+        return self.scaling * (self.lora_B.data @ self.masked_A())      # (m, n)
+
+    # --- multi-adapter fast path (lowrank.parallel.multi; formulas in adapters/_delta.py) ------
+    def delta_forward(self, x, dropout_mask):
+        """``(Δy, cache)`` with ``adapter_forward(x) = x W0ᵀ + b0 + Δy`` (P = Ã)."""
+        return lowrank_delta_forward(self, x, dropout_mask, self.masked_A(), self.lora_B.data,
+                                     self.scaling)
+
+    def delta_backward(self, dy, cache):
+        """adapter_backward minus ``dy W0``: the same step count and A, E, B gradients."""
+        if self.training:
+            self._count_step()
+        A, E = self.lora_A, self.lora_E
+        dAt, _, dx = lowrank_delta_backward(dy, cache, self.lora_B,
+                                            need_dP=A.trainable or E.trainable)
+        if dAt is not None:
+            if E.trainable:
+                E.accumulate((dAt * A.data).sum(axis=1))                 # (r,)
+            if A.trainable:
+                dAt *= E.data[:, None]
+                A.accumulate(dAt)                                        # (r, n)
+        self._step_grad = E.grad
+        return dx
+
+    # --- save / load (used by lowrank.checkpoint) -----------------------------------------------
+    def saved_rows(self) -> list[bool]:
+        """Triplets the saved adapter keeps: in the pattern, or revived since the last mask."""
+        nonzero = (self.lora_E.data != 0).tolist()
+        return [bool(p or e) for p, e in zip(self.rank_pattern, nonzero)]
+
+    def adapter_metadata(self) -> dict:
+        return {"init_r": self.r, "target_r": self.config.target_r, "rank": self.realised_rank,
+                "rank_pattern": list(self.rank_pattern), "saved_rows": self.saved_rows()}
+
+    def adapter_tensors(self) -> dict:
+        """What the adapter file holds: the kept rows of A and E and columns of B."""
+        keep = self.xp.asarray([i for i, k in enumerate(self.saved_rows()) if k], dtype="int64")
+        return {"lora_A": self.lora_A.data[keep], "lora_E": self.lora_E.data[keep],
+                "lora_B": self.lora_B.data[:, keep]}
+
+    def expand_adapter_tensors(self, tensors: dict, extra: dict) -> dict:
+        """Saved (sliced) host arrays -> init_r-sized arrays on this layer's backend."""
+        rows = (extra or {}).get("saved_rows")
+        if rows is None:
+            return tensors
+        if len(rows) != self.r:
+            raise ValueError(f"the saved AdaLoRA module has init_r={len(rows)} triplets, this "
+                             f"layer has {self.r}; inject with the saved config")
+        xp, kept = self.xp, [i for i, k in enumerate(rows) if k]
+        keep = xp.asarray(kept, dtype="int64")
+        out = dict(tensors)
+        for pname, axis in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
+            if pname not in tensors:
+                continue
+            p, saved = getattr(self, pname), tensors[pname]
+            if saved.shape[axis] != len(kept):
+                raise ValueError(f"{pname}: the saved tensor has {saved.shape[axis]} triplets, "
+                                 f"its saved_rows pattern keeps {len(kept)}")
+            full = xp.zeros(p.shape, dtype=p.dtype)
+            if axis == 0:
+                full[keep] = backend.asarray(saved, dtype=p.dtype, xp=xp)
+            else:
+                full[:, keep] = backend.asarray(saved, dtype=p.dtype, xp=xp)
+            out[pname] = full
+        return out
+
+    def load_adapter_metadata(self, extra: dict) -> None:
+        pattern = (extra or {}).get("rank_pattern")
+        if pattern is not None and len(pattern) == self.r:
+            self.rank_pattern = [bool(v) for v in pattern]
+
+    # --- training and reporting ------------------------------------------------------------------
+    @classmethod
+    def step_hook(cls, model):
+        return AdaLoraHook(model)
+
+    def demo_report(self) -> dict:
+        return {"rank": self.realised_rank, "init_r": self.r}
+
+    @classmethod
+    def report(cls, model, out) -> list[str]:
+        ranks = realised_ranks(model)
+        if not ranks:
+            return []
+        layers = [m for _, m in adapted_modules(model) if isinstance(m, cls)]
+        init = sum(m.r for m in layers)
+        target = sum(m.config.target_r for m in layers)
+        rows, cols, grid = rank_grid(ranks)
+        width = max(len(r) for r in rows) + 2
+        lines = [f"AdaLoRA final ranks: {sum(ranks.values())} of {init} triplets active "
+                 f"(budget Σ target_r = {target})",
+                 "  " + "final rank".ljust(width) + "".join(f"{c:>5}" for c in cols)]
+        for row in rows:
+            cells = "".join(f"{'-' if grid[row].get(c) is None else grid[row][c]:>5}"
+                            for c in cols)
+            lines.append("  " + row.ljust(width) + cells)
+        targets = {m.config.target_r for m in layers}
+        values = list(ranks.values())
+        uniform = len(targets) == 1 and all(v == next(iter(targets)) for v in values)
+        lines.append(f"  {'uniform' if uniform else 'not uniform'}: ranks {min(values)}.."
+                     f"{max(values)} (target_r = {', '.join(map(str, sorted(targets)))} each)")
+        png = plot_ranks(ranks, Path(out) / "adalora_ranks.png")
+        lines.append(f"  heatmap: {png}")
+        return lines
+
+
+class AdaLoraHook:
+    """The per-step hook of a model's AdaLoRA layers (see lowrank.train)."""
+
+    def __init__(self, model):
+        self.layers = [(n, m) for n, m in adapted_modules(model) if isinstance(m, AdaLoraLinear)]
+        if not self.layers:
+            raise ValueError("the model holds no AdaLoRA layers")
+        self.config = self.layers[0][1].config
+        self.allocator = RankAllocator(self.layers, self.config)
+
+    def extra_loss(self, trainer) -> float:
+        self.allocator.resolve_total(trainer.config.steps)
+        return orth_regularizer([m for _, m in self.layers], self.config.orth_reg_weight,
+                                self.config.orth_squared)
+
+    def after_step(self, trainer) -> None:
+        self.allocator.resolve_total(trainer.config.steps)
+        self.allocator.step(trainer.step)
+
+    def state_dict(self) -> dict:
+        dropped = {}
+        for name, m in self.layers:
+            rows = [i for i, k in enumerate(m.saved_rows()) if not k]
+            if rows:
+                idx = m.xp.asarray(rows, dtype="int64")
+                dropped[name] = {"rows": rows, "lora_A": backend.to_numpy(m.lora_A.data[idx]),
+                                 "lora_B": backend.to_numpy(m.lora_B.data[:, idx])}
+        return {"allocator": self.allocator.state_dict(), "dropped": dropped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.allocator.load_state_dict(state["allocator"])
+        modules = dict(self.layers)
+        for name, saved in (state.get("dropped") or {}).items():
+            m = modules[name]
+            idx = m.xp.asarray(saved["rows"], dtype="int64")
+            m.lora_A.data[idx] = backend.asarray(saved["lora_A"], dtype=m.dtype, xp=m.xp)
+            m.lora_B.data[:, idx] = backend.asarray(saved["lora_B"], dtype=m.dtype, xp=m.xp)
+
+
+# --- export ------------------------------------------------------------------------------------
+
+def rank_pattern(model) -> dict:
+    """``{module name: [bool per triplet]}`` of every AdaLoRA layer (PEFT's ``rank_pattern``)."""
+    return {n: list(m.rank_pattern) for n, m in adapted_modules(model)
+            if isinstance(m, AdaLoraLinear)}
+
+
+def realised_ranks(model) -> dict:
+    return {n: m.realised_rank for n, m in adapted_modules(model) if isinstance(m, AdaLoraLinear)}
+
+
+def rank_grid(ranks: dict):
+    """``(rows, cols, {row: {col: rank}})``: rows ``blocks.i``, columns the matrix names."""
+    grid: dict = {}
+    for name, rank in ranks.items():
+        match = re.match(r"(.*?blocks\.\d+)\.(?:.*\.)?([^.]+)$", name)
+        row, col = match.groups() if match else (name.rpartition(".")[0] or name,
+                                                 name.rpartition(".")[2])
+        grid.setdefault(row, {})[col] = rank
+    cols = sorted({c for r in grid.values() for c in r},
+                  key=lambda c: (MATRIX_ORDER.index(c) if c in MATRIX_ORDER else 99, c))
+    rows = sorted(grid, key=lambda r: [int(t) if t.isdigit() else t for t in r.split(".")])
+    return rows, cols, grid
+
+
+def plot_ranks(ranks: dict, path) -> Path:
+    """Heatmap of the final rank per layer (rows) and matrix (columns), as in the paper."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows, cols, grid = rank_grid(ranks)
+    values = [[grid[r].get(c, float("nan")) for c in cols] for r in rows]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(cols), 1.2 + 0.5 * len(rows)))
+    image = ax.imshow(values, cmap="viridis", aspect="auto")
+    top = max(max(grid[r].values()) for r in rows) or 1
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            if v == v:   # dark text on the bright end of viridis
+                ax.text(j, i, str(int(v)), ha="center", va="center", fontsize=9,
+                        color="k" if v > 0.6 * top else "w")
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_title("AdaLoRA final rank")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["AdaLoraConfig", "AdaLoraLinear", "AdaLoraHook", "RankAllocator", "budget_schedule",
+           "orth_regularizer", "rank_pattern", "realised_ranks", "plot_ranks", "RANKNUM_EPS"]

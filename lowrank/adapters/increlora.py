@@ -1,0 +1,402 @@
+"""IncreLoRA (Zhang et al., 2308.12043) — the rank grows where it matters (SPEC §2.7).
+
+SVD-form triplets as AdaLoRA, with ranknum = the number of triplets the module holds:
+
+    Ã = E ⊙_rows A (ranknum, n),   y = x W0ᵀ + b0 + c · (x_d Ãᵀ) Bᵀ,   c = α / (ranknum + 1e-5)
+
+``A ~ N(0, 0.02²)`` ("lora_A.weight"), ``E = 0`` ("lora_E"), ``B ~ N(0, 0.02²)``
+("lora_B.weight"); the +1e-5 is the official code's (``scaling / (ranknum + 1e-5)``).
+
+Backward, with G = dL/dy and u = x_d Ãᵀ (N, ranknum):
+    dB = c Gᵀ u,   du = c G B,   dÃ = duᵀ x_d,   dA = E ⊙_rows dÃ,   dE = Σ_cols(dÃ ⊙ A)
+    dx = G W0 + (du Ã) ⊙ mask          (= G (W0 + c B Ã) without dropout)
+
+Growth (``IncreLoraHook``, run by the Trainer after every optimizer step):
+* module score, while the budget is not reached (the official backward hook on ΔW):
+  ``s = Σ|ΔW ⊙ ∂L/∂ΔW| / √(m n)``, ``∂L/∂ΔW = Gᵀ x_d`` summed over micro-batches, ΔW before
+  the step; smoothed as the official RankAllocator: ``Ī ← β1 Ī + (1-β1) s``,
+  ``Ū ← β2 Ū + (1-β2) |s - Ī|``, importance ``Ī · Ū``. This costs one extra (m, n) product
+  per module and step until the budget is reached, as in the official code.
+* after completed step t with ``t > init_warmup`` and ``t % incre_interval == 0``, the
+  ``top_h`` modules with the highest importance (ties: model order) that still have room
+  (rank < min(m, n)) each activate ``add_r`` reserve triplets (fewer for the last one, so
+  the total lands on the budget exactly), until ``Σ ranknum == total_budget``.
+* a reserve triplet is A, B ~ N(0, 0.02²), E = 0. It is drawn from the layer's own host
+  stream when it is activated: without the paper's "advance learning" (not implemented) a
+  reserve is only its random init, so drawing it then is the same thing, holds no memory,
+  and resumes exactly from the stream's state.
+* c follows the rank, c_new = α / (ranknum + k + 1e-5). The official code lets every output
+  jump by c_new/c_old at a growth; here E is rescaled by c_old/c_new in the same step, so
+  c_new·E_new = c_old·E_old and, with the new E = 0, the output is unchanged (to rounding).
+* A, E, B grow in place (the same Parameter objects, longer arrays), so the optimizer, the
+  checkpoint keys and resume keep working. The grown module's A, E, B restart their AdamW
+  state (``optimizer.add_param(name, p)``): the new triplets get a fresh state with t = 1,
+  as a new param group gets in the official code. Padding the old moments with zeros
+  instead would keep the old triplets' moments, but torch-AdamW keeps one step counter per
+  tensor, so the new rows would get an uncorrected first update ~3x lr; the reset costs the
+  old triplets of that module their moment history (their first update is then ±lr).
+* ``total_budget`` (total rank over all modules; default ``r`` per module, so ``r`` is the
+  average final rank, the size of a LoRA of rank r) must lie in Σ init_r .. Σ min(m, n).
+
+Saving stores the grown arrays; loading adopts the saved rank (``expand_adapter_tensors``
+grows the layer to it with outputs unchanged, before the arrays are assigned).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .. import backend
+from ..decompose import check_rank
+from ..module import Parameter
+from ..ops.linear import linear_forward
+from .base import AdaptedLinear, AdapterConfig, register
+from .inject import adapted_modules
+
+RANKNUM_EPS = 1e-5      # official: lora_alpha / (ranknum + 1e-5)
+INIT_STD = 0.02         # A, B ~ N(0, 0.02²) for the first and every reserve triplet
+
+
+def _int_field(name, value, low, optional=False):
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass
+class IncreLoraConfig(AdapterConfig):
+    """``r``: average final rank per module (the budget); the rest as the official allocator."""
+
+    init_r: int | None = None          # starting rank per module; None: max(1, r // 4)
+    add_r: int | None = None           # triplets a chosen module gains; None: max(1, r // 2)
+    total_budget: int | None = None    # Σ ranknum to reach; None: r per module
+    top_h: int = 3                     # modules that grow at each growth step
+    init_warmup: int = 20              # steps before the first growth
+    incre_interval: int = 10           # steps between growths
+    beta1: float = 0.85
+    beta2: float = 0.85
+
+    def __post_init__(self):
+        super().__post_init__()
+        _int_field("init_r", self.init_r, 1, optional=True)
+        if self.init_r is None:
+            self.init_r = max(1, self.r // 4)
+        if self.init_r > self.r:
+            raise ValueError(f"init_r must be <= r = {self.r} (r is the average final rank, "
+                             f"the budget per module), got init_r={self.init_r}")
+        _int_field("add_r", self.add_r, 1, optional=True)
+        if self.add_r is None:
+            self.add_r = max(1, self.r // 2)
+        _int_field("total_budget", self.total_budget, 1, optional=True)
+        if self.total_budget is not None and self.total_budget < self.init_r:
+            raise ValueError(f"total_budget must be >= init_r = {self.init_r} (a budget below "
+                             f"the starting rank), got {self.total_budget}")
+        _int_field("top_h", self.top_h, 1)
+        _int_field("init_warmup", self.init_warmup, 0)
+        _int_field("incre_interval", self.incre_interval, 1)
+        for name in ("beta1", "beta2"):
+            if not 0.0 < float(getattr(self, name)) < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
+            setattr(self, name, float(getattr(self, name)))
+
+
+@register("increlora", IncreLoraConfig)
+class IncreLoraLinear(AdaptedLinear):
+    def init_adapter(self, rng) -> None:
+        cfg = self.config
+        check_rank(cfg.r, self.weight.shape)
+        m, n = self.weight.shape
+        dtype, xp = self.weight.dtype.name, self.xp
+        self.lora_A = Parameter(backend.host_normal(rng, (cfg.init_r, n), INIT_STD, dtype, xp))
+        self.lora_E = Parameter(xp.zeros((cfg.init_r,), dtype=dtype))                  # (r,)
+        self.lora_B = Parameter(backend.host_normal(rng, (m, cfg.init_r), INIT_STD, dtype, xp))
+        self.track_score = False    # set by the hook while the budget is not reached
+        self.score = None           # 0-d: Σ|ΔW ⊙ ∂L/∂ΔW| / √(mn) of the current step
+        self._grad_dW = None        # ∂L/∂ΔW (m, n) summed over the step's micro-batches
+
+    @property
+    def ranknum(self) -> int:
+        return int(self.lora_A.shape[0])
+
+    @property
+    def scaling(self) -> float:
+        return self.config.alpha / (self.ranknum + RANKNUM_EPS)
+
+    @property
+    def capacity(self) -> int:
+        return int(min(self.weight.shape))
+
+    # --- the adapted map -------------------------------------------------------------------
+    def masked_A(self):
+        """``Ã = E ⊙_rows A`` (ranknum, n)."""
+        return self.lora_A.data * self.lora_E.data[:, None]
+
+    def adapter_forward(self, x, dropout_mask):
+        x_d, mask = self.dropout(x, dropout_mask)
+        At = self.masked_A()                                             # (r, n)
+        if mask is None:   # one (m, n) weight: m·n·r to form, one pass over y
+            W_eff = self.lora_B.data @ At                                # (m, n)
+            W_eff *= self.scaling
+            W_eff += self.weight.data
+            y, _ = linear_forward(x, W_eff, self._bias_data())           # (..., m)
+            return y, (x, None, None, At, W_eff)
+        y, _ = linear_forward(x, self.weight.data, self._bias_data())   # (..., m)
+        u = x_d @ At.T                                                   # (..., r)
+        y += self.scaling * (u @ self.lora_B.data.T)                     # (..., m)
+        return y, (x_d, mask, u, At, None)
+
+    def adapter_backward(self, dy, cache):
+        x_d, mask, u, At, W_eff = cache
+        A, E, B, c = self.lora_A, self.lora_E, self.lora_B, self.scaling
+        r, n = A.shape
+        m = B.shape[0]
+        x2 = x_d.reshape(-1, n)                                          # (N, n)
+        dy2 = dy.reshape(-1, m)                                          # (N, m)
+        if self.track_score and self.training:
+            self._update_score(dy2, x2, At, c)
+        if B.trainable:
+            u2 = x2 @ At.T if u is None else u.reshape(-1, r)            # (N, r)
+            dB = dy2.T @ u2                                              # (m, r)
+            dB *= c
+            B.accumulate(dB)
+        du = dy2 @ B.data                                                # (N, r)
+        du *= c
+        if A.trainable or E.trainable:
+            dAt = du.T @ x2                                              # (r, n)
+            if E.trainable:
+                E.accumulate((dAt * A.data).sum(axis=1))                 # (r,)
+            if A.trainable:
+                dAt *= E.data[:, None]
+                A.accumulate(dAt)                                        # (r, n)
+        if W_eff is not None:   # G (W0 + c B Ã) = G W0 + du Ã
+            return dy @ W_eff                                            # (..., n)
+        dx = dy @ self.weight.data                                       # (..., n)
+        dx_adapter = (du @ At).reshape(dx.shape)                         # (..., n)
+        dx_adapter *= mask
+        dx += dx_adapter
+        return dx
+
+    def _update_score(self, dy2, x2, At, c) -> None:
+        """Sum ∂L/∂ΔW over the step's micro-batches; the hook turns it into the score."""
+        grad = dy2.T @ x2                                                # (m, n) = ∂L/∂ΔW
+        if self._grad_dW is None:
+            self._grad_dW = grad
+        else:
+            self._grad_dW += grad
+
+    def step_score(self):
+        """The official score Σ|ΔW ⊙ ∂L/∂ΔW| / √(mn) (0-d, no host sync); ΔW is the weight the
+        step's gradients were taken at (the hook calls this before the optimizer step)."""
+        delta = self.lora_B.data @ self.masked_A()                       # (m, n)
+        delta *= self.scaling
+        delta *= self._grad_dW
+        m, n = delta.shape
+        return self.xp.abs(delta).sum() / math.sqrt(m * n)
+
+    def delta_weight(self):
+        return self.scaling * (self.lora_B.data @ self.masked_A())      # (m, n)
+
+    # --- growth ----------------------------------------------------------------------------
+    def grow(self, k: int, draw: bool = True) -> None:
+        """Activate ``k`` more triplets (A, B from the host stream, or zeros with ``draw=False``;
+        E = 0) and rescale E by c_old/c_new: the output does not change."""
+        m, n = self.weight.shape
+        room = self.capacity - self.ranknum
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= room:
+            raise ValueError(f"k must be an integer in 1..{room} (rank "
+                             f"{self.ranknum} of at most min(m, n) = {self.capacity}), got {k!r}")
+        if self.merged:
+            raise RuntimeError("grow() on a merged adapter: unmerge() first")
+        xp, dtype = self.xp, self.dtype.name
+        if draw:
+            A_new = backend.host_normal(self._host_rng, (k, n), INIT_STD, dtype, xp)  # (k, n)
+            B_new = backend.host_normal(self._host_rng, (m, k), INIT_STD, dtype, xp)  # (m, k)
+        else:
+            A_new, B_new = xp.zeros((k, n), dtype=dtype), xp.zeros((m, k), dtype=dtype)
+        c_old = self.scaling
+        c_new = self.config.alpha / (self.ranknum + k + RANKNUM_EPS)
+        E = self.lora_E.data * (c_old / c_new)                           # (r,)
+        self.lora_A.data = xp.concatenate([self.lora_A.data, A_new], axis=0)    # (r+k, n)
+        self.lora_E.data = xp.concatenate([E, xp.zeros((k,), dtype=dtype)])     # (r+k,)
+        self.lora_B.data = xp.concatenate([self.lora_B.data, B_new], axis=1)    # (m, r+k)
+        for p in (self.lora_A, self.lora_E, self.lora_B):
+            p.grad = None   # the old shapes; the trainer's zero-grad allocates the new ones
+        self._grad_dW = None
+
+    def end_step(self) -> None:
+        """Forget the step's score buffers (the hook calls this after reading the score)."""
+        self.score = None
+        self._grad_dW = None
+
+    # --- save / load (used by lowrank.checkpoint) --------------------------------------------
+    def adapter_metadata(self) -> dict:
+        return {"ranknum": self.ranknum}
+
+    def expand_adapter_tensors(self, tensors: dict, extra: dict) -> dict:
+        """The rank is training state: take the saved one. Growing with zero triplets keeps the
+        outputs, so a load that fails afterwards leaves the layer's map as it was."""
+        shapes = {k: tuple(tensors[k].shape) for k in ("lora_A", "lora_E", "lora_B")
+                  if k in tensors}
+        if "lora_A" not in shapes:
+            return {}
+        m, n = self.weight.shape
+        R = shapes["lora_A"][0]
+        want = {"lora_A": (R, n), "lora_E": (R,), "lora_B": (m, R)}
+        bad = {k: s for k, s in shapes.items() if s != want[k]}
+        if bad or not 1 <= R <= self.capacity:
+            raise ValueError(f"IncreLoRA tensors {shapes} do not form a rank-R adapter of this "
+                             f"{m}x{n} layer (need {want}, 1 <= R <= {self.capacity})")
+        if R > self.ranknum:
+            self.grow(R - self.ranknum, draw=False)
+        elif R < self.ranknum:   # a smaller saved adapter into a grown layer: no map to keep
+            xp, dtype = self.xp, self.dtype.name
+            self.lora_A.data = xp.zeros((R, n), dtype=dtype)
+            self.lora_E.data = xp.zeros((R,), dtype=dtype)
+            self.lora_B.data = xp.zeros((m, R), dtype=dtype)
+        return {}
+
+    # --- training and reporting ------------------------------------------------------------
+    @classmethod
+    def step_hook(cls, model):
+        return IncreLoraHook(model)
+
+    def demo_report(self) -> dict:
+        return {"ranknum": self.ranknum}
+
+    @classmethod
+    def report(cls, model, out) -> list[str]:
+        layers = [(n, m) for n, m in adapted_modules(model) if isinstance(m, cls)]
+        if not layers:
+            return []
+        total = sum(m.ranknum for _, m in layers)
+        start = sum(m.config.init_r for _, m in layers)
+        budget = total_budget(layers)
+        width = max(len(n) for n, _ in layers) + 2
+        lines = [f"IncreLoRA: total rank {total} of budget {budget} "
+                 f"({'reached' if total == budget else 'not reached'}; started at {start})"]
+        lines += [f"  {name.ljust(width)}rank {m.ranknum}" for name, m in layers]
+        return lines
+
+
+def total_budget(layers) -> int:
+    """The total rank to reach: the config's ``total_budget``, else ``r`` per module."""
+    cfg = layers[0][1].config
+    return cfg.total_budget if cfg.total_budget is not None else sum(m.config.r for _, m in layers)
+
+
+class IncreLoraHook:
+    """Scores, schedule and growth of a model's IncreLoRA layers (see lowrank.train)."""
+
+    def __init__(self, model):
+        self.layers = [(n, m) for n, m in adapted_modules(model) if isinstance(m, IncreLoraLinear)]
+        if not self.layers:
+            raise ValueError("the model holds no IncreLoRA layers")
+        self.config = cfg = self.layers[0][1].config
+        self.budget = total_budget(self.layers)
+        start = self.total_rank()
+        room = sum(m.capacity for _, m in self.layers)
+        if self.budget < start:
+            raise ValueError(f"total_budget must be >= the starting total rank {start} "
+                             f"(Σ init_r over {len(self.layers)} modules), got {self.budget}")
+        if self.budget > room:
+            raise ValueError(f"total_budget must be <= Σ min(m, n) = {room} over the adapted "
+                             f"modules, got {self.budget}")
+        zero = lambda m: m.xp.zeros((), dtype=m.dtype)   # noqa: E731 (0-d, on the device)
+        self.ipt = {n: zero(m) for n, m in self.layers}  # Ī, smoothed sensitivity
+        self.unc = {n: zero(m) for n, m in self.layers}  # Ū, smoothed uncertainty
+        self.history: list = []                          # [completed step, module, k] per growth
+        self._track(self.total_rank() < self.budget)
+        self.beta1, self.beta2 = cfg.beta1, cfg.beta2
+
+    def total_rank(self) -> int:
+        return sum(m.ranknum for _, m in self.layers)
+
+    def _track(self, on: bool) -> None:
+        for _, m in self.layers:
+            m.track_score = on
+            m.end_step()
+
+    def importance(self) -> dict:
+        """``{module: Ī·Ū}`` as host floats (one sync per module; only at growth steps)."""
+        return {n: float(self.ipt[n] * self.unc[n]) for n, _ in self.layers}
+
+    def extra_loss(self, trainer) -> float:
+        """Score the step (before the optimizer moves ΔW). Under data parallel ∂L/∂ΔW is first
+        averaged over the ranks, so every rank scores, and grows, alike."""
+        for _, m in self.layers:
+            if m._grad_dW is not None:
+                if trainer.comm.size > 1:
+                    trainer.comm.allreduce_sum(m._grad_dW)
+                    m._grad_dW *= 1.0 / trainer.comm.size
+                m.score = m.step_score()
+        return 0.0
+
+    def after_step(self, trainer) -> None:
+        if self.total_rank() >= self.budget:
+            return
+        b1, b2 = self.beta1, self.beta2
+        for name, m in self.layers:
+            if m.score is not None:
+                self.ipt[name] = b1 * self.ipt[name] + (1.0 - b1) * m.score
+                self.unc[name] = b2 * self.unc[name] + (1.0 - b2) * abs(m.score - self.ipt[name])
+            m.end_step()
+        done = trainer.step + 1    # trainer.step counts completed steps before this one
+        cfg = self.config
+        if done > cfg.init_warmup and done % cfg.incre_interval == 0:
+            self.grow(trainer, done)
+
+    def grow(self, trainer=None, step: int = -1) -> list:
+        """Grow the top-h modules now; returns ``[(module, k)]``. With a trainer, the grown
+        parameters restart their optimizer state."""
+        scores = self.importance()
+        order = sorted(range(len(self.layers)), key=lambda i: (-scores[self.layers[i][0]], i))
+        remaining, grown = self.budget - self.total_rank(), []
+        for i in order:
+            name, m = self.layers[i]
+            if remaining <= 0 or len(grown) == self.config.top_h:
+                break
+            k = min(self.config.add_r, remaining, m.capacity - m.ranknum)
+            if k < 1:
+                continue
+            m.grow(k)
+            remaining -= k
+            grown.append((name, k))
+            self.history.append([int(step), name, int(k)])
+            if trainer is not None:
+                self._fresh_state(trainer.optimizer, m)
+        if remaining <= 0:
+            self._track(False)   # budget reached: no more scores (the official hook is removed)
+        return grown
+
+    @staticmethod
+    def _fresh_state(optimizer, m) -> None:
+        names = {id(p): n for n, p in optimizer.params.items()}
+        for p in (m.lora_A, m.lora_E, m.lora_B):
+            if id(p) in names:
+                optimizer.add_param(names[id(p)], p)   # same object: its state starts fresh
+
+    def state_dict(self) -> dict:
+        return {"ipt": {n: float(v) for n, v in self.ipt.items()},
+                "unc": {n: float(v) for n, v in self.unc.items()},
+                "history": [list(h) for h in self.history],
+                "ranks": {n: m.ranknum for n, m in self.layers},
+                "rng": {n: m._host_rng.bit_generator.state for n, m in self.layers}}
+
+    def load_state_dict(self, state: dict) -> None:
+        ranks = {n: m.ranknum for n, m in self.layers}
+        if state["ranks"] != ranks:
+            raise ValueError(f"IncreLoRA resume: the layers have ranks {ranks}, the training "
+                             f"state {state['ranks']}; load the adapter weights first")
+        for name, m in self.layers:
+            self.ipt[name] = backend.asarray(state["ipt"][name], dtype=m.dtype, xp=m.xp)
+            self.unc[name] = backend.asarray(state["unc"][name], dtype=m.dtype, xp=m.xp)
+            m._host_rng.bit_generator.state = state["rng"][name]
+            for p in (m.lora_A, m.lora_E, m.lora_B):   # arrays replaced after a zero-grad
+                if p.grad is not None and p.grad.shape != p.shape:
+                    p.grad = None
+        self.history = [list(h) for h in state["history"]]
+        self._track(self.total_rank() < self.budget)
+
+
+__all__ = ["IncreLoraConfig", "IncreLoraLinear", "IncreLoraHook", "total_budget", "RANKNUM_EPS"]

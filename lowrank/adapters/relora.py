@@ -1,0 +1,226 @@
+"""ReLoRA (Lialin et al., 2307.05695) — high-rank training from low-rank steps (SPEC §2.8).
+
+The layer is LoRA with the kaiming init (A ~ U(-1/√n, 1/√n), B = 0, s = α/r), so forward and
+backward are LoraLinear's (SPEC §2.1):
+
+    y = x W0ᵀ + b0 + s · (x_d Aᵀ) Bᵀ
+    dB = s Gᵀ u,   du = s G B,   dA = duᵀ x_d,   dx = G W0 + (du A) ⊙ mask,   u = x_d Aᵀ
+
+Every ``reset_interval`` (K) completed steps ``ReLoraHook`` restarts every ReLoRA layer:
+
+* merge: ``W0 ← W0 + s·BA``, the frozen base absorbs the cycle (formed exactly as the forward's
+  effective weight, so the output before and after the restart is bit-identical);
+* re-init: A ~ kaiming from the layer's own host stream (reproducible, resumable), B = 0;
+* optimizer: the AdamW ``exp_avg`` and ``exp_avg_sq`` of every A and B are pruned as in the
+  official code (``training_utils.random_pruning`` / ``magnitude_pruning``), each moment on its
+  own: ``random`` zeroes each entry with probability ``reset_ratio`` (keep ``u > ratio``,
+  u ~ U(0, 1) from the host stream); ``magnitude`` zeroes the entries with ``|v| <= q``, q the
+  ``reset_ratio`` quantile of |v| (linear interpolation, torch.quantile's), so below 1.0 the
+  largest entry survives (31 of 32 zeroed at 0.999). The step counters are kept (official).
+  ``reset_ratio`` 0.999 is the paper's default; 1.0 zeroes everything, 0.0 nothing;
+* learning rate, "jagged cosine": the trainer's schedule times a ramp after each restart.
+  The i-th step after a restart (i = 0 .. restart_warmup-1) runs at ``(i+1)/restart_warmup``
+  of the schedule's rate (the trainer's own warm-up convention), then at the full rate until the
+  next restart. The official scheduler ramps ``i/W`` to the cosine envelope the same way
+  (there the step before each reset runs at lr 0; here no step is spent at lr 0).
+
+No restart follows the last step, so ``delta_weight()`` (s·BA of the current cycle; the merged
+history lives in W0) stays the final cycle's. After k restarts ``rank(W - W_init)`` can reach
+(k+1)·r. The hook keeps ``W - W_init`` of the first ReLoRA module (float64) for ``report``.
+
+Saving: W0 has changed, so the adapter is only complete with the base weight in the file.
+``saves_base_weight = True`` asks lowrank.checkpoint to store it (``<module>.base_layer.weight``);
+``adapter_metadata`` records the restarts and a fingerprint of W0, and loading an adapter that
+had restarts into a base whose W0 is not the saved one raises instead of silently dropping the
+merged cycles.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from .. import backend
+from ..decompose import check_rank
+from ..module import Parameter
+from .base import AdapterConfig, register
+from .inject import adapted_modules
+from .lora import LoraLinear, lora_factors
+
+RESETS = ("random", "magnitude")
+RANK_RTOL = 1e-8     # report: singular values > 1e-8 · σ_max count towards rank(W - W_init)
+
+
+@dataclass
+class ReLoraConfig(AdapterConfig):
+    reset_interval: int = 50        # K: steps per cycle
+    restart_warmup: int = 5         # steps of the LR ramp after each restart
+    optimizer_reset: str = "random"
+    reset_ratio: float = 0.999      # fraction of the adapter's AdamW moments zeroed
+
+    def __post_init__(self):
+        super().__post_init__()
+        k = self.reset_interval
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"reset_interval must be an integer >= 1, got {k!r}")
+        w = self.restart_warmup
+        if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= k:
+            raise ValueError(f"restart_warmup must be an integer in 0..reset_interval = 0..{k}, "
+                             f"got {w!r}")
+        if self.optimizer_reset not in RESETS:
+            raise ValueError(f"optimizer_reset must be one of {RESETS}, "
+                             f"got {self.optimizer_reset!r}")
+        if not 0.0 <= float(self.reset_ratio) <= 1.0:
+            raise ValueError(f"reset_ratio must be in [0, 1], got {self.reset_ratio!r}")
+        self.reset_ratio = float(self.reset_ratio)
+
+
+def restart_lr_factor(step: int, reset_interval: int, restart_warmup: int) -> float:
+    """The learning-rate multiplier at step index ``step`` (0-based): the ramp after a restart."""
+    if step < reset_interval or restart_warmup == 0:
+        return 1.0
+    i = step % reset_interval
+    return (i + 1) / restart_warmup if i < restart_warmup else 1.0
+
+
+def prune_moment(v, ratio: float, method: str, rng) -> None:
+    """Zero (in place) a ``ratio`` fraction of ``v`` as the official optimizer reset does."""
+    if ratio <= 0.0 or v.size == 0:
+        return
+    xp = backend.get_namespace(v)
+    if method == "random":
+        u = backend.host_uniform(rng, v.shape, 0.0, 1.0, "float64", xp)
+        v *= u > ratio
+    else:
+        mag = xp.abs(v)
+        v *= mag > xp.quantile(mag.reshape(-1), ratio)
+
+
+def _fingerprint(W) -> str:
+    """Hash of W0 as float32 bytes: the same for a float64 load of a float32 base."""
+    return hashlib.sha256(backend.to_numpy(W.astype("float32")).tobytes()).hexdigest()[:16]
+
+
+@register("relora", ReLoraConfig)
+class ReLoraLinear(LoraLinear):
+    saves_base_weight = True   # W0 absorbs the merged cycles: the checkpoint must keep it
+
+    def init_adapter(self, rng) -> None:
+        cfg = self.config
+        check_rank(cfg.r, self.weight.shape)
+        self.scaling = cfg.alpha / cfg.r
+        A, B, _ = lora_factors(self.weight.data, cfg.r, self.scaling, "kaiming", rng)
+        self.lora_A = Parameter(A)   # (r, n), "lora_A.weight"
+        self.lora_B = Parameter(B)   # (m, r), "lora_B.weight"
+        self.restarts = 0
+        self.history = None          # W - W_init minus the current cycle (float64), if tracked
+
+    def track_history(self) -> None:
+        if self.history is None:
+            self.history = self.xp.zeros(self.weight.shape, dtype="float64")   # (m, n)
+
+    def restart(self) -> None:
+        """Merge s·BA into W0, re-draw A (kaiming), B = 0; the output is unchanged."""
+        if self.merged:
+            raise RuntimeError("restart() on a merged adapter: unmerge() first")
+        W = self.effective_weight()                                      # (m, n) = W0 + sBA
+        if self.history is not None:
+            self.history += self.delta_weight().astype("float64")        # (m, n)
+        self.weight.data = W
+        A, B, _ = lora_factors(W, self.config.r, self.scaling, "kaiming", self._host_rng)
+        self.lora_A.data, self.lora_B.data = A, B
+        self.restarts += 1
+
+    def weight_change(self):
+        """``W - W_init`` (float64), from the tracked history; None when not tracked."""
+        if self.history is None:
+            return None
+        return self.history + self.delta_weight().astype("float64")     # (m, n)
+
+    # --- save / load (used by lowrank.checkpoint) --------------------------------------------
+    def adapter_metadata(self) -> dict:
+        return {"restarts": self.restarts, "base_fingerprint": _fingerprint(self.weight.data)}
+
+    def load_adapter_metadata(self, extra: dict) -> None:
+        restarts = int((extra or {}).get("restarts", 0))
+        saved = (extra or {}).get("base_fingerprint")
+        if restarts and saved is not None and saved != _fingerprint(self.weight.data):
+            raise ValueError(
+                f"this ReLoRA adapter was saved after {restarts} restarts, whose merged cycles "
+                "live in the base weight W0, but the W0 here is not the saved one (the file "
+                "lacks base_layer.weight, or this is another base model)")
+        self.restarts = restarts
+
+    # --- training and reporting ------------------------------------------------------------
+    @classmethod
+    def step_hook(cls, model):
+        return ReLoraHook(model)
+
+    def demo_report(self) -> dict:
+        return {"restarts": self.restarts}
+
+    @classmethod
+    def report(cls, model, out) -> list[str]:
+        layers = [(n, m) for n, m in adapted_modules(model) if isinstance(m, cls)]
+        if not layers:
+            return []
+        name, m = next(((n, m) for n, m in layers if m.history is not None), layers[0])
+        D = m.weight_change()
+        D = m.delta_weight() if D is None else D
+        S = backend.svd(D)[1]                                            # (min(m, n),)
+        top = float(S[0]) if S.size else 0.0
+        rank = int((S > RANK_RTOL * top).sum()) if top > 0.0 else 0
+        cfg = m.config
+        return [f"ReLoRA: {m.restarts} restarts (every {cfg.reset_interval} steps, "
+                f"{cfg.optimizer_reset} moment reset {cfg.reset_ratio}); "
+                f"rank(W - W_init) of {name}: {rank} (r = {cfg.r}, σ > {RANK_RTOL:g}·σ_max)"]
+
+
+class ReLoraHook:
+    """Restarts, moment pruning and the jagged learning rate of a model's ReLoRA layers."""
+
+    def __init__(self, model):
+        self.layers = [(n, m) for n, m in adapted_modules(model) if isinstance(m, ReLoraLinear)]
+        if not self.layers:
+            raise ValueError("the model holds no ReLoRA layers")
+        self.config = self.layers[0][1].config
+        self.layers[0][1].track_history()   # the report's module
+
+    def lr_at(self, trainer, step: int, lr: float) -> float:
+        cfg = self.config
+        return lr * restart_lr_factor(step, cfg.reset_interval, cfg.restart_warmup)
+
+    def after_step(self, trainer) -> None:
+        done = trainer.step + 1    # trainer.step counts completed steps before this one
+        if done % self.config.reset_interval == 0 and done < trainer.config.steps:
+            self.restart(trainer.optimizer)
+
+    def restart(self, optimizer=None) -> None:
+        """Restart every layer now; with an optimizer, prune the adapter's moments."""
+        for _, m in self.layers:
+            m.restart()
+        if optimizer is None:
+            return
+        names = {id(p): n for n, p in optimizer.params.items()}
+        cfg = self.config
+        for _, m in self.layers:
+            for p in (m.lora_A, m.lora_B):
+                st = optimizer.state.get(names.get(id(p)))
+                if st is not None:
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        prune_moment(st[key], cfg.reset_ratio, cfg.optimizer_reset, m._host_rng)
+
+    def state_dict(self) -> dict:
+        probe = self.layers[0][1]
+        return {"restarts": {n: m.restarts for n, m in self.layers},
+                "rng": {n: m._host_rng.bit_generator.state for n, m in self.layers},
+                "history": backend.to_numpy(probe.history).copy()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, m in self.layers:
+            m.restarts = int(state["restarts"][name])
+            m._host_rng.bit_generator.state = state["rng"][name]
+        probe = self.layers[0][1]
+        probe.history = backend.asarray(state["history"], dtype="float64", xp=probe.xp)
+
+
+__all__ = ["ReLoraConfig", "ReLoraLinear", "ReLoraHook", "restart_lr_factor", "prune_moment"]

@@ -1,0 +1,324 @@
+"""RoSA (Nikdan et al., 2401.04679) — low-rank plus sparse adaptation — SPEC §2.6.
+
+    y = x W0ᵀ + b0 + s · (x_d Aᵀ) Bᵀ + x_d Sᵀ,      s = α/r
+
+S (m, n) is sparse with a fixed support of nnz = max(1, ⌊d·m·n⌋) entries (the official code
+takes ⌊d·numel⌋); its values (``rosa_values (nnz,)``, init 0) train, its support does not.
+Backward, with G = dL/dy and u = x_d Aᵀ:
+    dB = s Gᵀ u,   du = s G B,   dA = duᵀ x_d,
+    dS[i, j] = Σ_rows G[:, i] x_d[:, j]   for (i, j) in the support only (O(nnz·N)),
+    dx = G W0 + (du A + G S) ⊙ mask       (without dropout: dx = G (W0 + s BA + S))
+
+Support (the paper's GradMask, the official ``RosaScheduler``): ``warmup_steps`` LoRA-only
+steps, then ``collect_steps`` steps during which each layer forms ``dW0 = Gᵀ x`` — only then,
+and into its own accumulator ``score += dW0²`` (squared per backward call, as the official
+``mean_squared`` mode), never into W0's grad: W0 stays frozen — then the top nnz entries of
+the score (ties to the lower row-major index) become the support, for good. Until then S is
+empty and the layer is a LoRA. ``support="random"`` picks a uniform random support at init
+instead (no collection; an ablation, and it lets the contract battery exercise S).
+
+Storage: S is a real CSR matrix (``lowrank.backend.sparse``: scipy.sparse on NumPy,
+cupyx.scipy.sparse on CuPy) built over ``rosa_values`` without copying: O(nnz) memory. The
+support is also kept as the non-trainable int64 Parameter ``rosa_indices (nnz,)`` (flat
+row-major ``i·n + j``, all −1 before selection), so checkpoints save and restore it with the
+values and every shape is fixed from construction (no AdamW state of a changing shape: the
+values' moments are restarted with ``optimizer.add_param`` when the support is chosen).
+Without dropout the forward uses one effective weight ``W0 + s BA`` with S's values added
+on the support (O(nnz)), like LoraLinear; with dropout S multiplies as CSR: ``(S x_dᵀ)ᵀ``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .. import backend
+from ..backend import sparse as bsparse
+from ..decompose import check_rank
+from ..module import Parameter
+from ..ops.linear import linear_forward
+from .base import AdaptedLinear, AdapterConfig, register
+from .inject import adapted_modules
+from .lora import lora_factors
+
+SUPPORTS = ("gradient", "random")
+
+
+def _count(value, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+@dataclass
+class RosaConfig(AdapterConfig):
+    density: float = 0.01     # d: nnz = max(1, floor(d·m·n)) per adapted matrix
+    warmup_steps: int = 0     # LoRA-only steps before the collection (official "wl<k>")
+    collect_steps: int = 1    # steps whose W0 gradients score the support (spa_num_grads)
+    support: str = "gradient"
+
+    def __post_init__(self):
+        super().__post_init__()
+        d = self.density
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {d!r}")
+        self.density = float(d)
+        _count(self.warmup_steps, "warmup_steps", 0)
+        _count(self.collect_steps, "collect_steps", 1)
+        if self.support not in SUPPORTS:
+            raise ValueError(f"support must be one of {SUPPORTS}, got {self.support!r}")
+
+
+def support_size(density: float, m: int, n: int) -> int:
+    """nnz of an (m, n) S: ⌊d·m·n⌋ (a 1e-9 guard against 0.29·100 = 28.999…), at least 1."""
+    return max(1, min(m * n, int(math.floor(density * m * n + 1e-9))))
+
+
+@register("rosa", RosaConfig)
+class RosaLinear(AdaptedLinear):
+    def init_adapter(self, rng) -> None:
+        cfg, xp = self.config, self.xp
+        check_rank(cfg.r, self.weight.shape)
+        m, n = self.weight.shape
+        self.scaling = cfg.alpha / cfg.r
+        A, B, _ = lora_factors(self.weight.data, cfg.r, self.scaling, "kaiming", rng)
+        self.lora_A = Parameter(A)                                       # (r, n)
+        self.lora_B = Parameter(B)                                       # (m, r)
+        self.nnz = support_size(cfg.density, m, n)
+        self.rosa_values = Parameter(xp.zeros((self.nnz,), dtype=self.dtype))      # (nnz,)
+        indices = xp.full((self.nnz,), -1, dtype="int64")                          # (nnz,)
+        if cfg.support == "random":
+            chosen = rng.choice(m * n, size=self.nnz, replace=False)
+            chosen.sort()
+            indices = backend.asarray(chosen.astype("int64"), xp=xp)
+        self.rosa_indices = Parameter(indices, trainable=False)
+        self.collecting = False      # set by the hook for the collection steps only
+        self.score = None            # (m, n) Σ (Gᵀx)² while collecting
+        self.w0_grad_products = 0    # how many times Gᵀx was formed (instrumentation)
+        self.defer_square = False    # data parallel: keep Gᵀx raw until it is all-reduced
+        self.pending_dW0 = None      # (m, n) this step's raw Gᵀx, when deferred
+        self._pattern, self._pattern_src = None, None
+
+    # --- the support -----------------------------------------------------------------------
+    @property
+    def pattern(self):
+        """The CSRPattern of the chosen support, or None before selection. Rebuilt when the
+        indices array is replaced (selection, ``load_adapter``)."""
+        data = self.rosa_indices.data
+        if data is not self._pattern_src:
+            chosen = data.shape[0] > 0 and int(data[0]) >= 0
+            self._pattern = bsparse.CSRPattern.from_flat(data, self.weight.shape) \
+                if chosen else None
+            self._pattern_src = data
+        return self._pattern
+
+    @property
+    def support_selected(self) -> bool:
+        return self.pattern is not None
+
+    def sparse_matrix(self):
+        """S as the backend's CSR matrix over ``rosa_values`` (shared), or None."""
+        pattern = self.pattern
+        return None if pattern is None else pattern.matrix(self.rosa_values.data)
+
+    def select_support(self) -> None:
+        """Fix the support to the top-nnz entries of the collected score; values restart at 0."""
+        if self.score is None:
+            raise RuntimeError("select_support() needs collected W0 gradients (score is None)")
+        flat = bsparse.top_k_flat(self.score, self.nnz)                  # (nnz,)
+        self.rosa_indices.data = flat
+        self.rosa_values.data = self.xp.zeros((self.nnz,), dtype=self.dtype)
+        self.score, self.collecting = None, False
+
+    def add_score(self, dW0) -> None:
+        """``score += dW0²`` (in place; ``dW0`` is consumed)."""
+        dW0 *= dW0
+        if self.score is None:
+            self.score = dW0
+        else:
+            self.score += dW0
+
+    # --- the adapted map -------------------------------------------------------------------
+    def adapter_forward(self, x, dropout_mask):
+        x_d, mask = self.dropout(x, dropout_mask)
+        pattern = self.pattern
+        if mask is None:
+            W_eff = self.effective_weight()                              # (m, n)
+            y, _ = linear_forward(x, W_eff, self._bias_data())           # (..., m)
+            return y, (x, x, None, None, W_eff, pattern)
+        y, _ = linear_forward(x, self.weight.data, self._bias_data())   # (..., m)
+        u = x_d @ self.lora_A.data.T                                     # (..., r)
+        y += self.scaling * (u @ self.lora_B.data.T)
+        if pattern is not None:
+            S = pattern.matrix(self.rosa_values.data)
+            x2 = x_d.reshape(-1, self.in_features)                       # (N, n)
+            y += bsparse.matmul(S, x2.T).T.reshape(y.shape)              # (m, N)ᵀ -> (..., m)
+        return y, (x, x_d, mask, u, None, pattern)
+
+    def adapter_backward(self, dy, cache):
+        x, x_d, mask, u, W_eff, pattern = cache
+        A, B, s = self.lora_A, self.lora_B, self.scaling
+        r, n = A.shape
+        m = B.shape[0]
+        x2 = x_d.reshape(-1, n)                                          # (N, n)
+        dy2 = dy.reshape(-1, m)                                          # (N, m)
+        if B.trainable:
+            u2 = x2 @ A.data.T if u is None else u.reshape(-1, r)        # (N, r)
+            dB = dy2.T @ u2                                              # (m, r)
+            dB *= s
+            B.accumulate(dB)
+        du = dy2 @ B.data                                                # (N, r)
+        du *= s
+        if A.trainable:
+            A.accumulate(du.T @ x2)                                      # (r, n)
+        if pattern is not None and self.rosa_values.trainable:
+            self.rosa_values.accumulate(
+                bsparse.support_grad(dy2, x2, pattern.rows, pattern.indices))   # (nnz,)
+        if self.collecting:   # the only place Gᵀx is formed; W0 itself gets no gradient
+            dW0 = dy2.T @ x.reshape(-1, n)                               # (m, n)
+            self.w0_grad_products += 1
+            if self.defer_square:   # data parallel: the hook averages over ranks, then squares
+                if self.pending_dW0 is None:
+                    self.pending_dW0 = dW0
+                else:
+                    self.pending_dW0 += dW0
+            else:
+                self.add_score(dW0)
+        if W_eff is not None:
+            return dy @ W_eff                                            # (..., n)
+        dx_adapter = du @ A.data                                         # (N, n)
+        if pattern is not None:
+            S = pattern.matrix(self.rosa_values.data)
+            dx_adapter += bsparse.matmul(S, dy2.T, transpose=True).T     # (n, N)ᵀ = G S
+        dx = dy @ self.weight.data                                       # (..., n)
+        dx_adapter = dx_adapter.reshape(dx.shape)
+        dx_adapter *= mask
+        dx += dx_adapter
+        return dx
+
+    def effective_weight(self):
+        """``W0 + s·BA + S`` (m, n); S's values are added on its support, O(nnz)."""
+        W_eff = self.lora_B.data @ self.lora_A.data                     # (m, n)
+        W_eff *= self.scaling
+        W_eff += self.weight.data
+        if self.pattern is not None:
+            flat = W_eff.reshape(-1)                                     # (m·n,) view
+            flat[self.rosa_indices.data] += self.rosa_values.data       # unique indices
+        return W_eff
+
+    def delta_weight(self):
+        delta = self.scaling * (self.lora_B.data @ self.lora_A.data)    # (m, n)
+        S = self.sparse_matrix()
+        if S is not None:
+            delta += bsparse.to_dense(S)
+        return delta
+
+    # --- reporting -----------------------------------------------------------------------------
+    def sparse_nbytes(self) -> dict:
+        """Bytes of S as CSR (data + indices + indptr) against a dense ΔW (m·n·itemsize)."""
+        m, n = self.weight.shape
+        itemsize = int(self.weight.data.itemsize)
+        pattern = self.pattern
+        if pattern is None:   # what the CSR will take once chosen: int32 indices and indptr
+            sizes = {"data": self.nnz * itemsize, "indices": 4 * self.nnz, "indptr": 4 * (m + 1)}
+            sizes["total"] = sum(sizes.values())
+        else:
+            sizes = pattern.nbytes(itemsize)
+        return {**sizes, "dense": m * n * itemsize}
+
+    def demo_report(self) -> dict:
+        b = self.sparse_nbytes()
+        return {"nnz": self.nnz, "density": self.nnz / (self.out_features * self.in_features),
+                "support_selected": self.support_selected, "sparse_bytes": b["total"],
+                "dense_bytes": b["dense"]}
+
+    def adapter_metadata(self) -> dict:
+        return {"nnz": self.nnz, "support_selected": self.support_selected}
+
+    @classmethod
+    def report(cls, model, out) -> list[str]:
+        lines = []
+        for name, m in adapted_modules(model):
+            if isinstance(m, RosaLinear):
+                b = m.sparse_nbytes()
+                state = "" if m.support_selected else " (support not selected yet)"
+                lines.append(f"rosa {name}: S nnz {m.nnz}, CSR {b['total']:,} B vs dense "
+                             f"{b['dense']:,} B ({100.0 * b['total'] / b['dense']:.2f}%){state}")
+        return lines
+
+    @classmethod
+    def step_hook(cls, model):
+        return RosaHook(model)
+
+
+class RosaHook:
+    """Warm-up → collection → support selection, driven by the Trainer (one per model).
+
+    Step k (1-based) collects when ``warmup < k <= warmup + collect``; after step
+    ``warmup + collect`` each layer still without a support selects one.
+    """
+
+    def __init__(self, model):
+        self.layers = [(name, m) for name, m in adapted_modules(model)
+                       if isinstance(m, RosaLinear)]
+        self.steps_done = 0
+        self._arm()
+
+    def bind(self, trainer) -> None:
+        """Under data parallel each rank sees a slice of the batch: square the rank-averaged
+        Gᵀx (what one process computes), not each rank's own."""
+        self.comm = trainer.comm
+        for _, m in self.layers:
+            m.defer_square = trainer.comm.size > 1
+
+    def extra_loss(self, trainer) -> float:
+        for _, m in self.layers:
+            if m.pending_dW0 is not None:
+                pending, m.pending_dW0 = m.pending_dW0, None
+                trainer.comm.allreduce_sum(pending)
+                pending *= 1.0 / trainer.comm.size
+                m.add_score(pending)
+        return 0.0
+
+    def _collecting(self, m, step: int) -> bool:
+        cfg = m.config
+        return (cfg.support == "gradient" and not m.support_selected
+                and cfg.warmup_steps < step <= cfg.warmup_steps + cfg.collect_steps)
+
+    def _arm(self) -> None:
+        """Switch the W0-gradient collection on exactly for the coming step."""
+        for _, m in self.layers:
+            m.collecting = self._collecting(m, self.steps_done + 1)
+
+    def after_step(self, trainer) -> None:
+        self.steps_done = trainer.step + 1
+        for name, m in self.layers:
+            cfg = m.config
+            if (self.steps_done == cfg.warmup_steps + cfg.collect_steps
+                    and cfg.support == "gradient" and not m.support_selected):
+                m.select_support()
+                self._restart_moments(trainer.optimizer, m.rosa_values)
+        self._arm()
+
+    @staticmethod
+    def _restart_moments(optimizer, p) -> None:
+        """The values enter training now: their AdamW state starts fresh (bias correction
+        from t = 1), whatever zero-gradient steps it counted before."""
+        for name, q in list(optimizer.params.items()):
+            if q is p:
+                optimizer.add_param(name, p)
+
+    def state_dict(self) -> dict:
+        return {"steps_done": self.steps_done,
+                "scores": {name: backend.to_numpy(m.score).copy()
+                           for name, m in self.layers if m.score is not None}}
+
+    def load_state_dict(self, state: dict) -> None:
+        modules = dict(self.layers)
+        unknown = sorted(set(state.get("scores", {})) - set(modules))
+        if unknown:
+            raise ValueError(f"RoSA score state for unknown modules: {unknown}")
+        self.steps_done = int(state["steps_done"])
+        for name, m in self.layers:
+            score = state.get("scores", {}).get(name)
+            m.score = None if score is None else backend.asarray(score, dtype=m.dtype, xp=m.xp)
+        self._arm()

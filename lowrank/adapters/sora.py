@@ -1,0 +1,329 @@
+"""SoRA (Ding et al., 2311.11696) — a LoRA whose rank is gated and pruned — SPEC §2.5.
+
+    u = x_d Aᵀ (N, r),   v = u ⊙ g,   y = x W0ᵀ + b0 + s · v Bᵀ,   s = α/r
+
+A is kaiming-uniform and B = 0 as in LoRA; the gate ``g (r,) ~ N(0, 1)`` (the official code's
+``torch.randn(1, r)``). Backward, with G = dL/dy:
+    dB = s Gᵀ v,   dv = s G B,   dg = Σ_rows(dv ⊙ u),   du = dv ⊙ g,   dA = duᵀ x_d,
+    dx = G W0 + (du A) ⊙ mask         (without dropout: dx = G (W0 + s B diag(g) A))
+
+The gate is not stepped by AdamW: the Trainer hook (``SoraLinear.step_hook``) claims it and,
+after the AdamW step, gives it its own step followed by the proximal step of the L1 penalty
+
+    g ← sign(g) · max(|g| − ξ_t, 0)                                    (soft threshold)
+
+Gate optimizer (``gate_optimizer``): "adam" is the official code's ``SparseAdamW`` (HF AdamW:
+betas (0.9, 0.999), eps 1e-6 added to √v before the bias correction, no weight decay);
+"sgd" is the paper's plain proximal gradient step ``g ← T_ξ(g − η ∇g)``. The threshold is ξ
+itself, not η·ξ, as in the official ``sparse_optimizer.py`` (the one its run_glue.py uses).
+
+ξ schedule (the official ``SparseAdamW._build_lambda_list``, made per step): with f the ramp
+fraction ``min(1, step / (T − 1))``, T = ``lambda_steps`` (0: the whole run):
+    constant:   ξ = sparse_lambda
+    linear:     ξ = ξ0 + f (ξ1 − ξ0)                  (np.linspace(ξ0, ξ1, T)[step])
+    log_linear: ξ = log(e^ξ0 + f (e^ξ1 − e^ξ0))       (np.log(np.linspace(e^ξ0, e^ξ1, T)))
+with ξ0 = ``sparse_lambda`` (official ``--sparse_lambda_2``), ξ1 = ``max_lambda``. The official
+code moves ξ once per multi-epoch stage (``lambda_num`` stages); here it moves every step.
+
+``prune()`` returns the plain LoRA of rank r' = #{g ≠ 0}: ``A' = A[keep]``,
+``B' = B[:, keep] ⊙ g[keep]``, with LoRA's α' = s·r' so its scaling α'/r' is still s.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .. import backend
+from ..decompose import check_rank
+from ..module import Parameter
+from ..ops.linear import linear_forward
+from ..optim import lr_at
+from ._delta import lowrank_delta_backward, lowrank_delta_forward
+from .base import AdaptedLinear, AdapterConfig, config, register
+from .inject import _set_child, adapted_modules
+from .lora import LoraLinear, lora_factors
+
+LAMBDA_SCHEDULES = ("constant", "linear", "log_linear")
+GATE_OPTIMIZERS = ("adam", "sgd")
+_BETAS, _EPS = (0.9, 0.999), 1e-6   # HF transformers.AdamW defaults, as SparseAdamW uses
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class SoraConfig(AdapterConfig):
+    sparse_lambda: float = 1e-3        # ξ (at step 0 when scheduled); official sparse_lambda_2
+    lambda_schedule: str = "constant"  # one of LAMBDA_SCHEDULES
+    max_lambda: float | None = None    # ξ at the end of the ramp (linear, log_linear)
+    lambda_steps: int = 0              # ramp length in optimizer steps; 0: the whole run
+    gate_lr: float | None = None       # None: the trainer's lr (official sparse_lr default)
+    gate_optimizer: str = "adam"       # one of GATE_OPTIMIZERS
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not _number(self.sparse_lambda) or self.sparse_lambda < 0:
+            raise ValueError(f"sparse_lambda must be a number >= 0, got {self.sparse_lambda!r}")
+        self.sparse_lambda = float(self.sparse_lambda)
+        if self.lambda_schedule not in LAMBDA_SCHEDULES:
+            raise ValueError(f"lambda_schedule must be one of {LAMBDA_SCHEDULES}, "
+                             f"got {self.lambda_schedule!r}")
+        if self.max_lambda is not None and (not _number(self.max_lambda) or self.max_lambda < 0):
+            raise ValueError(f"max_lambda must be a number >= 0 or None, got {self.max_lambda!r}")
+        if self.lambda_schedule != "constant" and self.max_lambda is None:
+            raise ValueError(f"max_lambda must be given for lambda_schedule="
+                             f"{self.lambda_schedule!r} (the value ξ ramps to)")
+        if self.max_lambda is not None:
+            self.max_lambda = float(self.max_lambda)
+        if isinstance(self.lambda_steps, bool) or not isinstance(self.lambda_steps, int) \
+                or self.lambda_steps < 0:
+            raise ValueError(f"lambda_steps must be an integer >= 0, got {self.lambda_steps!r}")
+        if self.gate_lr is not None and (not _number(self.gate_lr) or self.gate_lr <= 0):
+            raise ValueError(f"gate_lr must be a number > 0 or None, got {self.gate_lr!r}")
+        if self.gate_optimizer not in GATE_OPTIMIZERS:
+            raise ValueError(f"gate_optimizer must be one of {GATE_OPTIMIZERS}, "
+                             f"got {self.gate_optimizer!r}")
+
+
+def lambda_at(cfg: SoraConfig, step: int, total_steps: int) -> float:
+    """ξ for the proximal step after optimizer step ``step`` (0-based) of a ``total_steps`` run."""
+    xi0 = cfg.sparse_lambda
+    if cfg.lambda_schedule == "constant":
+        return xi0
+    ramp = cfg.lambda_steps or total_steps
+    frac = 1.0 if ramp <= 1 else min(1.0, max(0, step) / (ramp - 1))
+    xi1 = cfg.max_lambda
+    if cfg.lambda_schedule == "linear":
+        return xi0 + frac * (xi1 - xi0)
+    # log(e^ξ0 + f (e^ξ1 − e^ξ0)) = ξ0 + log1p(f · expm1(ξ1 − ξ0)), without overflow
+    return xi0 + math.log1p(frac * math.expm1(xi1 - xi0))
+
+
+def soft_threshold(g, xi: float):
+    """``sign(g) · max(|g| − ξ, 0)``: the proximal operator of ξ‖g‖₁."""
+    xp = backend.get_namespace(g)
+    return xp.sign(g) * xp.maximum(xp.abs(g) - float(xi), 0.0)
+
+
+@register("sora", SoraConfig)
+class SoraLinear(AdaptedLinear):
+    def init_adapter(self, rng) -> None:
+        cfg = self.config
+        check_rank(cfg.r, self.weight.shape)
+        self.scaling = cfg.alpha / cfg.r
+        A, B, _ = lora_factors(self.weight.data, cfg.r, self.scaling, "kaiming", rng)
+        self.lora_A = Parameter(A)        # (r, n)
+        self.lora_B = Parameter(B)        # (m, r)
+        self.lora_gate = Parameter(backend.host_normal(rng, (cfg.r,), 1.0, self.dtype.name,
+                                                       self.xp))   # (r,)
+
+    def adapter_forward(self, x, dropout_mask):
+        x_d, mask = self.dropout(x, dropout_mask)
+        if mask is None:   # one GEMM with W0 + s B diag(g) A, as LoraLinear does
+            W_eff = self.effective_weight()                              # (m, n)
+            y, _ = linear_forward(x, W_eff, self._bias_data())           # (..., m)
+            return y, (x, None, None, W_eff)
+        y, _ = linear_forward(x, self.weight.data, self._bias_data())   # (..., m)
+        u = x_d @ self.lora_A.data.T                                     # (..., r)
+        y += self.scaling * ((u * self.lora_gate.data) @ self.lora_B.data.T)
+        return y, (x_d, mask, u, None)
+
+    def adapter_backward(self, dy, cache):
+        x_d, mask, u, W_eff = cache
+        A, B, g, s = self.lora_A, self.lora_B, self.lora_gate, self.scaling
+        r, n = A.shape
+        m = B.shape[0]
+        x2 = x_d.reshape(-1, n)                                          # (N, n)
+        dy2 = dy.reshape(-1, m)                                          # (N, m)
+        u2 = x2 @ A.data.T if u is None else u.reshape(-1, r)           # (N, r)
+        if B.trainable:
+            dB = dy2.T @ (u2 * g.data)                                   # (m, r)
+            dB *= s
+            B.accumulate(dB)
+        dv = dy2 @ B.data                                                # (N, r)
+        dv *= s
+        if g.trainable:
+            g.accumulate((dv * u2).sum(axis=0))                          # (r,)
+        du = dv * g.data                                                 # (N, r)
+        if A.trainable:
+            A.accumulate(du.T @ x2)                                      # (r, n)
+        if W_eff is not None:
+            return dy @ W_eff                                            # (..., n)
+        dx = dy @ self.weight.data                                       # (..., n)
+        dx_adapter = (du @ A.data).reshape(dx.shape)                     # (..., n)
+        dx_adapter *= mask
+        dx += dx_adapter
+        return dx
+
+    def effective_weight(self):
+        """``W0 + s·B diag(g) A`` (m, n)."""
+        W_eff = (self.lora_B.data * self.lora_gate.data) @ self.lora_A.data   # (m, n)
+        W_eff *= self.scaling
+        W_eff += self.weight.data
+        return W_eff
+
+    def delta_weight(self):
+        return self.scaling * ((self.lora_B.data * self.lora_gate.data) @ self.lora_A.data)
+
+    # --- multi-adapter fast path (lowrank.parallel.multi; formulas in adapters/_delta.py) ------
+    def delta_forward(self, x, dropout_mask):
+        """``(Δy, cache)`` with ``adapter_forward(x) = x W0ᵀ + b0 + Δy`` (P = A, gate g)."""
+        return lowrank_delta_forward(self, x, dropout_mask, self.lora_A.data, self.lora_B.data,
+                                     self.scaling, self.lora_gate.data)
+
+    def delta_backward(self, dy, cache):
+        """adapter_backward minus ``dy W0``: the same A, B and gate gradients."""
+        A, g = self.lora_A, self.lora_gate
+        dA, dg, dx = lowrank_delta_backward(dy, cache, self.lora_B, need_dP=A.trainable,
+                                            need_dg=g.trainable)
+        if dg is not None:
+            g.accumulate(dg)                                             # (r,)
+        if dA is not None:
+            A.accumulate(dA)                                             # (r, n)
+        return dx
+
+    # --- rank ----------------------------------------------------------------------------
+    def kept_rank(self) -> int:
+        """``#{g ≠ 0}``: the rank the proximal steps have left."""
+        xp = self.xp
+        return int(xp.count_nonzero(self.lora_gate.data))
+
+    def prune(self) -> LoraLinear:
+        """The plain LoRA of rank ``#{g ≠ 0}`` with the same outputs (same base, bias, dropout).
+
+        ``A' = A[keep]``, ``B' = B[:, keep] ⊙ g[keep]``; LoRA's scaling α'/r' must stay s, so
+        α' = s·r'. All gates zero: a rank-1 LoRA with B' = 0 (LoRA needs r >= 1).
+        """
+        cfg, xp = self.config, self.xp
+        keep = xp.nonzero(self.lora_gate.data)[0]                        # (r',)
+        rank = int(keep.shape[0])
+        r_new = max(rank, 1)
+        base = self.unmerged_weight() if self.merged else self.weight.data
+        bias = None if self.bias is None else self.bias.data
+        lora_cfg = config("lora", r=r_new, alpha=self.scaling * r_new, dropout=cfg.dropout,
+                          bias=cfg.bias, init="kaiming")
+        lora = LoraLinear(base, bias, lora_cfg)
+        lora.scaling = self.scaling       # exactly s (α'/r' may differ from s by an ulp)
+        if rank:
+            lora.lora_A.data = self.lora_A.data[keep].copy()                           # (r', n)
+            lora.lora_B.data = self.lora_B.data[:, keep] * self.lora_gate.data[keep]   # (m, r')
+        else:
+            lora.lora_A.data = self.lora_A.data[:1].copy()                             # (1, n)
+            lora.lora_B.data = xp.zeros((self.out_features, 1), dtype=self.dtype)
+        lora.lora_A.trainable = self.lora_A.trainable
+        lora.lora_B.trainable = self.lora_B.trainable
+        if self.bias is not None:
+            lora.bias.trainable = self.bias.trainable
+        lora._dropout_rng.state = self._dropout_rng.state
+        lora.train(self.training)
+        if self.merged:
+            lora.merge()
+        return lora
+
+    # --- training-loop integration ------------------------------------------------------
+    @classmethod
+    def step_hook(cls, model):
+        return SoraHook(model)
+
+    @classmethod
+    def report(cls, model, out) -> list[str]:
+        lines = []
+        for name, m in adapted_modules(model):
+            if isinstance(m, SoraLinear):
+                lines.append(f"sora {name}: rank {m.kept_rank()} of {m.config.r} kept (g != 0)")
+        return lines
+
+    def demo_report(self) -> dict:
+        return {"kept_rank": self.kept_rank(), "r": int(self.config.r)}
+
+    def adapter_metadata(self) -> dict:
+        return {"kept_rank": self.kept_rank()}
+
+
+def prune_sora(model) -> dict:
+    """Replace every SoRA module of ``model`` by its pruned LoRA; returns {name: kept rank}."""
+    kept = {}
+    for name, m in adapted_modules(model):
+        if isinstance(m, SoraLinear):
+            kept[name] = m.kept_rank()
+            _set_child(model, name, m.prune())
+    return kept
+
+
+class SoraHook:
+    """The gate's own optimizer step + the proximal step, after each AdamW step (one per model)."""
+
+    def __init__(self, model):
+        self.layers = [(name, m) for name, m in adapted_modules(model) if isinstance(m, SoraLinear)]
+        self._gates = {id(m.lora_gate) for _, m in self.layers}
+        self.state: dict = {}    # module name -> {"step", "exp_avg", "exp_avg_sq"} (adam)
+        self.last_lambda = None
+
+    def owns(self, name, p) -> bool:
+        return id(p) in self._gates
+
+    def after_step(self, trainer) -> None:
+        c, step = trainer.config, trainer.step      # step: 0-based index of this step
+        for name, m in self.layers:
+            g, cfg = m.lora_gate, m.config
+            if not g.trainable or g.grad is None:
+                continue
+            lr = self.gate_lr(trainer, cfg)
+            if cfg.gate_optimizer == "sgd":
+                g.data -= lr * g.grad
+            else:
+                self._adam(name, g, lr)
+            xi = lambda_at(cfg, step, c.steps)
+            g.data = soft_threshold(g.data, xi)
+            self.last_lambda = xi
+
+    @staticmethod
+    def gate_lr(trainer, cfg: SoraConfig) -> float:
+        """The run's learning-rate schedule (warm-up, cosine, any hook's reshaping), rescaled
+        to start from ``gate_lr`` when one is given (official: ``sparse_lr``, own scheduler
+        of the same warm-up + decay shape)."""
+        c = trainer.config
+        lr = trainer.lr_at(trainer.step)
+        if cfg.gate_lr is None:
+            return lr
+        if c.lr > 0:
+            return lr * (cfg.gate_lr / c.lr)
+        return lr_at(trainer.step, cfg.gate_lr, c.warmup, c.steps, 0.0)
+
+    def _adam(self, name, g, lr: float) -> None:
+        xp = backend.get_namespace(g.data)
+        st = self.state.get(name)
+        if st is None:
+            st = self.state[name] = {"step": 0, "exp_avg": xp.zeros_like(g.data),
+                                     "exp_avg_sq": xp.zeros_like(g.data)}
+        st["step"] += 1
+        t, (b1, b2) = st["step"], _BETAS
+        st["exp_avg"] *= b1
+        st["exp_avg"] += (1.0 - b1) * g.grad
+        st["exp_avg_sq"] *= b2
+        st["exp_avg_sq"] += (1.0 - b2) * (g.grad * g.grad)
+        step_size = lr * math.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
+        g.data -= step_size * (st["exp_avg"] / (xp.sqrt(st["exp_avg_sq"]) + _EPS))
+
+    def state_dict(self) -> dict:
+        return {"gates": {name: {"step": st["step"],
+                                 "exp_avg": backend.to_numpy(st["exp_avg"]).copy(),
+                                 "exp_avg_sq": backend.to_numpy(st["exp_avg_sq"]).copy()}
+                          for name, st in self.state.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        modules = dict(self.layers)
+        unknown = sorted(set(state.get("gates", {})) - set(modules))
+        if unknown:
+            raise ValueError(f"SoRA gate state for unknown modules: {unknown}")
+        self.state = {}
+        for name, st in state.get("gates", {}).items():
+            g = modules[name].lora_gate
+            xp = backend.get_namespace(g.data)
+            moments = {k: backend.asarray(st[k], dtype=g.dtype, xp=xp)
+                       for k in ("exp_avg", "exp_avg_sq")}
+            if any(tuple(a.shape) != tuple(g.shape) for a in moments.values()):
+                raise ValueError(f"SoRA gate state for {name} does not match the gate shape "
+                                 f"{tuple(g.shape)}")
+            self.state[name] = {"step": int(st["step"]), **moments}
