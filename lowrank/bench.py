@@ -19,6 +19,7 @@ BENCH = GPTConfig(vocab_size=1024, context=128, n_layer=4, n_head=4, d_model=256
 BATCH = 8
 TARGETS = ["q", "k", "v", "o", "fc1", "fc2"]
 RANK = 8
+PAUSE_S = 0.3
 
 
 def step_flops(cfg: GPTConfig, tokens: int, lora: bool) -> float:
@@ -58,6 +59,8 @@ def _torch(lora: bool, seed=0):
     from reference.torch_gpt import TorchGPT
     torch.manual_seed(seed)
     model = TorchGPT(BENCH.vocab_size, BENCH.context, BENCH.n_layer, BENCH.n_head, BENCH.d_model)
+    for block in model.blocks:
+        block.attn.use_sdpa = True   # the strongest torch baseline: fused causal attention
     if lora:
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=16, target_modules=TARGETS,
@@ -87,42 +90,77 @@ def matmul_gflops(size=2048, repeat=3) -> float:
     return 2 * size**3 / best / 1e9
 
 
+def _torch_worker(conn, steps: int) -> None:
+    """A separate process for PyTorch: its OpenMP pool and our OpenBLAS threads never share
+    the cores at the same time (in one process they measurably slowed each other)."""
+    import torch
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    setups = {"torch full": _torch(False), "torch+peft lora": _torch(True)}
+    conn.send({name: trainable for name, (_, trainable) in setups.items()})
+    for fn, _ in setups.values():
+        fn()
+        fn()
+    while True:
+        name = conn.recv()
+        if name is None:
+            break
+        time.sleep(PAUSE_S)
+        start = time.perf_counter()
+        for _ in range(steps):
+            setups[name][0]()
+        conn.send((time.perf_counter() - start) / steps)
+
+
 def run_bench(steps: int = 10, rounds: int = 5, with_torch: bool | None = None) -> dict:
+    backend.keep_freed_host_memory()   # as `lowrank` does for every command
     setups = {"ours full": _ours(False), "ours lora": _ours(True)}
+    trainables = {name: t for name, (_, t) in setups.items()}
     if with_torch is None:
         try:
             import peft  # noqa: F401
-            import torch
+            import torch  # noqa: F401
             with_torch = True
         except ImportError:
             with_torch = False
             print("torch/peft not installed: comparing our two setups only "
                   "(pip install torch==2.13.0 && pip install -e \".[reference]\")")
+    worker = None
     if with_torch:
-        import torch
-        torch.set_num_threads(max(1, torch.get_num_threads()))
-        setups["torch full"] = _torch(False)
-        setups["torch+peft lora"] = _torch(True)
-    times = {name: [] for name in setups}
-    for fn, _ in setups.values():   # warm-up: allocations, BLAS threads, torch's first-call cost
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")
+        conn, child = ctx.Pipe()
+        worker = ctx.Process(target=_torch_worker, args=(child, steps), daemon=True)
+        worker.start()
+        trainables.update(conn.recv())
+    times = {name: [] for name in trainables}
+    for fn, _ in setups.values():   # warm-up: allocations, BLAS threads
         fn()
         fn()
-    for _ in range(rounds):
-        for name, (fn, _) in setups.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            times[name].append((time.perf_counter() - start) / steps)
+    for _ in range(rounds):   # interleaved: every setup sees the same machine noise
+        for name in times:
+            if name in setups:
+                time.sleep(PAUSE_S)   # let the other side's threads stop spinning
+                start = time.perf_counter()
+                for _ in range(steps):
+                    setups[name][0]()
+                times[name].append((time.perf_counter() - start) / steps)
+            else:
+                conn.send(name)
+                times[name].append(conn.recv())
+    if worker is not None:
+        conn.send(None)
+        worker.join()
     peak = matmul_gflops()
     tokens = BATCH * BENCH.context
     print(f"bench config V={BENCH.vocab_size} d={BENCH.d_model} L={BENCH.n_layer} "
           f"H={BENCH.n_head} T={BENCH.context} B={BATCH} float32; LoRA r={RANK} on "
-          f"{','.join(TARGETS)}; median of {rounds} interleaved rounds of {steps} steps")
+          f"{','.join(TARGETS)}; median of {rounds} interleaved rounds of {steps} steps "
+          f"(PyTorch in its own process, taking turns)")
     print(f"large matmul (2048^3, float32): {peak:.1f} GFLOP/s")
     print(f"{'setup':<16} {'trainable':>10} {'ms/step':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
           f"{'% of matmul':>11}")
     result = {"matmul_gflops": peak}
-    for name, (_, trainable) in setups.items():
+    for name, trainable in trainables.items():
         sec = float(np.median(times[name]))
         flops = step_flops(BENCH, tokens, "lora" in name)
         result[name] = {"ms": sec * 1e3, "tokens_per_s": tokens / sec, "gflops": flops / sec / 1e9}

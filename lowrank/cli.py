@@ -88,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="adapt a base model: full fine-tuning or an adapter")
     _common(p, steps=200, lr=3e-3)
     p.add_argument("--base", required=True, help="directory written by `lowrank pretrain`")
-    p.add_argument("--variant", default="lora", help=f"'full' or one of {available()}")
+    p.add_argument("--variant", default="lora",
+                   help=f"'full' or one of {available()}; a comma-separated list trains "
+                        "several adapters together over one base into <out>/<variant> "
+                        "(per-adapter fields: lora,lora:r=4:lr=1e-3)")
     p.add_argument("--targets", default="q,k,v,o,fc1,fc2",
                    help="comma-separated module name suffixes, or a regex with --regex")
     p.add_argument("--regex", action="store_true", help="--targets is one full-match regex")
@@ -123,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="pretrain on Python's docs, adapt to its source with every "
                                     "variant, print the comparison and plot the loss curves")
     p.add_argument("--out", default="lowrank-demo")
-    p.add_argument("--pretrain-steps", type=int, default=400)
-    p.add_argument("--steps", type=int, default=150, help="fine-tuning steps per variant")
+    p.add_argument("--pretrain-steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per variant")
     p.add_argument("--backend", choices=("numpy", "numpy-strict", "cupy"), default=None)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--seed", type=int, default=0)
@@ -161,6 +164,8 @@ def _variant_options(extra) -> dict:
 
 
 def main(argv=None) -> int:
+    from . import backend
+    backend.keep_freed_host_memory()   # training reuses the same large blocks every step
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "finetune":
@@ -231,6 +236,9 @@ def _run(args) -> int:
         options.update(_parse_set(args.set))
         options.update(args.variant_options)
         targets = args.targets if args.regex else [t for t in args.targets.split(",") if t]
+        if "," in args.variant:   # several adapters over one frozen base, in one process
+            from .parallel.multi_train import run_cli
+            return run_cli(args, options, targets, comm)
         result = wf.finetune(args.out, args.base, args.variant, targets,
                              options if args.variant != "full" else None,
                              wf.DataSpec(_corpus(args.corpus, "code"), args.max_bytes),

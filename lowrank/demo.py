@@ -54,7 +54,7 @@ def _base(out: Path, steps: int, dtype: str, seed: int, progress: bool) -> Path:
     return base
 
 
-def run_demo(out="lowrank-demo", pretrain_steps=400, finetune_steps=150, dtype="float32",
+def run_demo(out="lowrank-demo", pretrain_steps=600, finetune_steps=200, dtype="float32",
              seed=0, progress=True) -> list[dict]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,15 +114,38 @@ def _variant_report(model) -> dict:
     return report
 
 
+def summary(notes: dict | None) -> str:
+    """One cell from the per-module ``demo_report()`` dicts: ranks kept, sparsity, restarts."""
+    if not notes:
+        return ""
+    rows = list(notes.values())
+    parts = []
+    for key, label in (("rank", "rank"), ("kept_rank", "kept rank"), ("ranknum", "rank")):
+        if key in rows[0]:
+            ranks = [r[key] for r in rows]
+            start = sum(r.get("init_r", r.get("r", 0)) for r in rows)
+            parts.append(f"{label} {min(ranks)}–{max(ranks)} per module, total {sum(ranks)}"
+                         + (f" of {start}" if start else ""))
+            if "target_r" in rows[0]:
+                parts.append(f"budget Σ target_r = {sum(r['target_r'] for r in rows)}")
+    if "nnz" in rows[0]:
+        sparse, dense = sum(r["sparse_bytes"] for r in rows), sum(r["dense_bytes"] for r in rows)
+        parts.append(f"nnz {sum(r['nnz'] for r in rows):,}: {sparse / 1024:.1f} KiB sparse vs "
+                     f"{dense / 1024:.0f} KiB dense ΔW")
+    if "restarts" in rows[0]:
+        parts.append(f"{rows[0]['restarts']} restarts")
+    return "; ".join(parts)
+
+
 def format_table(results) -> str:
     lines = ["| variant | trainable params | % of model | val loss, code | loss kept, docs "
-             "| tokens/s | peak MB |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| tokens/s | peak MB | notes |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         share = 100.0 * r["trainable"] / r["total"]
         speed = "–" if np.isnan(r["tokens_per_s"]) else f"{r['tokens_per_s']:,.0f}"
         peak = "–" if np.isnan(r["peak_mb"]) else f"{r['peak_mb']:.1f}"
         lines.append(f"| {r['label']} | {r['trainable']:,} | {share:.2f} | {r['code_loss']:.3f} "
-                     f"| {r['docs_loss']:.3f} | {speed} | {peak} |")
+                     f"| {r['docs_loss']:.3f} | {speed} | {peak} | {summary(r.get('notes'))} |")
     return "\n".join(lines)
 
 
@@ -130,15 +153,17 @@ def plot(results, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    colors = plt.cm.tab20(np.linspace(0, 1, 20))
+    left.set_prop_cycle(color=colors[::2].tolist() + colors[1::2].tolist())
     for r in results:
         if r["curve"]:
             curve = np.asarray(r["curve"])
             smooth = np.convolve(curve, np.ones(10) / 10, mode="valid") if len(curve) > 10 else curve
             left.plot(np.arange(len(smooth)) + (len(curve) - len(smooth)), smooth, label=r["label"])
-    left.set(xlabel="step", ylabel="training loss on code (10-step mean)",
+    left.set(xlabel="step", ylabel="training cross-entropy on code (10-step mean)",
              title="Fine-tuning on the standard library's source")
-    left.legend()
+    left.legend(fontsize=8, ncol=2)
     labels = [r["label"] for r in results]
     x = np.arange(len(results))
     right.bar(x - 0.2, [r["code_loss"] for r in results], 0.4, label="code (target)")

@@ -156,9 +156,17 @@ class Trainer:
             (loss,) = self.grad_sync.allreduce([loss], self.step)   # the global mean gradient
             if not math.isfinite(loss):
                 raise self._non_finite(loss)
+        return self.finish_step(loss, start)
+
+    def finish_step(self, loss: float, start: float) -> dict:
+        """The rest of a step once the gradients are in (``lowrank.parallel.multi_train`` runs
+        the forward/backward of several adapters at once, then this for each): extra_loss →
+        clip → AdamW → after_step → zero-grad; returns the step's record."""
+        c, model = self.config, self.model
+        extra = 0.0   # regularisers (AdaLoRA's orthogonality): reported apart from the loss
         for hook in self.hooks:
             if hasattr(hook, "extra_loss"):
-                loss += hook.extra_loss(self)
+                extra += hook.extra_loss(self)
         grad_norm = clip_grad_norm(self.model.parameters(trainable_only=True), c.grad_clip) \
             if c.grad_clip > 0 else float("nan")
         lr = self.lr_at(self.step)
@@ -171,7 +179,8 @@ class Trainer:
         seconds = time.perf_counter() - start
         self.step += 1
         tokens = c.accum_steps * c.batch_size * self.data.context
-        record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+        record = {"step": self.step, "loss": loss, "extra_loss": extra, "lr": lr,
+                  "grad_norm": grad_norm,
                   "tokens_per_s": tokens / seconds, "seconds": seconds}
         if self.grad_sync is not None:
             record["allreduce_bytes"] = self.grad_sync.bytes_per_step

@@ -39,8 +39,7 @@ def lowrank_delta_forward(layer, x, dropout_mask, P, B, c: float, g=None):
     x2 = x_d.reshape(-1, n)                                              # (N, n)
     u = x2 @ P.T                                                         # (N, r)
     v = u if g is None else u * g                                        # (N, r)
-    delta = v @ B.T                                                      # (N, m)
-    delta *= float(c)
+    delta = v @ (B.T * float(c))                                         # (N, m); c on (r, m)
     return delta.reshape(*x.shape[:-1], B.shape[0]), DeltaCache(x2, mask, u, P, float(c), g,
                                                                 tuple(x.shape))
 

@@ -268,7 +268,7 @@ class AdaLoraLinear(AdaptedLinear):
         return AdaLoraHook(model)
 
     def demo_report(self) -> dict:
-        return {"rank": self.realised_rank, "init_r": self.r}
+        return {"rank": self.realised_rank, "init_r": self.r, "target_r": self.config.target_r}
 
     @classmethod
     def report(cls, model, out) -> list[str]:

@@ -212,6 +212,31 @@ def scatter_add(target, indices, values) -> None:
         cupyx.scatter_add(target, indices, values)
 
 
+def keep_freed_host_memory(limit_bytes: int = 1 << 30) -> bool:
+    """Let glibc keep freed blocks up to ``limit_bytes`` instead of returning them to the OS.
+
+    A training step allocates and frees the same large activation arrays every step; by
+    default glibc serves blocks over its mmap threshold with fresh pages (a page fault per
+    4 KiB, zero-filled) and trims freed heap, which measured 20–30% of a CPU step here. This
+    is the host-side analogue of PyTorch's caching allocator. Process-wide, so the CLI and
+    benchmarks call it, not the library at import. Returns False where it does not apply.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):   # not glibc (e.g. musl)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    limit = int(min(limit_bytes, 2**31 - 1))
+    return bool(mallopt(M_MMAP_THRESHOLD, min(limit, 32 << 20))) and \
+        bool(mallopt(M_TRIM_THRESHOLD, limit))
+
+
 def is_finite(a) -> bool:
     xp = get_namespace(a)
     return bool(xp.all(xp.isfinite(a)))
@@ -222,5 +247,6 @@ __all__ = [
     "namespace", "set_backend", "get_backend", "xp_default", "backend_of", "get_namespace",
     "asarray", "to_numpy", "synchronize", "check_dtype", "tolerance", "host_rng",
     "host_normal", "host_uniform", "DeviceRNG", "svd", "qr", "scatter_add", "is_finite",
+    "keep_freed_host_memory",
     "cupy_available",
 ]

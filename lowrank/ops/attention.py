@@ -3,8 +3,10 @@
 Per head (hs = d / H):  ``P = softmax(q kᵀ / √hs + causal mask)``,  ``y = P v``.
 Backward, with ``dS`` the gradient of the pre-softmax scores:
 
-    dv = Pᵀ dy,   dP = dy vᵀ,   dS = P ⊙ (dP - rowsum(dP ⊙ P)),
+    dv = Pᵀ dy,   dP = dy vᵀ,   dS = P ⊙ (dP - D),   D = rowsum(dP ⊙ P) = rowsum(dy ⊙ y),
     dq = dS k / √hs,   dk = dSᵀ q / √hs
+
+(D from dy and y, as FlashAttention does: B·H·T·hs products instead of a (T, T) temporary.)
 
 The scale is folded into q before the product (B·T·d multiplies instead of B·H·T·T); the cache
 holds the scaled q, k, v in head layout and P. Masked entries have P = 0, so dS is 0 there.
@@ -39,17 +41,17 @@ def attention_forward(q, k, v, n_head: int):
     att /= att.sum(axis=-1, keepdims=True)          # (B, H, T, T) probabilities P
     yh = att @ vh                                   # (B, H, T, hs)
     y = yh.transpose(0, 2, 1, 3).reshape(B, T, d)   # (B, T, H, hs) -> (B, T, d)
-    return y, (qh, kh, vh, att, scale)
+    return y, (qh, kh, vh, att, scale, yh)
 
 
 def attention_backward(dy, cache):
     """Returns ``(dq, dk, dv)``, each ``(B, T, d)``."""
-    qh, kh, vh, att, scale = cache
+    qh, kh, vh, att, scale, yh = cache
     B, H, T, hs = qh.shape
     dyh = dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3)      # (B, H, T, hs)
     dvh = att.transpose(0, 1, 3, 2) @ dyh                    # (B, H, T, hs)
     ds = dyh @ vh.transpose(0, 1, 3, 2)                      # (B, H, T, T) dP
-    ds -= (ds * att).sum(axis=-1, keepdims=True)
+    ds -= (dyh * yh).sum(axis=-1, keepdims=True)             # (B, H, T, 1) D
     ds *= att                                                # dS, softmax backward
     dqh = ds @ kh                                            # (B, H, T, hs)
     dqh *= scale
