@@ -72,14 +72,18 @@ class CausalSelfAttention(Module):
         out, co = self.o.forward(y.reshape(B * T, d))  # (N, d)
         return out.reshape(B, T, d), (cq, ck, cv, ca, co)
 
-    def backward(self, dout, cache):
+    def backward(self, dout, cache, need_dx: bool = True):
         cq, ck, cv, ca, co = cache
         B, T, d = dout.shape
         dy = self.o.backward(dout.reshape(B * T, d), co)             # (N, d)
         dq, dk, dv = attention_backward(dy.reshape(B, T, d), ca)     # each (B, T, d)
-        dx = self.q.backward(dq.reshape(B * T, d), cq)               # (N, d)
-        dx += self.k.backward(dk.reshape(B * T, d), ck)
-        dx += self.v.backward(dv.reshape(B * T, d), cv)
+        grads = [layer.backward(g.reshape(B * T, d), c, need_dx=need_dx)   # (N, d) or None
+                 for layer, g, c in ((self.q, dq, cq), (self.k, dk, ck), (self.v, dv, cv))]
+        if not need_dx:
+            return None
+        dx = grads[0]
+        dx += grads[1]
+        dx += grads[2]
         return dx.reshape(B, T, d)
 
 
@@ -119,11 +123,19 @@ class Block(Module):
         m += x                             # m is fresh (fc2's output, cached by nobody)
         return m, (c1, ca, c2, cm)
 
-    def backward(self, dout, cache):
+    def backward(self, dout, cache, need_dx: bool = True):
+        """``dx``, or ``None`` with ``need_dx=False`` (nothing below this block trains): then
+        the attention's input gradient and ln1's backward are skipped unless ln1 trains."""
         c1, ca, c2, cm = cache
         # the residual stream passes dout through unchanged; each branch adds its own dx
         dx = self.ln2.backward(self.mlp.backward(dout, cm), c2)
         dx += dout
-        da = self.ln1.backward(self.attn.backward(dx, ca), c1)
+        need_attn_dx = need_dx or any_trainable(self.ln1)
+        da = self.attn.backward(dx, ca, need_dx=need_attn_dx)
+        if not need_attn_dx:
+            return None
+        da = self.ln1.backward(da, c1)
+        if not need_dx:
+            return None
         da += dx
         return da

@@ -43,10 +43,12 @@ class Linear(Module):
         check_input(x, self.weight.data)
         return linear_forward(x, self.weight.data, None if self.bias is None else self.bias.data)
 
-    def backward(self, dy, cache):
+    def backward(self, dy, cache, need_dx: bool = True):
+        """``dx`` (``None`` with ``need_dx=False``: nothing below needs it)."""
         need_db = self.bias is not None and self.bias.trainable
         dx, dW, db = linear_backward(dy, cache, self.weight.data,
-                                     need_dweight=self.weight.trainable, need_dbias=need_db)
+                                     need_dweight=self.weight.trainable, need_dbias=need_db,
+                                     need_dx=need_dx)
         if dW is not None:
             self.weight.accumulate(dW)
         if db is not None:

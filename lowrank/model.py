@@ -155,10 +155,14 @@ class GPT(Module):
         if dW is not None:
             W.accumulate(dW)
         dx = self.ln_f.backward(dh.reshape(B, T, -1), c_lnf)   # (B, T, d)
+        embeddings_train = any_trainable(self.tok_emb, self.pos_emb)
         for i in reversed(range(len(self.blocks))):
             if not needed[i]:
                 return
-            dx = self.blocks[i].backward(dx, c_blocks[i])
+            below = needed[i - 1] if i > 0 else embeddings_train   # does anything below train?
+            dx = self.blocks[i].backward(dx, c_blocks[i], need_dx=below)
+        if not embeddings_train:
+            return
         if self.pos_emb.weight.trainable:
             dpos = self.xp.zeros(self.pos_emb.weight.shape, dtype=dx.dtype)   # (C, d)
             dpos[:T] = dx.sum(axis=0)                          # positions are 0..T-1 in every row

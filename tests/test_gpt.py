@@ -335,9 +335,10 @@ def test_frozen_parameters_get_no_gradient(xp, monkeypatch):
     calls = []
 
     def spy(real):
-        def wrapped(dy, x, weight, need_dweight=True, need_dbias=True):
+        def wrapped(dy, x, weight, need_dweight=True, need_dbias=True, need_dx=True):
             calls.append(need_dweight)
-            return real(dy, x, weight, need_dweight=need_dweight, need_dbias=need_dbias)
+            return real(dy, x, weight, need_dweight=need_dweight, need_dbias=need_dbias,
+                        need_dx=need_dx)
         return wrapped
 
     cfg = GPTConfig(**TINY)

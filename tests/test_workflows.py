@@ -226,3 +226,36 @@ def test_demo_runs_and_writes_table_and_plot(tmp_path, monkeypatch):
     assert "| lora |" in (tmp_path / "results.md").read_text()
     # the second run reuses the cached base
     demo.run_demo(tmp_path, pretrain_steps=2, finetune_steps=1, progress=False)
+
+
+def test_first_block_skips_its_input_gradient_yet_adapter_grads_are_exact(monkeypatch):
+    """Frozen embeddings: block 0's q, k, v need no dx. Skipping it must not change a
+    gradient: adapter grads in block 0 still match finite differences of the loss."""
+    model = tiny_model()
+    lr.adapters.inject(model, lr.adapters.config("lora", r=2), ["q", "k", "v"])
+    rng = np.random.default_rng(0)
+    for _, p in model.named_parameters(trainable_only=True):
+        p.data += 0.1 * rng.standard_normal(p.shape)
+    asked = []
+    real = lr.adapters.LoraLinear.adapter_backward
+
+    def spy(self, dy, cache):
+        asked.append(self.need_input_grad)
+        return real(self, dy, cache)
+    monkeypatch.setattr(lr.adapters.LoraLinear, "adapter_backward", spy)
+    x = rng.integers(0, TINY.vocab_size, (2, 6))
+    y = rng.integers(0, TINY.vocab_size, (2, 6))
+    model.zero_grad()
+    _, cache = model.loss(x, y)
+    model.loss_backward(cache)
+    assert asked == [True] * 3 + [False] * 3          # block 1 needs dx, block 0 does not
+    for name in ("blocks.0.attn.q.lora_A", "blocks.0.attn.v.lora_B"):
+        p = dict(model.named_parameters())[name]
+        for idx in [(0, 0), (1, 1)]:
+            old = p.data[idx]
+            p.data[idx] = old + 1e-6
+            up = model.loss(x, y)[0]
+            p.data[idx] = old - 1e-6
+            down = model.loss(x, y)[0]
+            p.data[idx] = old
+            assert abs((up - down) / 2e-6 - p.grad[idx]) <= 1e-7 * max(1.0, abs(p.grad[idx]))

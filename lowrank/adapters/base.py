@@ -114,6 +114,7 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
                              f"{tuple(b0.shape)} {b0.dtype}")
         self.config = cfg
         self.merged = False
+        self.need_input_grad = True   # see backward(need_dx=...)
         self.weight = Parameter(W0.copy(), trainable=False)
         train_bias = cfg.bias != "none" and b0 is not None
         self.bias = None if b0 is None else Parameter(b0.copy(), trainable=train_bias)
@@ -159,13 +160,20 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
             return y, None
         return self.adapter_forward(x, dropout_mask)
 
-    def backward(self, dy, cache):
+    def backward(self, dy, cache, need_dx: bool = True):
+        """Accumulate the adapter's gradients; return ``dx``, or ``None`` with ``need_dx=False``
+        (the first layer of a model whose embeddings are frozen). A variant may skip forming
+        dx while ``self.need_input_grad`` is False (LoRA does); the others compute it anyway."""
         if self.merged:
             raise RuntimeError("backward through a merged adapter: unmerge() before training")
-        dx = self.adapter_backward(dy, cache)
+        self.need_input_grad = need_dx
+        try:
+            dx = self.adapter_backward(dy, cache)
+        finally:
+            self.need_input_grad = True
         if self.bias is not None and self.bias.trainable:
             self.bias.accumulate(dy.reshape(-1, self.out_features).sum(axis=0))
-        return dx
+        return dx if need_dx else None
 
     def _bias_data(self):
         return None if self.bias is None else self.bias.data

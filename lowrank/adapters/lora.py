@@ -103,6 +103,8 @@ class LoraLinear(AdaptedLinear):
         du *= s
         if A.trainable:
             A.accumulate(du.T @ x2)                                      # (r, n)
+        if not self.need_input_grad:
+            return None
         if W_eff is not None:   # G (W0 + sBA) = G W0 + du A
             return (dy2 @ W_eff).reshape(x_d.shape)                      # (..., n)
         dx = (dy2 @ self.weight.data).reshape(x_d.shape)                 # (..., n)
@@ -113,8 +115,7 @@ class LoraLinear(AdaptedLinear):
 
     def effective_weight(self):
         """``W0 + s·BA`` (m, n), the weight the unmerged layer applies without dropout."""
-        W_eff = self.lora_B.data @ self.lora_A.data                     # (m, n)
-        W_eff *= self.scaling
+        W_eff = (self.scaling * self.lora_B.data) @ self.lora_A.data    # (m, n); s on (m, r)
         W_eff += self.weight.data
         return W_eff
 

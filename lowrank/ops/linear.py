@@ -28,11 +28,11 @@ def linear_forward(x, weight, bias=None):
     return y.reshape(*x.shape[:-1], m), x               # (..., m)
 
 
-def linear_backward(dy, x, weight, need_dweight=True, need_dbias=True):
+def linear_backward(dy, x, weight, need_dweight=True, need_dbias=True, need_dx=True):
     """Returns ``(dx, dweight, dbias)``; gradients not asked for are ``None`` and never computed."""
     m, n = weight.shape
     dy2 = dy.reshape(-1, m)                             # (N, m)
-    dx = (dy2 @ weight).reshape(*dy.shape[:-1], n)      # (..., n)
+    dx = (dy2 @ weight).reshape(*dy.shape[:-1], n) if need_dx else None   # (..., n)
     dweight = dy2.T @ x.reshape(-1, n) if need_dweight else None   # (m, n)
     dbias = dy2.sum(axis=0) if need_dbias else None     # (m,)
     return dx, dweight, dbias

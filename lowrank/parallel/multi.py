@@ -140,8 +140,8 @@ class MultiAdapterLinear(Module):
                 caches.append(cache)
         return y, (groups, fast, runs, caches)
 
-    def backward(self, dy, cache):
-        groups, fast, runs, caches = cache
+    def backward(self, dy, cache, need_dx: bool = True):
+        groups, fast, runs, caches = cache   # (dx is always formed here; need_dx is advisory)
         N, W = dy.shape[0], self.weight.data
         if runs == [slice(0, N)]:
             dx = base_backward(dy, W)                                    # (N, n), one GEMM
