@@ -33,8 +33,7 @@ from . import backend
 from .module import Module
 from .storage import (SAVE_ID_KEY, StagedFiles, atomic_write, check_same_save,  # noqa: F401
                       encode_train_state, join_arrays, json_bytes, read_json,
-                      read_safetensors, read_safetensors_metadata, safetensors_bytes,
-                      split_arrays, write_json)
+                      read_safetensors, read_safetensors_metadata, safetensors_bytes)
 
 _read_safetensors = read_safetensors   # older name, used by tests and tools
 
@@ -256,156 +255,6 @@ def load_model(directory, backend: str | None = None):
     return model
 
 
-# --- adapters -----------------------------------------------------------------------------
-
-def _adapter_modules(model):
-    from .adapters import AdaptedLinear
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, AdaptedLinear)]
-    if not found:
-        raise ValueError(f"{type(model).__name__} holds no adapter (AdaptedLinear) modules; "
-                         "inject adapters first (lowrank.adapters.inject)")
-    return found
-
-
-def _peft_key(module_name: str, param_name: str) -> str:
-    head, _, last = param_name.rpartition(".")
-    suffix = _PEFT_SUFFIX.get(last, last)
-    local = f"{head}.{suffix}" if head else suffix
-    return f"{module_name}.{local}" if module_name else local
-
-
-def _adapter_params(model) -> tuple[dict, dict]:
-    """``(file key -> Parameter, file key -> module name)`` of everything an adapter adds.
-
-    That is every parameter of an AdaptedLinear except its frozen base (``weight`` and a
-    frozen ``bias``), whether trainable or not: a frozen adapter factor (LoRA-FA's A, a frozen
-    SVD factor) is still needed to rebuild the adapted map.
-    """
-    params, owner = {}, {}
-    for mname, m in _adapter_modules(model):
-        for pname, p in m.named_parameters():
-            if pname in ("weight", "bias") and not p.trainable:
-                if not (pname == "weight" and getattr(m, "saves_base_weight", False)):
-                    continue
-                pname = "base_layer.weight"   # a base the variant rewrites in training (ReLoRA)
-            key = _peft_key(mname, pname)
-            if key in params:
-                raise ValueError(f"adapter key {key!r} occurs twice")
-            params[key], owner[key] = p, mname
-    return params, owner
-
-
-def _module_metadata(name, m) -> dict:
-    meta = {
-        "variant": m.variant,
-        "config": m.config.to_dict(),
-        "in_features": int(m.in_features),
-        "out_features": int(m.out_features),
-        "dtype": np.dtype(m.dtype).name,
-        "merged": bool(m.merged),
-        "params": {_peft_key(name, pname): list(p.shape)
-                   for pname, p in m.named_parameters()
-                   if not (pname in ("weight", "bias") and not p.trainable)},
-    }
-    meta["params"].update({k: list(a.shape) for k, a in _exported_tensors(name, m).items()})
-    hook = getattr(m, "adapter_metadata", None)   # variants may add JSON-able extras
-    if callable(hook):
-        arrays: dict = {}
-        meta["extra"] = split_arrays(hook(), (), arrays, f"{name}.adapter_metadata()")
-        if arrays:
-            raise ValueError(f"{name}.adapter_metadata() must be JSON-able; it holds arrays "
-                             f"at {sorted(arrays)} (make them Parameters or lists)")
-    return meta
-
-
-def _exported_tensors(name, m) -> dict:
-    """File key -> array for a module that saves its parameters in another shape than it holds
-    them (``adapter_tensors() -> {param name: array}``; AdaLoRA keeps only its active triplets).
-    ``expand_adapter_tensors(tensors, extra)`` is its inverse at load time."""
-    export = getattr(m, "adapter_tensors", None)
-    return {} if not callable(export) else \
-        {_peft_key(name, pname): a for pname, a in export().items()}
-
-
-def save_adapter(model: Module, directory, train_state: dict | None = None) -> Path:
-    """Write only the adapter: ``adapter_model.safetensors`` (PEFT keys) + ``adapter_config.json``;
-    with ``train_state`` also ``optimizer.safetensors`` + ``config.json``, all as one save."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    modules = _adapter_modules(model)
-    params, _ = _adapter_params(model)
-    configs = [m.config.to_dict() for _, m in modules]
-    targets = sorted({name.rpartition(".")[2] for name, _ in modules})
-    info = {
-        "format": ADAPTER_FORMAT,
-        "lowrank_version": _version(),
-        "variant": modules[0][1].variant,
-        "config": configs[0] if all(c == configs[0] for c in configs) else None,
-        "targets": targets,
-        "modules": {name: _module_metadata(name, m) for name, m in modules},
-    }
-    tensors = {k: p.data for k, p in params.items()}
-    for name, m in modules:
-        exported = _exported_tensors(name, m)
-        if set(exported) - set(params):
-            raise ValueError(f"{name}.adapter_tensors() names no parameter of the module: "
-                             f"{sorted(set(exported) - set(params))}")
-        tensors.update(exported)
-    files: dict = {}
-    with StagedFiles() as staged:
-        _stage(staged, directory / ADAPTER_FILE, tensors, "adapter", files)
-        info["files"] = dict(files)
-        staged.add(directory / ADAPTER_CONFIG_FILE, json_bytes(info))
-        if train_state is not None:
-            _stage_state(staged, directory, {"format": FORMAT}, train_state, files)
-        staged.commit()
-    return directory
-
-
-def read_adapter_config(directory) -> dict:
-    """The ``adapter_config.json`` of a saved adapter (``config``, ``targets``, ``modules``)."""
-    return read_json(Path(directory) / ADAPTER_CONFIG_FILE)
-
-
-def load_adapter(model: Module, directory) -> dict:
-    """Load a saved adapter into the AdaptedLinear modules of ``model`` (inject them first,
-    with the saved config and targets). Returns the adapter config dict.
-
-    Every adapter key must match: a missing or unexpected key, a shape mismatch, a module of
-    another variant, or a merged module raises ValueError and nothing is assigned.
-    """
-    directory = Path(directory)
-    info = read_adapter_config(directory)
-    path = _resolve_weights_file(directory, ADAPTER_FILE)
-    verify_saved_together(directory, info)
-    if (directory / CONFIG_FILE).is_file():   # the training state saved with it, if any
-        verify_saved_together(directory)
-    tensors = read_safetensors(path)
-    params, _ = _adapter_params(model)
-    modules = dict(_adapter_modules(model))
-    saved_modules = info.get("modules") or {}
-    for mname, m in modules.items():
-        saved = saved_modules.get(mname)
-        if saved is not None and saved.get("variant") != m.variant:
-            raise ValueError(f"adapter module {mname!r}: {path} holds a {saved.get('variant')!r} "
-                             f"adapter, the model has {m.variant!r}")
-        if m.merged:
-            raise ValueError(f"adapter module {mname!r} is merged; unmerge() before loading "
-                             "adapter weights")
-        expand = getattr(m, "expand_adapter_tensors", None)
-        if callable(expand):   # saved in another shape (adapter_tensors): back to the module's
-            keys = {pname: _peft_key(mname, pname) for pname, _ in m.named_parameters()}
-            local = {pname: tensors[k] for pname, k in keys.items() if k in tensors}
-            extra = (saved or {}).get("extra") or {}
-            tensors.update({keys[pname]: a for pname, a in expand(local, extra).items()})
-    _check_and_assign(params, tensors, path, strict=True)
-    for mname, m in modules.items():
-        restore = getattr(m, "load_adapter_metadata", None)
-        if callable(restore):
-            restore((saved_modules.get(mname) or {}).get("extra") or {})
-    return info
-
-
 def _version() -> str:
     try:
         from . import __version__
@@ -413,6 +262,8 @@ def _version() -> str:
     except ImportError:   # pragma: no cover
         return "unknown"
 
+
+from .adapter_files import load_adapter, read_adapter_config, save_adapter  # noqa: E402
 
 __all__ = [
     "MODEL_FILE", "CONFIG_FILE", "OPTIMIZER_FILE", "ADAPTER_FILE", "ADAPTER_CONFIG_FILE",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import adapters, backend, workflows as wf
+from . import adapters, workflows as wf
 from .train import Trainer, TrainConfig
 
 # the base: small enough to pretrain in well under a minute on 2 cores

@@ -11,7 +11,7 @@ import pytest
 import lowrank as lr
 from lowrank import backend
 
-from .helpers import rel_err, to_host
+from .helpers import rel_err
 
 CASES = {
     "lora": [dict(init=i) for i in ("kaiming", "gaussian", "pissa", "pissa_niter_2", "olora",

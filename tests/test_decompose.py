@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from lowrank import backend
 from lowrank.decompose import svd_split
 
 from .helpers import to_host

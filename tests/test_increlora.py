@@ -7,7 +7,8 @@ import pytest
 
 import lowrank as lr
 from lowrank import backend
-from lowrank.adapters.increlora import IncreLoraHook, IncreLoraLinear
+from lowrank.adapters._increlora_hook import IncreLoraHook
+from lowrank.adapters.increlora import IncreLoraLinear
 from lowrank.model import GPT, GPTConfig
 from lowrank.train import Trainer, TrainConfig
 

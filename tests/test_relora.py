@@ -224,15 +224,6 @@ def test_hook_is_picked_by_the_trainer():
     assert trainer.hooks[0].layers[0][1].history is not None
 
 
-def _checkpoint_saves_base():
-    import inspect
-
-    from lowrank import checkpoint
-    return "saves_base_weight" in inspect.getsource(checkpoint)
-
-
-@pytest.mark.skipif(not _checkpoint_saves_base(),
-                    reason="lowrank.checkpoint does not save base_layer.weight for ReLoRA yet")
 def test_finetune_resume_and_load_finetuned(tmp_path):
     """workflows.finetune --resume and load_finetuned after restarts (float64, CPU)."""
     import inspect

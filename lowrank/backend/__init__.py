@@ -68,7 +68,6 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
-    global _active
     if _active is None:
         set_backend(os.environ.get("LOWRANK_BACKEND", "numpy"))
     return _active
