@@ -40,9 +40,9 @@ from pathlib import Path
 from .. import backend
 from ..decompose import check_rank
 from ..module import Parameter
-from ..ops.linear import linear_forward
 from ._delta import lowrank_delta_backward, lowrank_delta_forward
 from ._adalora_allocator import RankAllocator, budget_schedule, orth_regularizer
+from ._triplets import TripletMap
 from .base import AdaptedLinear, AdapterConfig, register
 from .inject import adapted_modules
 
@@ -102,7 +102,7 @@ class AdaLoraConfig(AdapterConfig):
 
 
 @register("adalora", AdaLoraConfig)
-class AdaLoraLinear(AdaptedLinear):
+class AdaLoraLinear(TripletMap, AdaptedLinear):
     def init_adapter(self, rng) -> None:
         cfg = self.config
         check_rank(cfg.r, self.weight.shape)
@@ -125,54 +125,11 @@ class AdaLoraLinear(AdaptedLinear):
         return int(sum(self.rank_pattern))
 
     # --- the adapted map ---------------------------------------------------------------------
-    def masked_A(self):
-        """``Ã = E ⊙_rows A`` (r, n)."""
-        return self.lora_A.data * self.lora_E.data[:, None]
-
-    def adapter_forward(self, x, dropout_mask):
-        x_d, mask = self.dropout(x, dropout_mask)
-        At = self.masked_A()                                             # (r, n)
-        if mask is None:   # one (m, n) weight: m·n·r to form, one pass over y
-            W_eff = self.lora_B.data @ At                                # (m, n)
-            W_eff *= self.scaling
-            W_eff += self.weight.data
-            y, _ = linear_forward(x, W_eff, self._bias_data())           # (..., m)
-            return y, (x, None, None, At, W_eff)
-        y, _ = linear_forward(x, self.weight.data, self._bias_data())   # (..., m)
-        u = x_d @ At.T                                                   # (..., r)
-        y += self.scaling * (u @ self.lora_B.data.T)                     # (..., m)
-        return y, (x_d, mask, u, At, None)
-
     def adapter_backward(self, dy, cache):
         if self.training:
             self._count_step()
-        x_d, mask, u, At, W_eff = cache
-        A, E, B, c = self.lora_A, self.lora_E, self.lora_B, self.scaling
-        r, n = A.shape
-        m = B.shape[0]
-        x2 = x_d.reshape(-1, n)                                          # (N, n)
-        dy2 = dy.reshape(-1, m)                                          # (N, m)
-        if B.trainable:
-            u2 = x2 @ At.T if u is None else u.reshape(-1, r)            # (N, r)
-            dB = dy2.T @ u2                                              # (m, r)
-            dB *= c
-            B.accumulate(dB)
-        du = dy2 @ B.data                                                # (N, r)
-        du *= c
-        if A.trainable or E.trainable:
-            dAt = du.T @ x2                                              # (r, n)
-            if E.trainable:
-                E.accumulate((dAt * A.data).sum(axis=1))                 # (r,)
-            if A.trainable:
-                dAt *= E.data[:, None]
-                A.accumulate(dAt)                                        # (r, n)
-        self._step_grad = E.grad
-        if W_eff is not None:   # G (W0 + c B Ã) = G W0 + du Ã
-            return dy @ W_eff                                            # (..., n)
-        dx = dy @ self.weight.data                                       # (..., n)
-        dx_adapter = (du @ At).reshape(dx.shape)                         # (..., n)
-        dx_adapter *= mask
-        dx += dx_adapter
+        dx = self.triplet_backward(dy, cache)
+        self._step_grad = self.lora_E.grad
         return dx
 
     def _count_step(self) -> None:

@@ -49,8 +49,8 @@ from dataclasses import dataclass
 from .. import backend
 from ..decompose import check_rank
 from ..module import Parameter
-from ..ops.linear import linear_forward
 from ._delta import lowrank_delta_backward, lowrank_delta_forward
+from ._triplets import TripletMap
 from .base import AdaptedLinear, AdapterConfig, register
 from .inject import adapted_modules
 
@@ -103,7 +103,7 @@ class IncreLoraConfig(AdapterConfig):
 
 
 @register("increlora", IncreLoraConfig)
-class IncreLoraLinear(AdaptedLinear):
+class IncreLoraLinear(TripletMap, AdaptedLinear):
     def init_adapter(self, rng) -> None:
         cfg = self.config
         check_rank(cfg.r, self.weight.shape)
@@ -129,56 +129,13 @@ class IncreLoraLinear(AdaptedLinear):
         return int(min(self.weight.shape))
 
     # --- the adapted map -------------------------------------------------------------------
-    def masked_A(self):
-        """``Ã = E ⊙_rows A`` (ranknum, n)."""
-        return self.lora_A.data * self.lora_E.data[:, None]
-
-    def adapter_forward(self, x, dropout_mask):
-        x_d, mask = self.dropout(x, dropout_mask)
-        At = self.masked_A()                                             # (r, n)
-        if mask is None:   # one (m, n) weight: m·n·r to form, one pass over y
-            W_eff = self.lora_B.data @ At                                # (m, n)
-            W_eff *= self.scaling
-            W_eff += self.weight.data
-            y, _ = linear_forward(x, W_eff, self._bias_data())           # (..., m)
-            return y, (x, None, None, At, W_eff)
-        y, _ = linear_forward(x, self.weight.data, self._bias_data())   # (..., m)
-        u = x_d @ At.T                                                   # (..., r)
-        y += self.scaling * (u @ self.lora_B.data.T)                     # (..., m)
-        return y, (x_d, mask, u, At, None)
-
     def adapter_backward(self, dy, cache):
-        x_d, mask, u, At, W_eff = cache
-        A, E, B, c = self.lora_A, self.lora_E, self.lora_B, self.scaling
-        r, n = A.shape
-        m = B.shape[0]
-        x2 = x_d.reshape(-1, n)                                          # (N, n)
-        dy2 = dy.reshape(-1, m)                                          # (N, m)
         if self.track_score and self.training:
-            self._update_score(dy2, x2, At, c)
-        if B.trainable:
-            u2 = x2 @ At.T if u is None else u.reshape(-1, r)            # (N, r)
-            dB = dy2.T @ u2                                              # (m, r)
-            dB *= c
-            B.accumulate(dB)
-        du = dy2 @ B.data                                                # (N, r)
-        du *= c
-        if A.trainable or E.trainable:
-            dAt = du.T @ x2                                              # (r, n)
-            if E.trainable:
-                E.accumulate((dAt * A.data).sum(axis=1))                 # (r,)
-            if A.trainable:
-                dAt *= E.data[:, None]
-                A.accumulate(dAt)                                        # (r, n)
-        if W_eff is not None:   # G (W0 + c B Ã) = G W0 + du Ã
-            return dy @ W_eff                                            # (..., n)
-        dx = dy @ self.weight.data                                       # (..., n)
-        dx_adapter = (du @ At).reshape(dx.shape)                         # (..., n)
-        dx_adapter *= mask
-        dx += dx_adapter
-        return dx
+            x_d, At = cache[0], cache[3]
+            self._update_score(dy.reshape(-1, self.out_features),
+                               x_d.reshape(-1, self.in_features), At, self.scaling)
+        return self.triplet_backward(dy, cache)
 
-    # --- multi-adapter fast path (lowrank.parallel.multi; formulas in adapters/_delta.py) ------
     def delta_forward(self, x, dropout_mask):
         """``(Δy, cache)`` with ``adapter_forward(x) = x W0ᵀ + b0 + Δy`` (P = Ã)."""
         return lowrank_delta_forward(self, x, dropout_mask, self.masked_A(), self.lora_B.data,
