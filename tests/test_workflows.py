@@ -259,3 +259,13 @@ def test_first_block_skips_its_input_gradient_yet_adapter_grads_are_exact(monkey
             down = model.loss(x, y)[0]
             p.data[idx] = old
             assert abs((up - down) / 2e-6 - p.grad[idx]) <= 1e-7 * max(1.0, abs(p.grad[idx]))
+
+
+def test_public_save_and_load_round_trip(tmp_path):
+    """SPEC §4: ``lr.save(model, path)`` / ``lr.load(path)``."""
+    model = tiny_model()
+    lr.save(model, tmp_path / "m")
+    loaded = lr.load(tmp_path / "m")
+    assert loaded.config == model.config
+    for (name, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert q.dtype == p.dtype and np.array_equal(p.data, q.data), name
