@@ -62,6 +62,22 @@ def lora_factors(W0, r: int, s: float, init: str, rng):
     return A, B, W0 - s * (B @ A)
 
 
+def lora_factor_grads(A, B, s: float, x2, dy2, u=None):
+    """Accumulate ``dB = s Gᵀ u`` and ``dA = duᵀ x_d`` (trainable ones only); return
+    ``du = s G B (N, r)`` for dx. ``x2 (N, n)`` is x_d flattened, ``dy2 (N, m)`` is G;
+    ``u (N, r) = x_d Aᵀ`` is recomputed when the forward did not keep it."""
+    if B.trainable:
+        u2 = x2 @ A.data.T if u is None else u.reshape(-1, A.shape[0])  # (N, r)
+        dB = dy2.T @ u2                                                  # (m, r)
+        dB *= s
+        B.accumulate(dB)
+    du = dy2 @ B.data                                                    # (N, r)
+    du *= s
+    if A.trainable:
+        A.accumulate(du.T @ x2)                                          # (r, n)
+    return du
+
+
 @register("lora", LoraConfig)
 class LoraLinear(AdaptedLinear):
     def init_adapter(self, rng) -> None:
@@ -89,20 +105,10 @@ class LoraLinear(AdaptedLinear):
 
     def adapter_backward(self, dy, cache):
         x_d, mask, u, W_eff = cache
-        A, B, s = self.lora_A, self.lora_B, self.scaling
-        r, n = A.shape
-        m = B.shape[0]
-        x2 = x_d.reshape(-1, n)                                          # (N, n)
-        dy2 = dy.reshape(-1, m)                                          # (N, m)
-        if B.trainable:
-            u2 = x2 @ A.data.T if u is None else u.reshape(-1, r)        # (N, r)
-            dB = dy2.T @ u2                                              # (m, r)
-            dB *= s
-            B.accumulate(dB)
-        du = dy2 @ B.data                                                # (N, r)
-        du *= s
-        if A.trainable:
-            A.accumulate(du.T @ x2)                                      # (r, n)
+        A = self.lora_A
+        x2 = x_d.reshape(-1, A.shape[1])                                 # (N, n)
+        dy2 = dy.reshape(-1, self.out_features)                          # (N, m)
+        du = lora_factor_grads(A, self.lora_B, self.scaling, x2, dy2, u)
         if not self.need_input_grad:
             return None
         if W_eff is not None:   # G (W0 + sBA) = G W0 + du A

@@ -38,7 +38,7 @@ from ..module import Parameter
 from ..ops.linear import linear_forward
 from .base import AdaptedLinear, AdapterConfig, register
 from .inject import adapted_modules
-from .lora import lora_factors
+from .lora import lora_factor_grads, lora_factors
 
 SUPPORTS = ("gradient", "random")
 
@@ -156,20 +156,11 @@ class RosaLinear(AdaptedLinear):
 
     def adapter_backward(self, dy, cache):
         x, x_d, mask, u, W_eff, pattern = cache
-        A, B, s = self.lora_A, self.lora_B, self.scaling
-        r, n = A.shape
-        m = B.shape[0]
+        A = self.lora_A
+        n = A.shape[1]
         x2 = x_d.reshape(-1, n)                                          # (N, n)
-        dy2 = dy.reshape(-1, m)                                          # (N, m)
-        if B.trainable:
-            u2 = x2 @ A.data.T if u is None else u.reshape(-1, r)        # (N, r)
-            dB = dy2.T @ u2                                              # (m, r)
-            dB *= s
-            B.accumulate(dB)
-        du = dy2 @ B.data                                                # (N, r)
-        du *= s
-        if A.trainable:
-            A.accumulate(du.T @ x2)                                      # (r, n)
+        dy2 = dy.reshape(-1, self.out_features)                          # (N, m)
+        du = lora_factor_grads(A, self.lora_B, self.scaling, x2, dy2, u)
         if pattern is not None and self.rosa_values.trainable:
             self.rosa_values.accumulate(
                 bsparse.support_grad(dy2, x2, pattern.rows, pattern.indices))   # (nnz,)

@@ -259,10 +259,11 @@ def multi_loss_backward(model, cache, dlosses) -> None:
     model.backward(logits, model_cache)
 
 
-class AdapterView:
+class AdapterView(Module):
     """Adapter k of a multi-adapter ``model`` as a model that holds only it: modules and
     parameters carry the names a single-adapter model gives (``blocks.0.attn.q.lora_A``);
-    ``forward``/``loss`` run the shared model with every row in group k."""
+    ``forward``/``loss`` run the shared model with every row in group k. Only the walks
+    (``named_modules``/``named_parameters``) differ from a Module; the rest is inherited."""
 
     def __init__(self, model, index: int):
         self.model, self.index = model, int(index)
@@ -292,21 +293,6 @@ class AdapterView:
     def named_parameters(self, prefix: str = "", trainable_only: bool = False):
         for name, a in self.layers():
             yield from a.named_parameters(f"{prefix}.{name}" if prefix else name, trainable_only)
-
-    def parameters(self, trainable_only: bool = False):
-        return [p for _, p in self.named_parameters(trainable_only=trainable_only)]
-
-    def zero_grad(self) -> None:
-        for p in self.parameters():
-            p.zero_grad()
-
-    def train(self, mode: bool = True):
-        for _, m in self.named_modules():
-            m.training = mode
-        return self
-
-    def eval(self):
-        return self.train(False)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """As the single-adapter model would count: its own parameters, plus (all) the shared
