@@ -15,7 +15,7 @@ from lowrank.model import GPT, GPTConfig
 from lowrank.train import Trainer, TrainConfig
 from reference.finite_diff import numerical_gradient
 
-from .helpers import rel_err, to_host
+from .helpers import FakeData, rel_err, to_host
 
 M, N, R, ROWS = 7, 5, 3, 4
 TINY = GPTConfig(vocab_size=64, context=8, n_layer=2, n_head=2, d_model=16)
@@ -49,19 +49,6 @@ def perturb(layer, xp, seed=1):
     rng = np.random.default_rng(seed)
     for _, p in layer.named_parameters(trainable_only=True):
         p.data += xp.asarray(0.5 * rng.standard_normal(p.shape), dtype=p.dtype)
-
-
-class FakeData:
-    context = TINY.context
-
-    def batch(self, split, batch_size, rng):
-        x = rng.integers(0, TINY.vocab_size, (batch_size, TINY.context))
-        return x, np.roll(x, -1, axis=1)
-
-    def eval_batches(self, split, batch_size, max_batches):
-        rng = np.random.default_rng(99)
-        for _ in range(max_batches):
-            yield self.batch(split, batch_size, rng)
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -105,7 +92,7 @@ def test_rank_above_min_dim_raises(xp):
 def test_total_step_from_the_trainer_is_validated():
     model = GPT(TINY, seed=0, dtype="float64")
     lr.adapters.inject(model, lr.adapters.config("adalora", r=2, tinit=2, tfinal=1), ["q"])
-    trainer = Trainer(model, FakeData(), TrainConfig(steps=3, batch_size=2))
+    trainer = Trainer(model, FakeData(TINY), TrainConfig(steps=3, batch_size=2))
     with pytest.raises(ValueError, match="^tinit \\+ tfinal must be < total_step.*trainer's"):
         trainer.train_step()
 
@@ -226,7 +213,7 @@ def trained(xp):
     cfg = lr.adapters.config("adalora", init_r=4, target_r=2, alpha=8.0, tinit=3, tfinal=5,
                              deltaT=2, dropout=0.1)
     lr.adapters.inject(model, cfg, TARGETS, seed=0)
-    trainer = Trainer(model, FakeData(), TrainConfig(steps=20, batch_size=4, lr=2e-2, warmup=2))
+    trainer = Trainer(model, FakeData(TINY), TrainConfig(steps=20, batch_size=4, lr=2e-2, warmup=2))
     budgets, patterns = [], []
 
     def on_step(tr, rec):

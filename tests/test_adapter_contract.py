@@ -11,7 +11,7 @@ import pytest
 import lowrank as lr
 from lowrank import backend
 
-from .helpers import rel_err
+from .helpers import layer_fd_gradient, rel_err
 
 CASES = {
     "lora": [dict(init=i) for i in ("kaiming", "gaussian", "pissa", "pissa_niter_2", "olora",
@@ -114,15 +114,7 @@ def test_gradients_match_finite_differences(xp, name, extra, with_mask):
     fd_context = getattr(layer, "finite_difference_context", contextlib.nullcontext)
     with fd_context():
         for pname, array in arrays.items():
-            numeric = np.zeros(array.shape)
-            for idx in np.ndindex(*array.shape):
-                old = float(array[idx])
-                array[idx] = old + 1e-6
-                up = float((layer.forward(x, dropout_mask=mask)[0] * G).sum())
-                array[idx] = old - 1e-6
-                down = float((layer.forward(x, dropout_mask=mask)[0] * G).sum())
-                array[idx] = old
-                numeric[idx] = (up - down) / 2e-6
+            numeric = layer_fd_gradient(layer, array, x, G, mask)
             assert rel_err(analytic[pname], numeric) < 1e-6, pname
 
 

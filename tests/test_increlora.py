@@ -12,23 +12,10 @@ from lowrank.adapters.increlora import IncreLoraLinear
 from lowrank.model import GPT, GPTConfig
 from lowrank.train import Trainer, TrainConfig
 
-from .helpers import rel_err
+from .helpers import FakeData, layer_fd_gradient, rel_err
 
 TINY = GPTConfig(vocab_size=64, context=8, n_layer=2, n_head=2, d_model=16)
 M, N, ROWS = 6, 5, 4
-
-
-class FakeData:
-    context = TINY.context
-
-    def batch(self, split, batch_size, rng):
-        x = rng.integers(0, TINY.vocab_size, (batch_size, TINY.context))
-        return x, np.roll(x, -1, axis=1)
-
-    def eval_batches(self, split, batch_size, max_batches):
-        rng = np.random.default_rng(99)
-        for _ in range(max_batches):
-            yield self.batch(split, batch_size, rng)
 
 
 def layer(xp, dtype="float64", **options):
@@ -58,15 +45,7 @@ def fd_errors(m, xp, mask=None):
                 "x": dx}
     errors = {}
     for name, array in arrays.items():
-        numeric = np.zeros(array.shape)
-        for idx in np.ndindex(*array.shape):
-            old = float(array[idx])
-            array[idx] = old + 1e-6
-            up = float((m.forward(x, dropout_mask=mask)[0] * G).sum())
-            array[idx] = old - 1e-6
-            down = float((m.forward(x, dropout_mask=mask)[0] * G).sum())
-            array[idx] = old
-            numeric[idx] = (up - down) / 2e-6
+        numeric = layer_fd_gradient(m, array, x, G, mask)
         errors[name] = rel_err(analytic[name], numeric)
     return errors
 
@@ -108,10 +87,10 @@ def test_budget_below_the_starting_rank_raises(xp):
             lr.adapters.config("increlora", **{field: value})
     model = tiny_model(xp, total_budget=3)   # 4 modules start at 1 each: Σ init_r = 4
     with pytest.raises(ValueError, match=r"^total_budget must be >= the starting total rank 4"):
-        Trainer(model, FakeData(), TrainConfig(steps=2, batch_size=2))
+        Trainer(model, FakeData(TINY), TrainConfig(steps=2, batch_size=2))
     model = tiny_model(xp, total_budget=65)  # 4 modules of 16x16: room for 64
     with pytest.raises(ValueError, match=r"^total_budget must be <= Σ min\(m, n\) = 64"):
-        Trainer(model, FakeData(), TrainConfig(steps=2, batch_size=2))
+        Trainer(model, FakeData(TINY), TrainConfig(steps=2, batch_size=2))
 
 
 def tiny_model(xp=None, dtype="float64", **options):
@@ -123,7 +102,7 @@ def tiny_model(xp=None, dtype="float64", **options):
 
 
 def trainer_for(model, steps, **train):
-    return Trainer(model, FakeData(), TrainConfig(**{"steps": steps, "batch_size": 2, "lr": 1e-2,
+    return Trainer(model, FakeData(TINY), TrainConfig(**{"steps": steps, "batch_size": 2, "lr": 1e-2,
                                                     "warmup": 1, **train}))
 
 

@@ -21,7 +21,7 @@ from lowrank.parallel import (FakeWorld, GradientAllReduce, NCCLComm, ParameterD
                               SingleProcess, get_comm)
 from lowrank.train import Trainer, TrainConfig
 
-from .helpers import rel_err
+from .helpers import FakeData, rel_err
 
 TINY = GPTConfig(vocab_size=300, context=16, n_layer=1, n_head=2, d_model=16)
 
@@ -223,19 +223,6 @@ def test_get_comm_choices(monkeypatch):
 
 # --- the trainer over simulated ranks ----------------------------------------------------------
 
-class FakeData:
-    context = TINY.context
-
-    def batch(self, split, batch_size, rng):
-        x = rng.integers(0, TINY.vocab_size, (batch_size, TINY.context))
-        return x, np.roll(x, -1, axis=1)
-
-    def eval_batches(self, split, batch_size, max_batches):
-        rng = np.random.default_rng(99)
-        for _ in range(max_batches):
-            yield self.batch(split, batch_size, rng)
-
-
 class L2Hook:
     """A regulariser (gradient added in extra_loss) and an after-step decision on the grads."""
     def __init__(self):
@@ -253,7 +240,7 @@ class L2Hook:
 def _train(comm=None, steps=4):
     model = lora_model()
     hook = L2Hook()
-    trainer = Trainer(model, FakeData(), TrainConfig(steps=steps, batch_size=4, lr=1e-2,
+    trainer = Trainer(model, FakeData(TINY), TrainConfig(steps=steps, batch_size=4, lr=1e-2,
                                                      warmup=1, eval_batches=3),
                       hooks=[hook], comm=comm, check_every=1)
     history = trainer.fit(progress=False)
@@ -276,7 +263,7 @@ def test_dropout_streams_differ_between_ranks_and_replicas_stay_identical():
     def work(comm):
         model = GPT(TINY, seed=0, dtype="float64")
         lr.adapters.inject(model, lr.adapters.config("lora", r=2, dropout=0.3), ["q"])
-        trainer = Trainer(model, FakeData(), TrainConfig(steps=3, batch_size=4), comm=comm,
+        trainer = Trainer(model, FakeData(TINY), TrainConfig(steps=3, batch_size=4), comm=comm,
                           check_every=1)                     # drift checked every step
         start = model.blocks[0].attn.q._dropout_rng.state["state"]["state"]
         trainer.fit(progress=False)
@@ -298,7 +285,7 @@ def test_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step():
                 calls.append(1)
                 return (float("nan") if len(calls) == 3 else loss), cache
             model.loss = poisoned
-        trainer = Trainer(model, FakeData(), TrainConfig(steps=5, batch_size=4), comm=comm)
+        trainer = Trainer(model, FakeData(TINY), TrainConfig(steps=5, batch_size=4), comm=comm)
         with pytest.raises(NonFiniteLossError, match="loss is nan at step 2"):
             trainer.fit(progress=False)
         return trainer.step
@@ -307,7 +294,7 @@ def test_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step():
 
 def test_batch_must_split_evenly_over_ranks():
     def work(comm):
-        Trainer(lora_model(), FakeData(), TrainConfig(steps=1, batch_size=3), comm=comm)
+        Trainer(lora_model(), FakeData(TINY), TrainConfig(steps=1, batch_size=3), comm=comm)
     with pytest.raises(ValueError, match=r"batch_size \(3\) must be divisible by .* \(2\)"):
         FakeWorld(2).run(work)
 

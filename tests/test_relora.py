@@ -11,23 +11,10 @@ from lowrank.adapters.relora import ReLoraHook, ReLoraLinear, restart_lr_factor
 from lowrank.model import GPT, GPTConfig
 from lowrank.train import Trainer, TrainConfig
 
-from .helpers import rel_err, to_host
+from .helpers import FakeData, layer_fd_gradient, rel_err, to_host
 
 TINY = GPTConfig(vocab_size=64, context=8, n_layer=2, n_head=2, d_model=16)
 M, N, ROWS = 6, 5, 4
-
-
-class FakeData:
-    context = TINY.context
-
-    def batch(self, split, batch_size, rng):
-        x = rng.integers(0, TINY.vocab_size, (batch_size, TINY.context))
-        return x, np.roll(x, -1, axis=1)
-
-    def eval_batches(self, split, batch_size, max_batches):
-        rng = np.random.default_rng(99)
-        for _ in range(max_batches):
-            yield self.batch(split, batch_size, rng)
 
 
 def tiny_model(xp=None, dtype="float64", **options):
@@ -38,7 +25,7 @@ def tiny_model(xp=None, dtype="float64", **options):
 
 
 def trainer_for(model, steps, **train):
-    return Trainer(model, FakeData(), TrainConfig(**{"steps": steps, "batch_size": 2, "lr": 1e-2,
+    return Trainer(model, FakeData(TINY), TrainConfig(**{"steps": steps, "batch_size": 2, "lr": 1e-2,
                                                     "warmup": 1, **train}))
 
 
@@ -50,15 +37,7 @@ def fd_errors(m, xp, x, G, mask=None):
     analytic = {"lora_A": m.lora_A.grad, "lora_B": m.lora_B.grad, "x": dx}
     errors = {}
     for name, array in arrays.items():
-        numeric = np.zeros(array.shape)
-        for idx in np.ndindex(*array.shape):
-            old = float(array[idx])
-            array[idx] = old + 1e-6
-            up = float((m.forward(x, dropout_mask=mask)[0] * G).sum())
-            array[idx] = old - 1e-6
-            down = float((m.forward(x, dropout_mask=mask)[0] * G).sum())
-            array[idx] = old
-            numeric[idx] = (up - down) / 2e-6
+        numeric = layer_fd_gradient(m, array, x, G, mask)
         errors[name] = rel_err(analytic[name], numeric)
     return errors
 

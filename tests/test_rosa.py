@@ -10,23 +10,10 @@ from lowrank.backend import sparse as bsparse
 from lowrank.model import GPT, GPTConfig
 from lowrank.train import Trainer, TrainConfig
 
-from .helpers import rel_err, to_host
+from .helpers import FakeData, layer_fd_gradient, rel_err, to_host
 
 TINY = GPTConfig(vocab_size=64, context=8, n_layer=2, n_head=2, d_model=16)
 M, N, R, ROWS = 7, 6, 2, 5
-
-
-class FakeData:
-    context = TINY.context
-
-    def batch(self, split, batch_size, rng):
-        x = rng.integers(0, TINY.vocab_size, (batch_size, TINY.context))
-        return x, np.roll(x, -1, axis=1)
-
-    def eval_batches(self, split, batch_size, max_batches):
-        rng = np.random.default_rng(99)
-        for _ in range(max_batches):
-            yield self.batch(split, batch_size, rng)
 
 
 def make_layer(xp, dtype="float64", seed=0, **options):
@@ -93,15 +80,7 @@ def test_gradients_match_finite_differences(xp, with_mask):
               "lora_B": (layer.lora_B.data, layer.lora_B.grad),
               "rosa_values": (layer.rosa_values.data, layer.rosa_values.grad), "x": (x, dx)}
     for name, (array, analytic) in arrays.items():
-        numeric = np.zeros(array.shape)
-        for idx in np.ndindex(*array.shape):
-            old = float(array[idx])
-            array[idx] = old + 1e-6
-            up = float((layer.forward(x, dropout_mask=mask)[0] * G).sum())
-            array[idx] = old - 1e-6
-            down = float((layer.forward(x, dropout_mask=mask)[0] * G).sum())
-            array[idx] = old
-            numeric[idx] = (up - down) / 2e-6
+        numeric = layer_fd_gradient(layer, array, x, G, mask)
         assert float(abs(to_host(analytic)).max()) > 0, name
         assert rel_err(analytic, numeric) < 1e-6, name
 
@@ -192,7 +171,7 @@ def test_trainer_warms_up_collects_then_selects(xp, monkeypatch, tmp_path):
         scores[id(self)] = to_host(self.score).copy()
         original(self)
     monkeypatch.setattr(RosaLinear, "select_support", recording)
-    trainer = Trainer(model, FakeData(), TrainConfig(steps=6, batch_size=2, lr=1e-2, warmup=0))
+    trainer = Trainer(model, FakeData(TINY), TrainConfig(steps=6, batch_size=2, lr=1e-2, warmup=0))
     counts, selected = [], []
     for _ in range(6):
         trainer.train_step()
@@ -212,7 +191,7 @@ def test_trainer_warms_up_collects_then_selects(xp, monkeypatch, tmp_path):
 
 def test_save_load_round_trip_after_selection(tmp_path, xp):
     model = _rosa_model(xp, warmup_steps=1, collect_steps=1)
-    Trainer(model, FakeData(), TrainConfig(steps=4, batch_size=2, lr=1e-2)).fit(progress=False)
+    Trainer(model, FakeData(TINY), TrainConfig(steps=4, batch_size=2, lr=1e-2)).fit(progress=False)
     checkpoint.save_adapter(model, tmp_path)
     info = checkpoint.read_adapter_config(tmp_path)
     assert info["modules"]["blocks.0.attn.q"]["extra"]["support_selected"] is True
@@ -234,7 +213,7 @@ def test_resume_mid_collection_is_exact(tmp_path):
 
     def fresh():
         model = _rosa_model(**options)
-        return model, Trainer(model, FakeData(), config)
+        return model, Trainer(model, FakeData(TINY), config)
 
     straight, tr = fresh()
     tr.fit(progress=False)
@@ -265,6 +244,6 @@ def test_support_grad_in_blocks_equals_the_dense_product(xp, monkeypatch):
 
 def test_random_support_never_forms_the_w0_gradient():
     model = _rosa_model(support="random")
-    Trainer(model, FakeData(), TrainConfig(steps=3, batch_size=2)).fit(progress=False)
+    Trainer(model, FakeData(TINY), TrainConfig(steps=3, batch_size=2)).fit(progress=False)
     for _, m in lr.adapters.adapted_modules(model):
         assert m.support_selected and m.w0_grad_products == 0 and m.score is None

@@ -13,23 +13,10 @@ from lowrank.adapters.sora import SoraHook, SoraLinear, lambda_at, prune_sora, s
 from lowrank.model import GPT, GPTConfig
 from lowrank.train import Trainer, TrainConfig
 
-from .helpers import rel_err, to_host
+from .helpers import FakeData, layer_fd_gradient, rel_err, to_host
 
 TINY = GPTConfig(vocab_size=64, context=8, n_layer=2, n_head=2, d_model=16)
 M, N, R, ROWS = 7, 5, 3, 6
-
-
-class FakeData:
-    context = TINY.context
-
-    def batch(self, split, batch_size, rng):
-        x = rng.integers(0, TINY.vocab_size, (batch_size, TINY.context))
-        return x, np.roll(x, -1, axis=1)
-
-    def eval_batches(self, split, batch_size, max_batches):
-        rng = np.random.default_rng(99)
-        for _ in range(max_batches):
-            yield self.batch(split, batch_size, rng)
 
 
 def make_layer(xp, dtype="float64", seed=0, **options):
@@ -57,15 +44,7 @@ def fd_errors(layer, xp, mask=None):
               "g": (layer.lora_gate.data, layer.lora_gate.grad), "x": (x, dx)}
     errors = {}
     for name, (array, analytic) in arrays.items():
-        numeric = np.zeros(array.shape)
-        for idx in np.ndindex(*array.shape):
-            old = float(array[idx])
-            array[idx] = old + 1e-6
-            up = float((layer.forward(x, dropout_mask=mask)[0] * G).sum())
-            array[idx] = old - 1e-6
-            down = float((layer.forward(x, dropout_mask=mask)[0] * G).sum())
-            array[idx] = old
-            numeric[idx] = (up - down) / 2e-6
+        numeric = layer_fd_gradient(layer, array, x, G, mask)
         errors[name] = rel_err(analytic, numeric)
     return errors
 
@@ -217,7 +196,7 @@ def _sora_model(xp=None, dtype="float64", **options):
 
 def test_training_zeroes_gates_and_prune_sora_keeps_the_logits(xp):
     model = _sora_model(xp, sparse_lambda=0.2)
-    trainer = Trainer(model, FakeData(), TrainConfig(steps=6, batch_size=2, lr=1e-2, warmup=0))
+    trainer = Trainer(model, FakeData(TINY), TrainConfig(steps=6, batch_size=2, lr=1e-2, warmup=0))
     assert not any(n.endswith("lora_gate") for n in trainer.optimizer.params)   # the hook owns them
     trainer.fit(progress=False)
     gates = np.concatenate([to_host(m.lora_gate.data)
@@ -243,7 +222,7 @@ def test_resume_restores_the_gate_optimizer_exactly(tmp_path):
 
     def fresh():
         model = _sora_model(**options)
-        return model, Trainer(model, FakeData(), config)
+        return model, Trainer(model, FakeData(TINY), config)
 
     straight, tr = fresh()
     tr.fit(progress=False)

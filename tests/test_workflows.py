@@ -9,6 +9,8 @@ from lowrank import checkpoint, cli, workflows as wf
 from lowrank.model import GPT, GPTConfig
 from lowrank.train import NonFiniteLossError, Trainer, TrainConfig
 
+from .helpers import FakeData
+
 TINY = GPTConfig(vocab_size=300, context=16, n_layer=2, n_head=2, d_model=16)
 
 
@@ -71,27 +73,11 @@ class RecordingHook:
                             float(abs(grad).max()) > 0))
 
 
-class FakeData:
-    context = TINY.context
-
-    def __init__(self, seed=0):
-        self.rng = np.random.default_rng(seed)
-
-    def batch(self, split, batch_size, rng):
-        x = rng.integers(0, TINY.vocab_size, (batch_size, TINY.context))
-        return x, np.roll(x, -1, axis=1)
-
-    def eval_batches(self, split, batch_size, max_batches):
-        rng = np.random.default_rng(99)
-        for _ in range(max_batches):
-            yield self.batch(split, batch_size, rng)
-
-
 def test_trainer_order_backward_step_hooks_zero_grad():
     model = tiny_model()
     lr.adapters.inject(model, lr.adapters.config("lora", r=2), ["q"])
     hook = RecordingHook()
-    trainer = Trainer(model, FakeData(), TrainConfig(steps=2, batch_size=2), hooks=[hook])
+    trainer = Trainer(model, FakeData(TINY), TrainConfig(steps=2, batch_size=2), hooks=[hook])
     trainer.fit(progress=False)
     assert hook.events == [("extra_loss", 0, True), ("after_step", 1, True),
                            ("extra_loss", 1, True), ("after_step", 2, True)]
@@ -102,7 +88,7 @@ def test_trainer_order_backward_step_hooks_zero_grad():
 
 def test_gradient_accumulation_matches_one_big_batch():
     """Two micro-batches of 2 accumulate to the gradient of the batch of 4 they form."""
-    data = FakeData()
+    data = FakeData(TINY)
     rng = np.random.default_rng(3)
     x, y = data.batch("train", 4, rng)
     big, small = tiny_model(), tiny_model()
