@@ -58,16 +58,13 @@ def _corpus(values, default):
 
 def _parse_set(items) -> dict:
     """``--set key=value`` for variant options not named on the command line."""
-    import json
+    from .adapters import field_from_text
     options = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects key=value, got {item!r}")
-        try:
-            options[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.replace("-", "_")] = value
+        key, options[key] = field_from_text(key, value)
     return options
 
 
@@ -143,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _variant_options(extra) -> dict:
     """Unlisted ``--field value`` pairs after ``finetune``: any field of the variant's config
     (``--init-r 12 --target-r 4`` for AdaLoRA); a bare ``--flag`` means True."""
-    import json
+    from .adapters import field_from_text
     options, i = {}, 0
     while i < len(extra):
         token = extra[i]
@@ -155,10 +152,7 @@ def _variant_options(extra) -> dict:
                 value, i = extra[i + 1], i + 1
             else:
                 value = "true"
-        try:
-            options[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.replace("-", "_")] = value
+        field, options[field] = field_from_text(key, value)
         i += 1
     return options
 

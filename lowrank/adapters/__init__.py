@@ -8,7 +8,7 @@ import importlib
 import pkgutil
 
 from .base import (AdaptedLinear, AdapterConfig, available, config, config_from_dict,
-                   register)
+                   field_from_text, register)
 from .inject import adapted_modules, inject, merge_all
 
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
@@ -18,4 +18,5 @@ for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
 from .lora import LoraConfig, LoraLinear  # noqa: E402
 
 __all__ = ["AdaptedLinear", "AdapterConfig", "available", "config", "config_from_dict",
+           "field_from_text",
            "register", "inject", "adapted_modules", "merge_all", "LoraConfig", "LoraLinear"]

@@ -43,18 +43,11 @@ from ..module import Parameter
 from ._delta import lowrank_delta_backward, lowrank_delta_forward
 from ._adalora_allocator import RankAllocator, budget_schedule, orth_regularizer
 from ._triplets import TripletMap
-from .base import AdaptedLinear, AdapterConfig, register
+from .base import AdaptedLinear, AdapterConfig, check_int, register
 from .inject import adapted_modules
 
 RANKNUM_EPS = 1e-5          # PEFT: scaling / (ranknum + 1e-5)
 MATRIX_ORDER = ("q", "k", "v", "o", "fc1", "fc2")
-
-
-def _int_field(name, value, low, optional=False):
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass
@@ -73,20 +66,20 @@ class AdaLoraConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _int_field("init_r", self.init_r, 1, optional=True)
+        check_int("init_r", self.init_r, 1, optional=True)
         if self.init_r is None:
             self.init_r = self.r
         self.r = self.init_r
         if self.target_r is None:
             self.target_r = max(1, 2 * self.init_r // 3)
-        _int_field("target_r", self.target_r, 1)
+        check_int("target_r", self.target_r, 1)
         if self.target_r > self.init_r:
             raise ValueError(f"target_r must be <= init_r, got target_r={self.target_r}, "
                              f"init_r={self.init_r}")
-        _int_field("tinit", self.tinit, 0)
-        _int_field("tfinal", self.tfinal, 0)
-        _int_field("deltaT", self.deltaT, 1)
-        _int_field("total_step", self.total_step, 1, optional=True)
+        check_int("tinit", self.tinit, 0)
+        check_int("tfinal", self.tfinal, 0)
+        check_int("deltaT", self.deltaT, 1)
+        check_int("total_step", self.total_step, 1, optional=True)
         for name in ("beta1", "beta2"):
             if not 0.0 < float(getattr(self, name)) < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")

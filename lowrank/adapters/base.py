@@ -18,6 +18,27 @@ BIAS_MODES = ("none", "lora_only", "all")
 _REGISTRY: dict[str, tuple[type, type]] = {}
 
 
+def check_int(name: str, value, low: int, optional: bool = False):
+    """Validate a config field that must be an integer >= ``low`` (``None`` allowed when
+    ``optional``); returns it. The message starts with the field's name."""
+    if optional and value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def field_from_text(key: str, text: str) -> tuple[str, object]:
+    """A config field given on the command line: ``("init-r", "12")`` -> ``("init_r", 12)``;
+    values that parse as JSON (numbers, true/false, lists) become those, others stay strings."""
+    import json
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    return key.replace("-", "_"), value
+
+
 @dataclass
 class AdapterConfig:
     """Fields every variant has. ``bias`` follows PEFT: 'lora_only'/'all' train the layer's bias."""

@@ -51,18 +51,11 @@ from ..decompose import check_rank
 from ..module import Parameter
 from ._delta import lowrank_delta_backward, lowrank_delta_forward
 from ._triplets import TripletMap
-from .base import AdaptedLinear, AdapterConfig, register
+from .base import AdaptedLinear, AdapterConfig, check_int, register
 from .inject import adapted_modules
 
 RANKNUM_EPS = 1e-5      # official: lora_alpha / (ranknum + 1e-5)
 INIT_STD = 0.02         # A, B ~ N(0, 0.02²) for the first and every reserve triplet
-
-
-def _int_field(name, value, low, optional=False):
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass
@@ -80,22 +73,22 @@ class IncreLoraConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _int_field("init_r", self.init_r, 1, optional=True)
+        check_int("init_r", self.init_r, 1, optional=True)
         if self.init_r is None:
             self.init_r = max(1, self.r // 4)
         if self.init_r > self.r:
             raise ValueError(f"init_r must be <= r = {self.r} (r is the average final rank, "
                              f"the budget per module), got init_r={self.init_r}")
-        _int_field("add_r", self.add_r, 1, optional=True)
+        check_int("add_r", self.add_r, 1, optional=True)
         if self.add_r is None:
             self.add_r = max(1, self.r // 2)
-        _int_field("total_budget", self.total_budget, 1, optional=True)
+        check_int("total_budget", self.total_budget, 1, optional=True)
         if self.total_budget is not None and self.total_budget < self.init_r:
             raise ValueError(f"total_budget must be >= init_r = {self.init_r} (a budget below "
                              f"the starting rank), got {self.total_budget}")
-        _int_field("top_h", self.top_h, 1)
-        _int_field("init_warmup", self.init_warmup, 0)
-        _int_field("incre_interval", self.incre_interval, 1)
+        check_int("top_h", self.top_h, 1)
+        check_int("init_warmup", self.init_warmup, 0)
+        check_int("incre_interval", self.incre_interval, 1)
         for name in ("beta1", "beta2"):
             if not 0.0 < float(getattr(self, name)) < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")

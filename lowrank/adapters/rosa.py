@@ -36,17 +36,11 @@ from ..backend import sparse as bsparse
 from ..decompose import check_rank
 from ..module import Parameter
 from ..ops.linear import linear_forward
-from .base import AdaptedLinear, AdapterConfig, register
+from .base import AdaptedLinear, AdapterConfig, check_int, register
 from .inject import adapted_modules
 from .lora import lora_factor_grads, lora_factors
 
 SUPPORTS = ("gradient", "random")
-
-
-def _count(value, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
 
 
 @dataclass
@@ -62,8 +56,8 @@ class RosaConfig(AdapterConfig):
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {d!r}")
         self.density = float(d)
-        _count(self.warmup_steps, "warmup_steps", 0)
-        _count(self.collect_steps, "collect_steps", 1)
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_int("collect_steps", self.collect_steps, 1)
         if self.support not in SUPPORTS:
             raise ValueError(f"support must be one of {SUPPORTS}, got {self.support!r}")
 

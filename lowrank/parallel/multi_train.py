@@ -20,7 +20,6 @@ adapter alone (``workflows.load_finetuned`` loads it; ``--resume`` resumes it), 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from itertools import zip_longest
@@ -30,7 +29,7 @@ import numpy as np
 
 from .. import backend, checkpoint
 from .. import workflows as wf
-from ..adapters import config as adapter_config
+from ..adapters import config as adapter_config, field_from_text
 from ..train import NonFiniteLossError, Trainer, TrainConfig
 from .multi import AdapterView, inject_multi, multi_loss, multi_loss_backward
 
@@ -153,10 +152,7 @@ def parse_variants(spec: str) -> list[tuple[str, dict]]:
             key, sep, value = pair.partition("=")
             if not sep:
                 raise ValueError(f"--variant: expected key=value after {name!r}, got {pair!r}")
-            try:
-                fields[key.replace("-", "_")] = json.loads(value)
-            except json.JSONDecodeError:
-                fields[key.replace("-", "_")] = value
+            field, fields[field] = field_from_text(key, value)
         out.append((name, fields))
     return out
 
