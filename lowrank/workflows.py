@@ -25,6 +25,7 @@ import numpy as np
 
 from . import backend, checkpoint
 from .adapters import adapted_modules, config as adapter_config, config_from_dict, inject
+from .adapters.inject import SEED_STRIDE
 from .data import TokenData, corpus
 from .model import GPT, GPTConfig
 from .parallel import SingleProcess
@@ -228,7 +229,7 @@ def load_finetuned(base, adapter_dir, dtype=None, backend_name=None):
         inject(model, config_from_dict(info["config"]), info["targets"], seed=seed)
     else:   # modules differ (e.g. SoRA pruned to a LoRA of each module's kept rank)
         for i, (name, meta) in enumerate(info["modules"].items()):
-            inject(model, config_from_dict(meta["config"]), [name], seed=seed + 7919 * i)
+            inject(model, config_from_dict(meta["config"]), [name], seed=seed + SEED_STRIDE * i)
     checkpoint.load_adapter(model, adapter_dir)
     return model, tok
 

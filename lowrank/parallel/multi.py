@@ -32,13 +32,12 @@ from __future__ import annotations
 
 from .. import backend
 from ..adapters import AdaptedLinear, AdapterConfig
-from ..adapters.inject import _matches, _set_child
+from ..adapters.inject import SEED_STRIDE, _set_child, select_targets
 from ..layers import Linear
 from ..module import Module, Parameter
 from ..ops.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from ..ops.linear import check_input, linear_forward
 
-SEED_STRIDE = 7919   # inject's per-layer seed offset: layer i of an adapter gets seed + 7919 i
 
 
 def base_forward(x, weight, bias):
@@ -180,7 +179,6 @@ def inject_multi(model, specs) -> list[str]:
     specs = list(specs)
     if not specs:
         raise ValueError("specs must hold at least one (config, targets, seed)")
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear)]
     chosen: dict = {}
     for k, (cfg, targets, seed) in enumerate(specs):
         if not isinstance(cfg, AdapterConfig):
@@ -190,18 +188,11 @@ def inject_multi(model, specs) -> list[str]:
             raise ValueError(f"adapter {k}: bias='all' would train the shared base's biases; "
                              "use bias='lora_only' (each adapter's own bias) with several "
                              "adapters")
-        if not targets:
-            raise ValueError(f"adapter {k}: targets must name at least one module")
-        mine = [(name, m) for name, m in linears if _matches(name, targets)]
-        missing = [] if isinstance(targets, str) else \
-            [t for t in targets if not any(_matches(name, [t]) for name, _ in linears)]
-        if not mine or missing:
-            raise ValueError(f"adapter {k}: targets {missing or targets!r} match no Linear "
-                             f"module; Linear modules: {[name for name, _ in linears]}")
-        for i, (name, linear) in enumerate(mine):
+        for i, (name, linear) in enumerate(select_targets(model, targets, f"adapter {k}: ")):
             chosen.setdefault(name, (linear, {}))[1][k] = (cfg, seed + SEED_STRIDE * i)
     model.freeze()
     names = []
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear)]
     for name, linear in linears:       # model order
         if name not in chosen:
             continue
