@@ -10,6 +10,7 @@ A class mixing this in holds ``lora_A (r, n)``, ``lora_E (r,)``, ``lora_B (m, r)
 from __future__ import annotations
 
 from ..ops.linear import linear_forward
+from ._delta import lowrank_delta_backward, lowrank_delta_forward
 
 
 class TripletMap:
@@ -46,12 +47,7 @@ class TripletMap:
         du = dy2 @ B.data                                                # (N, r)
         du *= c
         if A.trainable or E.trainable:
-            dAt = du.T @ x2                                              # (r, n)
-            if E.trainable:
-                E.accumulate((dAt * A.data).sum(axis=1))                 # (r,)
-            if A.trainable:
-                dAt *= E.data[:, None]
-                A.accumulate(dAt)                                        # (r, n)
+            self.accumulate_masked_grad(du.T @ x2)                       # dÃ (r, n)
         if not self.need_input_grad:
             return None
         if W_eff is not None:   # G (W0 + c B Ã) = G W0 + du Ã
@@ -60,4 +56,28 @@ class TripletMap:
         dx_adapter = (du @ At).reshape(dx.shape)                         # (..., n)
         dx_adapter *= mask
         dx += dx_adapter
+        return dx
+
+    def accumulate_masked_grad(self, dAt) -> None:
+        """Split ``dÃ (r, n)`` into ``dE = Σ_cols(dÃ ⊙ A)`` and ``dA = E ⊙_rows dÃ``."""
+        A, E = self.lora_A, self.lora_E
+        if E.trainable:
+            E.accumulate((dAt * A.data).sum(axis=1))                     # (r,)
+        if A.trainable:
+            dAt *= E.data[:, None]
+            A.accumulate(dAt)                                            # (r, n)
+
+    # --- multi-adapter fast path (lowrank.parallel.multi; formulas in adapters/_delta.py) ------
+    def delta_forward(self, x, dropout_mask):
+        """``(Δy, cache)`` with ``adapter_forward(x) = x W0ᵀ + b0 + Δy`` (P = Ã)."""
+        return lowrank_delta_forward(self, x, dropout_mask, self.masked_A(), self.lora_B.data,
+                                     self.scaling)
+
+    def delta_triplet_backward(self, dy, cache):
+        """``delta_backward`` of the triplets: A, E, B gradients; returns dx_Δ."""
+        A, E = self.lora_A, self.lora_E
+        dAt, _, dx = lowrank_delta_backward(dy, cache, self.lora_B,
+                                            need_dP=A.trainable or E.trainable)
+        if dAt is not None:
+            self.accumulate_masked_grad(dAt)
         return dx

@@ -40,7 +40,6 @@ from pathlib import Path
 from .. import backend
 from ..decompose import check_rank
 from ..module import Parameter
-from ._delta import lowrank_delta_backward, lowrank_delta_forward
 from ._adalora_allocator import RankAllocator, budget_schedule, orth_regularizer
 from ._triplets import TripletMap
 from .base import AdaptedLinear, AdapterConfig, check_int, register
@@ -144,25 +143,12 @@ class AdaLoraLinear(TripletMap, AdaptedLinear):
         return self.scaling * (self.lora_B.data @ self.masked_A())      # (m, n)
 
     # --- multi-adapter fast path (lowrank.parallel.multi; formulas in adapters/_delta.py) ------
-    def delta_forward(self, x, dropout_mask):
-        """``(Δy, cache)`` with ``adapter_forward(x) = x W0ᵀ + b0 + Δy`` (P = Ã)."""
-        return lowrank_delta_forward(self, x, dropout_mask, self.masked_A(), self.lora_B.data,
-                                     self.scaling)
-
     def delta_backward(self, dy, cache):
         """adapter_backward minus ``dy W0``: the same step count and A, E, B gradients."""
         if self.training:
             self._count_step()
-        A, E = self.lora_A, self.lora_E
-        dAt, _, dx = lowrank_delta_backward(dy, cache, self.lora_B,
-                                            need_dP=A.trainable or E.trainable)
-        if dAt is not None:
-            if E.trainable:
-                E.accumulate((dAt * A.data).sum(axis=1))                 # (r,)
-            if A.trainable:
-                dAt *= E.data[:, None]
-                A.accumulate(dAt)                                        # (r, n)
-        self._step_grad = E.grad
+        dx = self.delta_triplet_backward(dy, cache)
+        self._step_grad = self.lora_E.grad
         return dx
 
     # --- save / load (used by lowrank.checkpoint) -----------------------------------------------

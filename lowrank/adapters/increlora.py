@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from .. import backend
 from ..decompose import check_rank
 from ..module import Parameter
-from ._delta import lowrank_delta_backward, lowrank_delta_forward
 from ._triplets import TripletMap
 from .base import AdaptedLinear, AdapterConfig, check_int, register
 from .inject import adapted_modules
@@ -129,25 +128,11 @@ class IncreLoraLinear(TripletMap, AdaptedLinear):
                                x_d.reshape(-1, self.in_features), At, self.scaling)
         return self.triplet_backward(dy, cache)
 
-    def delta_forward(self, x, dropout_mask):
-        """``(Δy, cache)`` with ``adapter_forward(x) = x W0ᵀ + b0 + Δy`` (P = Ã)."""
-        return lowrank_delta_forward(self, x, dropout_mask, self.masked_A(), self.lora_B.data,
-                                     self.scaling)
-
     def delta_backward(self, dy, cache):
         """adapter_backward minus ``dy W0``: the same score and A, E, B gradients."""
-        A, E = self.lora_A, self.lora_E
         if self.track_score and self.training:
             self._update_score(dy.reshape(-1, self.out_features), cache.x2, cache.P, cache.c)
-        dAt, _, dx = lowrank_delta_backward(dy, cache, self.lora_B,
-                                            need_dP=A.trainable or E.trainable)
-        if dAt is not None:
-            if E.trainable:
-                E.accumulate((dAt * A.data).sum(axis=1))                 # (r,)
-            if A.trainable:
-                dAt *= E.data[:, None]
-                A.accumulate(dAt)                                        # (r, n)
-        return dx
+        return self.delta_triplet_backward(dy, cache)
 
     def _update_score(self, dy2, x2, At, c) -> None:
         """Sum ∂L/∂ΔW over the step's micro-batches; the hook turns it into the score."""
