@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, ADAPTER_FORMAT, CONFIG_FILE, FORMAT,
-                         _PEFT_SUFFIX, _check_and_assign, _resolve_weights_file, _stage,
-                         _stage_state, _version, verify_saved_together)
+from .checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, ADAPTER_FORMAT, _PEFT_SUFFIX,
+                         _check_and_assign, _resolve_weights_file, _stage, _stage_state,
+                         _version, saved_file)
 from .module import Module
 from .storage import StagedFiles, json_bytes, read_json, read_safetensors, split_arrays
 
@@ -90,7 +90,9 @@ def _exported_tensors(name, m) -> dict:
 
 def save_adapter(model: Module, directory, train_state: dict | None = None) -> Path:
     """Write only the adapter: ``adapter_model.safetensors`` (PEFT keys) + ``adapter_config.json``;
-    with ``train_state`` also ``optimizer.safetensors`` + ``config.json``, all as one save."""
+    with ``train_state`` also ``optimizer.safetensors``, the state recorded in
+    adapter_config.json — one save with one commit point, so a crash never pairs an adapter
+    with another step's optimizer state."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     modules = _adapter_modules(model)
@@ -113,13 +115,10 @@ def save_adapter(model: Module, directory, train_state: dict | None = None) -> P
                              f"{sorted(set(exported) - set(params))}")
         tensors.update(exported)
     files: dict = {}
-    with StagedFiles() as staged:
+    with StagedFiles() as staged:   # adapter, state and their JSON: one save, one commit
         _stage(staged, directory / ADAPTER_FILE, tensors, "adapter", files)
-        info["files"] = dict(files)
-        staged.add(directory / ADAPTER_CONFIG_FILE, json_bytes(info))
-        if train_state is not None:
-            _stage_state(staged, directory, {"format": FORMAT}, train_state, files)
-        staged.commit()
+        stale = _stage_state(staged, directory, info, train_state, files)
+        staged.commit(directory / ADAPTER_CONFIG_FILE, json_bytes(info), remove=stale)
     return directory
 
 
@@ -137,10 +136,7 @@ def load_adapter(model: Module, directory) -> dict:
     """
     directory = Path(directory)
     info = read_adapter_config(directory)
-    path = _resolve_weights_file(directory, ADAPTER_FILE)
-    verify_saved_together(directory, info)
-    if (directory / CONFIG_FILE).is_file():   # the training state saved with it, if any
-        verify_saved_together(directory)
+    path = _resolve_weights_file(saved_file(directory, info, ADAPTER_FILE), ADAPTER_FILE)
     tensors = read_safetensors(path)
     params, _ = _adapter_params(model)
     modules = dict(_adapter_modules(model))

@@ -16,11 +16,12 @@ A model directory holds
 An adapter directory holds ``adapter_model.safetensors`` (PEFT keys, e.g.
 ``blocks.0.attn.q.lora_A.weight``) and ``adapter_config.json``.
 
-Atomicity (``lowrank.storage``): each save writes all its files in full, then renames them
-with the JSON that refers to them last; every safetensors file carries the save's id, the
-JSON records the id of each file it refers to (``"files"``), and loading checks them, so a
-save cut short is reported rather than mixed with an older one. Each safetensors file also
-carries a SHA-256 of its tensors, so bit rot or a torn copy is reported instead of loaded.
+Atomicity (``lowrank.storage.StagedFiles``): a save writes its data files under versioned
+names, then replaces the JSON that records their save ids — the one commit point — then moves
+them onto their canonical names; loading follows the JSON, so a process killed at any moment
+leaves one whole save. An adapter directory keeps its training state in adapter_config.json
+for the same reason. Each safetensors file also carries a SHA-256 of its tensors, so bit rot
+or a torn copy is reported instead of loaded.
 """
 from __future__ import annotations
 
@@ -31,9 +32,9 @@ import numpy as np
 
 from . import backend
 from .module import Module
-from .storage import (SAVE_ID_KEY, StagedFiles, atomic_write, check_same_save,  # noqa: F401
-                      encode_train_state, join_arrays, json_bytes, read_json,
-                      read_safetensors, read_safetensors_metadata, safetensors_bytes)
+from .storage import (SAVE_ID_KEY, StagedFiles, atomic_write, encode_train_state,  # noqa: F401
+                      join_arrays, json_bytes, read_json, read_safetensors, resolve_saved,
+                      safetensors_bytes)
 
 _read_safetensors = read_safetensors   # older name, used by tests and tools
 
@@ -76,22 +77,17 @@ def _stage(staged: StagedFiles, path: Path, tensors: dict, kind: str, files: dic
     files[path.name] = staged.save_id
 
 
-def _stage_state(staged, directory: Path, config: dict, train_state, files: dict) -> None:
-    """The training state's arrays (``optimizer.safetensors``) and then ``config.json``."""
+def _stage_state(staged, directory: Path, config: dict, train_state, files: dict) -> list:
+    """Stage the training state's arrays (``optimizer.safetensors``) and record the state in
+    ``config`` (the JSON the caller commits); returns files the new save no longer needs."""
     skeleton, tensors = (None, {}) if train_state is None else encode_train_state(train_state)
+    stale = []
     if tensors:
         _stage(staged, directory / OPTIMIZER_FILE, tensors, "train_state", files)
-    else:
-        files.pop(OPTIMIZER_FILE, None)
+    elif files.pop(OPTIMIZER_FILE, None) is not None or (directory / OPTIMIZER_FILE).exists():
+        stale.append(directory / OPTIMIZER_FILE)
     config.update(lowrank_version=_version(), train_state=skeleton, files=files)
-    staged.add(directory / CONFIG_FILE, json_bytes(config))
-
-
-def _commit(staged: StagedFiles, directory: Path, files: dict) -> None:
-    staged.commit()
-    stale = directory / OPTIMIZER_FILE
-    if OPTIMIZER_FILE not in files and stale.exists():   # the new config no longer needs it
-        stale.unlink()
+    return stale
 
 
 def save_model(model: Module, directory, train_state: dict | None = None) -> Path:
@@ -108,8 +104,8 @@ def save_model(model: Module, directory, train_state: dict | None = None) -> Pat
     files: dict = {}
     with StagedFiles() as staged:
         _stage(staged, directory / MODEL_FILE, tensors, "model", files)
-        _stage_state(staged, directory, config, train_state, files)
-        _commit(staged, directory, files)
+        stale = _stage_state(staged, directory, config, train_state, files)
+        staged.commit(directory / CONFIG_FILE, json_bytes(config), remove=stale)
     return directory
 
 
@@ -130,9 +126,9 @@ def save_training_state(directory, step: int, optimizer_state: dict, rng_state: 
     config = read_json(config_path) if config_path.exists() else {"format": FORMAT}
     files = dict(config.get("files") or {})
     with StagedFiles() as staged:
-        _stage_state(staged, directory, config,
-                     _training_state(step, optimizer_state, rng_state, extra), files)
-        _commit(staged, directory, files)
+        stale = _stage_state(staged, directory, config,
+                             _training_state(step, optimizer_state, rng_state, extra), files)
+        staged.commit(directory / CONFIG_FILE, json_bytes(config), remove=stale)
     return directory
 
 
@@ -143,16 +139,21 @@ def _training_state(step, optimizer_state, rng_state, extra) -> dict:
             "extra": {} if extra is None else extra}
 
 
-def verify_saved_together(directory, config: dict | None = None) -> None:
-    """Every file ``config.json`` (or the given JSON) records must carry the id it records."""
-    directory = Path(directory)
-    if config is None:
-        config = read_json(directory / CONFIG_FILE)
-    for name, save_id in (config.get("files") or {}).items():
-        path = directory / name
-        if path.is_file():
-            check_same_save(directory / CONFIG_FILE, save_id, path,
-                            read_safetensors_metadata(path).get(SAVE_ID_KEY))
+def saved_file(directory, config: dict, name: str) -> Path:
+    """The file ``name`` of the save ``config`` (a committed JSON) records: its own version,
+    whatever a later save cut short left under the canonical name."""
+    return resolve_saved(directory, name, (config.get("files") or {}).get(name))
+
+
+def _state_json(directory: Path) -> dict:
+    """The JSON holding a directory's training state: an adapter directory keeps it in
+    ``adapter_config.json`` (one commit point for adapter and state), a model in config.json."""
+    adapter = directory / ADAPTER_CONFIG_FILE
+    if adapter.is_file():
+        info = read_json(adapter)
+        if info.get("train_state") is not None or not (directory / CONFIG_FILE).is_file():
+            return info
+    return read_json(directory / CONFIG_FILE)
 
 
 def load_training_state(directory) -> dict | None:
@@ -160,12 +161,11 @@ def load_training_state(directory) -> dict | None:
     ``None`` if none was saved. After ``save_training_state`` the dict has ``step``,
     ``optimizer``, ``rng`` and ``extra``."""
     directory = Path(directory)
-    config = read_json(directory / CONFIG_FILE)
+    config = _state_json(directory)
     skeleton = config.get("train_state")
     if skeleton is None:
         return None
-    verify_saved_together(directory, config)
-    source = directory / OPTIMIZER_FILE
+    source = saved_file(directory, config, OPTIMIZER_FILE)
     tensors = read_safetensors(source) if source.exists() else {}
     return join_arrays(skeleton, tensors, source)   # references carry the exact keys
 
@@ -215,9 +215,10 @@ def load_weights(model: Module, directory_or_file, strict: bool = True):
     unexpected keys (both only with ``strict``) and shape mismatches raise ValueError naming
     the key and shapes; nothing is assigned then. Returns ``(missing, unexpected)`` keys.
     """
-    path = _resolve_weights_file(directory_or_file, MODEL_FILE)
-    if (path.parent / CONFIG_FILE).is_file():
-        verify_saved_together(path.parent)
+    path = Path(directory_or_file)
+    if path.is_dir() and (path / CONFIG_FILE).is_file():
+        path = saved_file(path, read_json(path / CONFIG_FILE), MODEL_FILE)
+    path = _resolve_weights_file(path, MODEL_FILE)
     tensors = read_safetensors(path)
     expected = dict(model.named_parameters())
     return _check_and_assign(expected, tensors, path, strict)

@@ -4,9 +4,8 @@ checksum, and JSON state whose arrays live in a safetensors file (host-side I/O,
 Atomicity: each file is written to a temporary file in the same directory, flushed,
 fsync'ed, then ``os.replace``d over the target, so a crash leaves either the old or the new
 file, never a torn one. A *set* of files (weights, optimizer state, the JSON that refers to
-them) is written with ``StagedFiles``: every file is written in full first, then all are
-renamed with the commit file last, and every file carries the same ``save_id`` — a reader
-that finds files of two different saves says so instead of mixing them.
+them) is written with ``StagedFiles``: data files under versioned names first, then the JSON
+as the one commit point, so a crash at any moment leaves a whole save to load (see there).
 """
 from __future__ import annotations
 
@@ -85,14 +84,27 @@ def new_save_id() -> str:
     return uuid.uuid4().hex
 
 
+def versioned(path, save_id: str) -> Path:
+    """Where one save keeps a data file: ``model.safetensors`` -> ``model.<save_id>.safetensors``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.{save_id}{path.suffix}")
+
+
 class StagedFiles:
-    """A set of files replaced together: ``add`` writes each to a temporary file in full,
-    ``commit`` renames them in the order added (put the file that refers to the others last);
-    leaving the ``with`` block on an error removes the temporaries and keeps the old set."""
+    """One save of a directory: data files plus the JSON that records them, crash-safe.
+
+    ``add`` writes each data file in full under a temporary name. ``commit(json_path, data)``
+    then (1) renames every data file to its versioned name (``versioned``; no existing file is
+    touched), (2) replaces the JSON — the single commit point, which records the save id of
+    every file — and (3) moves each version onto its canonical name (``model.safetensors``,
+    what other tools open). A crash before (2) leaves the previous save whole; after it,
+    ``resolve_saved`` finds the new files by their versions until (3) completes.
+    Leaving the ``with`` block on an error removes the temporaries.
+    """
 
     def __init__(self):
         self.save_id = new_save_id()
-        self._pending: list[tuple[str, Path]] = []
+        self._pending: list[tuple[str, Path]] = []   # (temporary, canonical path)
 
     def add(self, path, data: bytes | str) -> Path:
         path = Path(path)
@@ -100,12 +112,20 @@ class StagedFiles:
                                           else data), path))
         return path
 
-    def commit(self) -> None:
+    def commit(self, json_path, json_data: bytes, remove=()) -> None:
+        """Commit the save; ``remove``: canonical files the new JSON no longer refers to."""
         for tmp, path in self._pending:
-            os.replace(tmp, path)
+            os.replace(tmp, versioned(path, self.save_id))
         for directory in {path.parent for _, path in self._pending}:
             _fsync_dir(directory)
-        self._pending = []
+        atomic_write(json_path, json_data)                       # the commit point
+        pending, self._pending = self._pending, []
+        for _, path in pending:   # canonical now holds this save: no version is needed
+            _publish(versioned(path, self.save_id), path)
+            _remove_versions(path)
+        for path in remove:
+            _remove_versions(Path(path))
+            _unlink(path)
 
     def __enter__(self):
         return self
@@ -115,6 +135,42 @@ class StagedFiles:
             _unlink(tmp)
         self._pending = []
         return False
+
+
+def _publish(source: Path, canonical: Path) -> None:
+    """Make ``canonical`` the same file as ``source`` (a hard link, a copy where links fail)."""
+    tmp = canonical.with_name(f".{canonical.name}.{new_save_id()}.tmp")
+    try:
+        os.link(source, tmp)
+    except OSError:
+        import shutil
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, canonical)
+
+
+def _remove_versions(path: Path) -> None:
+    """Delete ``<stem>.<save id><suffix>`` files and temporaries beside ``path`` (left by
+    earlier, cut-short saves; one writer per directory)."""
+    for old in path.parent.glob(f"{path.stem}.*{path.suffix}"):
+        version = old.name[len(path.stem) + 1:len(old.name) - len(path.suffix)]
+        if len(version) == 32 and all(c in "0123456789abcdef" for c in version):
+            _unlink(old)
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):   # a killed save's temporaries
+        _unlink(tmp)
+
+
+def resolve_saved(directory, name: str, save_id) -> Path:
+    """The file ``name`` of the save ``save_id`` recorded (``None``: the canonical file)."""
+    canonical = Path(directory) / name
+    if save_id is None:
+        return canonical
+    kept = versioned(canonical, save_id)
+    if kept.is_file():
+        return kept
+    if canonical.is_file():
+        check_same_save(Path(directory), save_id, canonical,
+                        read_safetensors_metadata(canonical).get(SAVE_ID_KEY))
+    return canonical
 
 
 def json_bytes(obj) -> bytes:
@@ -212,11 +268,12 @@ def read_safetensors_metadata(path) -> dict:
     return header.get("__metadata__") or {}
 
 
-def check_same_save(path_a, id_a, path_b, id_b) -> None:
-    """Files written by one save carry one save_id; a mix means a save was cut short."""
+def check_same_save(where, id_a, path_b, id_b) -> None:
+    """Files written by one save carry one save_id; a mix means files were copied apart."""
     if id_a is not None and id_b is not None and id_a != id_b:
-        raise ValueError(f"{path_a} and {path_b} come from different saves (save_id {id_a} vs "
-                         f"{id_b}): a save was interrupted; restore both from one save")
+        raise ValueError(f"{where} records save {id_a}, but {path_b} comes from save {id_b} "
+                         "and that save's own file is missing: files of different saves "
+                         "were mixed")
 
 
 # --- JSON state with arrays split out ---------------------------------------------------------

@@ -182,9 +182,7 @@ def finetune(out, base, variant: str, targets=DEFAULT_TARGETS, options=None,
         if cfg is None:
             checkpoint.save_model(model, out, train_state=_train_state(tr))
         else:
-            checkpoint.save_adapter(model, out)
-            checkpoint.save_training_state(out, tr.step, tr.optimizer.state_dict(),
-                                           tr.rng.bit_generator.state, _extra_state(tr))
+            checkpoint.save_adapter(model, out, train_state=_train_state(tr))
         _write_run(out, {"kind": "full" if cfg is None else "adapter", "base": str(base),
                          "variant": variant, "targets": list(targets),
                          "config": None if cfg is None else cfg.to_dict(),

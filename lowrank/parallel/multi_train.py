@@ -208,9 +208,7 @@ def finetune_many(out, base, variants, targets=wf.DEFAULT_TARGETS, options=None,
                                       checkpoint.load_adapter(v, d))
 
     def save(k, tr):
-        checkpoint.save_adapter(trainer.views[k], dirs[k])
-        checkpoint.save_training_state(dirs[k], tr.step, tr.optimizer.state_dict(),
-                                       tr.rng.bit_generator.state, wf._extra_state(tr))
+        checkpoint.save_adapter(trainer.views[k], dirs[k], train_state=wf._train_state(tr))
         wf._write_run(dirs[k], {"kind": "adapter", "base": str(base), "variant": variants[k][0],
                                 "targets": list(targets), "config": configs[k].to_dict(),
                                 "data": data_spec.__dict__, "train": trains[k].to_dict(),
