@@ -45,8 +45,7 @@ def lora(k):
 
 def together(K, steps, fast=True):
     import lowrank as lr
-    from lowrank.parallel.multi import inject_multi, multi_modules
-    from lowrank.parallel.multi_train import MultiTrainer
+    from lowrank.multi import MultiTrainer, inject_multi, multi_modules
     model = lr.GPT(lr.GPTConfig(**CONFIG), seed=0, dtype="float32")
     inject_multi(model, [(lora(k), TARGETS, k) for k in range(K)])
     for _, m in multi_modules(model):

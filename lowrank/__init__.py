@@ -1,21 +1,19 @@
 """lowrank — LoRA and its variants with hand-derived, verified gradients, on NumPy or CuPy."""
 from . import adapters, backend, decompose, ops
+from ._version import __version__
+from .checkpoint import load_model, save_model
 from .layers import Linear
 from .model import GPT, GPTConfig
 from .module import Module, Parameter
 
-__version__ = "0.1.0"
-
 
 def save(model, path, train_state=None):
     """Write ``model`` into directory ``path`` (safetensors weights + config.json), atomically."""
-    from .checkpoint import save_model
     return save_model(model, path, train_state=train_state)
 
 
 def load(path, backend=None):
     """The GPT saved in directory ``path`` (on ``backend``, default: the active one)."""
-    from .checkpoint import load_model
     return load_model(path, backend)
 
 

@@ -3,8 +3,8 @@
 Only what an adapter adds is saved — every parameter of each ``AdaptedLinear`` except its
 frozen base — under PEFT's key names (``blocks.0.attn.q.lora_A.weight``), with the variant's
 config and per-module metadata. Loading expects the same adapters injected into the same base
-(``workflows.load_finetuned`` re-injects from the saved config). Part of ``lowrank.checkpoint``,
-which re-exports these functions.
+(``workflows.load_finetuned`` re-injects from the saved config). ``lowrank.checkpoint``
+re-exports these functions; the format: docs/training.md#adapter-files.
 """
 from __future__ import annotations
 
@@ -12,15 +12,22 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, ADAPTER_FORMAT, _PEFT_SUFFIX,
-                         _check_and_assign, _resolve_weights_file, _stage, _stage_state,
-                         _version, saved_file)
+from ._version import __version__
+from .adapters import AdaptedLinear
+from .json_arrays import split_arrays
 from .module import Module
-from .storage import StagedFiles, json_bytes, read_json, read_safetensors, split_arrays
+from .storage import (StagedFiles, check_and_assign, json_bytes, read_json, read_safetensors,
+                      resolve_weights_file, saved_file, stage, stage_state)
+
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_FORMAT = "lowrank-adapter"
+
+# lowrank parameter name -> PEFT key suffix (other adapter parameters keep their names)
+_PEFT_SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
 
 def _adapter_modules(model):
-    from .adapters import AdaptedLinear
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, AdaptedLinear)]
     if not found:
         raise ValueError(f"{type(model).__name__} holds no adapter (AdaptedLinear) modules; "
@@ -101,7 +108,7 @@ def save_adapter(model: Module, directory, train_state: dict | None = None) -> P
     targets = sorted({name.rpartition(".")[2] for name, _ in modules})
     info = {
         "format": ADAPTER_FORMAT,
-        "lowrank_version": _version(),
+        "lowrank_version": __version__,
         "variant": modules[0][1].variant,
         "config": configs[0] if all(c == configs[0] for c in configs) else None,
         "targets": targets,
@@ -116,8 +123,8 @@ def save_adapter(model: Module, directory, train_state: dict | None = None) -> P
         tensors.update(exported)
     files: dict = {}
     with StagedFiles() as staged:   # adapter, state and their JSON: one save, one commit
-        _stage(staged, directory / ADAPTER_FILE, tensors, "adapter", files)
-        stale = _stage_state(staged, directory, info, train_state, files)
+        stage(staged, directory / ADAPTER_FILE, tensors, "adapter", files)
+        stale = stage_state(staged, directory, info, train_state, files)
         staged.commit(directory / ADAPTER_CONFIG_FILE, json_bytes(info), remove=stale)
     return directory
 
@@ -136,7 +143,7 @@ def load_adapter(model: Module, directory) -> dict:
     """
     directory = Path(directory)
     info = read_adapter_config(directory)
-    path = _resolve_weights_file(saved_file(directory, info, ADAPTER_FILE), ADAPTER_FILE)
+    path = resolve_weights_file(saved_file(directory, info, ADAPTER_FILE), ADAPTER_FILE)
     tensors = read_safetensors(path)
     params, _ = _adapter_params(model)
     modules = dict(_adapter_modules(model))
@@ -155,7 +162,7 @@ def load_adapter(model: Module, directory) -> dict:
             local = {pname: tensors[k] for pname, k in keys.items() if k in tensors}
             extra = (saved or {}).get("extra") or {}
             tensors.update({keys[pname]: a for pname, a in expand(local, extra).items()})
-    _check_and_assign(params, tensors, path, strict=True)
+    check_and_assign(params, tensors, path, strict=True)
     for mname, m in modules.items():
         restore = getattr(m, "load_adapter_metadata", None)
         if callable(restore):

@@ -1,12 +1,13 @@
 """Checkpoints: safetensors weights plus JSON metadata, every file written atomically.
 
-Host-side I/O (SPEC §0): arrays leave the device with ``backend.to_numpy`` and come back with
-``backend.asarray``; numpy is used here for host arrays only.
+Host-side I/O (docs/conventions.md#host-io): arrays leave the device with
+``backend.to_numpy`` and come back with ``backend.asarray``; numpy is used here for host
+arrays only. What model and adapter files share lives in ``lowrank.storage``.
 
 A model directory holds
 
-* ``model.safetensors`` — every ``named_parameters()`` entry, keyed by its name (SPEC §3
-  names, torch layout), so the file loads into PyTorch as it is;
+* ``model.safetensors`` — every ``named_parameters()`` entry, keyed by its name
+  (docs/models.md#parameter-names, torch layout), so the file loads into PyTorch as it is;
 * ``config.json`` — ``{"format", "lowrank_version", "model": config.to_dict(), "dtype",
   "train_state"}``; ``train_state`` is JSON with every array replaced by a reference
   ``{"__tensor__": key}`` into
@@ -14,7 +15,7 @@ A model directory holds
   ``exp_avg.<param name>``, ``exp_avg_sq.<param name>``), stored bit for bit.
 
 An adapter directory holds ``adapter_model.safetensors`` (PEFT keys, e.g.
-``blocks.0.attn.q.lora_A.weight``) and ``adapter_config.json``.
+``blocks.0.attn.q.lora_A.weight``) and ``adapter_config.json`` (``lowrank.adapter_files``).
 
 Atomicity (``lowrank.storage.StagedFiles``): a save writes its data files under versioned
 names, then replaces the JSON that records their save ids — the one commit point — then moves
@@ -30,24 +31,21 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend
+from . import backend as _backend   # load_model's argument is called backend
+from . import model as _model
+from .adapter_files import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, load_adapter,  # noqa: F401
+                            read_adapter_config, save_adapter)
+from .json_arrays import join_arrays
 from .module import Module
-from .storage import (SAVE_ID_KEY, StagedFiles, atomic_write, encode_train_state,  # noqa: F401
-                      join_arrays, json_bytes, read_json, read_safetensors, resolve_saved,
-                      safetensors_bytes)
+from .storage import (OPTIMIZER_FILE, StagedFiles, atomic_write, check_and_assign, json_bytes,
+                      read_json, read_safetensors, resolve_weights_file, saved_file, stage,
+                      stage_state)
 
 _read_safetensors = read_safetensors   # older name, used by tests and tools
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-ADAPTER_FILE = "adapter_model.safetensors"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
 FORMAT = "lowrank"
-ADAPTER_FORMAT = "lowrank-adapter"
-
-# lowrank parameter name -> PEFT key suffix (other adapter parameters keep their names)
-_PEFT_SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -71,25 +69,6 @@ def _model_dtype(model) -> str | None:
     return None
 
 
-def _stage(staged: StagedFiles, path: Path, tensors: dict, kind: str, files: dict) -> None:
-    """Add a safetensors file stamped with the save's id; record the id for the JSON."""
-    staged.add(path, safetensors_bytes(tensors, {"kind": kind, SAVE_ID_KEY: staged.save_id}))
-    files[path.name] = staged.save_id
-
-
-def _stage_state(staged, directory: Path, config: dict, train_state, files: dict) -> list:
-    """Stage the training state's arrays (``optimizer.safetensors``) and record the state in
-    ``config`` (the JSON the caller commits); returns files the new save no longer needs."""
-    skeleton, tensors = (None, {}) if train_state is None else encode_train_state(train_state)
-    stale = []
-    if tensors:
-        _stage(staged, directory / OPTIMIZER_FILE, tensors, "train_state", files)
-    elif files.pop(OPTIMIZER_FILE, None) is not None or (directory / OPTIMIZER_FILE).exists():
-        stale.append(directory / OPTIMIZER_FILE)
-    config.update(lowrank_version=_version(), train_state=skeleton, files=files)
-    return stale
-
-
 def save_model(model: Module, directory, train_state: dict | None = None) -> Path:
     """Save ``model`` (and optionally the training state) into ``directory``: one staged set of
     ``model.safetensors`` (keys = parameter names), ``optimizer.safetensors``, ``config.json``."""
@@ -103,8 +82,8 @@ def save_model(model: Module, directory, train_state: dict | None = None) -> Pat
         tensors[name] = p.data
     files: dict = {}
     with StagedFiles() as staged:
-        _stage(staged, directory / MODEL_FILE, tensors, "model", files)
-        stale = _stage_state(staged, directory, config, train_state, files)
+        stage(staged, directory / MODEL_FILE, tensors, "model", files)
+        stale = stage_state(staged, directory, config, train_state, files)
         staged.commit(directory / CONFIG_FILE, json_bytes(config), remove=stale)
     return directory
 
@@ -126,8 +105,8 @@ def save_training_state(directory, step: int, optimizer_state: dict, rng_state: 
     config = read_json(config_path) if config_path.exists() else {"format": FORMAT}
     files = dict(config.get("files") or {})
     with StagedFiles() as staged:
-        stale = _stage_state(staged, directory, config,
-                             _training_state(step, optimizer_state, rng_state, extra), files)
+        stale = stage_state(staged, directory, config,
+                            _training_state(step, optimizer_state, rng_state, extra), files)
         staged.commit(directory / CONFIG_FILE, json_bytes(config), remove=stale)
     return directory
 
@@ -137,12 +116,6 @@ def _training_state(step, optimizer_state, rng_state, extra) -> dict:
         raise ValueError(f"step must be an integer, got {step!r}")
     return {"step": int(step), "optimizer": optimizer_state, "rng": rng_state,
             "extra": {} if extra is None else extra}
-
-
-def saved_file(directory, config: dict, name: str) -> Path:
-    """The file ``name`` of the save ``config`` (a committed JSON) records: its own version,
-    whatever a later save cut short left under the canonical name."""
-    return resolve_saved(directory, name, (config.get("files") or {}).get(name))
 
 
 def _state_json(directory: Path) -> dict:
@@ -170,44 +143,6 @@ def load_training_state(directory) -> dict | None:
     return join_arrays(skeleton, tensors, source)   # references carry the exact keys
 
 
-def _resolve_weights_file(directory_or_file, default_name: str) -> Path:
-    path = Path(directory_or_file)
-    if path.is_dir():
-        path = path / default_name
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    return path
-
-
-def _check_and_assign(expected: dict, tensors: dict, source, strict: bool) -> tuple[list, list]:
-    """Check ``tensors`` (file key -> host array) against ``expected`` (file key -> Parameter)
-    and assign all of them, or none when something is wrong."""
-    missing = [k for k in expected if k not in tensors]
-    unexpected = sorted(k for k in tensors if k not in expected)
-    if strict and missing:
-        k = missing[0]
-        raise ValueError(f"missing key {k!r} in {source}: the model's parameter has shape "
-                         f"{tuple(expected[k].shape)}, the file has no such tensor "
-                         f"({len(missing)} missing in all: {missing[:5]})")
-    if strict and unexpected:
-        k = unexpected[0]
-        raise ValueError(f"unexpected key {k!r} in {source} with shape "
-                         f"{tuple(tensors[k].shape)}: the model has no such parameter "
-                         f"({len(unexpected)} unexpected in all: {unexpected[:5]})")
-    for k, p in expected.items():
-        if k in tensors and tuple(tensors[k].shape) != tuple(p.shape):
-            raise ValueError(f"shape mismatch for key {k!r} in {source}: file has "
-                             f"{tuple(tensors[k].shape)}, model has {tuple(p.shape)}")
-    new = {}
-    for k, p in expected.items():
-        if k in tensors:
-            xp = backend.get_namespace(p.data)
-            new[k] = backend.asarray(tensors[k], dtype=p.data.dtype, xp=xp)
-    for k, arr in new.items():
-        expected[k].data = arr
-    return missing, unexpected
-
-
 def load_weights(model: Module, directory_or_file, strict: bool = True):
     """Load ``model.safetensors`` (or the given file) into ``model`` by parameter name.
 
@@ -218,10 +153,10 @@ def load_weights(model: Module, directory_or_file, strict: bool = True):
     path = Path(directory_or_file)
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         path = saved_file(path, read_json(path / CONFIG_FILE), MODEL_FILE)
-    path = _resolve_weights_file(path, MODEL_FILE)
+    path = resolve_weights_file(path, MODEL_FILE)
     tensors = read_safetensors(path)
     expected = dict(model.named_parameters())
-    return _check_and_assign(expected, tensors, path, strict)
+    return check_and_assign(expected, tensors, path, strict)
 
 
 def read_config(directory) -> dict:
@@ -235,9 +170,6 @@ def load_model(directory, backend: str | None = None):
     ``backend`` ('numpy', 'numpy-strict', 'cupy'; default: the active one) says where the
     parameters live.
     """
-    from . import backend as _backend
-    from . import model as _model   # lazily: the model module imports much more than we need
-
     name = backend
     directory = Path(directory)
     config = read_json(directory / CONFIG_FILE)
@@ -255,16 +187,6 @@ def load_model(directory, backend: str | None = None):
     load_weights(model, directory, strict=True)
     return model
 
-
-def _version() -> str:
-    try:
-        from . import __version__
-        return __version__
-    except ImportError:   # pragma: no cover
-        return "unknown"
-
-
-from .adapter_files import load_adapter, read_adapter_config, save_adapter  # noqa: E402
 
 __all__ = [
     "MODEL_FILE", "CONFIG_FILE", "OPTIMIZER_FILE", "ADAPTER_FILE", "ADAPTER_CONFIG_FILE",

@@ -9,9 +9,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from .parallel import ParameterDriftError
+from . import backend, workflows as wf
+from .adapters import available, field_from_text
+from .bench import run_bench
+from .demo import run_demo
+from .multi import finetune_many, parse_variants
+from .parallel import ParameterDriftError, get_comm
 from .train import NonFiniteLossError, TrainConfig
 
 
@@ -58,7 +64,6 @@ def _corpus(values, default):
 
 def _parse_set(items) -> dict:
     """``--set key=value`` for variant options not named on the command line."""
-    from .adapters import field_from_text
     options = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -69,7 +74,6 @@ def _parse_set(items) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .adapters import available
     parser = argparse.ArgumentParser(prog="lowrank", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -130,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
 
-    p = sub.add_parser("bench", help="training throughput: full fine-tuning vs LoRA (and "
-                                     "PyTorch+PEFT when installed)")
+    p = sub.add_parser("bench", help="training throughput: full fine-tuning vs LoRA (the "
+                                     "PyTorch+PEFT baseline: benchmarks/bench_train.py)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--backend", choices=("numpy", "numpy-strict", "cupy"), default=None)
     return parser
@@ -140,7 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _variant_options(extra) -> dict:
     """Unlisted ``--field value`` pairs after ``finetune``: any field of the variant's config
     (``--init-r 12 --target-r 4`` for AdaLoRA); a bare ``--flag`` means True."""
-    from .adapters import field_from_text
     options, i = {}, 0
     while i < len(extra):
         token = extra[i]
@@ -158,7 +161,6 @@ def _variant_options(extra) -> dict:
 
 
 def main(argv=None) -> int:
-    from . import backend
     backend.keep_freed_host_memory()   # training reuses the same large blocks every step
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -186,9 +188,6 @@ def _fail(args, message: str, code: int) -> int:
 
 def _make_comm(args):
     """The communicator of a training command, announced once (rank 0) when parallel."""
-    import os
-
-    from .parallel import get_comm
     try:
         comm = args.comm_obj = get_comm(args.comm)
     except RuntimeError as exc:     # mpi4py or NCCL missing: a message, not a traceback
@@ -204,9 +203,7 @@ def _make_comm(args):
 
 
 def _run(args) -> int:
-    from . import workflows as wf
     if getattr(args, "backend", None):
-        from . import backend
         backend.set_backend(args.backend)
     comm = _make_comm(args) if args.command in ("pretrain", "finetune") else None
     if args.command == "pretrain":
@@ -231,8 +228,7 @@ def _run(args) -> int:
         options.update(args.variant_options)
         targets = args.targets if args.regex else [t for t in args.targets.split(",") if t]
         if "," in args.variant:   # several adapters over one frozen base, in one process
-            from .parallel.multi_train import run_cli
-            return run_cli(args, options, targets, comm)
+            return _finetune_many(args, options, targets, comm)
         result = wf.finetune(args.out, args.base, args.variant, targets,
                              options if args.variant != "full" else None,
                              wf.DataSpec(_corpus(args.corpus, "code"), args.max_bytes),
@@ -260,12 +256,33 @@ def _run(args) -> int:
                                  model.config.context)
             print(f"validation loss {wf.evaluate(model, data, args.batch_size, args.batches):.4f}")
     elif args.command == "demo":
-        from .demo import run_demo
         run_demo(args.out, pretrain_steps=args.pretrain_steps, finetune_steps=args.steps,
                  dtype=args.dtype, seed=args.seed, progress=not args.no_progress)
     elif args.command == "bench":
-        from .bench import run_bench
         run_bench(steps=args.steps)
+        print("PyTorch+PEFT side by side: python benchmarks/bench_train.py (in a repository "
+              "checkout, with the `reference` extra)")
+    return 0
+
+
+def _finetune_many(args, options: dict, targets, comm) -> int:
+    """``finetune --variant a,b,...``: train them together and print one line each."""
+    if comm is not None and comm.size > 1:
+        raise ValueError("--variant with several adapters trains them in one process; "
+                         "run it without mpiexec")
+    variants = parse_variants(args.variant)
+    results = finetune_many(args.out, args.base, variants, targets, options,
+                            wf.DataSpec(_corpus(args.corpus, "code"), args.max_bytes),
+                            _train_config(args), dtype=args.dtype, resume=args.resume,
+                            save_every=args.save_every, progress=not args.no_progress)
+    total = sum(r.tokens_per_s for r in results)   # each: median over its steps
+    for (variant, _), result in zip(variants, results):
+        share = 100.0 * result.trainable / result.total
+        print(f"{variant}: {result.trainable:,} trainable parameters ({share:.2f}%); "
+              f"validation loss {result.val_loss:.4f}; saved to {result.out}")
+        for line in result.report:
+            print(line)
+    print(f"{len(results)} adapters trained together over one base: {total:,.0f} tokens/s in all")
     return 0
 
 

@@ -1,5 +1,7 @@
 """Files that survive crashes: atomic writes, staged sets of files, safetensors with a
-checksum, and JSON state whose arrays live in a safetensors file (host-side I/O, SPEC §0).
+checksum, and the pieces every checkpoint shares: a training state whose arrays live in a
+safetensors file, the file a save recorded, checked assignment of loaded tensors (host-side
+I/O, docs/conventions.md#host-io; the formats: docs/training.md#checkpoints).
 
 Atomicity: each file is written to a temporary file in the same directory, flushed,
 fsync'ed, then ``os.replace``d over the target, so a crash leaves either the old or the new
@@ -21,10 +23,12 @@ import numpy as np
 import safetensors.numpy as st
 
 from . import backend
+from ._version import __version__
+from .json_arrays import encode_train_state
 
 CHECKSUM_KEY = "lowrank.sha256"
 SAVE_ID_KEY = "lowrank.save_id"
-TENSOR_REF = "__tensor__"
+OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 # --- atomic files ------------------------------------------------------------------------
@@ -276,89 +280,66 @@ def check_same_save(where, id_a, path_b, id_b) -> None:
                          "were mixed")
 
 
-# --- JSON state with arrays split out ---------------------------------------------------------
+# --- what model and adapter checkpoints share -----------------------------------------------
 
-def _is_array(v) -> bool:
-    if isinstance(v, np.ndarray):
-        return True
-    try:
-        backend.backend_of(v)
-    except ValueError:
-        return False
-    return not isinstance(v, np.generic)
+def stage(staged: StagedFiles, path: Path, tensors: dict, kind: str, files: dict) -> None:
+    """Add a safetensors file stamped with the save's id; record the id for the JSON."""
+    staged.add(path, safetensors_bytes(tensors, {"kind": kind, SAVE_ID_KEY: staged.save_id}))
+    files[path.name] = staged.save_id
 
 
-def _dotted(path: tuple) -> str:
-    return ".".join(path)
+def stage_state(staged, directory: Path, config: dict, train_state, files: dict) -> list:
+    """Stage the training state's arrays (``optimizer.safetensors``) and record the state in
+    ``config`` (the JSON the caller commits); returns files the new save no longer needs."""
+    skeleton, tensors = (None, {}) if train_state is None else encode_train_state(train_state)
+    stale = []
+    if tensors:
+        stage(staged, directory / OPTIMIZER_FILE, tensors, "train_state", files)
+    elif files.pop(OPTIMIZER_FILE, None) is not None or (directory / OPTIMIZER_FILE).exists():
+        stale.append(directory / OPTIMIZER_FILE)
+    config.update(lowrank_version=__version__, train_state=skeleton, files=files)
+    return stale
 
 
-def split_arrays(obj, path: tuple, tensors: dict, where: str, key=_dotted):
-    """JSON skeleton of ``obj`` with arrays moved into ``tensors`` under ``key(path)``."""
-    if _is_array(obj):
-        name = key(path)
-        if name in tensors:
-            raise ValueError(f"two arrays in the training state map to the key {name!r}")
-        tensors[name] = host_copy(obj)
-        return {TENSOR_REF: name}
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            if not isinstance(k, str):
-                raise ValueError(f"training state keys must be strings, got {k!r} in {where}")
-            if k == TENSOR_REF:
-                raise ValueError(f"the key {TENSOR_REF!r} is reserved (in {where})")
-            out[k] = split_arrays(v, path + (k,), tensors, where, key)
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [split_arrays(v, path + (str(i),), tensors, where, key) for i, v in enumerate(obj)]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise ValueError(f"cannot store a {type(obj).__name__} at {_dotted(path) or '<root>'} of "
-                     f"{where} in a checkpoint (use JSON values or arrays)")
+def saved_file(directory, config: dict, name: str) -> Path:
+    """The file ``name`` of the save ``config`` (a committed JSON) records: its own version,
+    whatever a later save cut short left under the canonical name."""
+    return resolve_saved(directory, name, (config.get("files") or {}).get(name))
 
 
-def _optimizer_key(path: tuple) -> str:
-    """``exp_avg.<param name>`` for per-parameter moments (``{"state": {name: {"exp_avg":
-    a}}}`` as AdamW.state_dict() has it, or ``{"exp_avg": {name: a}}``); else the dotted path."""
-    if len(path) == 3 and path[0] == "state":
-        return f"{path[2]}.{path[1]}"
-    return _dotted(path)
+def resolve_weights_file(directory_or_file, default_name: str) -> Path:
+    path = Path(directory_or_file)
+    if path.is_dir():
+        path = path / default_name
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    return path
 
 
-def join_arrays(obj, tensors: dict, source):
-    if isinstance(obj, dict):
-        if set(obj) == {TENSOR_REF}:
-            key = obj[TENSOR_REF]
-            if key not in tensors:
-                raise ValueError(f"training state refers to tensor {key!r}, which "
-                                 f"{source} does not hold")
-            return tensors[key]
-        return {k: join_arrays(v, tensors, source) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [join_arrays(v, tensors, source) for v in obj]
-    return obj
-
-
-def encode_train_state(train_state: dict) -> tuple[dict, dict]:
-    """Split a train state into its JSON skeleton and its arrays.
-
-    Arrays under ``train_state["optimizer"]`` get keys relative to it, per-parameter moments
-    as ``exp_avg.<param name>`` (torch/PEFT-like); arrays elsewhere keep their full dotted
-    path (``rng.key``). The skeleton stores the exact key of every array, so loading needs
-    no naming rule.
-    """
-    if not isinstance(train_state, dict):
-        raise ValueError(f"train_state must be a dict, got {type(train_state).__name__}")
-    tensors: dict = {}
-    skeleton = {}
-    for k, v in train_state.items():
-        if not isinstance(k, str):
-            raise ValueError(f"train_state keys must be strings, got {k!r}")
-        if k == "optimizer":
-            skeleton[k] = split_arrays(v, (), tensors, "train_state['optimizer']",
-                                        _optimizer_key)
-        else:
-            skeleton[k] = split_arrays(v, (k,), tensors, f"train_state[{k!r}]")
-    return skeleton, tensors
+def check_and_assign(expected: dict, tensors: dict, source, strict: bool) -> tuple[list, list]:
+    """Check ``tensors`` (file key -> host array) against ``expected`` (file key -> Parameter)
+    and assign all of them, or none when something is wrong."""
+    missing = [k for k in expected if k not in tensors]
+    unexpected = sorted(k for k in tensors if k not in expected)
+    if strict and missing:
+        k = missing[0]
+        raise ValueError(f"missing key {k!r} in {source}: the model's parameter has shape "
+                         f"{tuple(expected[k].shape)}, the file has no such tensor "
+                         f"({len(missing)} missing in all: {missing[:5]})")
+    if strict and unexpected:
+        k = unexpected[0]
+        raise ValueError(f"unexpected key {k!r} in {source} with shape "
+                         f"{tuple(tensors[k].shape)}: the model has no such parameter "
+                         f"({len(unexpected)} unexpected in all: {unexpected[:5]})")
+    for k, p in expected.items():
+        if k in tensors and tuple(tensors[k].shape) != tuple(p.shape):
+            raise ValueError(f"shape mismatch for key {k!r} in {source}: file has "
+                             f"{tuple(tensors[k].shape)}, model has {tuple(p.shape)}")
+    new = {}
+    for k, p in expected.items():
+        if k in tensors:
+            xp = backend.get_namespace(p.data)
+            new[k] = backend.asarray(tensors[k], dtype=p.data.dtype, xp=xp)
+    for k, arr in new.items():
+        expected[k].data = arr
+    return missing, unexpected

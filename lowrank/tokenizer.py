@@ -16,7 +16,7 @@ import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .checkpoint import atomic_write
+from .storage import atomic_write
 
 TOKENIZER_FILE = "tokenizer.json"
 MIN_VOCAB_SIZE = 256          # the byte alphabet; merges come on top of it

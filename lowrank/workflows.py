@@ -127,7 +127,7 @@ def pretrain(out, model_spec: ModelSpec, data_spec: DataSpec, train: TrainConfig
 
     @_root_only(comm)
     def save(tr):
-        checkpoint.save_model(model, out, train_state=_train_state(tr))
+        checkpoint.save_model(model, out, train_state=tr.state_dict())
         _write_run(out, {"kind": "base", "data": data_spec.__dict__, "train": train.to_dict(),
                          "history": history})
 
@@ -147,8 +147,23 @@ def load_base(base, dtype=None, backend_name=None):
     return model, Tokenizer.load(base / "tokenizer.json"), read_run(base)
 
 
+def check_options(variants, options) -> None:
+    """Every option must be a config field of one of ``variants`` at least: one adapter and
+    several trained together (``lowrank.multi.finetune_many``) check alike, and a misspelt
+    option is an error, never dropped. Full fine-tuning takes no adapter options."""
+    if "full" in variants:
+        fields = set()
+    else:
+        fields = {f for v in variants for f in adapter_config(v).to_dict()} - {"variant"}
+    unknown = sorted(set(options or {}) - fields)
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown} for variant(s) {list(variants)}; "
+                         f"fields: {sorted(fields)}")
+
+
 def prepare_finetune(model, variant: str, targets, options: dict, seed: int = 0):
     """Full fine-tuning (``variant="full"``) or an injected adapter of a registered variant."""
+    check_options([variant], options)
     if variant == "full":
         return None
     cfg = adapter_config(variant, **options)
@@ -166,6 +181,7 @@ def finetune(out, base, variant: str, targets=DEFAULT_TARGETS, options=None,
     out.mkdir(parents=True, exist_ok=True)
     data_spec = data_spec or DataSpec(corpus="code")
     train = train or TrainConfig()
+    check_options([variant], options)   # before the base is read
     model, tok, base_run = load_base(base, dtype, backend_name)
     data = token_data(tok, data_spec, model.config.context)
     cfg = prepare_finetune(model, variant, targets, options or {}, seed=train.seed)
@@ -180,9 +196,9 @@ def finetune(out, base, variant: str, targets=DEFAULT_TARGETS, options=None,
     @_root_only(comm)
     def save(tr):
         if cfg is None:
-            checkpoint.save_model(model, out, train_state=_train_state(tr))
+            checkpoint.save_model(model, out, train_state=tr.state_dict())
         else:
-            checkpoint.save_adapter(model, out, train_state=_train_state(tr))
+            checkpoint.save_adapter(model, out, train_state=tr.state_dict())
         _write_run(out, {"kind": "full" if cfg is None else "adapter", "base": str(base),
                          "variant": variant, "targets": list(targets),
                          "config": None if cfg is None else cfg.to_dict(),
@@ -239,16 +255,10 @@ def _load_finetuned_weights(model, out, cfg):
         checkpoint.load_adapter(model, out)
 
 
-def _train_state(tr: Trainer) -> dict:
-    state = tr.state_dict()
-    return {"step": state["step"], "optimizer": state["optimizer"], "rng": state["rng"],
-            "extra": _extra_state(tr)}
-
-
 def _extra_state(tr: Trainer) -> dict:
-    state = tr.state_dict()
-    return {"tokens_seen": tr.tokens_seen, "dropout_rngs": state["dropout_rngs"],
-            "hooks": state["hooks"]}
+    """The Trainer's state beyond step, optimizer and rng: ``extra`` of
+    ``checkpoint.save_training_state``, which ``_resume`` reads as well."""
+    return {k: v for k, v in tr.state_dict().items() if k not in ("step", "optimizer", "rng")}
 
 
 def _resume(out: Path, trainer: Trainer, load_weights) -> list:
@@ -256,11 +266,9 @@ def _resume(out: Path, trainer: Trainer, load_weights) -> list:
     if state is None:
         raise ValueError(f"--resume: {out} holds no training state to resume from")
     load_weights()
-    trainer.load_state_dict({"step": state["step"], "rng": state["rng"],
-                             "optimizer": state["optimizer"],
-                             "tokens_seen": state["extra"].get("tokens_seen", 0),
-                             "dropout_rngs": state["extra"].get("dropout_rngs", {}),
-                             "hooks": state["extra"].get("hooks", [])})
+    if "extra" in state:   # save_training_state's layout (and that of older workflows saves)
+        state = {"tokens_seen": 0, **state.pop("extra"), **state}
+    trainer.load_state_dict(state)
     return read_run(out).get("history", [])
 
 

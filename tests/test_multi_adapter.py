@@ -1,4 +1,4 @@
-"""Many adapters over one frozen base (lowrank.parallel.multi): trained together, each adapter
+"""Many adapters over one frozen base (lowrank.multi): trained together, each adapter
 ends exactly where it ends alone; the fast path really shares the base matmul; DoRA (the
 fallback) agrees too; views save/load like single-adapter models; the CLI writes one
 loadable directory per adapter."""
@@ -11,10 +11,9 @@ from lowrank import checkpoint, workflows as wf
 from lowrank.adapters import adapted_modules, config, inject
 from lowrank.data import TokenData
 from lowrank.model import GPT, GPTConfig
-from lowrank.parallel import multi
-from lowrank.parallel.multi import (AdapterView, inject_multi, multi_loss,
-                                    multi_loss_backward, multi_modules)
-from lowrank.parallel.multi_train import MultiTrainer, parse_variants, subdir_names
+from lowrank.multi import modules as multi
+from lowrank.multi import (AdapterView, MultiTrainer, inject_multi, multi_loss,
+                           multi_loss_backward, multi_modules, parse_variants, subdir_names)
 from lowrank.train import Trainer, TrainConfig
 
 from .helpers import rel_err
@@ -279,7 +278,7 @@ def test_cli_trains_several_adapters_into_loadable_directories(tmp_path, capsys)
 
 
 def test_finetune_many_resumes_and_matches_single_finetunes(tmp_path):
-    from lowrank.parallel.multi_train import finetune_many
+    from lowrank.multi import finetune_many
     text = tmp_path / "text.txt"
     text.write_text("".join(f"def f{i}(x):\n    return x * {i} + 1\n" for i in range(400)))
     spec = wf.ModelSpec(vocab_size=300, context=16, n_layer=1, n_head=2, d_model=16)
@@ -314,3 +313,26 @@ def test_finetune_many_resumes_and_matches_single_finetunes(tmp_path):
                                          lr=own.get("lr", 1e-2), seed=3 + k), progress=False)
         assert assert_same_adapters([view], [single.model]) < 1e-10
         assert straight[k].val_loss == pytest.approx(single.val_loss, rel=1e-10)
+
+
+@pytest.mark.parametrize("options", [{"bogus_field": 3}, {"init_r": 12, "r": 2}])
+def test_one_adapter_and_several_reject_unknown_options_alike(tmp_path, options):
+    """An option none of the requested variants has is one ValueError on both paths (lora
+    and dora have no ``init_r``), raised before the base is read; full takes no options."""
+    from lowrank.multi import finetune_many
+    base = tmp_path / "never-read"
+    with pytest.raises(ValueError) as one:
+        wf.finetune(tmp_path / "one", base, "lora", options=options)
+    with pytest.raises(ValueError) as several:
+        finetune_many(tmp_path / "two", base, [("lora", {}), ("dora", {})], options=options)
+    wrong = sorted(set(options) - {"r"})
+    assert str(one.value).startswith(f"unknown field(s) {wrong} for variant(s) ['lora']; ")
+    assert str(several.value).startswith(f"unknown field(s) {wrong} for variant(s) "
+                                         "['lora', 'dora']; ")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['r'\] for variant\(s\) "
+                                         r"\['full'\]"):
+        wf.finetune(tmp_path / "full", base, "full", options={"r": 2})
+    # a field one of them has passes the check (and goes to that one only): the base is read
+    with pytest.raises(FileNotFoundError):
+        finetune_many(tmp_path / "three", base, [("lora", {}), ("adalora", {})],
+                      options={"init_r": 12})

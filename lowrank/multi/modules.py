@@ -1,5 +1,5 @@
 """Many adapters over one frozen base in one process (PEFT's mixed-batch ``adapter_names=``,
-S-LoRA): the model, modules and views that ``multi_train.MultiTrainer`` drives.
+S-LoRA): the model, modules and views that ``lowrank.multi.train.MultiTrainer`` drives.
 
 K independent adapters train side by side. A batch is the concatenation of K row groups
 (adapter k's sequences); the frozen model runs once over all of it; every adapted Linear is a

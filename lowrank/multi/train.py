@@ -5,7 +5,7 @@
 
 Adapter k is an ordinary ``Trainer`` over ``AdapterView(model, k)`` with its own data,
 TrainConfig (lr, schedule, steps, batch size, accumulation, seed), AdamW and hooks; only the
-forward/backward are shared (``multi.multi_loss``: one pass over the concatenated batch, the
+forward/backward are shared (``modules.multi_loss``: one pass over the concatenated batch, the
 loss Σ_k mean cross-entropy of group k, so each adapter's gradient is the one it gets alone).
 Per step: every adapter still training samples its micro-batches with its own RNG, the
 shared forward/backward fills every adapter's gradients, then each trainer finishes its own
@@ -16,6 +16,8 @@ may have different step counts: a finished one leaves the batch.
 variant occurs twice), each directory exactly what ``workflows.finetune`` writes for that
 adapter alone (``workflows.load_finetuned`` loads it; ``--resume`` resumes it), plus
 ``<out>/run.json`` listing them. Only a single process: data parallel is a separate mode.
+The CLI passes plain values (variants, options, DataSpec, TrainConfig); options are checked
+as ``workflows.finetune`` checks a single adapter's (``workflows.check_options``).
 """
 from __future__ import annotations
 
@@ -25,13 +27,11 @@ import time
 from itertools import zip_longest
 from pathlib import Path
 
-import numpy as np
-
 from .. import backend, checkpoint
 from .. import workflows as wf
 from ..adapters import config as adapter_config, field_from_text
 from ..train import NonFiniteLossError, Trainer, TrainConfig
-from .multi import AdapterView, inject_multi, multi_loss, multi_loss_backward
+from .modules import AdapterView, inject_multi, multi_loss, multi_loss_backward
 
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
@@ -183,10 +183,7 @@ def finetune_many(out, base, variants, targets=wf.DEFAULT_TARGETS, options=None,
     train = train or TrainConfig()
     options = dict(options or {})
     variants = [(v, dict(f)) for v, f in variants]
-    fits = {k for v, _ in variants for k in adapter_config(v).to_dict()}
-    unused = sorted(set(options) - fits)
-    if unused:
-        raise ValueError(f"option(s) {unused} fit none of the variants {[v for v, _ in variants]}")
+    wf.check_options([v for v, _ in variants], options)   # as a single adapter's options
     model, tok, _ = wf.load_base(base, dtype, backend_name)
     data = wf.token_data(tok, data_spec, model.config.context)
     configs, trains = [], []
@@ -208,7 +205,7 @@ def finetune_many(out, base, variants, targets=wf.DEFAULT_TARGETS, options=None,
                                       checkpoint.load_adapter(v, d))
 
     def save(k, tr):
-        checkpoint.save_adapter(trainer.views[k], dirs[k], train_state=wf._train_state(tr))
+        checkpoint.save_adapter(trainer.views[k], dirs[k], train_state=tr.state_dict())
         wf._write_run(dirs[k], {"kind": "adapter", "base": str(base), "variant": variants[k][0],
                                 "targets": list(targets), "config": configs[k].to_dict(),
                                 "data": data_spec.__dict__, "train": trains[k].to_dict(),
@@ -239,27 +236,4 @@ def finetune_many(out, base, variants, targets=wf.DEFAULT_TARGETS, options=None,
     return results
 
 
-def run_cli(args, options: dict, targets, comm) -> int:
-    """``lowrank finetune --variant a,b,...``: train them together and print one line each."""
-    if comm is not None and comm.size > 1:
-        raise ValueError("--variant with several adapters trains them in one process; "
-                         "run it without mpiexec")
-    from ..cli import _corpus, _train_config
-    variants = parse_variants(args.variant)
-    results = finetune_many(args.out, args.base, variants, targets, options,
-                            wf.DataSpec(_corpus(args.corpus, "code"), args.max_bytes),
-                            _train_config(args),
-                            dtype=args.dtype, resume=args.resume, save_every=args.save_every,
-                            progress=not args.no_progress)
-    total = sum(np.median([h["tokens_per_s"] for h in r.history]) for r in results)
-    for (variant, _), result in zip(variants, results):
-        share = 100.0 * result.trainable / result.total
-        print(f"{variant}: {result.trainable:,} trainable parameters ({share:.2f}%); "
-              f"validation loss {result.val_loss:.4f}; saved to {result.out}")
-        for line in result.report:
-            print(line)
-    print(f"{len(results)} adapters trained together over one base: {total:,.0f} tokens/s in all")
-    return 0
-
-
-__all__ = ["MultiTrainer", "finetune_many", "parse_variants", "subdir_names", "run_cli"]
+__all__ = ["MultiTrainer", "finetune_many", "parse_variants", "subdir_names"]
