@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1] / "lowrank"
 # Bottom to top: a module may import modules of its own layer or of the layers before it.
 # A name covers the module and everything under it (``lowrank.adapters`` covers
 # ``lowrank.adapters.lora``); the longest name that matches decides. The package itself
-# (``lowrank``, its __init__) is matched exactly. A new module must be placed here.
+# (``lowrank``, its __init__) is matched exactly. A new module must be placed here (some
+# names are placed ahead of the modules, e.g. ``lowrank.pretrained``, ``lowrank.tasks``).
 LAYERS = [
     ["lowrank._version", "lowrank.backend"],                   # where arrays live
     ["lowrank.storage", "lowrank.json_arrays", "lowrank.data", "lowrank.tokenizer",
@@ -26,7 +27,7 @@ LAYERS = [
     ["lowrank.parallel"],                                      # data parallel only
     ["lowrank.train"],
     ["lowrank.adapter_files", "lowrank.checkpoint", "lowrank.pretrained"],
-    ["lowrank.workflows"],
+    ["lowrank.workflows", "lowrank.tasks", "lowrank.classify"],
     ["lowrank.multi"],                                         # many adapters, one base
     ["lowrank.cli", "lowrank.demo", "lowrank.bench", "lowrank"],
 ]
@@ -271,3 +272,17 @@ def test_the_checker_sees_what_it_is_meant_to():
                for v in found), found
     assert layer_of("lowrank.adapters.lora") == layer_of("lowrank.adapters")
     assert layer_of("lowrank") == len(LAYERS) - 1 and layer_of("lowrank.nowhere") is None
+
+
+def test_only_lowrank_is_installed():
+    """pyproject installs ``lowrank`` alone: ``reference`` (the test oracles, a generic name)
+    and the tests are imported from the checkout (pytest puts the repository root first)."""
+    import fnmatch
+    import tomllib
+    project = ROOT.parent / "pyproject.toml"
+    include = tomllib.loads(project.read_text())["tool"]["setuptools"]["packages"]["find"][
+        "include"]
+    packages = [p.parent.name for p in ROOT.parent.glob("*/__init__.py")]
+    installed = sorted(p for p in packages if any(fnmatch.fnmatch(p, pat) for pat in include))
+    assert installed == ["lowrank"], installed
+    assert {"reference", "tests"} <= set(packages)   # the checkout does hold them
