@@ -1,4 +1,4 @@
-"""Exact vs randomized ``svd_split`` side by side (SPEC §1).
+"""Exact vs randomized ``svd_split`` side by side (docs/decompose.md#svd-split).
 
 For matrices with a decaying spectrum (σ_i = i^-decay) it reports, per shape and rank:
 the time of each method (best of ``--repeat``), the speed-up, and the randomized residual's
