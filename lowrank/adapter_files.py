@@ -16,8 +16,9 @@ from ._version import __version__
 from .adapters import AdaptedLinear
 from .json_arrays import split_arrays
 from .module import Module
-from .storage import (StagedFiles, check_and_assign, json_bytes, read_json, read_safetensors,
-                      resolve_weights_file, saved_file, stage, stage_state)
+from .schema import ADAPTER_CONFIG_FILE as ADAPTER_CONFIG_SCHEMA, check
+from .storage import (StagedFiles, cap_for, check_and_assign, read_saved_tensors, read_sealed_json, stage,
+                      stage_state)
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -125,13 +126,15 @@ def save_adapter(model: Module, directory, train_state: dict | None = None) -> P
     with StagedFiles() as staged:   # adapter, state and their JSON: one save, one commit
         stage(staged, directory / ADAPTER_FILE, tensors, "adapter", files)
         stale = stage_state(staged, directory, info, train_state, files)
-        staged.commit(directory / ADAPTER_CONFIG_FILE, json_bytes(info), remove=stale)
+        staged.commit(directory / ADAPTER_CONFIG_FILE, info, remove=stale)
     return directory
 
 
 def read_adapter_config(directory) -> dict:
-    """The ``adapter_config.json`` of a saved adapter (``config``, ``targets``, ``modules``)."""
-    return read_json(Path(directory) / ADAPTER_CONFIG_FILE)
+    """The ``adapter_config.json`` of a saved adapter (``config``, ``targets``, ``modules``),
+    its integrity record and schema checked."""
+    path = Path(directory) / ADAPTER_CONFIG_FILE
+    return check(read_sealed_json(path), ADAPTER_CONFIG_SCHEMA, str(path))
 
 
 def load_adapter(model: Module, directory) -> dict:
@@ -143,9 +146,10 @@ def load_adapter(model: Module, directory) -> dict:
     """
     directory = Path(directory)
     info = read_adapter_config(directory)
-    path = resolve_weights_file(saved_file(directory, info, ADAPTER_FILE), ADAPTER_FILE)
-    tensors = read_safetensors(path)
     params, _ = _adapter_params(model)
+    path, tensors = read_saved_tensors(directory, info, ADAPTER_FILE,
+                                       directory / ADAPTER_CONFIG_FILE,
+                                       max_bytes=cap_for(params.values()))
     modules = dict(_adapter_modules(model))
     saved_modules = info.get("modules") or {}
     for mname, m in modules.items():

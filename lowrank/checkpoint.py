@@ -37,9 +37,11 @@ from .adapter_files import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, load_adapter,  # 
                             read_adapter_config, save_adapter)
 from .json_arrays import join_arrays
 from .module import Module
-from .storage import (OPTIMIZER_FILE, StagedFiles, atomic_write, check_and_assign, json_bytes,
-                      read_json, read_safetensors, resolve_weights_file, saved_file, stage,
-                      stage_state)
+from .schema import GPT_CONFIG, MODEL_CONFIG_FILE, TRAIN_STATE, check
+from .storage import (OPTIMIZER_FILE, StagedFiles, atomic_write, check_and_assign,
+                      cap_for, read_safetensors, read_saved_tensors, read_sealed_json,
+                      resolve_weights_file, stage, stage_state)
+from .untrusted import regular_file
 
 _read_safetensors = read_safetensors   # older name, used by tests and tools
 
@@ -84,7 +86,7 @@ def save_model(model: Module, directory, train_state: dict | None = None) -> Pat
     with StagedFiles() as staged:
         stage(staged, directory / MODEL_FILE, tensors, "model", files)
         stale = stage_state(staged, directory, config, train_state, files)
-        staged.commit(directory / CONFIG_FILE, json_bytes(config), remove=stale)
+        staged.commit(directory / CONFIG_FILE, config, remove=stale)
     return directory
 
 
@@ -102,12 +104,12 @@ def save_training_state(directory, step: int, optimizer_state: dict, rng_state: 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config_path = directory / CONFIG_FILE
-    config = read_json(config_path) if config_path.exists() else {"format": FORMAT}
+    config = read_config(directory) if config_path.exists() else {"format": FORMAT}
     files = dict(config.get("files") or {})
     with StagedFiles() as staged:
         stale = stage_state(staged, directory, config,
                             _training_state(step, optimizer_state, rng_state, extra), files)
-        staged.commit(directory / CONFIG_FILE, json_bytes(config), remove=stale)
+        staged.commit(directory / CONFIG_FILE, config, remove=stale)
     return directory
 
 
@@ -122,24 +124,28 @@ def _state_json(directory: Path) -> dict:
     """The JSON holding a directory's training state: an adapter directory keeps it in
     ``adapter_config.json`` (one commit point for adapter and state), a model in config.json."""
     adapter = directory / ADAPTER_CONFIG_FILE
-    if adapter.is_file():
-        info = read_json(adapter)
-        if info.get("train_state") is not None or not (directory / CONFIG_FILE).is_file():
-            return info
-    return read_json(directory / CONFIG_FILE)
+    if adapter.exists():
+        info = read_adapter_config(directory)
+        if info.get("train_state") is not None or not (directory / CONFIG_FILE).exists():
+            return info, adapter
+    return read_config(directory), directory / CONFIG_FILE
 
 
-def load_training_state(directory) -> dict | None:
+def load_training_state(directory, expected_shapes: dict | None = None) -> dict | None:
     """The ``train_state`` saved in ``directory`` with its arrays restored (host numpy), or
     ``None`` if none was saved. After ``save_training_state`` the dict has ``step``,
-    ``optimizer``, ``rng`` and ``extra``."""
+    ``optimizer``, ``rng`` and ``extra``. ``expected_shapes`` (file key -> shape, e.g.
+    ``exp_avg.<param name>``) are checked before the arrays are read."""
     directory = Path(directory)
-    config = _state_json(directory)
+    config, source = _state_json(directory)
     skeleton = config.get("train_state")
     if skeleton is None:
         return None
-    source = saved_file(directory, config, OPTIMIZER_FILE)
-    tensors = read_safetensors(source) if source.exists() else {}
+    check(skeleton, TRAIN_STATE, f"{source}: train_state")
+    tensors = {}
+    if OPTIMIZER_FILE in (config.get("files") or {}):
+        source, tensors = read_saved_tensors(directory, config, OPTIMIZER_FILE, source,
+                                             expected_shapes)
     return join_arrays(skeleton, tensors, source)   # references carry the exact keys
 
 
@@ -151,17 +157,22 @@ def load_weights(model: Module, directory_or_file, strict: bool = True):
     the key and shapes; nothing is assigned then. Returns ``(missing, unexpected)`` keys.
     """
     path = Path(directory_or_file)
-    if path.is_dir() and (path / CONFIG_FILE).is_file():
-        path = saved_file(path, read_json(path / CONFIG_FILE), MODEL_FILE)
-    path = resolve_weights_file(path, MODEL_FILE)
-    tensors = read_safetensors(path)
     expected = dict(model.named_parameters())
+    shapes = {k: p.shape for k, p in expected.items()}
+    if path.is_dir() and (path / CONFIG_FILE).exists():
+        path, tensors = read_saved_tensors(path, read_config(path), MODEL_FILE,
+                                           path / CONFIG_FILE, shapes,
+                                           cap_for(expected.values()))
+    else:   # a bare weights file (another tool's): no save record to check it against
+        path = resolve_weights_file(path, MODEL_FILE)
+        tensors = read_safetensors(path, expected_shapes=shapes)
     return check_and_assign(expected, tensors, path, strict)
 
 
 def read_config(directory) -> dict:
-    """The ``config.json`` of a saved model."""
-    return read_json(Path(directory) / CONFIG_FILE)
+    """The ``config.json`` of a saved model, its integrity record and schema checked."""
+    path = Path(directory) / CONFIG_FILE
+    return check(read_sealed_json(path), MODEL_CONFIG_FILE, str(path))
 
 
 def load_model(directory, backend: str | None = None):
@@ -172,20 +183,38 @@ def load_model(directory, backend: str | None = None):
     """
     name = backend
     directory = Path(directory)
-    config = read_json(directory / CONFIG_FILE)
+    config = read_config(directory)
     if "model" not in config:
         raise ValueError(f"{directory / CONFIG_FILE} has no 'model' entry (a training-state-"
                          "only directory?)")
     dtype = config.get("dtype") or _backend.DEFAULT_DTYPE
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"{directory / CONFIG_FILE}: field 'dtype' must be float32 or "
+                         f"float64, got {dtype!r}")
+    check(config["model"], GPT_CONFIG, f"{directory / CONFIG_FILE}: model")
     try:
         gpt_config = _model.GPTConfig(**config["model"])
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ValueError(f"{directory / CONFIG_FILE}: model config does not fit GPTConfig: "
-                         f"{exc}") from exc
+                         f"{exc}") from None
+    _check_fits_file(gpt_config, dtype, directory)
     xp = None if name is None else _backend.namespace(name)
     model = _model.GPT(gpt_config, dtype=dtype, xp=xp)
     load_weights(model, directory, strict=True)
     return model
+
+
+def _check_fits_file(cfg, dtype: str, directory: Path) -> None:
+    """Refuse sizes the weights file cannot hold before a byte is allocated: every parameter
+    is in ``model.safetensors``, so the parameters' bytes never exceed the file's size."""
+    d = cfg.d_model
+    floor = ((cfg.vocab_size + cfg.context) * d + cfg.n_layer * 12 * d * d) \
+        * np.dtype(dtype).itemsize
+    size = regular_file(directory / MODEL_FILE, 1 << 62, "safetensors file")
+    if floor > size:
+        raise ValueError(f"{directory / CONFIG_FILE}: the model config needs at least "
+                         f"{floor:,} bytes of parameters, {directory / MODEL_FILE} has "
+                         f"{size:,} bytes")
 
 
 __all__ = [

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
+import re
 import tempfile
 import uuid
 from pathlib import Path
@@ -25,10 +25,15 @@ import safetensors.numpy as st
 from . import backend
 from ._version import __version__
 from .json_arrays import encode_train_state
+from .untrusted import (MAX_HEADER_BYTES, load_json_file, parse_safetensors_header,
+                        read_safetensors_file, regular_file, sha256)
 
 CHECKSUM_KEY = "lowrank.sha256"
 SAVE_ID_KEY = "lowrank.save_id"
 OPTIMIZER_FILE = "optimizer.safetensors"
+INTEGRITY_KEY = "integrity"
+TEMP_SUFFIX = ".lowrank-tmp"     # our temporaries: ``.<name>.<random>.lowrank-tmp``
+_HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
 # --- atomic files ------------------------------------------------------------------------
@@ -53,6 +58,7 @@ def atomic_write(path, data: bytes | str) -> Path:
     On any failure the temporary file is removed and an existing ``path`` is left untouched.
     """
     path = Path(path)
+    _remove_temporaries(path)   # a killed earlier write's (one writer per directory)
     tmp = _write_temp(path, data.encode("utf-8") if isinstance(data, str) else data)
     try:
         os.replace(tmp, path)
@@ -63,10 +69,19 @@ def atomic_write(path, data: bytes | str) -> Path:
     return path
 
 
+def _file_mode() -> int:
+    """0666 less the process umask: what ``open`` would give (mkstemp always gives 0600)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _write_temp(path: Path, data: bytes) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -109,15 +124,20 @@ class StagedFiles:
     def __init__(self):
         self.save_id = new_save_id()
         self._pending: list[tuple[str, Path]] = []   # (temporary, canonical path)
+        self.digests: dict[str, str] = {}            # file name -> SHA-256 of its bytes
 
     def add(self, path, data: bytes | str) -> Path:
         path = Path(path)
-        self._pending.append((_write_temp(path, data.encode("utf-8") if isinstance(data, str)
-                                          else data), path))
+        data = data.encode("utf-8") if isinstance(data, str) else data
+        _remove_temporaries(path)
+        self._pending.append((_write_temp(path, data), path))
+        self.digests[path.name] = sha256(data)
         return path
 
-    def commit(self, json_path, json_data: bytes, remove=()) -> None:
-        """Commit the save; ``remove``: canonical files the new JSON no longer refers to."""
+    def commit(self, json_path, obj: dict, remove=()) -> None:
+        """Commit the save: ``obj`` sealed (``seal``) becomes ``json_path``; ``remove``:
+        canonical files the new JSON no longer refers to."""
+        json_data = json_bytes(seal(obj, self.digests))
         for tmp, path in self._pending:
             os.replace(tmp, versioned(path, self.save_id))
         for directory in {path.parent for _, path in self._pending}:
@@ -143,7 +163,7 @@ class StagedFiles:
 
 def _publish(source: Path, canonical: Path) -> None:
     """Make ``canonical`` the same file as ``source`` (a hard link, a copy where links fail)."""
-    tmp = canonical.with_name(f".{canonical.name}.{new_save_id()}.tmp")
+    tmp = canonical.with_name(f".{canonical.name}.{new_save_id()}{TEMP_SUFFIX}")
     try:
         os.link(source, tmp)
     except OSError:
@@ -153,14 +173,26 @@ def _publish(source: Path, canonical: Path) -> None:
 
 
 def _remove_versions(path: Path) -> None:
-    """Delete ``<stem>.<save id><suffix>`` files and temporaries beside ``path`` (left by
-    earlier, cut-short saves; one writer per directory)."""
+    """Delete the ``<stem>.<save id><suffix>`` files beside ``path`` that a save wrote (left by
+    earlier, cut-short saves; one writer per directory): a file counts as ours only when its
+    header carries the save id of its name, so a user's file of that name pattern is kept."""
     for old in path.parent.glob(f"{path.stem}.*{path.suffix}"):
         version = old.name[len(path.stem) + 1:len(old.name) - len(path.suffix)]
-        if len(version) == 32 and all(c in "0123456789abcdef" for c in version):
-            _unlink(old)
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):   # a killed save's temporaries
-        _unlink(tmp)
+        if _HEX32.fullmatch(version):
+            try:
+                ours = read_safetensors_metadata(old).get(SAVE_ID_KEY) == version
+            except (ValueError, OSError):
+                ours = False
+            if ours:
+                _unlink(old)
+    _remove_temporaries(path)
+
+
+def _remove_temporaries(path: Path) -> None:
+    """Delete ``.<name>.<random>.lowrank-tmp`` files beside ``path`` (a killed save's)."""
+    for tmp in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}"):
+        if tmp.is_file() and not tmp.is_symlink():
+            _unlink(tmp)
 
 
 def resolve_saved(directory, name: str, save_id) -> Path:
@@ -186,17 +218,53 @@ def write_json(path, obj) -> Path:
 
 
 def read_json(path) -> dict:
+    """A JSON object from a regular file of bounded size and nesting; anything else ->
+    ValueError naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            obj = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read JSON file {path}: {type(exc).__name__}: {exc}") from exc
+    obj = load_json_file(path)
     if not isinstance(obj, dict):
-        raise ValueError(f"JSON file {path} does not hold an object")
+        raise ValueError(f"JSON file {path} holds a {type(obj).__name__}, not an object")
     return obj
+
+
+# --- one integrity record per save ------------------------------------------------------------
+
+def _digest(obj: dict) -> str:
+    body = {k: v for k, v in obj.items() if k != INTEGRITY_KEY}
+    body[INTEGRITY_KEY] = {k: v for k, v in (obj.get(INTEGRITY_KEY) or {}).items()
+                           if k != "sha256"}
+    text = json.dumps(body, sort_keys=True, allow_nan=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def seal(obj: dict, digests: dict | None = None) -> dict:
+    """``obj`` with its integrity record: the SHA-256 of every data file it lists in
+    ``files`` (this save's ``digests``, or the record an earlier save left) and of the JSON
+    itself, so a changed byte anywhere in the save — JSON state included — is refused."""
+    old = (obj.get(INTEGRITY_KEY) or {}).get("files") or {}
+    known = {**old, **(digests or {})}
+    files = {name: known[name] for name in (obj.get("files") or {}) if name in known}
+    obj[INTEGRITY_KEY] = {"files": files}
+    obj[INTEGRITY_KEY]["sha256"] = _digest(obj)
+    return obj
+
+
+def read_sealed_json(path) -> dict:
+    """``read_json`` of a file written with ``seal``; no record or a mismatch -> ValueError."""
+    obj = read_json(path)
+    record = obj.get(INTEGRITY_KEY)
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        raise ValueError(f"{path} has no integrity record (written by a lowrank older than "
+                         f"{__version__}, or edited by hand); refusing to load it — save it "
+                         "again with this version")
+    if not isinstance(record.get("files", {}), dict) or _digest(obj) != record["sha256"]:
+        raise ValueError(f"{path} does not match its integrity record: the file was changed "
+                         "or corrupted after it was written")
+    return obj
+
+
+def write_sealed_json(path, obj: dict) -> Path:
+    return atomic_write(path, json_bytes(seal(dict(obj))))
 
 
 # --- safetensors with a checksum ----------------------------------------------------------
@@ -226,32 +294,25 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> Path
     return atomic_write(path, safetensors_bytes(tensors, metadata))
 
 
-def read_safetensors(path) -> dict[str, np.ndarray]:
+def read_safetensors(path, sha: str | None = None, expected_shapes: dict | None = None,
+                     max_bytes: int | None = None):
     """All tensors of ``path`` as host arrays; any unreadable or corrupt file -> ValueError."""
-    return read_safetensors_with_metadata(path)[0]
+    return read_safetensors_with_metadata(path, sha, expected_shapes, max_bytes)[0]
 
 
-def read_safetensors_with_metadata(path) -> tuple[dict[str, np.ndarray], dict]:
-    """``(tensors, metadata)`` of ``path``; any unreadable or corrupt file -> ValueError."""
+def read_safetensors_with_metadata(path, sha: str | None = None,
+                                   expected_shapes: dict | None = None,
+                                   max_bytes: int | None = None):
+    """``(tensors, metadata)`` of ``path``, checked against ``sha`` (the SHA-256 of the file a
+    save recorded) and the checksum the file carries; the header is validated (and
+    ``expected_shapes`` compared) before any tensor is read."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read checkpoint file {path}: {exc}") from exc
-    try:
-        if len(data) < 8:
-            raise ValueError(f"{len(data)} bytes is shorter than the 8-byte header length")
-        (n,) = struct.unpack("<Q", data[:8])
-        if 8 + n > len(data):
-            raise ValueError(f"header of {n} bytes runs past the end of the file")
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-        meta = header.get("__metadata__") or {}
-        tensors = {k: (a if a.flags.writeable else a.copy()) for k, a in st.load(data).items()}
-    except Exception as exc:  # SafetensorError, ValueError, JSON and Unicode errors
-        raise ValueError(f"corrupt or unreadable safetensors file {path}: "
-                         f"{type(exc).__name__}: {exc}") from exc
+    tensors, meta, digest = read_safetensors_file(path, expected_shapes,
+                                                  **({} if max_bytes is None else
+                                                     {"max_bytes": max_bytes}))
+    if sha is not None and digest != sha:
+        raise ValueError(f"corrupt safetensors file {path}: its SHA-256 differs from the one "
+                         "the save recorded (changed, swapped or from another save)")
     expected = meta.get(CHECKSUM_KEY)
     if expected is not None and _checksum(tensors) != expected:
         raise ValueError(f"corrupt safetensors file {path}: checksum mismatch "
@@ -260,16 +321,14 @@ def read_safetensors_with_metadata(path) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def read_safetensors_metadata(path) -> dict:
-    """The ``__metadata__`` of a safetensors file, read from its header alone."""
+    """The ``__metadata__`` of a safetensors file, read from its (bounded) header alone."""
     path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n).decode("utf-8"))
-    except Exception as exc:   # short file, bad JSON, unreadable
-        raise ValueError(f"corrupt or unreadable safetensors file {path}: "
-                         f"{type(exc).__name__}: {exc}") from exc
-    return header.get("__metadata__") or {}
+    size = regular_file(path, 1 << 62, "safetensors file")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        head += fh.read(min(n, MAX_HEADER_BYTES))
+    return parse_safetensors_header(head, size, path)[1]
 
 
 def check_same_save(where, id_a, path_b, id_b) -> None:
@@ -305,6 +364,29 @@ def saved_file(directory, config: dict, name: str) -> Path:
     """The file ``name`` of the save ``config`` (a committed JSON) records: its own version,
     whatever a later save cut short left under the canonical name."""
     return resolve_saved(directory, name, (config.get("files") or {}).get(name))
+
+
+def recorded_digest(config: dict, name: str, source) -> str:
+    """The SHA-256 the save ``config`` recorded for its file ``name``."""
+    digest = ((config.get(INTEGRITY_KEY) or {}).get("files") or {}).get(name)
+    if not isinstance(digest, str):
+        raise ValueError(f"{source} records no SHA-256 for {name} in its integrity record; "
+                         "refusing to load an unverified file")
+    return digest
+
+
+def read_saved_tensors(directory, config: dict, name: str, source,
+                       expected_shapes: dict | None = None, max_bytes: int | None = None):
+    """``(path, tensors)`` of the file ``name`` the save ``config`` (read from ``source``)
+    records, verified against the digest it recorded; ``max_bytes`` caps the file's size."""
+    path = saved_file(directory, config, name)
+    return path, read_safetensors(path, recorded_digest(config, name, source), expected_shapes,
+                                  max_bytes)
+
+
+def cap_for(params, copies: int = 1) -> int:
+    """A size cap for a file holding ``copies`` float64 arrays per parameter (plus headers)."""
+    return copies * 8 * sum(int(p.data.size) for p in params) + (1 << 20)
 
 
 def resolve_weights_file(directory_or_file, default_name: str) -> Path:

@@ -16,7 +16,7 @@ files, reports) while the others wait at a barrier, so no rank races ahead of a 
 """
 from __future__ import annotations
 
-import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +29,11 @@ from .adapters.inject import SEED_STRIDE
 from .data import TokenData, corpus
 from .model import GPT, GPTConfig
 from .parallel import SingleProcess
+from .run_dir import (RUN_FILE, TOKENIZER_FILE, load_tokenizer, prepare_out, read_run,
+                      remove_if_unsaved, write_run)
 from .tokenizer import Tokenizer, train_tokenizer
 from .train import Trainer, TrainConfig
-
-RUN_FILE = "run.json"
+from .update_check import check_update
 DEFAULT_TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
 
 
@@ -52,6 +53,13 @@ class ModelSpec:
     d_model: int = 128
     tie_embeddings: bool = True
 
+    def __post_init__(self):   # caps that keep a typo from allocating the machine away
+        for name, high in (("vocab_size", 1 << 20), ("context", 1 << 14), ("n_layer", 256),
+                           ("n_head", 1024), ("d_model", 1 << 14)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+                raise ValueError(f"{name} must be an integer in [1, {high}], got {value!r}")
+
 
 @dataclass
 class RunResult:
@@ -64,12 +72,7 @@ class RunResult:
 
 
 def _write_run(out: Path, info: dict) -> None:
-    checkpoint.atomic_write(out / RUN_FILE, json.dumps(info, indent=1, default=float))
-
-
-def read_run(out) -> dict:
-    path = Path(out) / RUN_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    write_run(out, info)
 
 
 def token_data(tok: Tokenizer, spec: DataSpec, context: int) -> TokenData:
@@ -77,11 +80,27 @@ def token_data(tok: Tokenizer, spec: DataSpec, context: int) -> TokenData:
     return TokenData(tok.encode(text), context, val_fraction=spec.val_fraction)
 
 
-def _checkpointer(out: Path, trainer: Trainer, save, every: int):
+def _checkpointer(out: Path, trainer: Trainer, save, every: int, progress: bool = True):
+    """``on_step``: check the update (``update_check``), print a validation loss as it comes,
+    save every ``every`` steps. ``on_step.saved`` is the step of the last save."""
     def on_step(tr, record):
+        check_update(tr, on_step.saved)   # before anything of this step is written
+        if "val_loss" in record:
+            say(f"step {tr.step}: validation loss {record['val_loss']:.4f}", progress)
         if every and (tr.step % every == 0 or tr.step == tr.config.steps):
             save(tr)
+            on_step.saved = tr.step
+    on_step.saved = trainer.step or None
     return on_step
+
+
+def say(line: str, progress: bool) -> None:
+    """A line for the user that leaves a progress bar intact."""
+    if progress:
+        from tqdm import tqdm
+        tqdm.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _root_only(comm):
@@ -97,15 +116,29 @@ def _root_only(comm):
 
 def pretrain(out, model_spec: ModelSpec, data_spec: DataSpec, train: TrainConfig, *,
              dtype="float32", backend_name=None, resume=False, save_every=0,
-             progress=True, comm=None) -> RunResult:
+             progress=True, comm=None, force=False) -> RunResult:
+    """Train a GPT and its tokenizer from scratch into ``out`` (``force``: replace a run
+    already there; ``resume``: continue it)."""
     comm = SingleProcess() if comm is None else comm
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out(out, resume=resume, force=force) if comm.is_root else Path(out)
+    comm.barrier()
     if backend_name:
         backend.set_backend(backend_name)
-    tok_path = out / "tokenizer.json"
+    tok_path = out / TOKENIZER_FILE
+    existed = tok_path.exists()
+    try:
+        return _pretrain(out, model_spec, data_spec, train, dtype, resume, save_every,
+                         progress, comm, tok_path)
+    except BaseException:
+        if comm.is_root:   # a failed first run leaves no tokenizer without a model
+            remove_if_unsaved(out, TOKENIZER_FILE, existed)
+        raise
+
+
+def _pretrain(out, model_spec, data_spec, train, dtype, resume, save_every, progress, comm,
+              tok_path) -> RunResult:
     if resume and tok_path.exists():
-        tok = Tokenizer.load(tok_path)
+        tok = load_tokenizer(out, read_run(out))
     elif comm.size == 1:
         text = corpus(data_spec.corpus, max_bytes=data_spec.max_bytes)
         tok = train_tokenizer(text, model_spec.vocab_size)
@@ -114,7 +147,7 @@ def pretrain(out, model_spec: ModelSpec, data_spec: DataSpec, train: TrainConfig
         _root_only(comm)(lambda: train_tokenizer(
             corpus(data_spec.corpus, max_bytes=data_spec.max_bytes),
             model_spec.vocab_size).save(tok_path))()
-        tok = Tokenizer.load(tok_path)
+        tok = load_tokenizer(out)
     data = token_data(tok, data_spec, model_spec.context)
     cfg = GPTConfig(vocab_size=tok.vocab_size, context=model_spec.context,
                     n_layer=model_spec.n_layer, n_head=model_spec.n_head,
@@ -131,7 +164,9 @@ def pretrain(out, model_spec: ModelSpec, data_spec: DataSpec, train: TrainConfig
         _write_run(out, {"kind": "base", "data": data_spec.__dict__, "train": train.to_dict(),
                          "history": history})
 
-    history += trainer.fit(_checkpointer(out, trainer, save, save_every), progress, "pretrain")
+    on_step = _checkpointer(out, trainer, save, save_every, progress)
+    history += trainer.fit(on_step, progress, "pretrain")
+    check_update(trainer, on_step.saved)
     save(trainer)
     return RunResult(out, history, trainer.evaluate(), model.num_parameters(True),
                      model.num_parameters(), _median_speed(history))
@@ -140,11 +175,14 @@ def pretrain(out, model_spec: ModelSpec, data_spec: DataSpec, train: TrainConfig
 def load_base(base, dtype=None, backend_name=None):
     """``(model, tokenizer, run info)`` of a pretrained directory."""
     base = Path(base)
+    if not base.is_dir():
+        raise FileNotFoundError(f"model directory not found: {base}")
+    run = read_run(base)
     model = checkpoint.load_model(base, backend_name)
     if dtype is not None and backend.check_dtype(dtype) != model.dtype.name:
         for p in model.parameters():
             p.data = p.data.astype(dtype)
-    return model, Tokenizer.load(base / "tokenizer.json"), read_run(base)
+    return model, load_tokenizer(base, run), run
 
 
 def check_options(variants, options) -> None:
@@ -174,11 +212,24 @@ def prepare_finetune(model, variant: str, targets, options: dict, seed: int = 0)
 def finetune(out, base, variant: str, targets=DEFAULT_TARGETS, options=None,
              data_spec: DataSpec | None = None, train: TrainConfig | None = None, *,
              dtype=None, backend_name=None, resume=False, save_every=0, progress=True,
-             eval_data: dict | None = None, comm=None) -> RunResult:
-    """Fine-tune ``base`` on ``data_spec``; ``eval_data`` maps names to extra TokenData to score."""
+             eval_data: dict | None = None, comm=None, force=False) -> RunResult:
+    """Fine-tune ``base`` on ``data_spec``; ``eval_data`` maps names to extra TokenData to score
+    (``force``: replace a run already in ``out``; ``resume``: continue it)."""
     comm = SingleProcess() if comm is None else comm
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out(out, resume=resume, force=force, base=base) if comm.is_root else Path(out)
+    comm.barrier()
+    existed = (out / TOKENIZER_FILE).exists()
+    try:
+        return _finetune(out, base, variant, targets, options, data_spec, train, dtype,
+                         backend_name, resume, save_every, progress, eval_data, comm)
+    except BaseException:
+        if comm.is_root:
+            remove_if_unsaved(out, TOKENIZER_FILE, existed)
+        raise
+
+
+def _finetune(out, base, variant, targets, options, data_spec, train, dtype, backend_name,
+              resume, save_every, progress, eval_data, comm) -> RunResult:
     data_spec = data_spec or DataSpec(corpus="code")
     train = train or TrainConfig()
     check_options([variant], options)   # before the base is read
@@ -189,6 +240,8 @@ def finetune(out, base, variant: str, targets=DEFAULT_TARGETS, options=None,
     history = []
     if resume:
         history = _resume(out, trainer, lambda: _load_finetuned_weights(model, out, cfg))
+    if isinstance(targets, str):   # a regex given on the command line: saved as the names
+        targets = [name for name, _ in adapted_modules(model)]
 
     # a fine-tuned directory is usable on its own
     _root_only(comm)(lambda: tok.save(out / "tokenizer.json"))()
@@ -206,8 +259,10 @@ def finetune(out, base, variant: str, targets=DEFAULT_TARGETS, options=None,
                          "history": history})
 
     start = time.perf_counter()
-    history += trainer.fit(_checkpointer(out, trainer, save, save_every), progress, variant)
+    on_step = _checkpointer(out, trainer, save, save_every, progress)
+    history += trainer.fit(on_step, progress, variant)
     elapsed = time.perf_counter() - start
+    check_update(trainer, on_step.saved)
     save(trainer)
     result = RunResult(out, history, trainer.evaluate(), model.num_parameters(True),
                        model.num_parameters(), _median_speed(history))
@@ -232,12 +287,14 @@ def variant_report(model, out) -> list[str]:
 
 def load_finetuned(base, adapter_dir, dtype=None, backend_name=None):
     """Base model with a saved fine-tune applied: an adapter directory or a full model."""
+    if not Path(adapter_dir).is_dir():
+        raise FileNotFoundError(f"adapter directory not found: {adapter_dir}")
     run = read_run(adapter_dir)
     if run.get("kind") == "full":
         model, tok, _ = load_base(adapter_dir, dtype, backend_name)
         return model, tok
+    info = checkpoint.read_adapter_config(adapter_dir)   # before the base: fail early
     model, tok, _ = load_base(base, dtype, backend_name)
-    info = checkpoint.read_adapter_config(adapter_dir)
     seed = run.get("train", {}).get("seed", 0)
     if info["config"] is not None:
         inject(model, config_from_dict(info["config"]), info["targets"], seed=seed)
@@ -262,7 +319,10 @@ def _extra_state(tr: Trainer) -> dict:
 
 
 def _resume(out: Path, trainer: Trainer, load_weights) -> list:
-    state = checkpoint.load_training_state(out)
+    params = trainer.optimizer.params
+    shapes = {f"{m}.{n}": p.shape for n, p in params.items()
+              for m in ("exp_avg", "exp_avg_sq")}
+    state = checkpoint.load_training_state(out, shapes)
     if state is None:
         raise ValueError(f"--resume: {out} holds no training state to resume from")
     load_weights()
@@ -278,6 +338,8 @@ def _median_speed(history) -> float:
 
 
 def evaluate(model, data: TokenData, batch_size=16, batches=16) -> float:
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"batches must be an integer >= 1, got {batches!r}")
     model.eval()
     xp = model.xp
     losses = [model.loss(backend.asarray(x, xp=xp), backend.asarray(y, xp=xp))[0]
@@ -289,6 +351,11 @@ def evaluate(model, data: TokenData, batch_size=16, batches=16) -> float:
 def generate(model, tok: Tokenizer, prompt: str, max_new_tokens=100, temperature=0.8,
              top_k=40, seed=0) -> str:
     """Sample a continuation (the context window slides over the last ``context`` tokens)."""
+    for name, value in (("max_new_tokens", max_new_tokens), ("top_k", top_k), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     rng = np.random.default_rng(seed)
     ids = [int(i) for i in tok.encode(prompt)] or [0]
     model.eval()
@@ -306,4 +373,5 @@ def generate(model, tok: Tokenizer, prompt: str, max_new_tokens=100, temperature
 
 
 __all__ = ["DataSpec", "ModelSpec", "RunResult", "pretrain", "finetune", "load_base",
-           "load_finetuned", "evaluate", "generate", "prepare_finetune", "adapted_modules"]
+           "load_finetuned", "evaluate", "generate", "prepare_finetune", "adapted_modules",
+           "read_run"]

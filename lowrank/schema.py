@@ -1,0 +1,107 @@
+"""The shapes of lowrank's JSON files, checked before any field is used (host-side I/O,
+docs/training.md#checkpoints): a ``[]`` where an object belongs, a string where a list of
+module names belongs or a size of 10¹² is one ``ValueError`` naming the file and field.
+
+A spec is a type (or tuple of types; ``None`` allows null), a dict ``{"key": spec}`` (a key
+ending in ``?`` may be absent; other keys are allowed), ``[spec]`` (a list of such items),
+``{str: spec}`` (a dict of any keys), or a callable returning an error string or ``None``.
+"""
+from __future__ import annotations
+
+import re
+
+NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+
+
+def check(obj, spec, where: str):
+    """``obj`` if it fits ``spec``; else ValueError ``"<where>: <field> ..."``."""
+    _check(obj, spec, where, "")
+    return obj
+
+
+def _fail(where, field, text):
+    raise ValueError(f"{where}: {'field ' + repr(field) + ' ' if field else ''}{text}")
+
+
+def _check(obj, spec, where, field):
+    if callable(spec) and not isinstance(spec, type):
+        problem = spec(obj)
+        if problem:
+            _fail(where, field, problem)
+    elif isinstance(spec, dict) and list(spec) == [str]:
+        if not isinstance(obj, dict):
+            _fail(where, field, f"must be an object, got {type(obj).__name__}")
+        for k, v in obj.items():
+            _check(v, spec[str], where, f"{field}.{k}" if field else k)
+    elif isinstance(spec, dict):
+        if not isinstance(obj, dict):
+            _fail(where, field, f"must be an object, got {type(obj).__name__}")
+        for key, sub in spec.items():
+            name = key.rstrip("?")
+            path = f"{field}.{name}" if field else name
+            if name not in obj:
+                if not key.endswith("?"):
+                    _fail(where, path, "is missing")
+                continue
+            _check(obj[name], sub, where, path)
+    elif isinstance(spec, list):
+        if not isinstance(obj, list):
+            _fail(where, field, f"must be a list, got {type(obj).__name__}")
+        for i, item in enumerate(obj):
+            _check(item, spec[0], where, f"{field}[{i}]")
+    else:
+        types = spec if isinstance(spec, tuple) else (spec,)
+        types = tuple(type(None) if t is None else t for t in types)
+        if isinstance(obj, bool) and bool not in types:
+            _fail(where, field, f"must be {_names(types)}, got {obj!r}")
+        if not isinstance(obj, types):
+            _fail(where, field, f"must be {_names(types)}, got {type(obj).__name__}")
+
+
+def _names(types) -> str:
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def int_in(low: int, high: int):
+    def test(v):
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            return f"must be an integer in [{low}, {high}], got {v!r}"
+    return test
+
+
+def module_name(v):
+    if not isinstance(v, str) or (v and not NAME.fullmatch(v)):
+        return f"must be a module name (letters, digits, _ and .), got {v!r}"
+
+
+def hex32(v):
+    if not isinstance(v, str) or not re.fullmatch(r"[0-9a-f]{32}", v):
+        return f"must be a save id (32 hex digits), got {v!r}"
+
+
+# Sizes a saved GPT may declare; the product is bounded again by the weights file's size.
+GPT_CONFIG = {"vocab_size": int_in(1, 1 << 22), "context": int_in(1, 1 << 17),
+              "n_layer": int_in(1, 1024), "n_head": int_in(1, 4096),
+              "d_model": int_in(1, 1 << 16), "tie_embeddings?": bool}
+
+TRAIN_STATE = {"step": int_in(0, 1 << 62), "tokens_seen?": int_in(0, 1 << 62),
+               "rng?": dict, "optimizer?": dict, "dropout_rngs?": dict, "hooks?": list,
+               "extra?": dict}
+
+_SAVE = {"format": str, "lowrank_version?": str, "train_state?": (dict, None),
+         "files?": {str: hex32}, "integrity": dict}
+
+MODEL_CONFIG_FILE = {**_SAVE, "model?": dict, "dtype?": (str, None)}
+
+ADAPTER_MODULE = {"variant": str, "config": dict, "in_features": int_in(1, 1 << 20),
+                  "out_features": int_in(1, 1 << 20), "dtype?": str, "merged?": bool,
+                  "params?": {str: [int_in(0, 1 << 31)]}, "extra?": dict}
+
+ADAPTER_CONFIG_FILE = {**_SAVE, "variant": str, "config": (dict, None),
+                       "targets": [module_name], "modules": {str: ADAPTER_MODULE}}
+
+RUN_KINDS = ("base", "full", "adapter", "multi")
+RUN_FILE = {"kind?": lambda v: None if v in RUN_KINDS else f"must be one of {RUN_KINDS}, got {v!r}",
+            "base?": str, "variant?": str, "targets?": (list, str), "config?": (dict, None),
+            "data?": dict, "train?": {"seed?": int_in(0, 1 << 63)}, "history?": [dict],
+            "tokenizer_sha256?": str}
