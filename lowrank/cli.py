@@ -8,44 +8,21 @@
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from pathlib import Path
+
+import numpy as np
 
 from . import backend, workflows as wf
-from .adapters import available, field_from_text
+from .adapters import field_from_text
 from .bench import run_bench
 from .demo import run_demo
+from .cli_parser import parse
 from .multi import finetune_many, parse_variants
 from .parallel import ParameterDriftError, get_comm
+from .run_dir import read_run
 from .train import NonFiniteLossError, TrainConfig
-
-
-def _common(parser, steps, lr, out=None):
-    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=lr)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--eval-interval", type=int, default=0)
-    parser.add_argument("--dtype", choices=("float32", "float64"), default=None,
-                        help="default: float32 (or the base model's)")
-    parser.add_argument("--backend", choices=("numpy", "numpy-strict", "cupy"), default=None,
-                        help="array backend (default: LOWRANK_BACKEND or numpy)")
-    parser.add_argument("--out", default=out, required=out is None, help="output directory")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
-    parser.add_argument("--save-every", type=int, default=0, help="checkpoint interval (steps)")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--corpus", nargs="+", default=None,
-                        help="'docs', 'code', or text files to train on")
-    parser.add_argument("--max-bytes", type=int, default=1_500_000)
-    parser.add_argument("--comm", choices=("auto", "none", "mpi", "nccl"), default="auto",
-                        help="data parallel over processes: 'auto' uses MPI (NCCL with cupy) "
-                             "when started by mpiexec with several processes; --batch-size is "
-                             "the global batch, split between them")
 
 
 def _train_config(args) -> TrainConfig:
@@ -73,107 +50,54 @@ def _parse_set(items) -> dict:
     return options
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowrank", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("pretrain", help="train a small GPT from scratch (BPE tokenizer included)")
-    _common(p, steps=300, lr=3e-3)
-    p.add_argument("--vocab-size", type=int, default=1024)
-    p.add_argument("--context", type=int, default=64)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--untied", action="store_true", help="separate lm_head weight")
-
-    p = sub.add_parser("finetune", help="adapt a base model: full fine-tuning or an adapter")
-    _common(p, steps=200, lr=3e-3)
-    p.add_argument("--base", required=True, help="directory written by `lowrank pretrain`")
-    p.add_argument("--variant", default="lora",
-                   help=f"'full' or one of {available()}; a comma-separated list trains "
-                        "several adapters together over one base into <out>/<variant> "
-                        "(per-adapter fields: lora,lora:r=4:lr=1e-3)")
-    p.add_argument("--targets", default="q,k,v,o,fc1,fc2",
-                   help="comma-separated module name suffixes, or a regex with --regex")
-    p.add_argument("--regex", action="store_true", help="--targets is one full-match regex")
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--init", default=None, help="LoRA init: kaiming, gaussian, pissa, ...")
-    p.add_argument("--rslora", action="store_true")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="any other field of the variant's config (repeatable); a field can "
-                        "also be given as its own flag, e.g. --init-r 12 --target-r 4")
-
-    for name, text in (("generate", "sample text from a model (and adapter)"),
-                       ("eval", "validation loss of a model (and adapter) on a corpus")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--model", required=True, help="base model directory")
-        p.add_argument("--adapter", default=None, help="fine-tuned directory to apply")
-        p.add_argument("--backend", choices=("numpy", "numpy-strict", "cupy"), default=None)
-        p.add_argument("--dtype", choices=("float32", "float64"), default=None)
-        p.add_argument("--seed", type=int, default=0)
-        if name == "generate":
-            p.add_argument("--prompt", default="")
-            p.add_argument("--max-new-tokens", type=int, default=100)
-            p.add_argument("--temperature", type=float, default=0.8)
-            p.add_argument("--top-k", type=int, default=40)
-        else:
-            p.add_argument("--corpus", nargs="+", default=["code"])
-            p.add_argument("--max-bytes", type=int, default=1_500_000)
-            p.add_argument("--batches", type=int, default=16)
-            p.add_argument("--batch-size", type=int, default=16)
-
-    p = sub.add_parser("demo", help="pretrain on Python's docs, adapt to its source with every "
-                                    "variant, print the comparison and plot the loss curves")
-    p.add_argument("--out", default="lowrank-demo")
-    p.add_argument("--pretrain-steps", type=int, default=600)
-    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per variant")
-    p.add_argument("--backend", choices=("numpy", "numpy-strict", "cupy"), default=None)
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-
-    p = sub.add_parser("bench", help="training throughput: full fine-tuning vs LoRA (the "
-                                     "PyTorch+PEFT baseline: benchmarks/bench_train.py)")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--backend", choices=("numpy", "numpy-strict", "cupy"), default=None)
-    return parser
-
-
-def _variant_options(extra) -> dict:
-    """Unlisted ``--field value`` pairs after ``finetune``: any field of the variant's config
-    (``--init-r 12 --target-r 4`` for AdaLoRA); a bare ``--flag`` means True."""
-    options, i = {}, 0
-    while i < len(extra):
-        token = extra[i]
-        if not token.startswith("--"):
-            raise ValueError(f"unexpected argument {token!r}")
-        key, sep, value = token[2:].partition("=")
-        if not sep:
-            if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
-                value, i = extra[i + 1], i + 1
-            else:
-                value = "true"
-        field, options[field] = field_from_text(key, value)
-        i += 1
-    return options
-
-
 def main(argv=None) -> int:
+    """Run one command; every failure is one line on stderr and a non-zero exit code
+    (2: a mistake in the input, 1: training stopped, 3: a bug — LOWRANK_DEBUG=1 shows its
+    traceback, 130: interrupted, 141: output closed, as into ``head``)."""
     backend.keep_freed_host_memory()   # training reuses the same large blocks every step
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "finetune":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        _, args = parse(argv)
+    except SystemExit as exc:   # --help exits 0 as usual; a mistake returns its code
+        if not exc.code:
+            raise
+        return exc.code
     args.comm_obj = None
     try:
-        args.variant_options = _variant_options(extra) if extra else {}
-        return _run(args)
+        with np.errstate(over="ignore", invalid="ignore"):   # non-finite: stopped and said
+            return _run(args)
     except (NonFiniteLossError, ParameterDriftError) as exc:
-        return _fail(args, f"lowrank: {exc}", 1)
-    except (ValueError, FileNotFoundError) as exc:
-        return _fail(args, f"lowrank {args.command}: error: {exc}", 2)
+        return _fail(args, f"lowrank: {_one_line(exc)}", 1)
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
+    except KeyboardInterrupt:
+        return _fail(args, f"lowrank {args.command}: interrupted", 130)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        return _fail(args, f"lowrank {args.command}: error: {_one_line(exc)}", 2)
+    except OSError as exc:
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        return _fail(args, f"lowrank {args.command}: error: {where}{exc.strerror or exc}", 2)
+    except MemoryError:
+        return _fail(args, f"lowrank {args.command}: error: out of memory (a smaller --context, "
+                           "--batch-size or model?)", 2)
+    except Exception as exc:   # a bug: still one line, the traceback on request
+        if os.environ.get("LOWRANK_DEBUG"):
+            raise
+        return _fail(args, f"lowrank {args.command}: internal error: {type(exc).__name__}: "
+                           f"{_one_line(exc)} (LOWRANK_DEBUG=1 shows the traceback)", 3)
+
+
+def _one_line(exc) -> str:
+    return " ".join(str(exc).split())
+
+
+def _quiet_stdout() -> None:
+    """stdout's reader went away: stop Python from failing again when it flushes at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _fail(args, message: str, code: int) -> int:
@@ -204,7 +128,10 @@ def _make_comm(args):
 
 def _run(args) -> int:
     if getattr(args, "backend", None):
-        backend.set_backend(args.backend)
+        try:
+            backend.set_backend(args.backend)
+        except RuntimeError as exc:   # CuPy missing or no GPU: a message, not a bug
+            raise ValueError(str(exc)) from None
     comm = _make_comm(args) if args.command in ("pretrain", "finetune") else None
     if args.command == "pretrain":
         spec = wf.ModelSpec(args.vocab_size, args.context, args.n_layer, args.n_head,
@@ -213,7 +140,7 @@ def _run(args) -> int:
                                                          args.max_bytes),
                              _train_config(args), dtype=args.dtype or "float32",
                              resume=args.resume, save_every=args.save_every,
-                             progress=not args.no_progress, comm=comm)
+                             progress=not args.no_progress, comm=comm, force=args.force)
         if not comm.is_root:
             return 0
         print(f"pretrained {result.total:,} parameters; validation loss {result.val_loss:.4f}; "
@@ -234,7 +161,7 @@ def _run(args) -> int:
                              wf.DataSpec(_corpus(args.corpus, "code"), args.max_bytes),
                              _train_config(args), dtype=args.dtype,
                              resume=args.resume, save_every=args.save_every,
-                             progress=not args.no_progress, comm=comm)
+                             progress=not args.no_progress, comm=comm, force=args.force)
         if not comm.is_root:
             return 0
         share = 100.0 * result.trainable / result.total
@@ -244,6 +171,8 @@ def _run(args) -> int:
         for line in getattr(result, "report", []):
             print(line)
     elif args.command in ("generate", "eval"):
+        if args.adapter is None:
+            args.model, args.adapter = _base_of(args.model)
         if args.adapter:
             model, tok = wf.load_finetuned(args.model, args.adapter, args.dtype)
         else:
@@ -265,6 +194,19 @@ def _run(args) -> int:
     return 0
 
 
+def _base_of(model_dir):
+    """``(base, adapter)`` for ``--model``: an adapter directory names its base in run.json."""
+    run = read_run(model_dir)
+    if run.get("kind") != "adapter":
+        return model_dir, None
+    for base in (run.get("base"), run.get("base_path")):
+        if base and Path(base).is_dir():
+            return base, model_dir
+    raise ValueError(f"{model_dir} is an adapter whose base {run.get('base')!r} (from its "
+                     "run.json) is not found; pass --model BASE --adapter "
+                     f"{model_dir}")
+
+
 def _finetune_many(args, options: dict, targets, comm) -> int:
     """``finetune --variant a,b,...``: train them together and print one line each."""
     if comm is not None and comm.size > 1:
@@ -274,7 +216,8 @@ def _finetune_many(args, options: dict, targets, comm) -> int:
     results = finetune_many(args.out, args.base, variants, targets, options,
                             wf.DataSpec(_corpus(args.corpus, "code"), args.max_bytes),
                             _train_config(args), dtype=args.dtype, resume=args.resume,
-                            save_every=args.save_every, progress=not args.no_progress)
+                            save_every=args.save_every, progress=not args.no_progress,
+                            force=args.force)
     total = sum(r.tokens_per_s for r in results)   # each: median over its steps
     for (variant, _), result in zip(variants, results):
         share = 100.0 * result.trainable / result.total

@@ -45,7 +45,7 @@ def _base(out: Path, steps: int, dtype: str, seed: int, progress: bool) -> Path:
         return base
     print(f"pretraining the base model on Python's documentation ({steps} steps) ...")
     train = TrainConfig(steps=steps, batch_size=16, lr=3e-3, min_lr=3e-4, warmup=20, seed=seed)
-    result = wf.pretrain(base, BASE, DOCS, train, dtype=dtype, progress=progress)
+    result = wf.pretrain(base, BASE, DOCS, train, dtype=dtype, progress=progress, force=True)
     run = wf.read_run(base)
     run["demo"] = want
     wf._write_run(base, run)

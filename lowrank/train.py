@@ -63,7 +63,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("warmup", "eval_interval"):
+        for name in ("warmup", "eval_interval", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
@@ -221,7 +221,7 @@ class Trainer:
         from tqdm import tqdm
         history = []
         bar = tqdm(total=self.config.steps, initial=self.step, desc=desc,
-                   disable=not progress or not self.comm.is_root, dynamic_ncols=True, leave=False)
+                   disable=not progress or not self.comm.is_root, dynamic_ncols=True, leave=True)
         if self.grad_sync is not None:
             self.grad_sync.check_drift(self.step, self._probe())   # identical start
         while self.step < self.config.steps:

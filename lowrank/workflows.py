@@ -216,6 +216,7 @@ def finetune(out, base, variant: str, targets=DEFAULT_TARGETS, options=None,
     """Fine-tune ``base`` on ``data_spec``; ``eval_data`` maps names to extra TokenData to score
     (``force``: replace a run already in ``out``; ``resume``: continue it)."""
     comm = SingleProcess() if comm is None else comm
+    check_options([variant], options)   # before the base is read or out is touched
     out = prepare_out(out, resume=resume, force=force, base=base) if comm.is_root else Path(out)
     comm.barrier()
     existed = (out / TOKENIZER_FILE).exists()
@@ -253,6 +254,7 @@ def _finetune(out, base, variant, targets, options, data_spec, train, dtype, bac
         else:
             checkpoint.save_adapter(model, out, train_state=tr.state_dict())
         _write_run(out, {"kind": "full" if cfg is None else "adapter", "base": str(base),
+                         "base_path": str(Path(base).resolve()),
                          "variant": variant, "targets": list(targets),
                          "config": None if cfg is None else cfg.to_dict(),
                          "data": data_spec.__dict__, "train": train.to_dict(),

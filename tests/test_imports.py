@@ -19,18 +19,18 @@ ROOT = Path(__file__).resolve().parents[1] / "lowrank"
 # (``lowrank``, its __init__) is matched exactly. A new module must be placed here (some
 # names are placed ahead of the modules, e.g. ``lowrank.pretrained``, ``lowrank.tasks``).
 LAYERS = [
-    ["lowrank._version", "lowrank.backend"],                   # where arrays live
-    ["lowrank.storage", "lowrank.json_arrays", "lowrank.data", "lowrank.tokenizer",
+    ["lowrank._version", "lowrank.backend", "lowrank.validate"],   # where arrays live
+    ["lowrank.storage", "lowrank.untrusted", "lowrank.schema", "lowrank.json_arrays", "lowrank.data", "lowrank.tokenizer",
      "lowrank.datasets"],                                      # host-side files and text
     ["lowrank.module", "lowrank.ops", "lowrank.decompose", "lowrank.optim"],
     ["lowrank.layers", "lowrank.blocks", "lowrank.model", "lowrank.models"],
     ["lowrank.adapters"],
     ["lowrank.parallel"],                                      # data parallel only
-    ["lowrank.train"],
+    ["lowrank.train", "lowrank.update_check"],
     ["lowrank.adapter_files", "lowrank.checkpoint", "lowrank.pretrained"],
-    ["lowrank.workflows", "lowrank.tasks", "lowrank.classify"],
+    ["lowrank.run_dir", "lowrank.workflows", "lowrank.tasks", "lowrank.classify"],
     ["lowrank.multi"],                                         # many adapters, one base
-    ["lowrank.cli", "lowrank.demo", "lowrank.bench", "lowrank"],
+    ["lowrank.cli", "lowrank.cli_parser", "lowrank.demo", "lowrank.bench", "lowrank"],
 ]
 
 # Test oracles and the frameworks they use: the library never imports them.

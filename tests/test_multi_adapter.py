@@ -274,7 +274,7 @@ def test_cli_trains_several_adapters_into_loadable_directories(tmp_path, capsys)
     assert cli.main(["finetune", "--base", str(base), "--variant", "lora,dora", "--out",
                      str(out), "--steps", "1", "--corpus", str(corpus), "--no-progress",
                      "--bogus-field", "3"]) == 2
-    assert "bogus_field" in capsys.readouterr().err
+    assert "--bogus-field" in capsys.readouterr().err
 
 
 def test_finetune_many_resumes_and_matches_single_finetunes(tmp_path):

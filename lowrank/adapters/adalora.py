@@ -219,6 +219,10 @@ class AdaLoraLinear(TripletMap, AdaptedLinear):
         lines = [f"AdaLoRA final ranks: {sum(ranks.values())} of {init} triplets active "
                  f"(budget Σ target_r = {target})",
                  "  " + "final rank".ljust(width) + "".join(f"{c:>5}" for c in cols)]
+        if sum(ranks.values()) > target:   # training ended before the schedule did
+            lines.insert(1, f"  budget not reached: {sum(ranks.values())} > {target} triplets "
+                            "active; train at least total_step steps (the schedule reaches "
+                            "the budget at total_step - tfinal)")
         for row in rows:
             cells = "".join(f"{'-' if grid[row].get(c) is None else grid[row][c]:>5}"
                             for c in cols)

@@ -13,6 +13,7 @@ from typing import ClassVar
 from .. import backend
 from ..module import Module, Parameter
 from ..ops.linear import check_input, linear_forward
+from ..validate import MAX_ALPHA, check_number
 
 BIAS_MODES = ("none", "lora_only", "all")
 _REGISTRY: dict[str, tuple[type, type]] = {}
@@ -53,10 +54,8 @@ class AdapterConfig:
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
-        if not float(self.alpha) > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
-        self.alpha = float(self.alpha)
-        if not 0.0 <= float(self.dropout) < 1.0:
+        self.alpha = check_number("alpha", self.alpha, 0.0, MAX_ALPHA, low_open=True)
+        if not 0.0 <= check_number("dropout", self.dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
         if self.bias not in BIAS_MODES:
@@ -187,6 +186,9 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
         dx while ``self.need_input_grad`` is False (LoRA does); the others compute it anyway."""
         if self.merged:
             raise RuntimeError("backward through a merged adapter: unmerge() before training")
+        if getattr(dy, "ndim", 0) < 1 or dy.shape[-1] != self.out_features:
+            raise ValueError(f"dy has shape {tuple(getattr(dy, 'shape', ()))}, the layer's "
+                             f"output has shape (..., {self.out_features})")
         self.need_input_grad = need_dx
         try:
             dx = self.adapter_backward(dy, cache)

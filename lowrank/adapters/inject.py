@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 from ..layers import Linear
+from ..validate import check_seed
 from .base import AdaptedLinear, AdapterConfig
 
 SEED_STRIDE = 7919   # layer i of an injection gets seed + SEED_STRIDE·i (reproducible per layer)
@@ -51,6 +52,7 @@ def inject(model, cfg: AdapterConfig, targets, seed: int = 0) -> list[str]:
     """Wrap the matching Linears of ``model`` in adapters; returns the adapted module names."""
     if not isinstance(cfg, AdapterConfig):
         raise ValueError(f"cfg must be an adapter config, got {type(cfg).__name__}")
+    check_seed(seed)
     chosen = select_targets(model, targets)
     model.freeze()
     names = []

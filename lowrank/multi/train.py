@@ -30,7 +30,9 @@ from pathlib import Path
 from .. import backend, checkpoint
 from .. import workflows as wf
 from ..adapters import config as adapter_config, field_from_text
+from ..run_dir import prepare_out
 from ..train import NonFiniteLossError, Trainer, TrainConfig
+from ..update_check import check_update
 from .modules import AdapterView, inject_multi, multi_loss, multi_loss_backward
 
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -172,18 +174,17 @@ def _adapter_options(variant: str, shared: dict, own: dict) -> dict:
 
 def finetune_many(out, base, variants, targets=wf.DEFAULT_TARGETS, options=None,
                   data_spec=None, train: TrainConfig | None = None, *, dtype=None,
-                  backend_name=None, resume=False, save_every=0, progress=True):
+                  backend_name=None, resume=False, save_every=0, progress=True, force=False):
     """Fine-tune ``variants`` (``[(variant, {config or TrainConfig field: value})]``) of
     ``base`` together. Shared ``options`` go to every variant whose config has the field
     (each option must fit at least one); adapter k's TrainConfig is ``train`` with
     ``seed + k`` and its own overrides. Returns one ``RunResult`` per adapter."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     data_spec = data_spec or wf.DataSpec(corpus="code")
     train = train or TrainConfig()
     options = dict(options or {})
     variants = [(v, dict(f)) for v, f in variants]
     wf.check_options([v for v, _ in variants], options)   # as a single adapter's options
+    out = prepare_out(out, resume=resume, force=force, base=base)
     model, tok, _ = wf.load_base(base, dtype, backend_name)
     data = wf.token_data(tok, data_spec, model.config.context)
     configs, trains = [], []
@@ -213,6 +214,7 @@ def finetune_many(out, base, variants, targets=wf.DEFAULT_TARGETS, options=None,
                                 "multi": {"index": k, "of": len(variants), "parent": str(out)}})
 
     def on_step(k, tr, record):
+        check_update(tr)   # before anything of this step is written
         histories[k].append(record)
         if save_every and (tr.step % save_every == 0 or tr.step == tr.config.steps):
             save(k, tr)
@@ -221,6 +223,7 @@ def finetune_many(out, base, variants, targets=wf.DEFAULT_TARGETS, options=None,
     trainer.fit(on_step, progress)
     elapsed = time.perf_counter() - start
     for k, tr in enumerate(trainer.trainers):
+        check_update(tr)
         save(k, tr)
     wf._write_run(out, {"kind": "multi", "base": str(base), "adapters": names,
                         "variants": [v for v, _ in variants], "seconds": elapsed})
