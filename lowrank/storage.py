@@ -25,13 +25,13 @@ import safetensors.numpy as st
 from . import backend
 from ._version import __version__
 from .json_arrays import encode_train_state
-from .untrusted import (MAX_HEADER_BYTES, load_json_file, parse_safetensors_header,
-                        read_safetensors_file, regular_file, sha256)
+from .untrusted import (INTEGRITY_KEY, MAX_HEADER_BYTES, load_json_file,
+                        parse_safetensors_header, read_safetensors_file, regular_file, seal,
+                        sha256, verify_seal)
 
 CHECKSUM_KEY = "lowrank.sha256"
 SAVE_ID_KEY = "lowrank.save_id"
 OPTIMIZER_FILE = "optimizer.safetensors"
-INTEGRITY_KEY = "integrity"
 TEMP_SUFFIX = ".lowrank-tmp"     # our temporaries: ``.<name>.<random>.lowrank-tmp``
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 
@@ -229,38 +229,9 @@ def read_json(path) -> dict:
 
 # --- one integrity record per save ------------------------------------------------------------
 
-def _digest(obj: dict) -> str:
-    body = {k: v for k, v in obj.items() if k != INTEGRITY_KEY}
-    body[INTEGRITY_KEY] = {k: v for k, v in (obj.get(INTEGRITY_KEY) or {}).items()
-                           if k != "sha256"}
-    text = json.dumps(body, sort_keys=True, allow_nan=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def seal(obj: dict, digests: dict | None = None) -> dict:
-    """``obj`` with its integrity record: the SHA-256 of every data file it lists in
-    ``files`` (this save's ``digests``, or the record an earlier save left) and of the JSON
-    itself, so a changed byte anywhere in the save — JSON state included — is refused."""
-    old = (obj.get(INTEGRITY_KEY) or {}).get("files") or {}
-    known = {**old, **(digests or {})}
-    files = {name: known[name] for name in (obj.get("files") or {}) if name in known}
-    obj[INTEGRITY_KEY] = {"files": files}
-    obj[INTEGRITY_KEY]["sha256"] = _digest(obj)
-    return obj
-
-
 def read_sealed_json(path) -> dict:
     """``read_json`` of a file written with ``seal``; no record or a mismatch -> ValueError."""
-    obj = read_json(path)
-    record = obj.get(INTEGRITY_KEY)
-    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
-        raise ValueError(f"{path} has no integrity record (written by a lowrank older than "
-                         f"{__version__}, or edited by hand); refusing to load it — save it "
-                         "again with this version")
-    if not isinstance(record.get("files", {}), dict) or _digest(obj) != record["sha256"]:
-        raise ValueError(f"{path} does not match its integrity record: the file was changed "
-                         "or corrupted after it was written")
-    return obj
+    return verify_seal(read_json(path), path, __version__)
 
 
 def write_sealed_json(path, obj: dict) -> Path:

@@ -6,6 +6,10 @@ is bounded before it starts: only regular files are opened (a FIFO would block, 
 JSON nesting is bounded before the parser recurses, and a safetensors header is checked
 against the file's size and its own shapes before any tensor is allocated. Every refusal is a
 one-line ``ValueError`` naming the file (and the key or field).
+
+The JSON that commits a save carries one integrity record (``seal``): the SHA-256 of every data
+file of the save and of the JSON itself, so a changed byte anywhere — JSON state such as the
+RNG, optimizer step or eps included — is refused, and a missing record is refused too.
 """
 from __future__ import annotations
 
@@ -98,6 +102,44 @@ def load_json_file(path, max_bytes: int = MAX_JSON_BYTES):
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# --- one integrity record per save -----------------------------------------------------------
+
+INTEGRITY_KEY = "integrity"
+
+
+def _digest(obj: dict) -> str:
+    body = {k: v for k, v in obj.items() if k != INTEGRITY_KEY}
+    body[INTEGRITY_KEY] = {k: v for k, v in (obj.get(INTEGRITY_KEY) or {}).items()
+                           if k != "sha256"}
+    text = json.dumps(body, sort_keys=True, allow_nan=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def seal(obj: dict, digests: dict | None = None) -> dict:
+    """``obj`` with its integrity record: the SHA-256 of every data file it lists in
+    ``files`` (this save's ``digests``, or the record an earlier save left) and of the JSON
+    itself, so a changed byte anywhere in the save — JSON state included — is refused."""
+    old = (obj.get(INTEGRITY_KEY) or {}).get("files") or {}
+    known = {**old, **(digests or {})}
+    files = {name: known[name] for name in (obj.get("files") or {}) if name in known}
+    obj[INTEGRITY_KEY] = {"files": files}
+    obj[INTEGRITY_KEY]["sha256"] = _digest(obj)
+    return obj
+
+
+def verify_seal(obj: dict, path, version: str) -> dict:
+    """``obj`` (read from ``path``) if its integrity record matches; else ValueError."""
+    record = obj.get(INTEGRITY_KEY)
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        raise ValueError(f"{path} has no integrity record (written before lowrank {version} "
+                         "added them, or edited by hand); refusing to load it: save it again "
+                         "with this version")
+    if not isinstance(record.get("files", {}), dict) or _digest(obj) != record["sha256"]:
+        raise ValueError(f"{path} does not match its integrity record: the file was changed "
+                         "or corrupted after it was written")
+    return obj
 
 
 # --- safetensors -------------------------------------------------------------------------------

@@ -298,11 +298,17 @@ def load_finetuned(base, adapter_dir, dtype=None, backend_name=None):
     info = checkpoint.read_adapter_config(adapter_dir)   # before the base: fail early
     model, tok, _ = load_base(base, dtype, backend_name)
     seed = run.get("train", {}).get("seed", 0)
-    if info["config"] is not None:
-        inject(model, config_from_dict(info["config"]), info["targets"], seed=seed)
-    else:   # modules differ (e.g. SoRA pruned to a LoRA of each module's kept rank)
-        for i, (name, meta) in enumerate(info["modules"].items()):
-            inject(model, config_from_dict(meta["config"]), [name], seed=seed + SEED_STRIDE * i)
+    try:
+        if info["config"] is not None:
+            inject(model, config_from_dict(info["config"]), info["targets"], seed=seed)
+        else:   # modules differ (e.g. SoRA pruned to a LoRA of each module's kept rank)
+            for i, (name, meta) in enumerate(info["modules"].items()):
+                inject(model, config_from_dict(meta["config"]), [name],
+                       seed=seed + SEED_STRIDE * i)
+    except (ValueError, KeyError, TypeError) as exc:   # the saved config does not fit
+        raise ValueError(f"{Path(adapter_dir) / checkpoint.ADAPTER_CONFIG_FILE}: "
+                         f"{type(exc).__name__ + ': ' if type(exc) is not ValueError else ''}"
+                         f"{exc}") from None
     checkpoint.load_adapter(model, adapter_dir)
     return model, tok
 
