@@ -51,9 +51,9 @@ def svd_split(W, r: int, method: str = "exact", oversample: int = 10, n_iter: in
     elif method == "randomized":
         if smallest:
             raise ValueError("smallest=True needs method='exact': a sketch finds the top subspace")
-        for name, value in (("oversample", oversample), ("n_iter", n_iter)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        for name, value, high in (("oversample", oversample, 1 << 20), ("n_iter", n_iter, 100)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+                raise ValueError(f"{name} must be an integer in [0, {high}], got {value!r}")
         U, S, Vt = _randomized_svd(W, r, oversample, n_iter, seed)
     else:
         raise ValueError(f"method must be 'exact' or 'randomized', got {method!r}")

@@ -38,6 +38,7 @@ import numpy as np
 from . import backend
 from .optim import AdamW, clip_grad_norm, lr_at
 from .parallel import GradientAllReduce, SingleProcess
+from .validate import check_number
 
 
 class NonFiniteLossError(RuntimeError):
@@ -67,8 +68,7 @@ class TrainConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
-            if not float(getattr(self, name)) >= 0.0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+            check_number(name, getattr(self, name), 0.0)
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
 

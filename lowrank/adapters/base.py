@@ -13,7 +13,7 @@ from typing import ClassVar
 from .. import backend
 from ..module import Module, Parameter
 from ..ops.linear import check_input, linear_forward
-from ..validate import MAX_ALPHA, check_number
+from ..validate import MAX_ALPHA, check_number, check_seed
 
 BIAS_MODES = ("none", "lora_only", "all")
 _REGISTRY: dict[str, tuple[type, type]] = {}
@@ -138,7 +138,7 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
         self.weight = Parameter(W0.copy(), trainable=False)
         train_bias = cfg.bias != "none" and b0 is not None
         self.bias = None if b0 is None else Parameter(b0.copy(), trainable=train_bias)
-        self._host_rng = backend.host_rng(seed)
+        self._host_rng = backend.host_rng(check_seed(seed))
         self._dropout_rng = backend.DeviceRNG(int(self._host_rng.integers(2**31)), xp)
         self.init_adapter(self._host_rng)
 
