@@ -2,6 +2,7 @@
 before it can turn into a NaN many steps later (docs/conventions.md#configs)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 # Far above any useful LoRA alpha, far below float32's 3.4e38: alpha·x·B·A stays finite.
@@ -28,3 +29,35 @@ def check_seed(value, name: str = "seed") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
         raise ValueError(f"{name} must be an integer in [0, 2**63), got {value!r}")
     return value
+
+
+def _kind_problem(default, value) -> str | None:
+    """What ``value`` should be, judged by the field's ``default``; ``None`` if it fits."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "a bool"
+    if isinstance(default, int):   # None: some counts default to another field
+        ok = value is None or isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else "an integer"
+    if isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            math.isfinite(value)
+        return None if ok else "a finite number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    return None
+
+
+def config_error(config_cls, kwargs: dict, exc: Exception) -> ValueError:
+    """A config's own check failed (``exc``): the same error when it names a field, else a
+    ValueError naming the first field whose value is not of its default's kind (a TypeError
+    from ``float(None)`` deep in a variant's checks says nothing of which field it was)."""
+    names = [f.name for f in dataclasses.fields(config_cls)]
+    if isinstance(exc, ValueError) and any(str(exc).startswith(n) for n in names):
+        return exc
+    for f in dataclasses.fields(config_cls):
+        if f.name in kwargs:
+            problem = _kind_problem(f.default, kwargs[f.name])
+            if problem:
+                return ValueError(f"{f.name} must be {problem}, got {kwargs[f.name]!r}")
+    return ValueError(f"{getattr(config_cls, 'variant', '')} config {kwargs}: "
+                      f"{type(exc).__name__}: {exc}")

@@ -13,7 +13,7 @@ from typing import ClassVar
 from .. import backend
 from ..module import Module, Parameter
 from ..ops.linear import check_input, linear_forward
-from ..validate import MAX_ALPHA, check_number, check_seed
+from ..validate import MAX_ALPHA, check_number, check_seed, config_error
 
 BIAS_MODES = ("none", "lora_only", "all")
 _REGISTRY: dict[str, tuple[type, type]] = {}
@@ -94,7 +94,10 @@ def config(name: str, **kwargs) -> AdapterConfig:
     unknown = sorted(set(kwargs) - names)
     if unknown:
         raise ValueError(f"unknown field(s) {unknown} for variant {name!r}; fields: {sorted(names)}")
-    return config_cls(**kwargs)
+    try:
+        return config_cls(**kwargs)
+    except (TypeError, ValueError) as exc:   # one that names no field gets the field's name
+        raise config_error(config_cls, kwargs, exc) from None
 
 
 def config_from_dict(data: dict) -> AdapterConfig:
