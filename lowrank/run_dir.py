@@ -16,7 +16,7 @@ from pathlib import Path
 from .schema import RUN_FILE as RUN_SCHEMA, check
 from .storage import read_sealed_json, write_sealed_json
 from .tokenizer import Tokenizer
-from .untrusted import read_bytes, sha256
+from .untrusted import parse_json, read_bytes, sha256
 
 RUN_FILE = "run.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -78,6 +78,12 @@ def load_tokenizer(directory, run: dict | None = None) -> Tokenizer:
     if want is not None and sha256(data) != want:
         raise ValueError(f"{path} differs from the tokenizer {Path(directory) / RUN_FILE} "
                          "recorded (changed or corrupted)")
+    spec = parse_json(data, path)
+    # lowrank writes neither; the library panics on some settings of them (at encode time)
+    if not isinstance(spec, dict) or any(spec.get(k) is not None for k in ("truncation",
+                                                                            "padding")):
+        raise ValueError(f"{path} is not a tokenizer lowrank wrote (it must be an object with "
+                         "no truncation or padding settings)")
     try:
         return Tokenizer.load(path)
     except (KeyboardInterrupt, SystemExit):

@@ -77,7 +77,14 @@ def _write_run(out: Path, info: dict) -> None:
 
 def token_data(tok: Tokenizer, spec: DataSpec, context: int) -> TokenData:
     text = corpus(spec.corpus, max_bytes=spec.max_bytes)
-    return TokenData(tok.encode(text), context, val_fraction=spec.val_fraction)
+    try:
+        ids = tok.encode(text)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:   # pyo3's PanicException is not an Exception
+        raise ValueError(f"the tokenizer failed: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return TokenData(ids, context, val_fraction=spec.val_fraction)
 
 
 def _checkpointer(out: Path, trainer: Trainer, save, every: int, progress: bool = True):

@@ -31,6 +31,9 @@ def examples(default: int) -> int:
 
 def record(battery: str, outcome: str, detail: str = "") -> str:
     TALLY[battery][outcome] += 1
+    if os.environ.get("HARDENING_LOG"):   # one line per case, for reading the messages
+        with open(os.environ["HARDENING_LOG"], "a") as fh:
+            fh.write(f"{battery}\t{outcome}\t{' '.join(detail.split())[:400]}\n")
     assert outcome not in FAILING, f"{battery}: {outcome}: {detail}"
     return outcome
 
