@@ -59,7 +59,7 @@ def _run_case(variant, fields, W, x, dy, seed):
     return "ok", ""
 
 
-@settings(max_examples=examples(120))
+@settings(max_examples=examples(200))
 @given(case=cases())
 def test_generated_adapter_calls_are_refused_by_name_or_finite(case):
     variant, fields, W, x, dy, seed = case

@@ -118,7 +118,7 @@ def run_cli(argv, broken_pipe=False):
     return ("stopped" if code == 1 else "refused"), lines[0]
 
 
-@settings(max_examples=examples(40))
+@settings(max_examples=examples(100))
 @given(data=st.data())
 def test_generated_command_lines_end_in_one_line_or_success(runs, tmp_path_factory, data):
     base, ft, corpus = runs
