@@ -38,6 +38,7 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     hidden_act: str = "gelu"
     pooler: bool = True
+    pad_token_id: int | None = 0     # its word-embedding row never receives a gradient
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -54,6 +55,11 @@ class BertConfig:
         if self.hidden_act not in GELU_OF_ACT:
             raise ValueError(f"hidden_act must be one of {sorted(GELU_OF_ACT)}, "
                              f"got {self.hidden_act!r}")
+        if self.pad_token_id is not None and (
+                isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int)
+                or not 0 <= self.pad_token_id < self.vocab_size):
+            raise ValueError(f"pad_token_id must be None or an integer in [0, vocab_size), "
+                             f"got {self.pad_token_id!r}")
         if not isinstance(self.pooler, bool):
             raise ValueError(f"pooler must be a bool, got {self.pooler!r}")
 
@@ -118,7 +124,7 @@ class Bert(Module):
 
         gelu = GELU_OF_ACT[config.hidden_act]
         self.embeddings = Group(
-            word_embeddings=Embedding(normal((config.vocab_size, d))),
+            word_embeddings=Embedding(normal((config.vocab_size, d)), config.pad_token_id),
             position_embeddings=Embedding(normal((config.max_position_embeddings, d))),
             token_type_embeddings=Embedding(normal((config.type_vocab_size, d))),
             LayerNorm=layernorm())

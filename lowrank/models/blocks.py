@@ -34,17 +34,23 @@ def any_trainable(*modules) -> bool:
 
 
 class Embedding(Module):
-    """``weight (V, d)``; ``forward(idx) -> (W[idx], cache)``; backward scatter-adds into dW."""
+    """``weight (V, d)``; ``forward(idx) -> (W[idx], cache)``; backward scatter-adds into dW.
+    ``padding_idx`` (BERT's pad token) names a row that never receives a gradient, as in
+    ``torch.nn.Embedding(padding_idx=...)``."""
 
-    def __init__(self, weight):
+    def __init__(self, weight, padding_idx: int | None = None):
         self.weight = Parameter(weight)
+        self.padding_idx = padding_idx
 
     def forward(self, idx):
         return embedding_forward(self.weight.data, idx)
 
     def backward(self, dout, cache) -> None:
         if self.weight.trainable:
-            self.weight.accumulate(embedding_backward(dout, cache, self.weight.shape[0]))
+            dweight = embedding_backward(dout, cache, self.weight.shape[0])   # (V, d)
+            if self.padding_idx is not None:
+                dweight[self.padding_idx] = 0.0
+            self.weight.accumulate(dweight)
 
 
 class LayerNorm(Module):
