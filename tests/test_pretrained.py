@@ -175,13 +175,18 @@ def test_bert_runs_on_every_backend(tmp_path, rng, name):
     ref = lr.from_pretrained(tmp_path, dtype="float64")
     model = lr.from_pretrained(tmp_path, dtype="float64", backend=name)
     xp = backend.namespace(name)
-    hidden_ref, _ = ref.forward(ids, attention_mask=mask, token_type_ids=types)
+    ref.zero_grad()
+    hidden_ref, cache_ref = ref.forward(ids, attention_mask=mask, token_type_ids=types)
+    ref.backward(np.ones_like(hidden_ref), cache_ref)
     on = [backend.asarray(a, xp=xp) for a in (ids, mask, types)]
     model.zero_grad()
     hidden, cache = model.forward(on[0], attention_mask=on[1], token_type_ids=on[2])
     model.backward(xp.ones_like(hidden), cache)
     assert rel_err(hidden, hidden_ref) < 1e-12
-    assert all(backend.backend_of(p.grad) == name for p in model.parameters())
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert backend.backend_of(p.grad) == name
+        assert np.linalg.norm(to_host(p.grad) - to_host(q.grad)) <= \
+            1e-12 * max(np.linalg.norm(to_host(q.grad)), 1.0), n
 
 
 def test_bert_prefixed_keys_load(tmp_path):
