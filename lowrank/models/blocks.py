@@ -36,7 +36,7 @@ def any_trainable(*modules) -> bool:
 class Embedding(Module):
     """``weight (V, d)``; ``forward(idx) -> (W[idx], cache)``; backward scatter-adds into dW.
     ``padding_idx`` (BERT's pad token) names a row that never receives a gradient, as in
-    ``torch.nn.Embedding(padding_idx=...)``."""
+    ``torch.nn.Embedding(padding_idx=...)`` (docs/pretrained.md#embeddings)."""
 
     def __init__(self, weight, padding_idx: int | None = None):
         self.weight = Parameter(weight)

@@ -1,5 +1,5 @@
 """Hugging Face checkpoints -> lowrank models: config translation and key maps
-(docs/pretrained.md#gpt-2-key-map, docs/pretrained.md#bert).
+(docs/pretrained.md#gpt2, docs/pretrained.md#bert).
 
 A key map is ``{lowrank parameter name: (foreign key, transform)}``; ``transform`` turns the
 foreign host array into the lowrank layout (``None``: as stored). Keys are given without the
