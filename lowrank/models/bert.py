@@ -16,13 +16,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .. import backend
-from ..layers import Linear
 from ..module import Module
 from ..ops.cross_entropy import check_targets
 from ..ops.tanh import tanh_backward, tanh_forward
-from .blocks import Block, Embedding, LayerNorm, Parts, any_trainable
+from .blocks import Block, Embedding, HostInit, Parts, any_trainable
 
-_INIT_STD = 0.02
 GELU_OF_ACT = {"gelu": "erf", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
 
@@ -107,20 +105,12 @@ class Bert(Module):
         if not isinstance(config, BertConfig):
             raise ValueError(f"config must be a BertConfig, got {type(config).__name__}")
         self.config = config
-        dtype = backend.check_dtype(dtype)
-        xp = backend.xp_default() if xp is None else xp
-        rng = backend.host_rng(seed)
+        init = HostInit(seed, dtype, xp)
         d, d_ff = config.hidden_size, config.intermediate_size
-
-        def normal(shape):
-            return backend.host_normal(rng, shape, _INIT_STD, dtype, xp)
-
-        def dense(n_in, n_out):
-            return Linear.from_arrays(normal((n_out, n_in)), xp.zeros((n_out,), dtype=dtype))
+        normal, dense = init.normal, init.linear
 
         def layernorm():
-            return LayerNorm(xp.ones((d,), dtype=dtype), xp.zeros((d,), dtype=dtype),
-                             config.layer_norm_eps)
+            return init.layernorm(d, config.layer_norm_eps)
 
         gelu = GELU_OF_ACT[config.hidden_act]
         self.embeddings = Group(

@@ -21,11 +21,37 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from .. import backend
+from ..layers import Linear
 from ..module import Module, Parameter
 from ..ops.attention import attention_backward, attention_forward
 from ..ops.embedding import embedding_backward, embedding_forward
 from ..ops.gelu import GELU
 from ..ops.layernorm import EPS, layernorm_backward, layernorm_forward
+
+
+INIT_STD = 0.02
+
+
+class HostInit:
+    """Initial values for a model: drawn on the host (float64 PCG64, cast, then moved), so
+    every backend starts bit-identical; ``N(0, std²)`` weights, zero biases, unit LayerNorms."""
+
+    def __init__(self, seed, dtype, xp):
+        self.rng = backend.host_rng(seed)
+        self.dtype = backend.check_dtype(dtype)
+        self.xp = backend.xp_default() if xp is None else xp
+
+    def normal(self, shape, std: float = INIT_STD):
+        return backend.host_normal(self.rng, shape, std, self.dtype, self.xp)
+
+    def linear(self, n_in: int, n_out: int, std: float = INIT_STD) -> Linear:
+        return Linear.from_arrays(self.normal((n_out, n_in), std),
+                                  self.xp.zeros((n_out,), dtype=self.dtype))
+
+    def layernorm(self, d: int, eps: float) -> "LayerNorm":
+        xp = self.xp
+        return LayerNorm(xp.ones((d,), dtype=self.dtype), xp.zeros((d,), dtype=self.dtype), eps)
 
 
 def any_trainable(*modules) -> bool:

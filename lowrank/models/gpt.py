@@ -20,9 +20,9 @@ from ..module import Module, Parameter
 from ..ops.cross_entropy import check_targets, cross_entropy_backward, cross_entropy_forward
 from ..ops.layernorm import EPS
 from ..ops.linear import linear_backward, linear_forward
-from .blocks import MLP, CausalSelfAttention, Embedding, GPTBlock, LayerNorm, any_trainable
+from .blocks import INIT_STD as _INIT_STD
+from .blocks import MLP, CausalSelfAttention, Embedding, GPTBlock, HostInit, any_trainable
 
-_INIT_STD = 0.02
 
 
 @dataclass
@@ -71,20 +71,12 @@ class GPT(Module):
         if not isinstance(config, GPTConfig):
             raise ValueError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = config
-        dtype = backend.check_dtype(dtype)
-        xp = backend.xp_default() if xp is None else xp
-        rng = backend.host_rng(seed)
+        init = HostInit(seed, dtype, xp)
         V, C, d = config.vocab_size, config.context, config.d_model
-
-        def normal(shape, std=_INIT_STD):
-            return backend.host_normal(rng, shape, std, dtype, xp)
-
-        def linear(n_in, n_out, std=_INIT_STD):
-            return Linear.from_arrays(normal((n_out, n_in), std), xp.zeros((n_out,), dtype=dtype))
+        normal, linear = init.normal, init.linear
 
         def layernorm():
-            return LayerNorm(xp.ones((d,), dtype=dtype), xp.zeros((d,), dtype=dtype),
-                             config.layer_norm_eps)
+            return init.layernorm(d, config.layer_norm_eps)
 
         resid_std = _INIT_STD / math.sqrt(2 * config.n_layer)
         # attribute order is parameter-name order
