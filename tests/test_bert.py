@@ -190,6 +190,25 @@ def test_config_validates_fields():
         BertConfig(**{**TINY, "hidden_size": 9})
     with pytest.raises(ValueError, match="hidden_act"):
         BertConfig(**{**TINY, "hidden_act": "relu"})
+    with pytest.raises(ValueError, match="layer_norm_eps"):
+        BertConfig(**{**TINY, "layer_norm_eps": 0.0})
+    with pytest.raises(ValueError, match="layer_norm_eps"):
+        lr.GPTConfig(vocab_size=5, context=4, n_layer=1, n_head=1, d_model=4, layer_norm_eps=-1)
+
+
+def test_registry_names_and_errors():
+    from lowrank import models
+    assert {"gpt", "gpt2", "bert"} <= set(models.names())
+    with pytest.raises(ValueError, match="unknown model_type 'llama'"):
+        models.entry("llama")
+    with pytest.raises(ValueError, match="does not fit BertConfig"):
+        models.config_from_dict({"model_type": "bert", "hidden": 3})
+    cfg = BertConfig(**TINY)
+    assert models.config_from_dict(cfg.to_dict()) == cfg
+    assert isinstance(models.build(cfg, dtype="float64"), Bert)
+    gpt = lr.GPTConfig(vocab_size=5, context=4, n_layer=1, n_head=1, d_model=4)
+    assert "layer_norm_eps" not in gpt.to_dict()            # old checkpoints' configs unchanged
+    assert models.config_from_dict(gpt.to_dict()) == gpt    # no model_type: a GPT
 
 
 # --- real weights: all-MiniLM-L6-v2 --------------------------------------------------------------

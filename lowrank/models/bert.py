@@ -19,7 +19,7 @@ from .. import backend
 from ..module import Module
 from ..ops.cross_entropy import check_targets
 from ..ops.tanh import tanh_backward, tanh_forward
-from .blocks import Block, Embedding, HostInit, Parts, any_trainable
+from .blocks import Block, Embedding, HostInit, Parts, any_trainable, check_eps
 
 GELU_OF_ACT = {"gelu": "erf", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
@@ -47,9 +47,7 @@ class BertConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by "
                              f"num_attention_heads ({self.num_attention_heads})")
-        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \
-                or not self.layer_norm_eps > 0:
-            raise ValueError(f"layer_norm_eps must be a number > 0, got {self.layer_norm_eps!r}")
+        check_eps(self.layer_norm_eps)
         if self.hidden_act not in GELU_OF_ACT:
             raise ValueError(f"hidden_act must be one of {sorted(GELU_OF_ACT)}, "
                              f"got {self.hidden_act!r}")

@@ -79,6 +79,12 @@ class Embedding(Module):
             self.weight.accumulate(dweight)
 
 
+def check_eps(value) -> None:
+    """A config's ``layer_norm_eps``: a number > 0 (ValueError naming the field otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"layer_norm_eps must be a number > 0, got {value!r}")
+
+
 class LayerNorm(Module):
     def __init__(self, weight, bias, eps: float = EPS):
         self.weight = Parameter(weight)   # (d,) ones

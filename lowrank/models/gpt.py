@@ -6,8 +6,8 @@
 
 with ``W_head = tok_emb.weight`` when the embeddings are tied, else ``lm_head.weight``.
 
-``named_parameters()`` gives exactly the names of docs/models.md#gpt (tok_emb.weight, pos_emb.weight,
-blocks.{i}.ln1.weight, blocks.{i}.attn.q.weight, ..., ln_f.bias[, lm_head.weight]).
+``named_parameters()`` gives exactly the names of docs/models.md#gpt (tok_emb.weight,
+pos_emb.weight, blocks.{i}.ln1.weight, blocks.{i}.attn.q.weight, ..., ln_f.bias[, lm_head.weight]).
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from ..ops.cross_entropy import check_targets, cross_entropy_backward, cross_ent
 from ..ops.layernorm import EPS
 from ..ops.linear import linear_backward, linear_forward
 from .blocks import INIT_STD as _INIT_STD
-from .blocks import MLP, CausalSelfAttention, Embedding, GPTBlock, HostInit, any_trainable
+from .blocks import MLP, CausalSelfAttention, Embedding, GPTBlock, HostInit, any_trainable,
+                     check_eps
 
 
 
@@ -45,9 +46,7 @@ class GPTConfig:
                              f"n_head ({self.n_head})")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
-        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \
-                or not self.layer_norm_eps > 0:
-            raise ValueError(f"layer_norm_eps must be a number > 0, got {self.layer_norm_eps!r}")
+        check_eps(self.layer_norm_eps)
 
     def to_dict(self) -> dict:
         """The fields; ``layer_norm_eps`` only when it is not the default, so checkpoints of
