@@ -21,8 +21,8 @@ from ..ops.cross_entropy import check_targets, cross_entropy_backward, cross_ent
 from ..ops.layernorm import EPS
 from ..ops.linear import linear_backward, linear_forward
 from .blocks import INIT_STD as _INIT_STD
-from .blocks import MLP, CausalSelfAttention, Embedding, GPTBlock, HostInit, any_trainable,
-                     check_eps
+from .blocks import (MLP, CausalSelfAttention, Embedding, GPTBlock, HostInit, any_trainable,
+                     check_eps)
 
 
 
