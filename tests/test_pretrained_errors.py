@@ -91,6 +91,11 @@ def test_shard_missing_from_index(tmp_path):
         lr.from_pretrained(tmp_path)
 
 
+def test_lr_load_points_a_hugging_face_directory_to_from_pretrained(bert_dir):
+    with pytest.raises(ValueError, match="lr.from_pretrained"):
+        lr.load(bert_dir)
+
+
 def test_not_a_directory(tmp_path):
     with pytest.raises(ValueError, match="not a model directory"):
         lr.from_pretrained(tmp_path / "nowhere")
