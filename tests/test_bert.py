@@ -86,6 +86,41 @@ def test_fully_padded_row_stays_finite(xp, rng):
     assert np.isfinite(to_host(y)).all()
 
 
+@pytest.mark.parametrize("causal, pre_ln, gelu", [(True, True, "tanh"), (False, False, "erf"),
+                                                   (False, True, "erf"), (True, False, "tanh")])
+def test_block_options_backward_matches_fd(rng, causal, pre_ln, gelu):
+    """Every combination of the block's options: parameters and input against FD."""
+    from lowrank.models.blocks import MLP, CausalSelfAttention, GPTBlock, HostInit
+    init, d = HostInit(3, "float64", np), 8
+    block = GPTBlock(init.layernorm(d, 1e-5),
+                     CausalSelfAttention(*(init.linear(d, d, 0.4) for _ in range(4)), 2),
+                     init.layernorm(d, 1e-5), MLP(init.linear(d, 12, 0.4), init.linear(12, d, 0.4)),
+                     causal=causal, pre_ln=pre_ln, gelu=gelu)
+    for p in block.parameters():
+        p.data += 0.2 * rng.standard_normal(p.shape)
+    x = rng.standard_normal((2, 4, d))
+    mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]])
+    R = rng.standard_normal((2, 4, d))
+
+    def loss():
+        return float((block.forward(x, key_mask=mask)[0] * R).sum())
+
+    block.zero_grad()
+    y, cache = block.forward(x, key_mask=mask)
+    dx = block.backward(R, cache)
+    grads = {"x": dx, **{n: p.grad for n, p in block.named_parameters() if "k.bias" not in n}}
+    arrays = {"x": x, **{n: p.data for n, p in block.named_parameters() if "k.bias" not in n}}
+    check_fd(arrays, loss, grads)
+
+
+def test_block_options_are_validated():
+    from lowrank.models.blocks import Block
+    with pytest.raises(ValueError, match="gelu"):
+        Block(2, gelu="relu")
+    with pytest.raises(ValueError, match="causal"):
+        Block(2, causal=1)
+
+
 # --- the encoder ---------------------------------------------------------------------------------
 
 def tiny_bert(xp, seed=0, **overrides):

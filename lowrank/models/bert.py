@@ -81,13 +81,10 @@ class Group(Module):
 class BertLayer(Block):
     """Post-LayerNorm bidirectional block with BERT's names."""
 
-    causal = False
-    pre_ln = False
-
     def __init__(self, attention: Group, intermediate: Group, output: Group, n_head: int,
                  gelu: str):
+        super().__init__(n_head, causal=False, pre_ln=False, gelu=gelu)
         self.attention, self.intermediate, self.output = attention, intermediate, output
-        self.n_head, self.gelu = n_head, gelu
 
     def parts(self) -> Parts:
         sa, ao = self.attention.self, self.attention.output

@@ -153,14 +153,21 @@ class BlockCache(NamedTuple):
 
 
 class Block(Module):
-    """A transformer block; subclasses hold the parameters and return them from ``parts()``.
+    """A transformer block; subclasses hold the parameters and return them from ``parts()``,
+    and call ``Block.__init__`` with the options (docs/pretrained.md#blocks):
+    ``causal`` (else bidirectional with a key-padding mask), ``pre_ln`` (else post-LN),
+    ``gelu`` ``"tanh"`` or ``"erf"``."""
 
-    ``n_head``, ``causal``, ``pre_ln``, ``gelu`` are plain attributes set by the subclass."""
-
-    n_head: int
-    causal: bool = True
-    pre_ln: bool = True
-    gelu: str = "tanh"
+    def __init__(self, n_head: int, *, causal: bool = True, pre_ln: bool = True,
+                 gelu: str = "tanh"):
+        if isinstance(n_head, bool) or not isinstance(n_head, int) or n_head < 1:
+            raise ValueError(f"n_head must be an integer >= 1, got {n_head!r}")
+        for name, value in (("causal", causal), ("pre_ln", pre_ln)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
+        if gelu not in GELU:
+            raise ValueError(f"gelu must be one of {sorted(GELU)}, got {gelu!r}")
+        self.n_head, self.causal, self.pre_ln, self.gelu = n_head, causal, pre_ln, gelu
 
     def parts(self) -> Parts:
         raise NotImplementedError
@@ -260,9 +267,9 @@ class Block(Module):
 class GPTBlock(Block):
     """Pre-LayerNorm causal block with GPT names: ``ln1, attn.{q,k,v,o}, ln2, mlp.{fc1,fc2}``."""
 
-    def __init__(self, ln1, attn: CausalSelfAttention, ln2, mlp: MLP):
+    def __init__(self, ln1, attn: CausalSelfAttention, ln2, mlp: MLP, **options):
+        super().__init__(attn.n_head, **options)
         self.ln1, self.attn, self.ln2, self.mlp = ln1, attn, ln2, mlp
-        self.n_head = attn.n_head
 
     def parts(self) -> Parts:
         a, m = self.attn, self.mlp
