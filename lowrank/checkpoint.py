@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import backend as _backend   # load_model's argument is called backend
-from . import model as _model
+from . import models
 from .adapter_files import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, load_adapter,  # noqa: F401
                             read_adapter_config, save_adapter)
 from .json_arrays import join_arrays
@@ -165,7 +165,8 @@ def read_config(directory) -> dict:
 
 
 def load_model(directory, backend: str | None = None):
-    """Rebuild a ``lowrank.model.GPT`` from ``directory`` and load its weights.
+    """Rebuild the model saved in ``directory`` (its family from the models registry, a GPT
+    when the config names none) and load its weights.
 
     ``backend`` ('numpy', 'numpy-strict', 'cupy'; default: the active one) says where the
     parameters live.
@@ -174,16 +175,13 @@ def load_model(directory, backend: str | None = None):
     directory = Path(directory)
     config = read_json(directory / CONFIG_FILE)
     if "model" not in config:
-        raise ValueError(f"{directory / CONFIG_FILE} has no 'model' entry (a training-state-"
-                         "only directory?)")
+        hint = ("a Hugging Face model directory: load it with lr.from_pretrained"
+                if "model_type" in config else "a training-state-only directory?")
+        raise ValueError(f"{directory / CONFIG_FILE} has no 'model' entry ({hint})")
     dtype = config.get("dtype") or _backend.DEFAULT_DTYPE
-    try:
-        gpt_config = _model.GPTConfig(**config["model"])
-    except TypeError as exc:
-        raise ValueError(f"{directory / CONFIG_FILE}: model config does not fit GPTConfig: "
-                         f"{exc}") from exc
+    model_config = models.config_from_dict(config["model"], str(directory / CONFIG_FILE))
     xp = None if name is None else _backend.namespace(name)
-    model = _model.GPT(gpt_config, dtype=dtype, xp=xp)
+    model = models.build(model_config, dtype=dtype, xp=xp)
     load_weights(model, directory, strict=True)
     return model
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1] / "lowrank"
 # names are placed ahead of the modules, e.g. ``lowrank.pretrained``, ``lowrank.tasks``).
 LAYERS = [
     ["lowrank._version", "lowrank.backend"],                   # where arrays live
-    ["lowrank.storage", "lowrank.json_arrays", "lowrank.data", "lowrank.tokenizer",
+    ["lowrank.storage", "lowrank.json_arrays", "lowrank.data", "lowrank.tokenizer", "lowrank.locate",
      "lowrank.datasets"],                                      # host-side files and text
     ["lowrank.module", "lowrank.ops", "lowrank.decompose", "lowrank.optim"],
     ["lowrank.layers", "lowrank.blocks", "lowrank.model", "lowrank.models"],
@@ -46,8 +46,6 @@ PENDING = {
     "IncreLoraHook",
     *(f"function-level import: lowrank/train.py:{line} from .adapters import adapted_modules"
       for line in (81, 260, 266, 278)),
-    # models seam (owner: lowrank/tokenizer.py)
-    "function-level import: lowrank/tokenizer.py:105 from .backend import to_numpy",
 }
 
 
