@@ -49,7 +49,7 @@ ADA = dict(r=4, target_r=2, alpha=8.0, tinit=2, tfinal=3, deltaT=2, total_step=1
 
 
 def record_after_optimizer(trainer, layers, log):
-    """After each AdamW step: ``{name: {"A"|"E"|"B": (p, grad)}}`` (what PEFT's update_ipt reads)."""
+    """After each AdamW step: ``{name: {"A"|"E"|"B": (p, grad)}}``, what PEFT's update_ipt reads."""
     step = trainer.optimizer.step
 
     def recording_step(*args, **kwargs):
