@@ -1,7 +1,9 @@
 """Shared fixtures: the ``xp`` backend fixture and Hypothesis profiles.
 
-Every backend test is parametrised over ``numpy``, ``numpy-strict`` (which fails wherever CuPy
-would) and ``cupy``. ``LOWRANK_TEST_BACKENDS=cupy`` (or any comma list) narrows the set.
+Every backend test takes the ``xp`` fixture (an array namespace) or ``backend_name`` (its name),
+both parametrised over ``numpy``, ``numpy-strict`` (which fails wherever CuPy would) and ``cupy``.
+``LOWRANK_TEST_BACKENDS=cupy`` (or any comma list) narrows the set. ``BACKEND_NAMES`` lists
+the backends that can run here, for an explicit ``parametrize``.
 
 Without a usable GPU/CuPy the cupy cases are not dropped silently: each test module keeps one
 cupy case, reported as a skip line that says how many cupy cases that module has, and the
@@ -36,21 +38,34 @@ def _backends():
     return ["numpy", "numpy-strict", "cupy"]
 
 
-BACKEND_NAMES = _backends()
-CUPY_OK = "cupy" in BACKEND_NAMES and backend.cupy_available()
+REQUESTED = _backends()
+CUPY_OK = "cupy" in REQUESTED and backend.cupy_available()
+BACKEND_NAMES = [name for name in REQUESTED if name != "cupy" or CUPY_OK]
+FIXTURES = ("xp", "backend_name")
 
 
-@pytest.fixture(params=BACKEND_NAMES, scope="session")
+def _runnable(name: str) -> str:
+    if name == "cupy" and not CUPY_OK:
+        pytest.skip(NO_CUPY)
+    return name
+
+
+@pytest.fixture(params=REQUESTED, scope="session")
 def xp(request):
     """The array namespace of one backend (``numpy``, the strict stand-in, or ``cupy``)."""
-    if request.param == "cupy" and not CUPY_OK:
-        pytest.skip(NO_CUPY)
-    return backend.namespace(request.param)
+    return backend.namespace(_runnable(request.param))
+
+
+@pytest.fixture(params=REQUESTED, scope="session")
+def backend_name(request):
+    """The name of one backend, for APIs that take a name (``backend="cupy"``)."""
+    return _runnable(request.param)
 
 
 def _backend_of(item):
     callspec = getattr(item, "callspec", None)
-    return None if callspec is None else callspec.params.get("xp")
+    params = {} if callspec is None else callspec.params
+    return next((params[f] for f in FIXTURES if f in params), None)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -17,13 +17,12 @@ import pytest
 
 import lowrank as lr
 from lowrank.adapters import adalora
-from lowrank.model import GPT, GPTConfig
 from lowrank.train import Trainer, TrainConfig
 from reference import naive
 
 from .helpers import FakeData
 
-TINY = GPTConfig(vocab_size=32, context=6, n_layer=1, n_head=2, d_model=8)
+TINY = lr.GPTConfig(vocab_size=32, context=6, n_layer=1, n_head=2, d_model=8)
 TARGETS = ["q", "k", "v", "o", "fc1", "fc2"]
 
 
@@ -32,7 +31,7 @@ def host(a):
 
 
 def tiny_model(variant, **cfg):
-    model = GPT(TINY, seed=3, dtype="float64")
+    model = lr.GPT(TINY, seed=3, dtype="float64")
     lr.adapters.inject(model, lr.adapters.config(variant, **cfg), targets=TARGETS, seed=5)
     return model, lr.adapters.adapted_modules(model)
 
