@@ -1,4 +1,4 @@
-"""AdaLoRA's rank allocator and orthogonality regulariser (SPEC §2.4, PEFT ``RankAllocator``).
+"""AdaLoRA's rank allocator and orthogonality regulariser (docs/variants.md#adalora, PEFT ``RankAllocator``).
 
 Not a variant (leading underscore: ``lowrank.adapters`` does not auto-import it); the
 ``adalora`` variant imports it. Every number follows PEFT 0.21 (``peft/tuners/adalora``):

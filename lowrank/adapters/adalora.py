@@ -1,4 +1,4 @@
-"""AdaLoRA (Zhang et al., 2303.10512) — adaptive rank from SVD-form triplets (SPEC §2.4).
+"""AdaLoRA (Zhang et al., 2303.10512) — adaptive rank from SVD-form triplets (docs/variants.md#adalora).
 
     Ã = E ⊙_rows A (r, n),   y = x W0ᵀ + b0 + c · (x_d Ãᵀ) Bᵀ,   c = α / (init_r + 1e-5)
 
@@ -39,6 +39,7 @@ from pathlib import Path
 
 from .. import backend
 from ..decompose import check_rank
+from ..hooks import StepHook
 from ..module import Parameter
 from ._adalora_allocator import RankAllocator, budget_schedule, orth_regularizer
 from ._triplets import TripletMap
@@ -116,11 +117,12 @@ class AdaLoraLinear(TripletMap, AdaptedLinear):
     def realised_rank(self) -> int:
         return int(sum(self.rank_pattern))
 
-    # --- the adapted map ---------------------------------------------------------------------
-    def adapter_backward(self, dy, cache):
+    # --- the adapted map (the triplet product, _triplets.py) ----------------------------------
+    def correction_backward(self, dy2, cache, need_dx: bool):
+        """The triplet gradients, counting the step for the allocator check below."""
         if self.training:
             self._count_step()
-        dx = self.triplet_backward(dy, cache)
+        dx = super().correction_backward(dy2, cache, need_dx)
         self._step_grad = self.lora_E.grad
         return dx
 
@@ -138,18 +140,6 @@ class AdaLoraLinear(TripletMap, AdaptedLinear):
                 "lowrank.train.Trainer (it runs the allocator), or call "
                 "hook = AdaLoraLinear.step_hook(model) once and hook.after_step(trainer) after "
                 "every optimizer step, before zero-grad.")
-
-    def delta_weight(self):
-        return self.scaling * (self.lora_B.data @ self.masked_A())      # (m, n)
-
-    # --- multi-adapter fast path (lowrank.parallel.multi; formulas in adapters/_delta.py) ------
-    def delta_backward(self, dy, cache):
-        """adapter_backward minus ``dy W0``: the same step count and A, E, B gradients."""
-        if self.training:
-            self._count_step()
-        dx = self.delta_triplet_backward(dy, cache)
-        self._step_grad = self.lora_E.grad
-        return dx
 
     # --- save / load (used by lowrank.checkpoint) -----------------------------------------------
     def saved_rows(self) -> list[bool]:
@@ -233,7 +223,7 @@ class AdaLoraLinear(TripletMap, AdaptedLinear):
         return lines
 
 
-class AdaLoraHook:
+class AdaLoraHook(StepHook):
     """The per-step hook of a model's AdaLoRA layers (see lowrank.train)."""
 
     def __init__(self, model):
