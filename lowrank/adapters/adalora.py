@@ -44,7 +44,6 @@ from ..module import Parameter
 from ._adalora_allocator import RankAllocator, budget_schedule, orth_regularizer
 from ._triplets import TripletMap
 from .base import AdaptedLinear, AdapterConfig, check_int, register
-from .inject import adapted_modules
 
 RANKNUM_EPS = 1e-5          # PEFT: scaling / (ranknum + 1e-5)
 MATRIX_ORDER = ("q", "k", "v", "o", "fc1", "fc2")
@@ -201,7 +200,7 @@ class AdaLoraLinear(TripletMap, AdaptedLinear):
         ranks = realised_ranks(model)
         if not ranks:
             return []
-        layers = [m for _, m in adapted_modules(model) if isinstance(m, cls)]
+        layers = [m for _, m in cls.layers_of(model)]
         init = sum(m.r for m in layers)
         target = sum(m.config.target_r for m in layers)
         rows, cols, grid = rank_grid(ranks)
@@ -227,7 +226,7 @@ class AdaLoraHook(StepHook):
     """The per-step hook of a model's AdaLoRA layers (see lowrank.train)."""
 
     def __init__(self, model):
-        self.layers = [(n, m) for n, m in adapted_modules(model) if isinstance(m, AdaLoraLinear)]
+        self.layers = AdaLoraLinear.layers_of(model)
         if not self.layers:
             raise ValueError("the model holds no AdaLoRA layers")
         self.config = self.layers[0][1].config
@@ -266,12 +265,11 @@ class AdaLoraHook(StepHook):
 
 def rank_pattern(model) -> dict:
     """``{module name: [bool per triplet]}`` of every AdaLoRA layer (PEFT's ``rank_pattern``)."""
-    return {n: list(m.rank_pattern) for n, m in adapted_modules(model)
-            if isinstance(m, AdaLoraLinear)}
+    return {n: list(m.rank_pattern) for n, m in AdaLoraLinear.layers_of(model)}
 
 
 def realised_ranks(model) -> dict:
-    return {n: m.realised_rank for n, m in adapted_modules(model) if isinstance(m, AdaLoraLinear)}
+    return {n: m.realised_rank for n, m in AdaLoraLinear.layers_of(model)}
 
 
 def rank_grid(ranks: dict):

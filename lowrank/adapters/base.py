@@ -343,6 +343,11 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
 
     # --- training and reporting (lowrank.train, workflows, demo) --------------------------------
     @classmethod
+    def layers_of(cls, model) -> list:
+        """``[(module name, layer)]`` of the model's layers of this class, in model order."""
+        return [(name, m) for name, m in model.named_modules() if isinstance(m, cls)]
+
+    @classmethod
     def step_hook(cls, model):
         """The ``StepHook`` (lowrank.hooks) the model's layers of this class need each step,
         or None (the default: nothing to do between steps)."""

@@ -52,7 +52,6 @@ from ..module import Parameter
 from ._increlora_hook import IncreLoraHook, total_budget
 from ._triplets import TripletMap
 from .base import AdaptedLinear, AdapterConfig, check_int, register
-from .inject import adapted_modules
 
 RANKNUM_EPS = 1e-5      # official: lora_alpha / (ranknum + 1e-5)
 INIT_STD = 0.02         # A, B ~ N(0, 0.02²) for the first and every reserve triplet
@@ -203,14 +202,14 @@ class IncreLoraLinear(TripletMap, AdaptedLinear):
     # --- training and reporting ------------------------------------------------------------
     @classmethod
     def step_hook(cls, model):
-        return IncreLoraHook([(n, m) for n, m in adapted_modules(model) if isinstance(m, cls)])
+        return IncreLoraHook(cls.layers_of(model))
 
     def demo_report(self) -> dict:
         return {"ranknum": self.ranknum}
 
     @classmethod
     def report(cls, model, out) -> list[str]:
-        layers = [(n, m) for n, m in adapted_modules(model) if isinstance(m, cls)]
+        layers = cls.layers_of(model)
         if not layers:
             return []
         total = sum(m.ranknum for _, m in layers)

@@ -44,7 +44,6 @@ from ..decompose import check_rank
 from ..hooks import StepHook
 from ..module import Parameter
 from .base import AdapterConfig, register
-from .inject import adapted_modules
 from .lora import LoraLinear, lora_factors
 
 RESETS = ("random", "magnitude")
@@ -162,7 +161,7 @@ class ReLoraLinear(LoraLinear):
 
     @classmethod
     def report(cls, model, out) -> list[str]:
-        layers = [(n, m) for n, m in adapted_modules(model) if isinstance(m, cls)]
+        layers = cls.layers_of(model)
         if not layers:
             return []
         name, m = next(((n, m) for n, m in layers if m.history is not None), layers[0])
@@ -181,7 +180,7 @@ class ReLoraHook(StepHook):
     """Restarts, moment pruning and the jagged learning rate of a model's ReLoRA layers."""
 
     def __init__(self, model):
-        self.layers = [(n, m) for n, m in adapted_modules(model) if isinstance(m, ReLoraLinear)]
+        self.layers = ReLoraLinear.layers_of(model)
         if not self.layers:
             raise ValueError("the model holds no ReLoRA layers")
         self.config = self.layers[0][1].config

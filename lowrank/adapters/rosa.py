@@ -39,7 +39,6 @@ from ..hooks import StepHook
 from ..module import Parameter
 from ._lowrank import LowRankMap, LowRankParts
 from .base import AdaptedLinear, AdapterConfig, check_int, register
-from .inject import adapted_modules
 from .lora import lora_factors
 
 SUPPORTS = ("gradient", "random")
@@ -225,12 +224,11 @@ class RosaLinear(LowRankMap, AdaptedLinear):
     @classmethod
     def report(cls, model, out) -> list[str]:
         lines = []
-        for name, m in adapted_modules(model):
-            if isinstance(m, RosaLinear):
-                b = m.sparse_nbytes()
-                state = "" if m.support_selected else " (support not selected yet)"
-                lines.append(f"rosa {name}: S nnz {m.nnz}, CSR {b['total']:,} B vs dense "
-                             f"{b['dense']:,} B ({100.0 * b['total'] / b['dense']:.2f}%){state}")
+        for name, m in cls.layers_of(model):
+            b = m.sparse_nbytes()
+            state = "" if m.support_selected else " (support not selected yet)"
+            lines.append(f"rosa {name}: S nnz {m.nnz}, CSR {b['total']:,} B vs dense "
+                         f"{b['dense']:,} B ({100.0 * b['total'] / b['dense']:.2f}%){state}")
         return lines
 
     @classmethod
@@ -246,8 +244,7 @@ class RosaHook(StepHook):
     """
 
     def __init__(self, model):
-        self.layers = [(name, m) for name, m in adapted_modules(model)
-                       if isinstance(m, RosaLinear)]
+        self.layers = RosaLinear.layers_of(model)
         self.steps_done = 0
         self._arm()
 

@@ -40,7 +40,7 @@ from ..module import Parameter
 from ..optim import lr_at
 from ._lowrank import LowRankMap, LowRankParts
 from .base import AdaptedLinear, AdapterConfig, config, register
-from .inject import _set_child, adapted_modules
+from .inject import _set_child
 from .lora import LoraLinear, lora_factors
 
 LAMBDA_SCHEDULES = ("constant", "linear", "log_linear")
@@ -174,11 +174,8 @@ class SoraLinear(LowRankMap, AdaptedLinear):
 
     @classmethod
     def report(cls, model, out) -> list[str]:
-        lines = []
-        for name, m in adapted_modules(model):
-            if isinstance(m, SoraLinear):
-                lines.append(f"sora {name}: rank {m.kept_rank()} of {m.config.r} kept (g != 0)")
-        return lines
+        return [f"sora {name}: rank {m.kept_rank()} of {m.config.r} kept (g != 0)"
+                for name, m in cls.layers_of(model)]
 
     def demo_report(self) -> dict:
         return {"kept_rank": self.kept_rank(), "r": int(self.config.r)}
@@ -190,10 +187,9 @@ class SoraLinear(LowRankMap, AdaptedLinear):
 def prune_sora(model) -> dict:
     """Replace every SoRA module of ``model`` by its pruned LoRA; returns {name: kept rank}."""
     kept = {}
-    for name, m in adapted_modules(model):
-        if isinstance(m, SoraLinear):
-            kept[name] = m.kept_rank()
-            _set_child(model, name, m.prune())
+    for name, m in SoraLinear.layers_of(model):
+        kept[name] = m.kept_rank()
+        _set_child(model, name, m.prune())
     return kept
 
 
@@ -201,13 +197,12 @@ class SoraHook(StepHook):
     """The gate's own optimizer step + the proximal step, after each AdamW step (one per model)."""
 
     def __init__(self, model):
-        self.layers = [(name, m) for name, m in adapted_modules(model) if isinstance(m, SoraLinear)]
-        self._gates = {id(m.lora_gate) for _, m in self.layers}
+        self.layers = SoraLinear.layers_of(model)
         self.state: dict = {}    # module name -> {"step", "exp_avg", "exp_avg_sq"} (adam)
         self.last_lambda = None
 
     def owns(self, name, p) -> bool:
-        return id(p) in self._gates
+        return any(p is m.lora_gate for _, m in self.layers)
 
     def after_step(self, trainer) -> None:
         c, step = trainer.config, trainer.step      # step: 0-based index of this step
