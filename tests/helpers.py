@@ -63,10 +63,11 @@ def layer_fd_gradient(layer, array, x, G, mask=None, eps: float = 1e-6) -> np.nd
         lambda: float((layer.forward(x, dropout_mask=mask)[0] * G).sum()), array, eps)
 
 
-def gradient_errors(layer, x, G, mask=None) -> dict:
+def gradient_errors(layer, x, G, mask=None, context=None) -> dict:
     """``{name: relative error}`` of the backward's gradient of ``L = Σ forward(x)·G`` against
     central differences, for every trainable parameter and for x. Finite differences run
-    inside ``layer.finite_difference_context()`` (DoRA holds its norm there)."""
+    inside ``context``, by default ``layer.finite_difference_context()`` (DoRA holds its
+    norm there)."""
     layer.zero_grad()
     _, cache = layer.forward(x, dropout_mask=mask)
     dx = layer.backward(G, cache)
@@ -75,7 +76,7 @@ def gradient_errors(layer, x, G, mask=None) -> dict:
     analytic = {name: p.grad.copy() for name, p in params.items()}
     arrays = {name: p.data for name, p in params.items()}
     analytic["x"], arrays["x"] = dx, x
-    with layer.finite_difference_context():
+    with layer.finite_difference_context() if context is None else context:
         return {name: rel_err(analytic[name], layer_fd_gradient(layer, array, x, G, mask))
                 for name, array in arrays.items()}
 

@@ -12,42 +12,16 @@ from lowrank.adapters.increlora import IncreLoraLinear
 from lowrank.model import GPT, GPTConfig
 from lowrank.train import Trainer, TrainConfig
 
-from .helpers import FakeData, layer_fd_gradient, rel_err
+from .helpers import FakeData, gradient_errors, make_layer, perturb, problem, rel_err
 
 TINY = GPTConfig(vocab_size=64, context=8, n_layer=2, n_head=2, d_model=16)
 M, N, ROWS = 6, 5, 4
 
 
 def layer(xp, dtype="float64", **options):
-    rng = np.random.default_rng(0)
-    W0 = xp.asarray(rng.standard_normal((M, N)), dtype=dtype)
-    b0 = xp.asarray(rng.standard_normal(M), dtype=dtype)
-    cfg = lr.adapters.config("increlora", **{"r": 4, "alpha": 3.0, "init_r": 1, **options})
-    return lr.adapters.AdaptedLinear(W0, b0, cfg, seed=0)
-
-
-def perturb(m, xp, seed=1):
-    rng = np.random.default_rng(seed)
-    for _, p in m.named_parameters(trainable_only=True):
-        p.data += xp.asarray(0.5 * rng.standard_normal(p.shape), dtype=p.dtype)
-
-
-def fd_errors(m, xp, mask=None):
-    """Relative error of every hand-derived gradient (A, E, B, x) against central differences."""
-    rng = np.random.default_rng(7)
-    x = xp.asarray(rng.standard_normal((ROWS, N)))
-    G = xp.asarray(rng.standard_normal((ROWS, M)))
-    m.zero_grad()
-    y, cache = m.forward(x, dropout_mask=mask)
-    dx = m.backward(G, cache)
-    arrays = {"lora_A": m.lora_A.data, "lora_E": m.lora_E.data, "lora_B": m.lora_B.data, "x": x}
-    analytic = {"lora_A": m.lora_A.grad, "lora_E": m.lora_E.grad, "lora_B": m.lora_B.grad,
-                "x": dx}
-    errors = {}
-    for name, array in arrays.items():
-        numeric = layer_fd_gradient(m, array, x, G, mask)
-        errors[name] = rel_err(analytic[name], numeric)
-    return errors
+    """An IncreLoRA layer (M, N) starting at rank 1 of an average budget of 4."""
+    return make_layer(xp, "increlora", (M, N), dtype,
+                      **{"r": 4, "alpha": 3.0, "init_r": 1, **options})[0]
 
 
 @pytest.mark.parametrize("with_mask", [False, True], ids=["no-dropout", "dropout-mask"])
@@ -55,9 +29,9 @@ def test_gradients_match_finite_differences_after_growth(xp, with_mask):
     m = layer(xp, dropout=0.3 if with_mask else 0.0)
     m.grow(2)   # ranknum 3: c = α/3 and the grown arrays
     perturb(m, xp)
-    mask = xp.asarray((np.random.default_rng(3).random((ROWS, N)) > 0.3) / 0.7) \
-        if with_mask else None
-    errors = fd_errors(m, xp, mask)
+    x, G, mask = problem(xp, (M, N), ROWS, dropout=0.3 if with_mask else 0.0)
+    errors = gradient_errors(m, x, G, mask)
+    assert set(errors) == {"lora_A", "lora_E", "lora_B", "x"}
     assert max(errors.values()) < 1e-6, errors
 
 
