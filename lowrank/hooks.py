@@ -1,4 +1,5 @@
-"""``StepHook``: what a training loop calls around each optimizer step (docs/training.md#step-order).
+"""``StepHook``: what the training loop calls around each optimizer step
+(docs/training.md#step-order).
 
 One step of ``lowrank.train.Trainer``, always in this order:
 
@@ -15,10 +16,11 @@ class StepHook:
     """Per-step extension point of the trainer; every method has a no-op default."""
 
     def bind(self, trainer) -> None:
-        """Called once when the trainer is built, before step 1 (e.g. to learn ``trainer.comm``)."""
+        """Called once when the trainer is built, before step 1 (to learn ``trainer.comm``)."""
 
     def owns(self, name: str, param) -> bool:
-        """Whether the hook steps ``param`` itself, keeping it out of the optimizer. Default: no."""
+        """Whether the hook steps ``param`` itself, keeping it out of the optimizer (default:
+        no)."""
         return False
 
     def extra_loss(self, trainer) -> float:

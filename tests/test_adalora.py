@@ -1,6 +1,7 @@
-"""The ``adalora`` variant (SPEC §2.4): gradients, the orthogonality regulariser, the budget
-schedule, masking to the target budget under the Trainer, the by-hand error, save/load with
-the rank pattern, exact resume, the report, bad inputs. Run with ``-s`` for the errors."""
+"""The ``adalora`` variant (docs/variants.md#adalora): gradients, the orthogonality regulariser,
+the budget schedule, masking to the target budget under the Trainer, the by-hand error,
+save/load with the rank pattern, exact resume, the report, bad inputs. Run with ``-s`` for the
+errors."""
 import functools
 import json
 import types

@@ -1,4 +1,5 @@
-"""The ``dora`` variant (SPEC §2.3): gradients in both norm modes, merge, init, bad inputs.
+"""The ``dora`` variant (docs/variants.md#dora): gradients in both norm modes, merge, init, bad
+inputs.
 
 Finite differences of the full map see n = ‖W0 + s·BA‖_rows move with A and B. The default
 (detached, PEFT) gradient treats n as a constant, so it is checked against finite differences

@@ -1,5 +1,6 @@
-"""IncreLoRA (SPEC §2.7): gradients, the growth schedule and budget, identical outputs across a
-growth, fresh optimizer state for grown parameters, budget validation, exact resume."""
+"""IncreLoRA (docs/variants.md#increlora): gradients, the growth schedule and budget, identical
+outputs across a growth, fresh optimizer state for grown parameters, budget validation, exact
+resume."""
 import copy
 
 import numpy as np

@@ -1,5 +1,5 @@
-"""ReLoRA (SPEC §2.8): gradients, rank growth through restarts, the merge keeps the output,
-optimizer-moment pruning, the jagged learning rate, config validation, exact resume."""
+"""ReLoRA (docs/variants.md#relora): gradients, rank growth through restarts, the merge keeps the
+output, optimizer-moment pruning, the jagged learning rate, config validation, exact resume."""
 import copy
 
 import numpy as np

@@ -1,5 +1,5 @@
-"""RoSA (SPEC §2.6): gradients through the sparse part, the gradient-chosen support, the
-warm-up/collection schedule, O(nnz) storage, numpy-strict, and save/load/resume."""
+"""RoSA (docs/variants.md#rosa): gradients through the sparse part, the gradient-chosen support,
+the warm-up/collection schedule, O(nnz) storage, numpy-strict, and save/load/resume."""
 import numpy as np
 import pytest
 

@@ -1,5 +1,5 @@
-"""SoRA (SPEC §2.5): gate gradients, the proximal step and its ξ schedules, pruning to a
-plain LoRA, training through the Trainer hook, and exact resume of the gate's optimizer."""
+"""SoRA (docs/variants.md#sora): gate gradients, the proximal step and its ξ schedules, pruning to
+a plain LoRA, training through the Trainer hook, and exact resume of the gate's optimizer."""
 import math
 from types import SimpleNamespace
 

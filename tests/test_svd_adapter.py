@@ -1,4 +1,5 @@
-"""The ``svd`` variant (SPEC §2.2): split init, trainable subsets of {U, σ, V}, gradients, config.
+"""The ``svd`` variant (docs/variants.md#svd): split init, trainable subsets of {U, σ, V},
+gradients, config.
 
 Run with ``-s`` to see the largest finite-difference relative error of each factor.
 """

@@ -122,8 +122,8 @@ class IncreLoraLinear(TripletMap, AdaptedLinear):
 
     # --- the adapted map (the triplet product, _triplets.py) ----------------------------------
     def correction_backward(self, dy2, cache, need_dx: bool):
-        """The triplet gradients; while scoring, also ∂L/∂ΔW = Gᵀ x_d (docs/variants.md#increlora-score),
-        summed over the step's micro-batches for the hook to turn into the score."""
+        """The triplet gradients; while scoring, also ∂L/∂ΔW = Gᵀ x_d
+        (docs/variants.md#increlora-score), summed over the step's micro-batches for the hook to turn into the score."""
         if self.track_score and self.training:
             grad = dy2.T @ cache.x2                                      # (m, n) = ∂L/∂ΔW
             if self.grad_dW is None:
