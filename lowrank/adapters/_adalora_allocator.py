@@ -206,7 +206,7 @@ class RankAllocator:
             self.apply_pattern(self.final_pattern)
             pattern = self.final_pattern
         for _, layer in self.layers:
-            layer._steps_since_allocation = 0
+            layer.allocated()
         return self.budget, pattern
 
     # --- resume --------------------------------------------------------------------------------

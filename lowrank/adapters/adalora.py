@@ -125,6 +125,10 @@ class AdaLoraLinear(TripletMap, AdaptedLinear):
         self._step_grad = self.lora_E.grad
         return dx
 
+    def allocated(self) -> None:
+        """The allocator ran: the steps-without-allocator count starts again."""
+        self._steps_since_allocation = 0
+
     def _count_step(self) -> None:
         """A new step starts when E's gradient array is a fresh one (a zero-grad happened)."""
         if not self.lora_E.trainable or (self.lora_E.grad is not None
