@@ -106,7 +106,7 @@ class IncreLoraLinear(TripletMap, AdaptedLinear):
         self.lora_B = Parameter(backend.host_normal(rng, (m, cfg.init_r), INIT_STD, dtype, xp))
         self.track_score = False    # set by the hook while the budget is not reached
         self.score = None           # 0-d: Σ|ΔW ⊙ ∂L/∂ΔW| / √(mn) of the current step
-        self.grad_dW = None        # ∂L/∂ΔW (m, n) summed over the step's micro-batches
+        self.grad_dW = None         # ∂L/∂ΔW (m, n) summed over the step's micro-batches
 
     @property
     def ranknum(self) -> int:
@@ -122,8 +122,8 @@ class IncreLoraLinear(TripletMap, AdaptedLinear):
 
     # --- the adapted map (the triplet product, _triplets.py) ----------------------------------
     def correction_backward(self, dy2, cache, need_dx: bool):
-        """The triplet gradients; while scoring, also ∂L/∂ΔW = Gᵀ x_d
-        (docs/variants.md#increlora-score), summed over the step's micro-batches for the hook to turn into the score."""
+        """The triplet gradients; while scoring, also ∂L/∂ΔW = Gᵀ x_d, summed over the step's
+        micro-batches for the hook to turn into the score (docs/variants.md#increlora-score)."""
         if self.track_score and self.training:
             grad = dy2.T @ cache.x2                                      # (m, n) = ∂L/∂ΔW
             if self.grad_dW is None:
