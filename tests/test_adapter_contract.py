@@ -43,8 +43,13 @@ def _cases():
             yield pytest.param(name, extra, id=f"{name}[{label}]")
 
 
-def cases():
-    return list(_cases())
+def cases(delta_path_only=False):
+    return [c for c in _cases() if not delta_path_only or c.values[0] in DELTA_PATH]
+
+
+# variants whose multi-adapter path is the base product plus delta_forward/delta_backward
+DELTA_PATH = {name for name in lr.adapters.available()
+              if make_layer(np, name, (M, N), r=R)[0].has_delta_path()}
 
 
 def make(xp, name, extra, dtype="float64", seed=0, **overrides):
@@ -192,15 +197,18 @@ def test_save_then_load_gives_the_same_adapter(xp, name, extra, tmp_path, reques
     assert not np.allclose(y0, y_fresh)   # the trained adapter is what the file carried
 
 
+def test_dora_and_rosa_take_the_multi_adapter_fallback():
+    """DoRA's map is not the base plus a correction; RoSA keeps the fallback it always had."""
+    assert sorted(set(lr.adapters.available()) - DELTA_PATH) == ["dora", "rosa"]
+
+
 @pytest.mark.parametrize("with_mask", [False, True], ids=["no-dropout", "dropout-mask"])
-@pytest.mark.parametrize("name,extra", cases())
+@pytest.mark.parametrize("name,extra", cases(delta_path_only=True))
 def test_delta_path_is_the_map_minus_the_base_product(xp, name, extra, with_mask):
     """A variant declaring ``has_delta_path()``: ``delta_forward``/``delta_backward`` are its
     forward/backward minus ``x W0ᵀ + b0`` and ``G W0``, with the same parameter gradients."""
     layer, _, _ = make(xp, name, extra, dropout=0.3 if with_mask else 0.0)
     perturb(layer, xp)
-    if not layer.has_delta_path():
-        pytest.skip(f"{name} runs the multi-adapter path through forward/backward")
     x, G, mask = problem(xp, (M, N), ROWS, dropout=0.3 if with_mask else 0.0)
     _, dx = loss_and_grads(layer, x, G, mask)
     y, _ = layer.forward(x, dropout_mask=mask)

@@ -147,7 +147,7 @@ class RosaLinear(LowRankMap, AdaptedLinear):
         self.lora_A.accumulate(dA)                                       # (r, n)
 
     def has_delta_path(self) -> bool:
-        return False   # the multi-adapter path runs RoSA through its own forward/backward
+        return False   # the multi-adapter path keeps running RoSA through forward/backward
 
     def correction_forward(self, x2):
         """``s (x_d Aᵀ) Bᵀ + x_d Sᵀ`` (N, m); S multiplies as CSR: ``(S x_dᵀ)ᵀ``."""
