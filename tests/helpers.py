@@ -115,6 +115,23 @@ def error_log(title: str):
 
 # --- data -------------------------------------------------------------------------------------
 
+def pretrain_tiny_base(root, **train):
+    """A float64 1-layer base pretrained for 2 steps under ``root / "base"`` on a corpus of
+    Python source (``root / "corpus.txt"``); returns the corpus' DataSpec."""
+    import inspect
+    import json as json_module
+
+    from lowrank import workflows as wf
+    from lowrank.train import TrainConfig
+    text = root / "corpus.txt"
+    text.write_text(inspect.getsource(json_module.decoder) * 2)
+    data = wf.DataSpec([str(text)], val_fraction=0.2)
+    spec = wf.ModelSpec(vocab_size=300, context=16, n_layer=1, n_head=2, d_model=16)
+    wf.pretrain(root / "base", spec, data, TrainConfig(**{"steps": 2, "batch_size": 4, **train}),
+                dtype="float64", progress=False)
+    return data
+
+
 class FakeData:
     """A token source with TokenData's interface: uniform random ids, next-token targets."""
 

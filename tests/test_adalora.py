@@ -17,8 +17,8 @@ from lowrank.model import GPT, GPTConfig
 from lowrank.train import Trainer, TrainConfig
 from reference.finite_diff import numerical_gradient
 
-from .helpers import (FakeData, error_log, gradient_errors, make_layer, perturb, problem, rel_err,
-                      to_host)
+from .helpers import (FakeData, error_log, gradient_errors, make_layer, perturb, pretrain_tiny_base,
+                      problem, rel_err, to_host)
 
 M, N, R, ROWS = 7, 5, 3, 4
 TINY = GPTConfig(vocab_size=64, context=8, n_layer=2, n_head=2, d_model=16)
@@ -251,15 +251,8 @@ def test_save_load_round_trip_with_the_pattern(trained, tmp_path, xp):
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    import inspect
-    import json as json_module
     root = tmp_path_factory.mktemp("adalora")
-    text = root / "corpus.txt"
-    text.write_text(inspect.getsource(json_module.decoder) * 2)
-    spec = wf.ModelSpec(vocab_size=300, context=16, n_layer=1, n_head=2, d_model=16)
-    wf.pretrain(root / "base", spec, wf.DataSpec([str(text)], val_fraction=0.2),
-                TrainConfig(steps=2, batch_size=4, lr=1e-2, warmup=2), dtype="float64",
-                progress=False)
+    pretrain_tiny_base(root, lr=1e-2, warmup=2)
     return root
 
 

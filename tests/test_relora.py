@@ -11,7 +11,7 @@ from lowrank.adapters.relora import ReLoraHook, ReLoraLinear, restart_lr_factor
 from lowrank.model import GPT, GPTConfig
 from lowrank.train import Trainer, TrainConfig
 
-from .helpers import FakeData, gradient_errors, make_layer, perturb, problem, rel_err, to_host
+from .helpers import FakeData, gradient_errors, make_layer, perturb, pretrain_tiny_base, problem, rel_err, to_host
 
 TINY = GPTConfig(vocab_size=64, context=8, n_layer=2, n_head=2, d_model=16)
 M, N, ROWS = 6, 5, 4
@@ -194,16 +194,8 @@ def test_hook_is_picked_by_the_trainer():
 
 def test_finetune_resume_and_load_finetuned(tmp_path):
     """workflows.finetune --resume and load_finetuned after restarts (float64, CPU)."""
-    import inspect
-    import json as json_module
-
     from lowrank import workflows as wf
-    text = tmp_path / "corpus.txt"
-    text.write_text(inspect.getsource(json_module.decoder) * 2)
-    data = wf.DataSpec([str(text)], val_fraction=0.2)
-    spec = wf.ModelSpec(vocab_size=300, context=16, n_layer=1, n_head=2, d_model=16)
-    wf.pretrain(tmp_path / "base", spec, data, TrainConfig(steps=2, batch_size=4),
-                dtype="float64", progress=False)
+    data = pretrain_tiny_base(tmp_path)
     options = {"r": 2, "alpha": 4.0, "reset_interval": 3, "restart_warmup": 1, "dropout": 0.1}
 
     def run(out, steps, resume=False):   # restarts after steps 3 and 6 either way
