@@ -229,10 +229,10 @@ def finetune(out, base, variant: str, targets=DEFAULT_TARGETS, options=None,
 
 def variant_report(model, out) -> list[str]:
     """Lines (and files in ``out``) a variant reports after training, e.g. AdaLoRA's ranks:
-    an adapter class may define ``report(model, out) -> list[str]`` (a classmethod)."""
+    ``AdaptedLinear.report(model, out) -> list[str]`` (a classmethod), once per class."""
     lines, seen = [], set()
     for _, module in adapted_modules(model):
-        if hasattr(type(module), "report") and type(module) not in seen:
+        if type(module) not in seen:
             seen.add(type(module))
             lines += type(module).report(model, Path(out))
     return lines
