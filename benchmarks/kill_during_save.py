@@ -25,7 +25,7 @@ import numpy as np
 
 def _model():
     from lowrank import adapters
-    from lowrank.model import GPT, GPTConfig
+    from lowrank.models import GPT, GPTConfig
     model = GPT(GPTConfig(vocab_size=2000, context=32, n_layer=2, n_head=4, d_model=64), seed=0)
     full = GPT(GPTConfig(vocab_size=2000, context=32, n_layer=2, n_head=4, d_model=64), seed=0)
     adapters.inject(model, adapters.config("lora", r=8), ["q", "v", "fc1"])

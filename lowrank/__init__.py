@@ -1,10 +1,12 @@
 """lowrank — LoRA and its variants with hand-derived, verified gradients, on NumPy or CuPy."""
-from . import adapters, backend, decompose, ops
+from . import adapters, backend, decompose, models, ops
 from ._version import __version__
 from .checkpoint import load_model, save_model
 from .layers import Linear
-from .model import GPT, GPTConfig
+from .models import GPT, GPTConfig
 from .module import Module, Parameter
+from .pretrained import from_pretrained
+from .tokenizer import Tokenizer
 
 
 def save(model, path, train_state=None):
@@ -13,9 +15,9 @@ def save(model, path, train_state=None):
 
 
 def load(path, backend=None):
-    """The GPT saved in directory ``path`` (on ``backend``, default: the active one)."""
+    """The model saved in directory ``path`` (on ``backend``, default: the active one)."""
     return load_model(path, backend)
 
 
-__all__ = ["adapters", "backend", "decompose", "ops", "Linear", "Module", "Parameter",
+__all__ = ["adapters", "backend", "decompose", "models", "ops", "from_pretrained", "Tokenizer", "Linear", "Module", "Parameter",
            "GPT", "GPTConfig", "save", "load"]

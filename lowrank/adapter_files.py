@@ -54,7 +54,7 @@ def _adapter_params(model) -> tuple[dict, dict]:
     for mname, m in _adapter_modules(model):
         for pname, p in m.named_parameters():
             if pname in ("weight", "bias") and not p.trainable:
-                if not (pname == "weight" and getattr(m, "saves_base_weight", False)):
+                if not (pname == "weight" and m.saves_base_weight()):
                     continue
                 pname = "base_layer.weight"   # a base the variant rewrites in training (ReLoRA)
             key = _peft_key(mname, pname)
@@ -77,10 +77,10 @@ def _module_metadata(name, m) -> dict:
                    if not (pname in ("weight", "bias") and not p.trainable)},
     }
     meta["params"].update({k: list(a.shape) for k, a in _exported_tensors(name, m).items()})
-    hook = getattr(m, "adapter_metadata", None)   # variants may add JSON-able extras
-    if callable(hook):
+    extra = m.adapter_metadata()   # variants may add JSON-able extras
+    if extra:
         arrays: dict = {}
-        meta["extra"] = split_arrays(hook(), (), arrays, f"{name}.adapter_metadata()")
+        meta["extra"] = split_arrays(extra, (), arrays, f"{name}.adapter_metadata()")
         if arrays:
             raise ValueError(f"{name}.adapter_metadata() must be JSON-able; it holds arrays "
                              f"at {sorted(arrays)} (make them Parameters or lists)")
@@ -91,9 +91,7 @@ def _exported_tensors(name, m) -> dict:
     """File key -> array for a module that saves its parameters in another shape than it holds
     them (``adapter_tensors() -> {param name: array}``; AdaLoRA keeps only its active triplets).
     ``expand_adapter_tensors(tensors, extra)`` is its inverse at load time."""
-    export = getattr(m, "adapter_tensors", None)
-    return {} if not callable(export) else \
-        {_peft_key(name, pname): a for pname, a in export().items()}
+    return {_peft_key(name, pname): a for pname, a in m.adapter_tensors().items()}
 
 
 def save_adapter(model: Module, directory, train_state: dict | None = None) -> Path:
@@ -160,17 +158,15 @@ def load_adapter(model: Module, directory) -> dict:
         if m.merged:
             raise ValueError(f"adapter module {mname!r} is merged; unmerge() before loading "
                              "adapter weights")
-        expand = getattr(m, "expand_adapter_tensors", None)
-        if callable(expand):   # saved in another shape (adapter_tensors): back to the module's
-            keys = {pname: _peft_key(mname, pname) for pname, _ in m.named_parameters()}
-            local = {pname: tensors[k] for pname, k in keys.items() if k in tensors}
-            extra = (saved or {}).get("extra") or {}
-            tensors.update({keys[pname]: a for pname, a in expand(local, extra).items()})
+        # saved in another shape (adapter_tensors): back to the module's
+        keys = {pname: _peft_key(mname, pname) for pname, _ in m.named_parameters()}
+        local = {pname: tensors[k] for pname, k in keys.items() if k in tensors}
+        extra = (saved or {}).get("extra") or {}
+        tensors.update({keys[pname]: a
+                        for pname, a in m.expand_adapter_tensors(local, extra).items()})
     check_and_assign(params, tensors, path, strict=True)
     for mname, m in modules.items():
-        restore = getattr(m, "load_adapter_metadata", None)
-        if callable(restore):
-            restore((saved_modules.get(mname) or {}).get("extra") or {})
+        m.load_adapter_metadata((saved_modules.get(mname) or {}).get("extra") or {})
     return info
 
 

@@ -32,14 +32,14 @@ from pathlib import Path
 import numpy as np
 
 from . import backend as _backend   # load_model's argument is called backend
-from . import model as _model
+from . import models
 from .adapter_files import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, load_adapter,  # noqa: F401
                             read_adapter_config, save_adapter)
 from .json_arrays import join_arrays
 from .module import Module
-from .schema import GPT_CONFIG, MODEL_CONFIG_FILE, TRAIN_STATE, check
+from .schema import MODEL_CONFIG_FILE, MODEL_SIZE, TRAIN_STATE, check
 from .storage import (OPTIMIZER_FILE, StagedFiles, atomic_write, check_and_assign,
-                      cap_for, read_safetensors, read_saved_tensors, read_sealed_json,
+                      cap_for, read_json, read_safetensors, read_saved_tensors, read_sealed_json,
                       resolve_weights_file, stage, stage_state)
 from .untrusted import regular_file
 
@@ -172,11 +172,16 @@ def load_weights(model: Module, directory_or_file, strict: bool = True):
 def read_config(directory) -> dict:
     """The ``config.json`` of a saved model, its integrity record and schema checked."""
     path = Path(directory) / CONFIG_FILE
+    raw = read_json(path)
+    if "format" not in raw and "model_type" in raw:
+        raise ValueError(f"{path} is a Hugging Face model config (no 'format' entry): load "
+                         "it with lr.from_pretrained")
     return check(read_sealed_json(path), MODEL_CONFIG_FILE, str(path))
 
 
 def load_model(directory, backend: str | None = None):
-    """Rebuild a ``lowrank.model.GPT`` from ``directory`` and load its weights.
+    """Rebuild the model saved in ``directory`` (its family from the models registry, a GPT
+    when the config names none) and load its weights.
 
     ``backend`` ('numpy', 'numpy-strict', 'cupy'; default: the active one) says where the
     parameters live.
@@ -185,30 +190,33 @@ def load_model(directory, backend: str | None = None):
     directory = Path(directory)
     config = read_config(directory)
     if "model" not in config:
-        raise ValueError(f"{directory / CONFIG_FILE} has no 'model' entry (a training-state-"
-                         "only directory?)")
+        hint = ("a Hugging Face model directory: load it with lr.from_pretrained"
+                if "model_type" in config else "a training-state-only directory?")
+        raise ValueError(f"{directory / CONFIG_FILE} has no 'model' entry ({hint})")
     dtype = config.get("dtype") or _backend.DEFAULT_DTYPE
     if dtype not in ("float32", "float64"):
         raise ValueError(f"{directory / CONFIG_FILE}: field 'dtype' must be float32 or "
                          f"float64, got {dtype!r}")
-    check(config["model"], GPT_CONFIG, f"{directory / CONFIG_FILE}: model")
-    try:
-        gpt_config = _model.GPTConfig(**config["model"])
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{directory / CONFIG_FILE}: model config does not fit GPTConfig: "
-                         f"{exc}") from None
-    _check_fits_file(gpt_config, dtype, directory)
+    check(config["model"], {str: MODEL_SIZE}, f"{directory / CONFIG_FILE}: model")
+    model_config = models.config_from_dict(config["model"], str(directory / CONFIG_FILE))
+    _check_fits_file(model_config, dtype, directory)
     xp = None if name is None else _backend.namespace(name)
-    model = _model.GPT(gpt_config, dtype=dtype, xp=xp)
+    model = models.build(model_config, dtype=dtype, xp=xp)
     load_weights(model, directory, strict=True)
     return model
 
 
 def _check_fits_file(cfg, dtype: str, directory: Path) -> None:
     """Refuse sizes the weights file cannot hold before a byte is allocated: every parameter
-    is in ``model.safetensors``, so the parameters' bytes never exceed the file's size."""
-    d = cfg.d_model
-    floor = ((cfg.vocab_size + cfg.context) * d + cfg.n_layer * 12 * d * d) \
+    is in ``model.safetensors``, so a floor on the parameters' bytes (embeddings and the
+    attention projections of every layer, whatever the family calls its sizes) never
+    exceeds the file's size."""
+    def field(*names):
+        return next((int(getattr(cfg, n)) for n in names if isinstance(getattr(cfg, n, None),
+                                                                        int)), 0)
+    d = field("d_model", "hidden_size")
+    rows = field("vocab_size") + field("context", "max_position_embeddings")
+    floor = (rows * d + field("n_layer", "num_hidden_layers") * 4 * d * d) \
         * np.dtype(dtype).itemsize
     size = regular_file(directory / MODEL_FILE, 1 << 62, "safetensors file")
     if floor > size:

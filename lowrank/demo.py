@@ -109,8 +109,9 @@ def _variant_report(model) -> dict:
     """Per-variant facts worth a column (e.g. the rank each module kept), if the variant has any."""
     report = {}
     for name, module in adapters.adapted_modules(model):
-        if hasattr(module, "demo_report"):
-            report.setdefault("notes", {})[name] = module.demo_report()
+        note = module.demo_report()
+        if note:
+            report.setdefault("notes", {})[name] = note
     return report
 
 

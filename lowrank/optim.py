@@ -50,6 +50,30 @@ class AdamW:
         self.params.pop(name, None)
         self.state.pop(name, None)
 
+    # --- what step hooks need, by parameter (never by name or id) ------------------------------
+    def name_of(self, p) -> str | None:
+        """The name ``p`` (the Parameter object itself) is registered under, or None."""
+        return next((name for name, q in self.params.items() if q is p), None)
+
+    def reset_state(self, p) -> bool:
+        """Drop ``p``'s moments and step count: its next update starts fresh (bias correction
+        from t = 1), as a new parameter's would. Returns False when ``p`` is not registered."""
+        name = self.name_of(p)
+        if name is not None:
+            self.state.pop(name, None)
+        return name is not None
+
+    def moments(self, p) -> tuple | None:
+        """``(exp_avg, exp_avg_sq)`` of ``p`` (the live arrays: in-place edits take effect), or
+        None before ``p``'s first update or when it is not registered."""
+        st = self.state.get(self.name_of(p))
+        return None if st is None else (st["exp_avg"], st["exp_avg_sq"])
+
+    def step_of(self, p) -> int:
+        """How many updates ``p`` has had since its state (re)started; 0 without state."""
+        st = self.state.get(self.name_of(p))
+        return 0 if st is None else int(st["step"])
+
     def zero_grad(self) -> None:
         for p in self.params.values():
             p.zero_grad()

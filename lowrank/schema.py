@@ -79,10 +79,13 @@ def hex32(v):
         return f"must be a save id (32 hex digits), got {v!r}"
 
 
-# Sizes a saved GPT may declare; the product is bounded again by the weights file's size.
-GPT_CONFIG = {"vocab_size": int_in(1, 1 << 22), "context": int_in(1, 1 << 17),
-              "n_layer": int_in(1, 1024), "n_head": int_in(1, 4096),
-              "d_model": int_in(1, 1 << 16), "tie_embeddings?": bool}
+def MODEL_SIZE(v):   # noqa: N802 - a spec, named like the others
+    """A saved model config's value: any JSON scalar, integers (sizes) at most 2**22; the
+    sizes' products are bounded by the weights file (``checkpoint._check_fits_file``)."""
+    if isinstance(v, int) and not isinstance(v, bool) and not -1 <= v <= 1 << 22:
+        return f"must be a size in [-1, {1 << 22}], got {v}"
+    if isinstance(v, (list, dict)):
+        return f"must be a number, string, bool or null, got a {type(v).__name__}"
 
 TRAIN_STATE = {"step": int_in(0, 1 << 62), "tokens_seen?": int_in(0, 1 << 62),
                "rng?": dict, "optimizer?": dict, "dropout_rngs?": dict, "hooks?": list,

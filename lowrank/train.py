@@ -1,21 +1,15 @@
 """The training loop: AdamW, clipping, warm-up + cosine, accumulation, evaluation, hooks.
 
-One step, always in this order (SPEC §2.4; schedule-driven variants depend on it):
+One step, always in this order (docs/training.md#step-order; schedule-driven variants depend
+on it):
 
     forward/backward (× accum_steps) → hooks.extra_loss (regularisers add their gradients)
     → clip → optimizer step → hooks.after_step (masks, rank growth, restarts) → zero-grad
 
-Hooks are plain objects with any of these methods:
-
-* ``extra_loss(trainer) -> float``: add a regulariser's value and accumulate its gradients;
-* ``after_step(trainer)``: after the optimizer step, before zero-grad (masks, growth, restarts);
-* ``lr_at(trainer, step, lr) -> float``: reshape the learning-rate schedule;
-* ``owns(name, param) -> bool``: parameters the hook steps itself, kept out of AdamW;
-* ``state_dict()`` / ``load_state_dict(state)``: what ``--resume`` must restore;
-* ``bind(trainer)``: called once when the trainer is built (e.g. to learn ``trainer.comm``).
-
-An adapter class that needs one defines ``step_hook(model)`` (a classmethod); ``hooks_for``
-hands it to the trainer, so no user has to remember to call it.
+Hooks are ``lowrank.hooks.StepHook`` instances (``bind``, ``owns``, ``extra_loss``, ``lr_at``,
+``after_step``, ``state_dict``/``load_state_dict``, each with a no-op default). An adapter
+class that needs one returns it from ``step_hook(model)``; ``hooks_for`` hands it to the
+trainer, so no user has to remember to call it.
 
 Data parallel (``comm`` of size K > 1, see ``lowrank.parallel``): every rank samples the same
 global batch of ``batch_size`` rows with the same host RNG and computes on its contiguous
@@ -36,6 +30,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from . import backend
+from .adapters import adapted_modules
+from .hooks import StepHook
 from .optim import AdamW, clip_grad_norm, lr_at
 from .parallel import GradientAllReduce, SingleProcess
 from .validate import check_number
@@ -77,14 +73,15 @@ class TrainConfig:
 
 
 def hooks_for(model) -> list:
-    """The per-step hooks the model's adapters ask for (``adapter.step_hook(model)``)."""
-    from .adapters import adapted_modules
+    """The per-step hooks the model's adapters ask for (``adapter.step_hook(model)``), one
+    per adapter class."""
     hooks, seen = [], set()
     for _, module in adapted_modules(model):
-        make = getattr(type(module), "step_hook", None)
-        if make is not None and type(module) not in seen:
+        if type(module) not in seen:
             seen.add(type(module))
-            hooks.append(make(model))
+            hook = type(module).step_hook(model)
+            if hook is not None:
+                hooks.append(hook)
     return hooks
 
 
@@ -102,12 +99,13 @@ class Trainer:
         self.grad_sync = GradientAllReduce(model, self.comm) if size > 1 else None
         self.check_every = int(check_every)
         self.hooks = hooks_for(model) if hooks is None else list(hooks)
-        for hook in self.hooks:   # a hook that needs the trainer (its comm) before step 1
-            if hasattr(hook, "bind"):
-                hook.bind(self)
-        owned = [h.owns for h in self.hooks if hasattr(h, "owns")]
+        for hook in self.hooks:
+            if not isinstance(hook, StepHook):
+                raise ValueError(f"hooks must be lowrank.hooks.StepHook instances, got "
+                                 f"{type(hook).__name__}")
+            hook.bind(self)   # a hook that needs the trainer (its comm) before step 1
         self.optimizer = AdamW([(n, p) for n, p in model.named_parameters(trainable_only=True)
-                                if not any(owns(n, p) for owns in owned)],
+                                if not any(h.owns(n, p) for h in self.hooks)],
                                lr=config.lr, weight_decay=config.weight_decay)
         if not self.optimizer.params:
             raise ValueError("the model has no trainable parameters")
@@ -126,8 +124,7 @@ class Trainer:
         c = self.config
         lr = lr_at(step, c.lr, c.warmup, c.steps, c.min_lr)
         for hook in self.hooks:
-            if hasattr(hook, "lr_at"):
-                lr = hook.lr_at(self, step, lr)
+            lr = hook.lr_at(self, step, lr)
         return lr
 
     def batch(self, split: str, rng):
@@ -159,21 +156,19 @@ class Trainer:
         return self.finish_step(loss, start)
 
     def finish_step(self, loss: float, start: float) -> dict:
-        """The rest of a step once the gradients are in (``lowrank.parallel.multi_train`` runs
+        """The rest of a step once the gradients are in (``lowrank.multi.train`` runs
         the forward/backward of several adapters at once, then this for each): extra_loss →
         clip → AdamW → after_step → zero-grad; returns the step's record."""
         c, model = self.config, self.model
         extra = 0.0   # regularisers (AdaLoRA's orthogonality): reported apart from the loss
         for hook in self.hooks:
-            if hasattr(hook, "extra_loss"):
-                extra += hook.extra_loss(self)
+            extra += hook.extra_loss(self)
         grad_norm = clip_grad_norm(self.model.parameters(trainable_only=True), c.grad_clip) \
             if c.grad_clip > 0 else float("nan")
         lr = self.lr_at(self.step)
         self.optimizer.step(lr)
         for hook in self.hooks:
-            if hasattr(hook, "after_step"):
-                hook.after_step(self)
+            hook.after_step(self)
         model.zero_grad()
         backend.synchronize(self.xp)
         seconds = time.perf_counter() - start
@@ -241,8 +236,7 @@ class Trainer:
         return {"step": self.step, "tokens_seen": self.tokens_seen,
                 "rng": self.rng.bit_generator.state, "optimizer": self.optimizer.state_dict(),
                 "dropout_rngs": _dropout_states(self.model),
-                "hooks": [h.state_dict() if hasattr(h, "state_dict") else None
-                          for h in self.hooks]}
+                "hooks": [h.state_dict() for h in self.hooks]}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -257,16 +251,14 @@ class Trainer:
 
 
 def _dropout_states(model) -> dict:
-    from .adapters import adapted_modules
-    return {name: m._dropout_rng.state for name, m in adapted_modules(model)
-            if m._dropout_rng.state is not None}
+    return {name: m.dropout_rng_state() for name, m in adapted_modules(model)
+            if m.dropout_rng_state() is not None}
 
 
 def _set_dropout_states(model, states: dict) -> None:
-    from .adapters import adapted_modules
     for name, m in adapted_modules(model):
         if name in states:
-            m._dropout_rng.state = states[name]
+            m.set_dropout_rng_state(states[name])
 
 
 def _jump_dropout_streams(model, rank: int) -> None:
@@ -275,10 +267,9 @@ def _jump_dropout_streams(model, rank: int) -> None:
     (CuPy generators expose no state: their masks are drawn per rank from the same seed.)"""
     if rank == 0:
         return
-    from .adapters import adapted_modules
     for _, m in adapted_modules(model):
-        state = m._dropout_rng.state
+        state = m.dropout_rng_state()
         if state is not None and state.get("bit_generator") == "PCG64":
             stream = np.random.PCG64()
             stream.state = state
-            m._dropout_rng.state = stream.jumped(rank).state
+            m.set_dropout_rng_state(stream.jumped(rank).state)

@@ -1,5 +1,5 @@
 """Field checks shared by configs: a number that cannot work is a ValueError naming the field,
-before it can turn into a NaN many steps later (docs/conventions.md#configs)."""
+before it can turn into a NaN many steps later."""
 from __future__ import annotations
 
 import dataclasses

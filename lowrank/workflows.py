@@ -27,8 +27,9 @@ from . import backend, checkpoint
 from .adapters import adapted_modules, config as adapter_config, config_from_dict, inject
 from .adapters.inject import SEED_STRIDE
 from .data import TokenData, corpus
-from .model import GPT, GPTConfig
+from .models import GPT, GPTConfig
 from .parallel import SingleProcess
+from .pretrained import from_pretrained, is_foreign
 from .run_dir import (RUN_FILE, TOKENIZER_FILE, load_tokenizer, prepare_out, read_run,
                       remove_if_unsaved, write_run)
 from .tokenizer import Tokenizer, train_tokenizer
@@ -180,10 +181,17 @@ def _pretrain(out, model_spec, data_spec, train, dtype, resume, save_every, prog
 
 
 def load_base(base, dtype=None, backend_name=None):
-    """``(model, tokenizer, run info)`` of a pretrained directory."""
+    """``(model, tokenizer, run info)`` of a pretrained directory (lowrank's or, for a GPT-2,
+    Hugging Face's)."""
     base = Path(base)
     if not base.is_dir():
         raise FileNotFoundError(f"model directory not found: {base}")
+    if is_foreign(base):
+        model = from_pretrained(base, dtype or backend.DEFAULT_DTYPE, backend_name)
+        if not isinstance(model, GPT):
+            raise ValueError(f"{base} holds a {type(model).__name__}, which has no language-model "
+                             "head: this command needs a GPT (e.g. a gpt2 directory)")
+        return model, Tokenizer.from_pretrained(base), {}
     run = read_run(base)
     model = checkpoint.load_model(base, backend_name)
     if dtype is not None and backend.check_dtype(dtype) != model.dtype.name:
@@ -285,10 +293,10 @@ def _finetune(out, base, variant, targets, options, data_spec, train, dtype, bac
 
 def variant_report(model, out) -> list[str]:
     """Lines (and files in ``out``) a variant reports after training, e.g. AdaLoRA's ranks:
-    an adapter class may define ``report(model, out) -> list[str]`` (a classmethod)."""
+    ``AdaptedLinear.report(model, out) -> list[str]`` (a classmethod), once per class."""
     lines, seen = [], set()
     for _, module in adapted_modules(model):
-        if hasattr(type(module), "report") and type(module) not in seen:
+        if type(module) not in seen:
             seen.add(type(module))
             lines += type(module).report(model, Path(out))
     return lines

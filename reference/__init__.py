@@ -1,6 +1,7 @@
 """Oracles for the parity tests: independent implementations that share no code with lowrank.
 
-* ``naive``       — dense float64 NumPy formulas (forward, hand-written gradients, Eckart–Young);
+* ``naive``       — dense float64 NumPy formulas (LoRA forward and gradients, Eckart–Young,
+  AdaLoRA's importance/budget/mask, IncreLoRA's module score and growth choice);
 * ``finite_diff`` — central differences and a host-side relative error;
 * ``torch_twin``  — a LoRA linear written directly in torch, for autograd gradients;
 * ``peft_parity`` — the same layer built by PEFT (huggingface/peft), the reference semantics;

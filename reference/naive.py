@@ -1,16 +1,24 @@
-"""Naive float64 NumPy oracles for LoRA (SPEC §2.1), derived independently of lowrank.
+"""Naive float64 NumPy oracles, derived independently of lowrank (docs/variants.md).
 
-Everything is computed on host float64 copies of the inputs, through the dense effective
-weight for the forward and through explicit per-rank / per-element sums for the gradients, so
-that no intermediate of lowrank's factored code path is reused.
+Everything is computed on host float64 copies of the inputs with plain loops and dicts, so
+that no intermediate of lowrank's code path is reused.
 
-    y = x W0ᵀ + b0 + s (x ⊙ mask) Aᵀ Bᵀ,   mask = inverted-dropout multiplier (0 or 1/(1-p))
+* LoRA (docs/variants.md#lora): the dense forward and per-rank gradient sums,
+
+      y = x W0ᵀ + b0 + s (x ⊙ mask) Aᵀ Bᵀ,   mask = inverted-dropout multiplier (0 or 1/(1-p))
+
+* AdaLoRA's rank allocator (docs/variants.md#adalora-importance, PEFT ``RankAllocator``):
+  importance, sensitivity EMAs, triplet scores, the cubic budget and the mask decision;
+* IncreLoRA's module score and growth choice (docs/variants.md#increlora-score, the official
+  ``SVDLinear.backward_hook`` and ``RankAllocator.increase_to_target_rank``).
 """
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["lora_forward", "lora_grads", "optimal_residual_norm"]
+__all__ = ["lora_forward", "lora_grads", "optimal_residual_norm", "NaiveAdaLoraAllocator",
+           "adalora_budget", "increlora_module_score", "NaiveIncreLoraScores",
+           "increlora_choose"]
 
 
 def _host64(a):
@@ -86,3 +94,124 @@ def optimal_residual_norm(W, r):
     """``min_{rank ≤ r} ‖W − X‖_F = sqrt(Σ_{i>r} σ_i²)`` (Eckart–Young), σ from np.linalg.svd."""
     S = np.linalg.svd(_host64(W), compute_uv=False)
     return float(np.sqrt(np.sum(S[int(r):] ** 2)))
+
+
+# --- AdaLoRA: importance, budget, mask (PEFT peft/tuners/adalora/layer.py RankAllocator) -------
+
+def adalora_budget(t, b0, bT, tinit, tfinal, T, delta_t):
+    """``(budget, mask now?)`` at 0-based step t, PEFT's ``budget_schedule`` line by line."""
+    if t <= tinit:
+        return b0, False
+    if t > T - tfinal:
+        return bT, True
+    coeff = 1 - (t - tinit) / (T - tfinal - tinit)
+    return int((b0 - bT) * coeff ** 3 + bT), t % delta_t == 0
+
+
+class NaiveAdaLoraAllocator:
+    """PEFT's ``AdaLoraModel.update_and_allocate`` over plain dicts of host arrays.
+
+    ``modules``: ``[(name, init_r, target_r)]`` in model order. ``step(t, tensors)`` takes
+    ``{name: {"A": (p, grad), "E": (p, grad), "B": (p, grad)}}`` — p the value after the
+    optimizer step, grad the gradient that step used — and returns the rank pattern
+    ``{name: [bool]}`` decided at step t, or None when this step does not mask.
+    The E values to zero are the pattern's False entries.
+    """
+
+    def __init__(self, modules, tinit, tfinal, total_step, delta_t, beta1=0.85, beta2=0.85):
+        self.names = [m[0] for m in modules]
+        self.b0 = sum(m[1] for m in modules)
+        self.bT = sum(m[2] for m in modules)
+        self.tinit, self.tfinal, self.T, self.delta_t = tinit, tfinal, total_step, delta_t
+        self.beta1, self.beta2 = float(beta1), float(beta2)
+        self.ema_ipt, self.ema_unc = {}, {}
+        self.final_pattern = None
+        self.budget = self.b0
+
+    def _update(self, tensors):
+        for name in self.names:
+            for key in ("A", "E", "B"):
+                p, grad = (_host64(a) for a in tensors[name][key])
+                ipt = np.abs(p * grad)                                 # I = |p ⊙ grad|
+                k = (name, key)
+                old_ipt = self.ema_ipt.get(k, np.zeros_like(p))
+                old_unc = self.ema_unc.get(k, np.zeros_like(p))
+                new_ipt = self.beta1 * old_ipt + (1 - self.beta1) * ipt
+                self.ema_ipt[k] = new_ipt
+                self.ema_unc[k] = self.beta2 * old_unc + (1 - self.beta2) * np.abs(ipt - new_ipt)
+
+    def scores(self):
+        """``{name: S (r,)}``, S_k = s(E)_k + mean_j s(A)[k, j] + mean_i s(B)[i, k]."""
+        out = {}
+        for name in self.names:
+            s = {key: self.ema_ipt[(name, key)] * self.ema_unc[(name, key)]
+                 for key in ("A", "E", "B")}
+            r = s["E"].shape[0]
+            out[name] = np.array([s["E"][k] + (np.mean(s["A"][k, :]) + np.mean(s["B"][:, k]))
+                                  for k in range(r)])
+        return out
+
+    def _mask(self, budget):
+        scores = self.scores()
+        flat = sorted(v for name in self.names for v in scores[name])
+        k = self.b0 - budget
+        if k <= 0:
+            return {name: [True] * len(scores[name]) for name in self.names}
+        threshold = flat[k - 1]                                        # torch.kthvalue(k)
+        return {name: [bool(v > threshold) for v in scores[name]] for name in self.names}
+
+    def step(self, t, tensors):
+        final_start = self.T - self.tfinal
+        if t < final_start:
+            self._update(tensors)
+            self.budget, now = adalora_budget(t, self.b0, self.bT, self.tinit, self.tfinal,
+                                              self.T, self.delta_t)
+            return self._mask(self.budget) if now else None
+        if t == final_start:
+            self.budget = self.bT
+            self.final_pattern = self._mask(self.bT)
+            self.ema_ipt, self.ema_unc = {}, {}
+            return self.final_pattern
+        return self.final_pattern
+
+
+# --- IncreLoRA: module score and growth (official loralib/increlora.py) ----------------------
+
+def increlora_module_score(delta_W, grad_delta_W):
+    """``Σ |ΔW ⊙ ∂L/∂ΔW| / √(m n)`` as one float (official ``SVDLinear.backward_hook``)."""
+    delta_W, grad = _host64(delta_W), _host64(grad_delta_W)
+    m, n = delta_W.shape
+    total = 0.0
+    for i in range(m):
+        for j in range(n):
+            total += abs(delta_W[i, j] * grad[i, j])
+    return total / np.sqrt(m * n)
+
+
+class NaiveIncreLoraScores:
+    """The official ``RankAllocator.update_ipt`` / ``calculate_score`` on Python floats."""
+
+    def __init__(self, names, beta1=0.85, beta2=0.85):
+        self.names = list(names)
+        self.beta1, self.beta2 = float(beta1), float(beta2)
+        self.ipt = {n: 0.0 for n in self.names}
+        self.unc = {n: 0.0 for n in self.names}
+
+    def update(self, scores):
+        for n in self.names:
+            s = float(scores[n])
+            self.ipt[n] = self.beta1 * self.ipt[n] + (1 - self.beta1) * s
+            self.unc[n] = self.beta2 * self.unc[n] + (1 - self.beta2) * abs(s - self.ipt[n])
+
+    def importance(self):
+        return {n: self.ipt[n] * self.unc[n] for n in self.names}
+
+
+def increlora_choose(importance, names, top_h, remaining):
+    """Modules that grow: those whose importance is >= the k-th largest, k = min(top_h,
+    remaining) (official ``increase_to_target_rank``; ties at the threshold all grow)."""
+    k = min(top_h, remaining)
+    if k <= 0:
+        return []
+    threshold = sorted((importance[n] for n in names), reverse=True)[k - 1]
+    return [n for n in names if importance[n] >= threshold]

@@ -1,6 +1,8 @@
-"""The ``adalora`` variant (SPEC §2.4): gradients, the orthogonality regulariser, the budget
-schedule, masking to the target budget under the Trainer, the by-hand error, save/load with
-the rank pattern, exact resume, the report, bad inputs. Run with ``-s`` for the errors."""
+"""The ``adalora`` variant (docs/variants.md#adalora): gradients, the orthogonality regulariser,
+the budget schedule, masking to the target budget under the Trainer, the by-hand error,
+save/load with the rank pattern, exact resume, the report, bad inputs. Run with ``-s`` for the
+errors."""
+import functools
 import json
 import types
 
@@ -11,44 +13,19 @@ import lowrank as lr
 from lowrank import backend, checkpoint, cli, workflows as wf
 from lowrank.adapters import adalora
 from lowrank.adapters._adalora_allocator import budget_schedule, orth_regularizer
-from lowrank.model import GPT, GPTConfig
+from lowrank.models import GPT, GPTConfig
 from lowrank.train import Trainer, TrainConfig
 from reference.finite_diff import numerical_gradient
 
-from .helpers import FakeData, rel_err, to_host
+from .helpers import (FakeData, error_log, gradient_errors, make_layer, perturb, pretrain_tiny_base,
+                      problem, rel_err, to_host)
 
 M, N, R, ROWS = 7, 5, 3, 4
 TINY = GPTConfig(vocab_size=64, context=8, n_layer=2, n_head=2, d_model=16)
 TARGETS = ["q", "k", "v", "o", "fc1", "fc2"]
-MAX_ERR: dict = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_errors():
-    yield
-    if MAX_ERR:
-        print("\nlargest finite-difference relative errors (adalora):")
-        for key in sorted(MAX_ERR):
-            print(f"  {key:40s} {MAX_ERR[key]:.3e}")
-
-
-def record(label, err, tol=1e-6):
-    MAX_ERR[label] = max(MAX_ERR.get(label, 0.0), err)
-    assert err < tol, f"{label}: {err:.3e}"
-
-
-def make(xp, dtype="float64", seed=0, **cfg):
-    rng = np.random.default_rng(seed)
-    W0 = xp.asarray(rng.standard_normal((M, N)), dtype=dtype)
-    b0 = xp.asarray(rng.standard_normal(M), dtype=dtype)
-    config = lr.adapters.config("adalora", **{"r": R, "alpha": 3.0, **cfg})
-    return lr.adapters.AdaptedLinear(W0, b0, config, seed=seed), W0, b0
-
-
-def perturb(layer, xp, seed=1):
-    rng = np.random.default_rng(seed)
-    for _, p in layer.named_parameters(trainable_only=True):
-        p.data += xp.asarray(0.5 * rng.standard_normal(p.shape), dtype=p.dtype)
+ERRORS, _report_errors = error_log("adalora")
+record = ERRORS.check
+make = functools.partial(make_layer, variant="adalora", shape=(M, N), r=R, alpha=3.0)
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -116,22 +93,9 @@ def test_init_is_peft_and_output_is_base(xp):
 def test_gradients_match_finite_differences(xp, with_mask):
     layer, _, _ = make(xp, dropout=0.3 if with_mask else 0.0)
     perturb(layer, xp)
-    rng = np.random.default_rng(7)
-    x = xp.asarray(rng.standard_normal((2, ROWS, N)))
-    G = xp.asarray(rng.standard_normal((2, ROWS, M)))
-    mask = xp.asarray((rng.random((2, ROWS, N)) > 0.3) / 0.7) if with_mask else None
-    layer.zero_grad()
-    y, cache = layer.forward(x, dropout_mask=mask)
-    dx = layer.backward(G, cache)
-    analytic = {n: p.grad.copy() for n, p in layer.named_parameters(trainable_only=True)}
-    arrays = {n: p.data for n, p in layer.named_parameters(trainable_only=True)}
-    arrays["x"], analytic["x"] = x, dx
-
-    def f():
-        return float((layer.forward(x, dropout_mask=mask)[0] * G).sum())
-    for name, array in arrays.items():
-        record(f"{name} {'dropout' if with_mask else 'plain'}",
-               rel_err(analytic[name], numerical_gradient(f, array)))
+    x, G, mask = problem(xp, (M, N), (2, ROWS), dropout=0.3 if with_mask else 0.0)
+    for name, err in gradient_errors(layer, x, G, mask).items():
+        record(f"{name} {'dropout' if with_mask else 'plain'}", err)
 
 
 @pytest.mark.parametrize("squared", [False, True], ids=["unsquared", "squared"])
@@ -287,15 +251,8 @@ def test_save_load_round_trip_with_the_pattern(trained, tmp_path, xp):
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    import inspect
-    import json as json_module
     root = tmp_path_factory.mktemp("adalora")
-    text = root / "corpus.txt"
-    text.write_text(inspect.getsource(json_module.decoder) * 2)
-    spec = wf.ModelSpec(vocab_size=300, context=16, n_layer=1, n_head=2, d_model=16)
-    wf.pretrain(root / "base", spec, wf.DataSpec([str(text)], val_fraction=0.2),
-                TrainConfig(steps=2, batch_size=4, lr=1e-2, warmup=2), dtype="float64",
-                progress=False)
+    pretrain_tiny_base(root, lr=1e-2, warmup=2)
     return root
 
 

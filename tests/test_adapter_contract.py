@@ -1,17 +1,19 @@
-"""The adapter contract (SPEC §2, items 1–5), run over every registered variant.
+"""The adapter contract (docs/variants.md#contract), run over every registered variant.
 
 A new variant gets this battery by registering itself; ``CASES`` may list extra configs
-that exercise its options (inits, flags). Float64 for gradients, on every backend.
+that exercise its options (inits, flags). Float64 for gradients, on every backend. Besides
+the map itself: save -> load through the adapter files, and the multi-adapter path (the
+fast ``delta_forward``/``delta_backward`` where a variant declares it, else the fallback).
 """
-import contextlib
-
 import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank import backend
+from lowrank import backend, checkpoint
+from lowrank.models import GPT, GPTConfig
+from lowrank.multi.modules import MultiAdapterLinear
 
-from .helpers import layer_fd_gradient, rel_err
+from .helpers import gradient_errors, make_layer, perturb, problem, rel_err
 
 CASES = {
     "lora": [dict(init=i) for i in ("kaiming", "gaussian", "pissa", "pissa_niter_2", "olora",
@@ -31,6 +33,7 @@ CASES = {
     "relora": [dict(bias="lora_only"), dict(optimizer_reset="magnitude", reset_ratio=0.5)],
 }
 M, N, R, ROWS = 6, 5, 2, 4
+TINY = GPTConfig(vocab_size=32, context=4, n_layer=1, n_head=2, d_model=8)
 
 
 def _cases():
@@ -40,23 +43,19 @@ def _cases():
             yield pytest.param(name, extra, id=f"{name}[{label}]")
 
 
-def cases():
-    return list(_cases())
+def cases(delta_path_only=False):
+    return [c for c in _cases() if not delta_path_only or c.values[0] in DELTA_PATH]
 
 
-def make_layer(xp, name, extra, dtype="float64", seed=0, **overrides):
-    rng = np.random.default_rng(seed)
-    W0 = xp.asarray(rng.standard_normal((M, N)), dtype=dtype)
-    b0 = xp.asarray(rng.standard_normal(M), dtype=dtype)
-    cfg = lr.adapters.config(name, **{"r": R, "alpha": 3.0, **extra, **overrides})
-    return lr.adapters.AdaptedLinear(W0, b0, cfg, seed=seed), W0, b0
+# variants whose multi-adapter path is the base product plus delta_forward/delta_backward
+DELTA_PATH = {name for name in lr.adapters.available()
+              if make_layer(np, name, (M, N), r=R)[0].has_delta_path()}
 
 
-def perturb(layer, xp, seed=1):
-    """Move every trainable array off its init so no gradient is trivially zero."""
-    rng = np.random.default_rng(seed)
-    for _, p in layer.named_parameters(trainable_only=True):
-        p.data += xp.asarray(0.5 * rng.standard_normal(p.shape), dtype=p.dtype)
+def make(xp, name, extra, dtype="float64", seed=0, **overrides):
+    """``(layer, W0, b0)`` of variant ``name`` with the battery's r, α and the case's fields."""
+    return make_layer(xp, name, (M, N), dtype, seed, **{"r": R, "alpha": 3.0, **extra,
+                                                        **overrides})
 
 
 def loss_and_grads(layer, x, G, mask=None):
@@ -68,7 +67,7 @@ def loss_and_grads(layer, x, G, mask=None):
 
 @pytest.mark.parametrize("name,extra", cases())
 def test_init_output_equals_base_output(xp, name, extra):
-    layer, W0, b0 = make_layer(xp, name, extra)
+    layer, W0, b0 = make(xp, name, extra)
     x = xp.asarray(np.random.default_rng(5).standard_normal((2, ROWS, N)))
     y, _ = layer.eval().forward(x)
     assert y.shape == (2, ROWS, M)
@@ -77,7 +76,7 @@ def test_init_output_equals_base_output(xp, name, extra):
 
 @pytest.mark.parametrize("name,extra", cases())
 def test_forward_is_the_dense_delta_and_merge_round_trips(xp, name, extra):
-    layer, W0, b0 = make_layer(xp, name, extra)
+    layer, W0, b0 = make(xp, name, extra)
     perturb(layer, xp)
     layer.eval()
     x = xp.asarray(np.random.default_rng(6).standard_normal((ROWS, N)))
@@ -98,29 +97,18 @@ def test_forward_is_the_dense_delta_and_merge_round_trips(xp, name, extra):
 @pytest.mark.parametrize("with_mask", [False, True], ids=["no-dropout", "dropout-mask"])
 @pytest.mark.parametrize("name,extra", cases())
 def test_gradients_match_finite_differences(xp, name, extra, with_mask):
-    layer, _, _ = make_layer(xp, name, extra, dropout=0.3 if with_mask else 0.0)
+    layer, _, _ = make(xp, name, extra, dropout=0.3 if with_mask else 0.0)
     perturb(layer, xp)
-    rng = np.random.default_rng(7)
-    x = xp.asarray(rng.standard_normal((ROWS, N)))
-    G = xp.asarray(rng.standard_normal((ROWS, M)))
-    mask = xp.asarray((rng.random((ROWS, N)) > 0.3) / 0.7) if with_mask else None
-    _, dx = loss_and_grads(layer, x, G, mask)
-    analytic = {name: p.grad.copy() for name, p in layer.named_parameters(trainable_only=True)}
-    assert analytic, "a variant with nothing to train"
-    arrays = {name: p.data for name, p in layer.named_parameters(trainable_only=True)}
-    arrays["x"], analytic["x"] = x, dx
+    x, G, mask = problem(xp, (M, N), ROWS, dropout=0.3 if with_mask else 0.0)
     # a layer whose backward treats part of the map as a constant (DoRA's detached norm) says
     # so with finite_difference_context(): inside it, the forward holds that part fixed
-    fd_context = getattr(layer, "finite_difference_context", contextlib.nullcontext)
-    with fd_context():
-        for pname, array in arrays.items():
-            numeric = layer_fd_gradient(layer, array, x, G, mask)
-            assert rel_err(analytic[pname], numeric) < 1e-6, pname
+    for pname, err in gradient_errors(layer, x, G, mask).items():
+        assert err < 1e-6, (pname, err)
 
 
 @pytest.mark.parametrize("name,extra", cases())
 def test_frozen_base_gets_no_gradient_and_float32_stays_float32(xp, name, extra):
-    layer, _, _ = make_layer(xp, name, extra, dtype="float32")
+    layer, _, _ = make(xp, name, extra, dtype="float32")
     perturb(layer, xp)
     x = xp.asarray(np.ones((ROWS, N)), dtype="float32")
     y, cache = layer.forward(x)
@@ -144,12 +132,12 @@ def test_invalid_config_raises_naming_the_field(name, field, value):
 @pytest.mark.parametrize("name", lr.adapters.available())
 def test_rank_above_min_dim_raises(xp, name):
     with pytest.raises(ValueError, match=r"r must be an integer in 1\.\.min\(m, n\) = 1\.\.5"):
-        make_layer(xp, name, {}, r=6)
+        make(xp, name, {}, r=6)
 
 
 @pytest.mark.parametrize("name", lr.adapters.available())
 def test_bad_inputs_raise(xp, name):
-    layer, _, _ = make_layer(xp, name, {})
+    layer, _, _ = make(xp, name, {})
     with pytest.raises(ValueError, match="trailing size 5"):
         layer.forward(xp.ones((ROWS, N + 1)))
     with pytest.raises(ValueError, match="dtype"):
@@ -177,8 +165,88 @@ def test_non_finite_weight_for_svd_init_raises(xp, init):
 
 
 def test_kaiming_init_has_zero_dA_on_the_first_step(xp):
-    layer, _, _ = make_layer(xp, "lora", {})
+    layer, _, _ = make(xp, "lora", {})
     x = xp.asarray(np.random.default_rng(0).standard_normal((ROWS, N)))
     loss_and_grads(layer, x, xp.ones((ROWS, M)))
     assert float(abs(layer.lora_A.grad).max()) == 0.0
     assert float(abs(layer.lora_B.grad).max()) > 0.0
+
+
+@pytest.mark.parametrize("name,extra", cases())
+def test_save_then_load_gives_the_same_adapter(xp, name, extra, tmp_path, request):
+    """lowrank's adapter files: a perturbed adapter saved, then loaded into a freshly injected
+    model of the same config and seed, gives the same parameters and the same outputs."""
+    if extra.get("bias") == "all":   # a known gap, reported: fails until the files keep them
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "bias='all' trains every bias of the model, but the adapter file keeps only the "
+            "adapted modules' parameters: LayerNorm and other biases are lost on load")))
+    cfg = lr.adapters.config(name, **{"r": R, "alpha": 3.0, **extra})
+    models = [GPT(TINY, seed=0, dtype="float64", xp=xp) for _ in range(3)]   # saved, loaded, fresh
+    for model in models:
+        lr.adapters.inject(model, cfg, ["q", "fc1"], seed=3)
+    perturb(models[0], xp, scale=0.1)
+    checkpoint.save_adapter(models[0], tmp_path)
+    checkpoint.load_adapter(models[1], tmp_path)
+    saved, loaded = (dict(m.named_parameters()) for m in models[:2])
+    for pname, p in saved.items():
+        assert np.array_equal(backend.to_numpy(p.data), backend.to_numpy(loaded[pname].data)), \
+            pname
+    idx = xp.asarray(np.arange(8).reshape(2, 4) % TINY.vocab_size)
+    y0, y1, y_fresh = (backend.to_numpy(m.eval().forward(idx)[0]) for m in models)
+    assert np.array_equal(y0, y1)
+    assert not np.allclose(y0, y_fresh)   # the trained adapter is what the file carried
+
+
+def test_dora_and_rosa_take_the_multi_adapter_fallback():
+    """DoRA's map is not the base plus a correction; RoSA keeps the fallback it always had."""
+    assert sorted(set(lr.adapters.available()) - DELTA_PATH) == ["dora", "rosa"]
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no-dropout", "dropout-mask"])
+@pytest.mark.parametrize("name,extra", cases(delta_path_only=True))
+def test_delta_path_is_the_map_minus_the_base_product(xp, name, extra, with_mask):
+    """A variant declaring ``has_delta_path()``: ``delta_forward``/``delta_backward`` are its
+    forward/backward minus ``x W0ᵀ + b0`` and ``G W0``, with the same parameter gradients."""
+    layer, _, _ = make(xp, name, extra, dropout=0.3 if with_mask else 0.0)
+    perturb(layer, xp)
+    x, G, mask = problem(xp, (M, N), ROWS, dropout=0.3 if with_mask else 0.0)
+    _, dx = loss_and_grads(layer, x, G, mask)
+    y, _ = layer.forward(x, dropout_mask=mask)
+    grads = {n: p.grad.copy() for n, p in layer.named_parameters(trainable_only=True)}
+    layer.zero_grad()
+    delta, cache = layer.delta_forward(x, mask)
+    dx_delta = layer.delta_backward(G, cache)
+    W0, b0 = layer.weight.data, layer.bias.data
+    assert rel_err(y, x @ W0.T + b0 + delta) < 1e-13
+    assert rel_err(dx, G @ W0 + dx_delta) < 1e-13
+    for pname, p in layer.named_parameters(trainable_only=True):
+        if pname != "bias":   # the base bias is the caller's (MultiAdapterLinear)
+            assert rel_err(p.grad, grads[pname]) < 1e-13, pname
+
+
+@pytest.mark.parametrize("name,extra", cases())
+def test_multi_adapter_layer_equals_each_adapter_alone(xp, name, extra):
+    """Two adapters of the variant over one frozen base: each group of rows gets exactly its
+    adapter's outputs, input gradients and parameter gradients (fast path or fallback)."""
+    alone = [make(xp, name, extra, seed=k, base_seed=0)[0] for k in (0, 1)]
+    W0, b0 = make(xp, name, extra)[1:]
+    multi = MultiAdapterLinear(W0, b0, {k: make(xp, name, extra, seed=k, base_seed=0)[0]
+                                        for k in (0, 1)})
+    for k, a in enumerate(alone):
+        perturb(a, xp, seed=10 + k)
+        perturb(multi.adapters[k], xp, seed=10 + k)
+    fast = alone[0].has_delta_path() and bool((alone[0].weight.data == W0).all())
+    assert multi.shares_base(0) == multi.shares_base(1) == fast
+    x, G, _ = problem(xp, (M, N), 2 * ROWS)
+    rows = [slice(0, ROWS), slice(ROWS, 2 * ROWS)]
+    multi.groups = [(0, rows[0]), (1, rows[1])]
+    multi.zero_grad()
+    y, cache = multi.forward(x)
+    dx = multi.backward(G, cache)
+    for k, a in enumerate(alone):
+        _, dx_k = loss_and_grads(a, x[rows[k]], G[rows[k]])
+        assert rel_err(y[rows[k]], a.forward(x[rows[k]])[0]) < 1e-13
+        assert rel_err(dx[rows[k]], dx_k) < 1e-13
+        got = dict(multi.adapters[k].named_parameters(trainable_only=True))
+        for pname, p in a.named_parameters(trainable_only=True):
+            assert rel_err(got[pname].grad, p.grad) < 1e-13, (k, pname)

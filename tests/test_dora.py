@@ -1,4 +1,5 @@
-"""The ``dora`` variant (SPEC §2.3): gradients in both norm modes, merge, init, bad inputs.
+"""The ``dora`` variant (docs/variants.md#dora): gradients in both norm modes, merge, init, bad
+inputs.
 
 Finite differences of the full map see n = ‖W0 + s·BA‖_rows move with A and B. The default
 (detached, PEFT) gradient treats n as a constant, so it is checked against finite differences
@@ -6,67 +7,18 @@ taken inside ``layer.hold_norm()``; ``exact_norm_grad=True`` is checked against 
 Run with ``-s`` to see the largest relative error per array and mode.
 """
 import contextlib
+import functools
 
 import numpy as np
 import pytest
 
 import lowrank as lr
-from reference.finite_diff import numerical_gradient
 
-from .helpers import rel_err, to_host
+from .helpers import error_log, gradient_errors, make_layer, perturb, problem, rel_err, to_host
 
 M, N, R, ROWS = 6, 5, 2, 4
-MAX_ERR: dict = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_errors():
-    yield
-    if MAX_ERR:
-        print("\nlargest finite-difference relative errors (dora):")
-        for key in sorted(MAX_ERR):
-            print(f"  {key:44s} {MAX_ERR[key]:.3e}")
-
-
-def make(xp, dtype="float64", seed=0, W0=None, **cfg):
-    rng = np.random.default_rng(seed)
-    W0 = rng.standard_normal((M, N)) if W0 is None else W0
-    b0 = rng.standard_normal(M)
-    config = lr.adapters.config("dora", **{"r": R, "alpha": 3.0, **cfg})
-    layer = lr.adapters.AdaptedLinear(xp.asarray(W0, dtype=dtype), xp.asarray(b0, dtype=dtype),
-                                      config, seed=seed)
-    return layer, xp.asarray(W0, dtype=dtype), xp.asarray(b0, dtype=dtype)
-
-
-def perturb(layer, xp, seed=1):
-    rng = np.random.default_rng(seed)
-    for _, p in layer.named_parameters(trainable_only=True):
-        p.data += xp.asarray(0.5 * rng.standard_normal(p.shape), dtype=p.dtype)
-
-
-def problem(xp, with_mask, seed=7, lead=(ROWS,)):
-    rng = np.random.default_rng(seed)
-    x = xp.asarray(rng.standard_normal((*lead, N)))
-    G = xp.asarray(rng.standard_normal((*lead, M)))
-    mask = xp.asarray((rng.random((*lead, N)) > 0.3) / 0.7) if with_mask else None
-    return x, G, mask
-
-
-def analytic_and_fd(layer, x, G, mask, context):
-    """``{name: (analytic, finite-difference)}`` for every trainable array and x."""
-    layer.zero_grad()
-    y, cache = layer.forward(x, dropout_mask=mask)
-    dx = layer.backward(G, cache)
-
-    def loss():
-        return float((layer.forward(x, dropout_mask=mask)[0] * G).sum())
-
-    out = {}
-    with context:
-        for name, p in layer.named_parameters(trainable_only=True):
-            out[name] = (p.grad.copy(), numerical_gradient(loss, p.data))
-        out["x"] = (dx, numerical_gradient(loss, x))
-    return out
+ERRORS, _report_errors = error_log("dora")
+make = functools.partial(make_layer, variant="dora", shape=(M, N), r=R, alpha=3.0)
 
 
 MODES = [(False, False), (False, True), (True, False), (True, True)]
@@ -78,17 +30,15 @@ MODE_IDS = ["detached-plain", "detached-mask", "exact-plain", "exact-mask"]
 def test_gradients_match_finite_differences(xp, exact, with_mask, bias):
     layer, _, _ = make(xp, exact_norm_grad=exact, dropout=0.3 if with_mask else 0.0, bias=bias)
     perturb(layer, xp)
-    x, G, mask = problem(xp, with_mask)
+    x, G, mask = problem(xp, (M, N), ROWS, dropout=0.3 if with_mask else 0.0)
     # detached: n held at its value here; exact: the full map (== finite_difference_context())
     context = contextlib.nullcontext() if exact else layer.hold_norm()
-    grads = analytic_and_fd(layer, x, G, mask, context)
-    assert set(grads) == {"lora_A", "lora_B", "lora_magnitude_vector", "x"} | (
+    errors = gradient_errors(layer, x, G, mask, context)
+    assert set(errors) == {"lora_A", "lora_B", "lora_magnitude_vector", "x"} | (
         {"bias"} if bias != "none" else set())
-    for name, (analytic, numeric) in grads.items():
-        err = rel_err(analytic, numeric)
-        key = f"{'exact' if exact else 'detached'} {'mask' if with_mask else 'plain'} {name}"
-        MAX_ERR[key] = max(MAX_ERR.get(key, 0.0), err)
-        assert err < 1e-6, (name, err)
+    mode = f"{'exact' if exact else 'detached'} {'mask' if with_mask else 'plain'}"
+    for name, err in errors.items():
+        ERRORS.check(f"{mode} {name}", err)
     assert layer.weight.grad is None
 
 
@@ -98,21 +48,20 @@ def test_detached_gradient_is_not_the_full_gradient(xp, with_mask):
     while dm and dx do not involve it; and finite_difference_context() picks the right FD."""
     layer, _, _ = make(xp, dropout=0.3 if with_mask else 0.0)
     perturb(layer, xp)
-    x, G, mask = problem(xp, with_mask)
-    full = analytic_and_fd(layer, x, G, mask, contextlib.nullcontext())
-    assert rel_err(*full["lora_A"]) > 1e-3 and rel_err(*full["lora_B"]) > 1e-3
-    assert rel_err(*full["lora_magnitude_vector"]) < 1e-6 and rel_err(*full["x"]) < 1e-6
+    x, G, mask = problem(xp, (M, N), ROWS, dropout=0.3 if with_mask else 0.0)
+    full = gradient_errors(layer, x, G, mask, contextlib.nullcontext())
+    assert full["lora_A"] > 1e-3 and full["lora_B"] > 1e-3
+    assert full["lora_magnitude_vector"] < 1e-6 and full["x"] < 1e-6
     for exact in (False, True):
         layer.config.exact_norm_grad = exact
-        grads = analytic_and_fd(layer, x, G, mask, layer.finite_difference_context())
-        assert max(rel_err(a, b) for a, b in grads.values()) < 1e-6
+        assert max(gradient_errors(layer, x, G, mask).values()) < 1e-6
     assert layer._held_norm is None          # the context restored the live norm
 
 
 def test_three_d_input_matches_flattened(xp):
     layer, _, _ = make(xp, exact_norm_grad=True, dropout=0.3)
     perturb(layer, xp)
-    x, G, mask = problem(xp, True, lead=(2, 3))
+    x, G, mask = problem(xp, (M, N), (2, 3), dropout=0.3)
     layer.zero_grad()
     y, cache = layer.forward(x, dropout_mask=mask)
     dx = layer.backward(G, cache)
@@ -147,7 +96,7 @@ def test_init_magnitude_is_row_norm_and_output_is_base(xp):
 def test_forward_matches_dense_formulas(xp):
     layer, W0, b0 = make(xp, dropout=0.3)
     perturb(layer, xp)
-    x, _, mask = problem(xp, True)
+    x, _, mask = problem(xp, (M, N), ROWS, dropout=0.3)
     A, B, mag = (to_host(p.data) for p in (layer.lora_A, layer.lora_B,
                                            layer.lora_magnitude_vector))
     Wh, xh, maskh, bh, s = to_host(W0), to_host(x), to_host(mask), to_host(b0), layer.scaling
@@ -164,7 +113,7 @@ def test_merge_unmerge_round_trip(xp):
     layer, W0, b0 = make(xp, exact_norm_grad=True)
     perturb(layer, xp)
     layer.eval()
-    x, _, _ = problem(xp, False)
+    x, _, _ = problem(xp, (M, N), ROWS)
     y, _ = layer.forward(x)
     delta = layer.delta_weight()
     layer.merge()

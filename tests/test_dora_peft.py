@@ -17,25 +17,17 @@ import lowrank as lr  # noqa: E402
 from lowrank import backend  # noqa: E402
 from reference import finite_diff, peft_dora  # noqa: E402
 
+from .helpers import error_log  # noqa: E402
+
 M, N_IN, R, ROWS = 24, 16, 4, 10
 ALPHA, P_DROP = 8.0, 0.25
 TOL = {"float32": 1e-5, "float64": 1e-12}
-MAX_ERR: dict = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_errors():
-    yield
-    if MAX_ERR:
-        print("\nlargest relative errors (dora vs PEFT):")
-        for name in sorted(MAX_ERR):
-            print(f"  {name:34s} {MAX_ERR[name]:.3e}")
+ERRORS, _report_errors = error_log("dora vs PEFT")
 
 
 def check(label, ours, ref, dtype):
     err = finite_diff.rel_error(backend.to_numpy(ours), ref)
-    MAX_ERR[label] = max(MAX_ERR.get(label, 0.0), err)
-    assert err < TOL[dtype], f"{label}: relative error {err:.3e} >= {TOL[dtype]:.0e}"
+    ERRORS.check(label, err, TOL[dtype])
 
 
 def problem(seed=0, lead=(ROWS,)):

@@ -1,5 +1,6 @@
-"""IncreLoRA (SPEC §2.7): gradients, the growth schedule and budget, identical outputs across a
-growth, fresh optimizer state for grown parameters, budget validation, exact resume."""
+"""IncreLoRA (docs/variants.md#increlora): gradients, the growth schedule and budget, identical
+outputs across a growth, fresh optimizer state for grown parameters, budget validation, exact
+resume."""
 import copy
 
 import numpy as np
@@ -9,45 +10,19 @@ import lowrank as lr
 from lowrank import backend
 from lowrank.adapters._increlora_hook import IncreLoraHook
 from lowrank.adapters.increlora import IncreLoraLinear
-from lowrank.model import GPT, GPTConfig
+from lowrank.models import GPT, GPTConfig
 from lowrank.train import Trainer, TrainConfig
 
-from .helpers import FakeData, layer_fd_gradient, rel_err
+from .helpers import FakeData, gradient_errors, make_layer, perturb, pretrain_tiny_base, problem, rel_err
 
 TINY = GPTConfig(vocab_size=64, context=8, n_layer=2, n_head=2, d_model=16)
 M, N, ROWS = 6, 5, 4
 
 
 def layer(xp, dtype="float64", **options):
-    rng = np.random.default_rng(0)
-    W0 = xp.asarray(rng.standard_normal((M, N)), dtype=dtype)
-    b0 = xp.asarray(rng.standard_normal(M), dtype=dtype)
-    cfg = lr.adapters.config("increlora", **{"r": 4, "alpha": 3.0, "init_r": 1, **options})
-    return lr.adapters.AdaptedLinear(W0, b0, cfg, seed=0)
-
-
-def perturb(m, xp, seed=1):
-    rng = np.random.default_rng(seed)
-    for _, p in m.named_parameters(trainable_only=True):
-        p.data += xp.asarray(0.5 * rng.standard_normal(p.shape), dtype=p.dtype)
-
-
-def fd_errors(m, xp, mask=None):
-    """Relative error of every hand-derived gradient (A, E, B, x) against central differences."""
-    rng = np.random.default_rng(7)
-    x = xp.asarray(rng.standard_normal((ROWS, N)))
-    G = xp.asarray(rng.standard_normal((ROWS, M)))
-    m.zero_grad()
-    y, cache = m.forward(x, dropout_mask=mask)
-    dx = m.backward(G, cache)
-    arrays = {"lora_A": m.lora_A.data, "lora_E": m.lora_E.data, "lora_B": m.lora_B.data, "x": x}
-    analytic = {"lora_A": m.lora_A.grad, "lora_E": m.lora_E.grad, "lora_B": m.lora_B.grad,
-                "x": dx}
-    errors = {}
-    for name, array in arrays.items():
-        numeric = layer_fd_gradient(m, array, x, G, mask)
-        errors[name] = rel_err(analytic[name], numeric)
-    return errors
+    """An IncreLoRA layer (M, N) starting at rank 1 of an average budget of 4."""
+    return make_layer(xp, "increlora", (M, N), dtype,
+                      **{"r": 4, "alpha": 3.0, "init_r": 1, **options})[0]
 
 
 @pytest.mark.parametrize("with_mask", [False, True], ids=["no-dropout", "dropout-mask"])
@@ -55,9 +30,9 @@ def test_gradients_match_finite_differences_after_growth(xp, with_mask):
     m = layer(xp, dropout=0.3 if with_mask else 0.0)
     m.grow(2)   # ranknum 3: c = α/3 and the grown arrays
     perturb(m, xp)
-    mask = xp.asarray((np.random.default_rng(3).random((ROWS, N)) > 0.3) / 0.7) \
-        if with_mask else None
-    errors = fd_errors(m, xp, mask)
+    x, G, mask = problem(xp, (M, N), ROWS, dropout=0.3 if with_mask else 0.0)
+    errors = gradient_errors(m, x, G, mask)
+    assert set(errors) == {"lora_A", "lora_E", "lora_B", "x"}
     assert max(errors.values()) < 1e-6, errors
 
 
@@ -220,16 +195,8 @@ def test_save_and_load_adopt_the_grown_rank(tmp_path):
 
 def test_finetune_resume_and_load_finetuned(tmp_path):
     """workflows.finetune --resume and load_finetuned with grown ranks (float64, CPU)."""
-    import inspect
-    import json as json_module
-
     from lowrank import workflows as wf
-    text = tmp_path / "corpus.txt"
-    text.write_text(inspect.getsource(json_module.decoder) * 2)
-    data = wf.DataSpec([str(text)], val_fraction=0.2)
-    spec = wf.ModelSpec(vocab_size=300, context=16, n_layer=1, n_head=2, d_model=16)
-    wf.pretrain(tmp_path / "base", spec, data, TrainConfig(steps=2, batch_size=4),
-                dtype="float64", progress=False)
+    data = pretrain_tiny_base(tmp_path)
     options = {"r": 3, "alpha": 4.0, "init_r": 1, "add_r": 2, "top_h": 1, "init_warmup": 1,
                "incre_interval": 2, "dropout": 0.1}
 

@@ -16,7 +16,8 @@ import pytest
 
 import lowrank as lr
 from lowrank import checkpoint, cli, workflows as wf
-from lowrank.model import GPT, GPTConfig
+from lowrank.hooks import StepHook
+from lowrank.models import GPT, GPTConfig
 from lowrank.parallel import (FakeWorld, GradientAllReduce, NCCLComm, ParameterDriftError,
                               SingleProcess, get_comm)
 from lowrank.train import Trainer, TrainConfig
@@ -223,7 +224,7 @@ def test_get_comm_choices(monkeypatch):
 
 # --- the trainer over simulated ranks ----------------------------------------------------------
 
-class L2Hook:
+class L2Hook(StepHook):
     """A regulariser (gradient added in extra_loss) and an after-step decision on the grads."""
     def __init__(self):
         self.seen = []
@@ -265,7 +266,7 @@ def test_dropout_streams_differ_between_ranks_and_replicas_stay_identical():
         lr.adapters.inject(model, lr.adapters.config("lora", r=2, dropout=0.3), ["q"])
         trainer = Trainer(model, FakeData(TINY), TrainConfig(steps=3, batch_size=4), comm=comm,
                           check_every=1)                     # drift checked every step
-        start = model.blocks[0].attn.q._dropout_rng.state["state"]["state"]
+        start = model.blocks[0].attn.q.dropout_rng_state()["state"]["state"]
         trainer.fit(progress=False)
         return start, lr.backend.to_numpy(model.blocks[0].attn.q.lora_A.data).copy()
     (s0, a0), (s1, a1) = FakeWorld(2).run(work)

@@ -20,27 +20,19 @@ import lowrank as lr  # noqa: E402
 from lowrank import backend  # noqa: E402
 from reference import finite_diff, naive, peft_parity, torch_twin  # noqa: E402
 
+from .helpers import error_log  # noqa: E402
+
 M, N_IN, R, N = 24, 16, 4, 10          # out_features, in_features, rank, rows
 ALPHA = 8.0
 P_DROP = 0.25
 TOL64_NAIVE, TOL64_TORCH, TOL32_PEFT = 1e-12, 1e-10, 1e-5
 
-MAX_ERR: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_errors():
-    yield
-    if MAX_ERR:
-        print("\nlargest relative errors (reference parity):")
-        for name in sorted(MAX_ERR):
-            print(f"  {name:34s} {MAX_ERR[name]:.3e}")
+ERRORS, _report_errors = error_log("reference parity")
 
 
 def check(label, ours, ref, tol):
     err = finite_diff.rel_error(backend.to_numpy(ours), ref)
-    MAX_ERR[label] = max(MAX_ERR.get(label, 0.0), err)
-    assert err < tol, f"{label}: relative error {err:.3e} >= {tol:.0e}"
+    ERRORS.check(label, err, tol)
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -109,8 +101,7 @@ def test_naive_grads_match_finite_differences():
         num = finite_diff.numerical_gradient(
             lambda: float(np.sum(naive.lora_forward(x, W0, b0, A, B, s, mask) * G)), arr)
         err = finite_diff.rel_error(grads[name], num)
-        MAX_ERR[f"naive vs finite diff {name}"] = err
-        assert err < 1e-8, (name, err)
+        ERRORS.check(f"naive vs finite diff {name}", err, 1e-8)
 
 
 def test_optimal_residual_norm_is_eckart_young():

@@ -1,5 +1,5 @@
-"""ReLoRA (SPEC §2.8): gradients, rank growth through restarts, the merge keeps the output,
-optimizer-moment pruning, the jagged learning rate, config validation, exact resume."""
+"""ReLoRA (docs/variants.md#relora): gradients, rank growth through restarts, the merge keeps the
+output, optimizer-moment pruning, the jagged learning rate, config validation, exact resume."""
 import copy
 
 import numpy as np
@@ -8,10 +8,10 @@ import pytest
 import lowrank as lr
 from lowrank import backend, optim
 from lowrank.adapters.relora import ReLoraHook, ReLoraLinear, restart_lr_factor
-from lowrank.model import GPT, GPTConfig
+from lowrank.models import GPT, GPTConfig
 from lowrank.train import Trainer, TrainConfig
 
-from .helpers import FakeData, layer_fd_gradient, rel_err, to_host
+from .helpers import FakeData, gradient_errors, make_layer, perturb, pretrain_tiny_base, problem, rel_err, to_host
 
 TINY = GPTConfig(vocab_size=64, context=8, n_layer=2, n_head=2, d_model=16)
 M, N, ROWS = 6, 5, 4
@@ -29,32 +29,16 @@ def trainer_for(model, steps, **train):
                                                     "warmup": 1, **train}))
 
 
-def fd_errors(m, xp, x, G, mask=None):
-    m.zero_grad()
-    y, cache = m.forward(x, dropout_mask=mask)
-    dx = m.backward(G, cache)
-    arrays = {"lora_A": m.lora_A.data, "lora_B": m.lora_B.data, "x": x}
-    analytic = {"lora_A": m.lora_A.grad, "lora_B": m.lora_B.grad, "x": dx}
-    errors = {}
-    for name, array in arrays.items():
-        numeric = layer_fd_gradient(m, array, x, G, mask)
-        errors[name] = rel_err(analytic[name], numeric)
-    return errors
-
-
 @pytest.mark.parametrize("with_mask", [False, True], ids=["no-dropout", "dropout-mask"])
 def test_gradients_match_finite_differences_after_a_restart(xp, with_mask):
-    rng = np.random.default_rng(0)
-    W0 = xp.asarray(rng.standard_normal((M, N)))
-    cfg = lr.adapters.config("relora", r=2, alpha=3.0, dropout=0.3 if with_mask else 0.0)
-    m = lr.adapters.AdaptedLinear(W0, xp.asarray(rng.standard_normal(M)), cfg, seed=0)
-    m.lora_B.data += xp.asarray(0.5 * rng.standard_normal((M, 2)))
+    m, _, _ = make_layer(xp, "relora", (M, N), r=2, alpha=3.0,
+                         dropout=0.3 if with_mask else 0.0)
+    perturb(m, xp)
     m.restart()                                  # W0 absorbed a cycle; A re-drawn, B = 0
-    m.lora_B.data += xp.asarray(0.5 * rng.standard_normal((M, 2)))
-    x = xp.asarray(rng.standard_normal((ROWS, N)))
-    G = xp.asarray(rng.standard_normal((ROWS, M)))
-    mask = xp.asarray((rng.random((ROWS, N)) > 0.3) / 0.7) if with_mask else None
-    errors = fd_errors(m, xp, x, G, mask)
+    perturb(m, xp, seed=2)
+    x, G, mask = problem(xp, (M, N), ROWS, dropout=0.3 if with_mask else 0.0)
+    errors = gradient_errors(m, x, G, mask)
+    assert set(errors) == {"lora_A", "lora_B", "x"}
     assert max(errors.values()) < 1e-6, errors
     assert m.weight.grad is None
 
@@ -178,22 +162,27 @@ def test_resume_is_bit_identical(xp, method):
     assert ReLoraLinear.report(resumed, None) == ReLoraLinear.report(straight, None)
 
 
-def test_loading_without_the_merged_base_raises(tmp_path):
-    """The adapter file alone misses the merged cycles in W0: loading it into a pristine
-    base must not silently give another model."""
+def test_the_file_keeps_the_merged_base_and_a_foreign_base_raises(tmp_path):
+    """The merged cycles live in W0, so the adapter file keeps it (``base_layer.weight``) and
+    a load into a pristine base reproduces the model exactly; a layer whose W0 is not the
+    saved one refuses the metadata of a restarted adapter instead of silently giving
+    another model."""
     from lowrank import checkpoint
+    from lowrank.storage import read_safetensors
     model = tiny_model()
     trainer_for(model, 5).fit(progress=False)                # one restart
     checkpoint.save_adapter(model, tmp_path)
+    saved = read_safetensors(tmp_path / checkpoint.ADAPTER_FILE)
+    assert "blocks.0.attn.q.base_layer.weight" in saved
     fresh = tiny_model()
-    saved = checkpoint._read_safetensors(tmp_path / checkpoint.ADAPTER_FILE)
-    if "blocks.0.attn.q.base_layer.weight" in saved:
-        checkpoint.load_adapter(fresh, tmp_path)             # the checkpoint saves W0: exact
-        idx = np.arange(16).reshape(2, 8) % TINY.vocab_size
-        assert np.array_equal(model.eval().forward(idx)[0], fresh.eval().forward(idx)[0])
-    else:
-        with pytest.raises(ValueError, match="saved after 1 restarts"):
-            checkpoint.load_adapter(fresh, tmp_path)
+    checkpoint.load_adapter(fresh, tmp_path)
+    idx = np.arange(16).reshape(2, 8) % TINY.vocab_size
+    assert np.array_equal(model.eval().forward(idx)[0], fresh.eval().forward(idx)[0])
+    extra = checkpoint.read_adapter_config(tmp_path)["modules"]["blocks.0.attn.q"]["extra"]
+    assert extra["restarts"] == 1
+    pristine = tiny_model().blocks[0].attn.q
+    with pytest.raises(ValueError, match="saved after 1 restarts"):
+        pristine.load_adapter_metadata(extra)
 
 
 def test_hook_is_picked_by_the_trainer():
@@ -205,16 +194,8 @@ def test_hook_is_picked_by_the_trainer():
 
 def test_finetune_resume_and_load_finetuned(tmp_path):
     """workflows.finetune --resume and load_finetuned after restarts (float64, CPU)."""
-    import inspect
-    import json as json_module
-
     from lowrank import workflows as wf
-    text = tmp_path / "corpus.txt"
-    text.write_text(inspect.getsource(json_module.decoder) * 2)
-    data = wf.DataSpec([str(text)], val_fraction=0.2)
-    spec = wf.ModelSpec(vocab_size=300, context=16, n_layer=1, n_head=2, d_model=16)
-    wf.pretrain(tmp_path / "base", spec, data, TrainConfig(steps=2, batch_size=4),
-                dtype="float64", progress=False)
+    data = pretrain_tiny_base(tmp_path)
     options = {"r": 2, "alpha": 4.0, "reset_interval": 3, "restart_warmup": 1, "dropout": 0.1}
 
     def run(out, steps, resume=False):   # restarts after steps 3 and 6 either way

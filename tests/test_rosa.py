@@ -1,5 +1,5 @@
-"""RoSA (SPEC §2.6): gradients through the sparse part, the gradient-chosen support, the
-warm-up/collection schedule, O(nnz) storage, numpy-strict, and save/load/resume."""
+"""RoSA (docs/variants.md#rosa): gradients through the sparse part, the gradient-chosen support,
+the warm-up/collection schedule, O(nnz) storage, numpy-strict, and save/load/resume."""
 import numpy as np
 import pytest
 
@@ -7,21 +7,19 @@ import lowrank as lr
 from lowrank import backend, checkpoint, workflows as wf
 from lowrank.adapters.rosa import RosaLinear, support_size
 from lowrank.backend import sparse as bsparse
-from lowrank.model import GPT, GPTConfig
+from lowrank.models import GPT, GPTConfig
 from lowrank.train import Trainer, TrainConfig
 
-from .helpers import FakeData, layer_fd_gradient, rel_err, to_host
+from .helpers import FakeData, gradient_errors, make_layer, perturb, problem, rel_err, to_host
 
 TINY = GPTConfig(vocab_size=64, context=8, n_layer=2, n_head=2, d_model=16)
 M, N, R, ROWS = 7, 6, 2, 5
 
 
-def make_layer(xp, dtype="float64", seed=0, **options):
-    rng = np.random.default_rng(seed)
-    W0 = xp.asarray(rng.standard_normal((M, N)), dtype=dtype)
-    b0 = xp.asarray(rng.standard_normal(M), dtype=dtype)
-    cfg = lr.adapters.config("rosa", **{"r": R, "alpha": 3.0, "density": 0.25, **options})
-    return lr.adapters.AdaptedLinear(W0, b0, cfg, seed=seed)
+def make(xp, **options):
+    """A RoSA layer (M, N) with the file's defaults (``options`` override them)."""
+    return make_layer(xp, "rosa", (M, N), **{"r": R, "alpha": 3.0, "density": 0.25,
+                                             **options})[0]
 
 
 def collect(layer, xp, steps=3, seed=0):
@@ -39,14 +37,8 @@ def collect(layer, xp, steps=3, seed=0):
     return score
 
 
-def perturb(layer, xp, seed=1):
-    rng = np.random.default_rng(seed)
-    for _, p in layer.named_parameters(trainable_only=True):
-        p.data += xp.asarray(0.5 * rng.standard_normal(p.shape), dtype=p.dtype)
-
-
 def test_support_is_the_top_of_the_accumulated_squared_w0_gradient(xp):
-    layer = make_layer(xp)
+    layer = make(xp)
     assert not layer.support_selected and layer.nnz == support_size(0.25, M, N) == 10
     score = collect(layer, xp)
     assert rel_err(layer.score, score) < 1e-13
@@ -65,28 +57,19 @@ def test_top_k_breaks_ties_toward_the_lower_index(xp):
 
 @pytest.mark.parametrize("with_mask", [False, True], ids=["no-dropout", "dropout-mask"])
 def test_gradients_match_finite_differences(xp, with_mask):
-    layer = make_layer(xp, dropout=0.3 if with_mask else 0.0)
+    layer = make(xp, dropout=0.3 if with_mask else 0.0)
     collect(layer, xp)
     layer.select_support()
     perturb(layer, xp)
-    rng = np.random.default_rng(7)
-    x = xp.asarray(rng.standard_normal((ROWS, N)))
-    G = xp.asarray(rng.standard_normal((ROWS, M)))
-    mask = xp.asarray((rng.random((ROWS, N)) > 0.3) / 0.7) if with_mask else None
-    layer.zero_grad()
-    y, cache = layer.forward(x, dropout_mask=mask)
-    dx = layer.backward(G, cache)
-    arrays = {"lora_A": (layer.lora_A.data, layer.lora_A.grad),
-              "lora_B": (layer.lora_B.data, layer.lora_B.grad),
-              "rosa_values": (layer.rosa_values.data, layer.rosa_values.grad), "x": (x, dx)}
-    for name, (array, analytic) in arrays.items():
-        numeric = layer_fd_gradient(layer, array, x, G, mask)
-        assert float(abs(to_host(analytic)).max()) > 0, name
-        assert rel_err(analytic, numeric) < 1e-6, name
+    x, G, mask = problem(xp, (M, N), ROWS, dropout=0.3 if with_mask else 0.0)
+    errors = gradient_errors(layer, x, G, mask)
+    assert set(errors) == {"lora_A", "lora_B", "rosa_values", "x"}
+    assert max(errors.values()) < 1e-6, errors
+    assert float(abs(to_host(layer.rosa_values.grad)).max()) > 0   # S is in the map
 
 
 def test_sparse_path_equals_the_effective_weight_path_and_the_dense_delta(xp):
-    layer = make_layer(xp, support="random", dropout=0.5)
+    layer = make(xp, support="random", dropout=0.5)
     perturb(layer, xp)
     x = xp.asarray(np.random.default_rng(2).standard_normal((2, ROWS, N)))
     ones = xp.ones(x.shape)                  # dropout path (CSR multiply) with x_d = x
@@ -100,7 +83,7 @@ def test_sparse_path_equals_the_effective_weight_path_and_the_dense_delta(xp):
 
 
 def test_before_selection_the_layer_is_its_lora(xp):
-    layer = make_layer(xp)
+    layer = make(xp)
     perturb(layer, xp)
     s = layer.scaling
     lora = s * (layer.lora_B.data @ layer.lora_A.data)

@@ -1,5 +1,5 @@
-"""SoRA (SPEC §2.5): gate gradients, the proximal step and its ξ schedules, pruning to a
-plain LoRA, training through the Trainer hook, and exact resume of the gate's optimizer."""
+"""SoRA (docs/variants.md#sora): gate gradients, the proximal step and its ξ schedules, pruning to
+a plain LoRA, training through the Trainer hook, and exact resume of the gate's optimizer."""
 import math
 from types import SimpleNamespace
 
@@ -10,53 +10,31 @@ import lowrank as lr
 from lowrank import backend, checkpoint, workflows as wf
 from lowrank.adapters.lora import LoraLinear
 from lowrank.adapters.sora import SoraHook, SoraLinear, lambda_at, prune_sora, soft_threshold
-from lowrank.model import GPT, GPTConfig
+from lowrank.models import GPT, GPTConfig
 from lowrank.train import Trainer, TrainConfig
 
-from .helpers import FakeData, layer_fd_gradient, rel_err, to_host
+from .helpers import FakeData, gradient_errors, make_layer, problem, rel_err, to_host
 
 TINY = GPTConfig(vocab_size=64, context=8, n_layer=2, n_head=2, d_model=16)
 M, N, R, ROWS = 7, 5, 3, 6
 
 
-def make_layer(xp, dtype="float64", seed=0, **options):
-    rng = np.random.default_rng(seed)
-    W0 = xp.asarray(rng.standard_normal((M, N)), dtype=dtype)
-    b0 = xp.asarray(rng.standard_normal(M), dtype=dtype)
-    cfg = lr.adapters.config("sora", **{"r": R, "alpha": 5.0, **options})
-    layer = lr.adapters.AdaptedLinear(W0, b0, cfg, seed=seed)
-    # move A, B off their init (B = 0 would make dA = dg = 0) and keep the gate's N(0,1) draw
-    layer.lora_A.data += xp.asarray(0.3 * rng.standard_normal((R, N)), dtype=dtype)
-    layer.lora_B.data += xp.asarray(0.3 * rng.standard_normal((M, R)), dtype=dtype)
+def make(xp, **options):
+    """A SoRA layer (M, N), A and B moved off their init (B = 0 would make dA = dg = 0); the
+    gate keeps its N(0, 1) draw."""
+    layer = make_layer(xp, "sora", (M, N), **{"r": R, "alpha": 5.0, **options})[0]
+    rng = np.random.default_rng(0)
+    for p in (layer.lora_A, layer.lora_B):
+        p.data += xp.asarray(0.3 * rng.standard_normal(p.shape), dtype=p.dtype)
     return layer
-
-
-def fd_errors(layer, xp, mask=None):
-    """rel. error of every analytic gradient (A, B, g, x) against central differences."""
-    rng = np.random.default_rng(3)
-    x = xp.asarray(rng.standard_normal((ROWS, N)))
-    G = xp.asarray(rng.standard_normal((ROWS, M)))
-    layer.zero_grad()
-    y, cache = layer.forward(x, dropout_mask=mask)
-    dx = layer.backward(G, cache)
-    arrays = {"A": (layer.lora_A.data, layer.lora_A.grad),
-              "B": (layer.lora_B.data, layer.lora_B.grad),
-              "g": (layer.lora_gate.data, layer.lora_gate.grad), "x": (x, dx)}
-    errors = {}
-    for name, (array, analytic) in arrays.items():
-        numeric = layer_fd_gradient(layer, array, x, G, mask)
-        errors[name] = rel_err(analytic, numeric)
-    return errors
 
 
 @pytest.mark.parametrize("with_mask", [False, True], ids=["no-dropout", "dropout-mask"])
 def test_gradients_match_finite_differences(xp, with_mask):
-    layer = make_layer(xp, dropout=0.25 if with_mask else 0.0)
-    mask = None
-    if with_mask:
-        keep = np.random.default_rng(4).random((ROWS, N)) > 0.25
-        mask = xp.asarray(keep / 0.75)
-    errors = fd_errors(layer, xp, mask)
+    layer = make(xp, dropout=0.25 if with_mask else 0.0)
+    x, G, mask = problem(xp, (M, N), ROWS, seed=3, dropout=0.25 if with_mask else 0.0)
+    errors = gradient_errors(layer, x, G, mask)
+    assert set(errors) == {"lora_A", "lora_B", "lora_gate", "x"}
     assert max(errors.values()) < 1e-6, errors
     assert layer.weight.grad is None
 
@@ -90,7 +68,7 @@ def test_gate_lr_follows_the_run_schedule_rescaled():
 
 
 def test_hook_sgd_step_then_proximal(xp):
-    layer = make_layer(xp, gate_optimizer="sgd", sparse_lambda=0.05)
+    layer = make(xp, gate_optimizer="sgd", sparse_lambda=0.05)
     model = SimpleNamespace(named_modules=lambda: iter([("layer", layer)]))
     hook = SoraHook(model)
     assert hook.owns("layer.lora_gate", layer.lora_gate)
@@ -106,7 +84,7 @@ def test_hook_sgd_step_then_proximal(xp):
 
 def test_hook_adam_step_matches_hf_adamw_then_proximal(xp):
     """The official SparseAdamW: HF AdamW (eps on √v, bias correction in the step size)."""
-    layer = make_layer(xp, sparse_lambda=0.01)
+    layer = make(xp, sparse_lambda=0.01)
     model = SimpleNamespace(named_modules=lambda: iter([("layer", layer)]))
     hook = SoraHook(model)
     g = to_host(layer.lora_gate.data).copy()
@@ -155,7 +133,7 @@ def test_scheduled_lambda_needs_max_lambda():
 
 @pytest.mark.parametrize("zeros", [[], [1], [0, 2], [0, 1, 2]], ids=["none", "one", "two", "all"])
 def test_prune_gives_an_equal_lora_of_the_kept_rank(xp, zeros):
-    layer = make_layer(xp, dropout=0.2)
+    layer = make(xp, dropout=0.2)
     g = layer.lora_gate.data
     for k in zeros:
         g[k] = 0.0
@@ -176,7 +154,7 @@ def test_prune_gives_an_equal_lora_of_the_kept_rank(xp, zeros):
 
 
 def test_prune_of_a_merged_layer_stays_merged(xp):
-    layer = make_layer(xp)
+    layer = make(xp)
     layer.lora_gate.data[1] = 0.0
     x = xp.asarray(np.random.default_rng(9).standard_normal((ROWS, N)))
     y = layer.eval().forward(x)[0]
@@ -244,7 +222,7 @@ def test_resume_restores_the_gate_optimizer_exactly(tmp_path):
 
 
 def test_demo_report_and_metadata(xp):
-    layer = make_layer(xp)
+    layer = make(xp)
     layer.lora_gate.data[0] = 0.0
     assert layer.demo_report() == {"kept_rank": R - 1, "r": R}
     assert layer.adapter_metadata() == {"kept_rank": R - 1}

@@ -1,7 +1,9 @@
-"""The ``svd`` variant (SPEC §2.2): split init, trainable subsets of {U, σ, V}, gradients, config.
+"""The ``svd`` variant (docs/variants.md#svd): split init, trainable subsets of {U, σ, V},
+gradients, config.
 
 Run with ``-s`` to see the largest finite-difference relative error of each factor.
 """
+import functools
 import itertools
 import json
 
@@ -10,67 +12,30 @@ import pytest
 
 import lowrank as lr
 from lowrank.decompose import svd_split
-from reference.finite_diff import numerical_gradient
 
-from .helpers import rel_err, to_host
+from .helpers import error_log, gradient_errors, make_layer, perturb, problem, rel_err, to_host
 
 M, N, R, ROWS = 7, 5, 3, 6
 SUBSETS = [s for k in (1, 2, 3) for s in itertools.combinations(("U", "S", "V"), k)]
 PARAM = {"U": "svd_U", "S": "svd_S", "V": "svd_V"}
-MAX_ERR: dict = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_errors():
-    yield
-    if MAX_ERR:
-        print("\nlargest finite-difference relative errors (svd):")
-        for key in sorted(MAX_ERR):
-            print(f"  {key:28s} {MAX_ERR[key]:.3e}")
-
-
-def make(xp, dtype="float64", seed=0, W0=None, **cfg):
-    rng = np.random.default_rng(seed)
-    W0 = rng.standard_normal((M, N)) if W0 is None else W0
-    b0 = rng.standard_normal(M)
-    config = lr.adapters.config("svd", **{"r": R, "alpha": 3.0, **cfg})
-    layer = lr.adapters.AdaptedLinear(xp.asarray(W0, dtype=dtype), xp.asarray(b0, dtype=dtype),
-                                      config, seed=seed)
-    return layer, xp.asarray(W0, dtype=dtype), xp.asarray(b0, dtype=dtype)
+ERRORS, _report_errors = error_log("svd")
+make = functools.partial(make_layer, variant="svd", shape=(M, N), r=R, alpha=3.0)
 
 
 @pytest.mark.parametrize("with_mask", [False, True], ids=["no-dropout", "dropout-mask"])
 @pytest.mark.parametrize("train", SUBSETS, ids=["".join(s) for s in SUBSETS])
 def test_gradients_match_finite_differences_for_every_trainable_subset(xp, train, with_mask):
     layer, _, _ = make(xp, train=train, dropout=0.3 if with_mask else 0.0)
-    rng = np.random.default_rng(3)
-    for p in (layer.svd_U, layer.svd_S, layer.svd_V):   # off the init, frozen ones too
-        p.data += xp.asarray(0.3 * rng.standard_normal(p.shape))
-    x = xp.asarray(rng.standard_normal((ROWS, N)))
-    G = xp.asarray(rng.standard_normal((ROWS, M)))
-    mask = xp.asarray((rng.random((ROWS, N)) > 0.3) / 0.7) if with_mask else None
-    layer.zero_grad()
-    y, cache = layer.forward(x, dropout_mask=mask)
-    dx = layer.backward(G, cache)
-
-    def loss():
-        return float((layer.forward(x, dropout_mask=mask)[0] * G).sum())
-
-    trainable = {name for name, _ in layer.named_parameters(trainable_only=True)}
-    assert trainable == {PARAM[f] for f in train}
+    perturb(layer, xp, seed=3, scale=0.3, frozen=True)   # off the init, frozen factors too
+    x, G, mask = problem(xp, (M, N), ROWS, dropout=0.3 if with_mask else 0.0)
+    errors = gradient_errors(layer, x, G, mask)
+    assert set(errors) == {PARAM[f] for f in train} | {"x"}
     for f in ("U", "S", "V"):
         p = getattr(layer, PARAM[f])
         if f not in train:
             assert p.grad is None and not p.trainable
-            continue
-        err = rel_err(p.grad, numerical_gradient(loss, p.data))
-        key = f"{f} {'mask' if with_mask else 'plain'}"
-        MAX_ERR[key] = max(MAX_ERR.get(key, 0.0), err)
-        assert err < 1e-6, (f, err)
-    err = rel_err(dx, numerical_gradient(loss, x))
-    MAX_ERR[f"x {'mask' if with_mask else 'plain'}"] = max(
-        MAX_ERR.get(f"x {'mask' if with_mask else 'plain'}", 0.0), err)
-    assert err < 1e-6
+    for name, err in errors.items():
+        ERRORS.check(f"{name} {'mask' if with_mask else 'plain'}", err)
     assert layer.weight.grad is None
 
 

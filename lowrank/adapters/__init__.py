@@ -1,4 +1,4 @@
-"""Adapters: one file per variant, one registry, one contract (SPEC §2).
+"""Adapters: one file per variant, one registry, one contract (docs/variants.md#contract).
 
 Every module in this package other than ``base`` and ``inject`` is a variant that registers
 itself with ``@register(name, Config)`` when imported; they are imported here in name order,

@@ -1,4 +1,4 @@
-"""AdaLoRA's rank allocator and orthogonality regulariser (SPEC §2.4, PEFT ``RankAllocator``).
+"""AdaLoRA's rank allocator and orthogonality regulariser (docs/variants.md#adalora, PEFT ``RankAllocator``).
 
 Not a variant (leading underscore: ``lowrank.adapters`` does not auto-import it); the
 ``adalora`` variant imports it. Every number follows PEFT 0.21 (``peft/tuners/adalora``):
@@ -206,7 +206,7 @@ class RankAllocator:
             self.apply_pattern(self.final_pattern)
             pattern = self.final_pattern
         for _, layer in self.layers:
-            layer._steps_since_allocation = 0
+            layer.allocated()
         return self.budget, pattern
 
     # --- resume --------------------------------------------------------------------------------

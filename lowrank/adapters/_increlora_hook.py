@@ -1,4 +1,4 @@
-"""IncreLoRA's schedule (SPEC §2.7): module scores, the growth timetable, the budget.
+"""IncreLoRA's schedule (docs/variants.md#increlora): module scores, the growth timetable, the budget.
 
 One hook per model, driven by the Trainer (``IncreLoraLinear.step_hook``): it scores each
 module every step until the budget is reached, and every ``incre_interval`` steps after
@@ -7,15 +7,21 @@ module every step until the budget is reached, and every ``incre_interval`` step
 from __future__ import annotations
 
 from .. import backend
-from .increlora import IncreLoraLinear, total_budget
-from .inject import adapted_modules
+from ..hooks import StepHook
 
 
-class IncreLoraHook:
-    """Scores, schedule and growth of a model's IncreLoRA layers (see lowrank.train)."""
+def total_budget(layers) -> int:
+    """The total rank to reach: the config's ``total_budget``, else ``r`` per module."""
+    cfg = layers[0][1].config
+    return cfg.total_budget if cfg.total_budget is not None else sum(m.config.r for _, m in layers)
 
-    def __init__(self, model):
-        self.layers = [(n, m) for n, m in adapted_modules(model) if isinstance(m, IncreLoraLinear)]
+
+class IncreLoraHook(StepHook):
+    """Scores, schedule and growth of a model's IncreLoRA layers (see lowrank.train).
+    ``layers``: ``[(module name, IncreLoraLinear)]`` (``IncreLoraLinear.step_hook`` picks them)."""
+
+    def __init__(self, layers):
+        self.layers = list(layers)
         if not self.layers:
             raise ValueError("the model holds no IncreLoRA layers")
         self.config = cfg = self.layers[0][1].config
@@ -51,10 +57,10 @@ class IncreLoraHook:
         """Score the step (before the optimizer moves ΔW). Under data parallel ∂L/∂ΔW is first
         averaged over the ranks, so every rank scores, and grows, alike."""
         for _, m in self.layers:
-            if m._grad_dW is not None:
+            if m.grad_dW is not None:
                 if trainer.comm.size > 1:
-                    trainer.comm.allreduce_sum(m._grad_dW)
-                    m._grad_dW *= 1.0 / trainer.comm.size
+                    trainer.comm.allreduce_sum(m.grad_dW)
+                    m.grad_dW *= 1.0 / trainer.comm.size
                 m.score = m.step_score()
         return 0.0
 
@@ -90,24 +96,18 @@ class IncreLoraHook:
             grown.append((name, k))
             self.history.append([int(step), name, int(k)])
             if trainer is not None:
-                self._fresh_state(trainer.optimizer, m)
+                for p in (m.lora_A, m.lora_E, m.lora_B):   # the grown arrays start fresh
+                    trainer.optimizer.reset_state(p)
         if remaining <= 0:
             self._track(False)   # budget reached: no more scores (the official hook is removed)
         return grown
-
-    @staticmethod
-    def _fresh_state(optimizer, m) -> None:
-        names = {id(p): n for n, p in optimizer.params.items()}
-        for p in (m.lora_A, m.lora_E, m.lora_B):
-            if id(p) in names:
-                optimizer.add_param(names[id(p)], p)   # same object: its state starts fresh
 
     def state_dict(self) -> dict:
         return {"ipt": {n: float(v) for n, v in self.ipt.items()},
                 "unc": {n: float(v) for n, v in self.unc.items()},
                 "history": [list(h) for h in self.history],
                 "ranks": {n: m.ranknum for n, m in self.layers},
-                "rng": {n: m._host_rng.bit_generator.state for n, m in self.layers}}
+                "rng": {n: m.host_rng_state() for n, m in self.layers}}
 
     def load_state_dict(self, state: dict) -> None:
         ranks = {n: m.ranknum for n, m in self.layers}
@@ -117,7 +117,7 @@ class IncreLoraHook:
         for name, m in self.layers:
             self.ipt[name] = backend.asarray(state["ipt"][name], dtype=m.dtype, xp=m.xp)
             self.unc[name] = backend.asarray(state["unc"][name], dtype=m.dtype, xp=m.xp)
-            m._host_rng.bit_generator.state = state["rng"][name]
+            m.set_host_rng_state(state["rng"][name])
             for p in (m.lora_A, m.lora_E, m.lora_B):   # arrays replaced after a zero-grad
                 if p.grad is not None and p.grad.shape != p.shape:
                     p.grad = None

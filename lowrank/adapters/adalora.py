@@ -1,4 +1,4 @@
-"""AdaLoRA (Zhang et al., 2303.10512) — adaptive rank from SVD-form triplets (SPEC §2.4).
+"""AdaLoRA (Zhang et al., 2303.10512) — adaptive rank from SVD-form triplets (docs/variants.md#adalora).
 
     Ã = E ⊙_rows A (r, n),   y = x W0ᵀ + b0 + c · (x_d Ãᵀ) Bᵀ,   c = α / (init_r + 1e-5)
 
@@ -39,11 +39,11 @@ from pathlib import Path
 
 from .. import backend
 from ..decompose import check_rank
+from ..hooks import StepHook
 from ..module import Parameter
 from ._adalora_allocator import RankAllocator, budget_schedule, orth_regularizer
 from ._triplets import TripletMap
 from .base import AdaptedLinear, AdapterConfig, check_int, register
-from .inject import adapted_modules
 
 RANKNUM_EPS = 1e-5          # PEFT: scaling / (ranknum + 1e-5)
 MATRIX_ORDER = ("q", "k", "v", "o", "fc1", "fc2")
@@ -116,13 +116,18 @@ class AdaLoraLinear(TripletMap, AdaptedLinear):
     def realised_rank(self) -> int:
         return int(sum(self.rank_pattern))
 
-    # --- the adapted map ---------------------------------------------------------------------
-    def adapter_backward(self, dy, cache):
+    # --- the adapted map (the triplet product, _triplets.py) ----------------------------------
+    def correction_backward(self, dy2, cache, need_dx: bool):
+        """The triplet gradients, counting the step for the allocator check below."""
         if self.training:
             self._count_step()
-        dx = self.triplet_backward(dy, cache)
+        dx = super().correction_backward(dy2, cache, need_dx)
         self._step_grad = self.lora_E.grad
         return dx
+
+    def allocated(self) -> None:
+        """The allocator ran: the steps-without-allocator count starts again."""
+        self._steps_since_allocation = 0
 
     def _count_step(self) -> None:
         """A new step starts when E's gradient array is a fresh one (a zero-grad happened)."""
@@ -138,18 +143,6 @@ class AdaLoraLinear(TripletMap, AdaptedLinear):
                 "lowrank.train.Trainer (it runs the allocator), or call "
                 "hook = AdaLoraLinear.step_hook(model) once and hook.after_step(trainer) after "
                 "every optimizer step, before zero-grad.")
-
-    def delta_weight(self):
-        return self.scaling * (self.lora_B.data @ self.masked_A())      # (m, n)
-
-    # --- multi-adapter fast path (lowrank.parallel.multi; formulas in adapters/_delta.py) ------
-    def delta_backward(self, dy, cache):
-        """adapter_backward minus ``dy W0``: the same step count and A, E, B gradients."""
-        if self.training:
-            self._count_step()
-        dx = self.delta_triplet_backward(dy, cache)
-        self._step_grad = self.lora_E.grad
-        return dx
 
     # --- save / load (used by lowrank.checkpoint) -----------------------------------------------
     def saved_rows(self) -> list[bool]:
@@ -211,7 +204,7 @@ class AdaLoraLinear(TripletMap, AdaptedLinear):
         ranks = realised_ranks(model)
         if not ranks:
             return []
-        layers = [m for _, m in adapted_modules(model) if isinstance(m, cls)]
+        layers = [m for _, m in cls.layers_of(model)]
         init = sum(m.r for m in layers)
         target = sum(m.config.target_r for m in layers)
         rows, cols, grid = rank_grid(ranks)
@@ -237,11 +230,11 @@ class AdaLoraLinear(TripletMap, AdaptedLinear):
         return lines
 
 
-class AdaLoraHook:
+class AdaLoraHook(StepHook):
     """The per-step hook of a model's AdaLoRA layers (see lowrank.train)."""
 
     def __init__(self, model):
-        self.layers = [(n, m) for n, m in adapted_modules(model) if isinstance(m, AdaLoraLinear)]
+        self.layers = AdaLoraLinear.layers_of(model)
         if not self.layers:
             raise ValueError("the model holds no AdaLoRA layers")
         self.config = self.layers[0][1].config
@@ -280,12 +273,11 @@ class AdaLoraHook:
 
 def rank_pattern(model) -> dict:
     """``{module name: [bool per triplet]}`` of every AdaLoRA layer (PEFT's ``rank_pattern``)."""
-    return {n: list(m.rank_pattern) for n, m in adapted_modules(model)
-            if isinstance(m, AdaLoraLinear)}
+    return {n: list(m.rank_pattern) for n, m in AdaLoraLinear.layers_of(model)}
 
 
 def realised_ranks(model) -> dict:
-    return {n: m.realised_rank for n, m in adapted_modules(model) if isinstance(m, AdaLoraLinear)}
+    return {n: m.realised_rank for n, m in AdaLoraLinear.layers_of(model)}
 
 
 def rank_grid(ranks: dict):

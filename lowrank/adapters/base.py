@@ -2,13 +2,19 @@
 
 A variant is one file that defines a config dataclass and an ``AdaptedLinear`` subclass and
 registers both under its name (``@register("lora", LoraConfig)``). The contract tests in
-``tests/test_adapter_contract.py`` then run over it automatically.
+``tests/test_adapter_contract.py`` then run over it automatically (docs/variants.md#contract).
+
+``AdaptedLinear`` declares every extension point the trainer, the adapter files, the
+reports and the multi-adapter path use, each with a documented default, so callers never
+probe for one; a variant overrides what it needs.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from .. import backend
 from ..module import Module, Parameter
@@ -32,7 +38,6 @@ def check_int(name: str, value, low: int, optional: bool = False):
 def field_from_text(key: str, text: str) -> tuple[str, object]:
     """A config field given on the command line: ``("init-r", "12")`` -> ``("init_r", 12)``;
     values that parse as JSON (numbers, true/false, lists) become those, others stay strings."""
-    import json
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
@@ -105,13 +110,25 @@ def config_from_dict(data: dict) -> AdapterConfig:
     return config(data.pop("variant"), **data)
 
 
+class AdapterCache(NamedTuple):
+    """What the skeleton's forward keeps for its backward (docs/variants.md#dropout)."""
+
+    x: object        # (..., n) the input as given
+    x2: object       # (N, n) what the adapter saw, flattened: x ⊙ mask, or x without dropout
+    mask: object     # x's shape: the inverted-dropout multiplier, or None
+    W_eff: object    # (m, n) the effective weight of the no-dropout branch, or None
+    state: object    # the variant's correction_forward state (dropout branch), or None
+
+
 class AdaptedLinear(Module, metaclass=ABCMeta):
     """A frozen linear ``(W0, b0)`` plus a trainable adapter that owns the whole adapted map.
 
     ``AdaptedLinear(W0, b0, cfg, seed)`` builds the registered subclass for ``cfg.variant``.
     ``W0`` and ``b0`` are copied: an init that rewrites the base (PiSSA, OLoRA, ...) never
-    touches the caller's arrays. Subclasses implement ``init_adapter``, ``adapter_forward``,
-    ``adapter_backward`` and ``delta_weight``.
+    touches the caller's arrays. Subclasses implement ``init_adapter`` and ``delta_weight``,
+    and either the correction pair (``correction_forward``/``correction_backward``, which the
+    skeleton below wraps in dropout, the effective weight and the base product) or the whole
+    ``adapter_forward``/``adapter_backward`` (DoRA, whose map is not base plus correction).
     """
 
     variant: ClassVar[str] = ""
@@ -137,7 +154,6 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
                              f"{tuple(b0.shape)} {b0.dtype}")
         self.config = cfg
         self.merged = False
-        self.need_input_grad = True   # see backward(need_dx=...)
         self.weight = Parameter(W0.copy(), trainable=False)
         train_bias = cfg.bias != "none" and b0 is not None
         self.bias = None if b0 is None else Parameter(b0.copy(), trainable=train_bias)
@@ -162,6 +178,21 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
     def dtype(self):
         return self.weight.dtype
 
+    # --- random streams (resume state) -------------------------------------------------------
+    def dropout_rng_state(self):
+        """The dropout stream's state (JSON-able; None where the backend exposes none: CuPy)."""
+        return self._dropout_rng.state
+
+    def set_dropout_rng_state(self, state) -> None:
+        self._dropout_rng.state = state
+
+    def host_rng_state(self) -> dict:
+        """The host stream's state (re-inits, reserve triplets, moment pruning draw from it)."""
+        return self._host_rng.bit_generator.state
+
+    def set_host_rng_state(self, state: dict) -> None:
+        self._host_rng.bit_generator.state = state
+
     # --- the adapted map -------------------------------------------------------------------
     def dropout(self, x, dropout_mask=None):
         """``(x_d, mask)`` with mask the inverted-dropout multiplier, or ``None`` if inactive."""
@@ -185,24 +216,98 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
 
     def backward(self, dy, cache, need_dx: bool = True):
         """Accumulate the adapter's gradients; return ``dx``, or ``None`` with ``need_dx=False``
-        (the first layer of a model whose embeddings are frozen). A variant may skip forming
-        dx while ``self.need_input_grad`` is False (LoRA does); the others compute it anyway."""
+        (the first layer of a model whose embeddings are frozen: dx is then never formed)."""
         if self.merged:
             raise RuntimeError("backward through a merged adapter: unmerge() before training")
         if getattr(dy, "ndim", 0) < 1 or dy.shape[-1] != self.out_features:
             raise ValueError(f"dy has shape {tuple(getattr(dy, 'shape', ()))}, the layer's "
                              f"output has shape (..., {self.out_features})")
-        self.need_input_grad = need_dx
-        try:
-            dx = self.adapter_backward(dy, cache)
-        finally:
-            self.need_input_grad = True
+        dx = self.adapter_backward(dy, cache, need_dx)
         if self.bias is not None and self.bias.trainable:
             self.bias.accumulate(dy.reshape(-1, self.out_features).sum(axis=0))
         return dx if need_dx else None
 
     def _bias_data(self):
         return None if self.bias is None else self.bias.data
+
+    # --- the skeleton: dropout, effective weight, base product (docs/variants.md#dropout) -----
+    def adapter_forward(self, x, dropout_mask):
+        """The unmerged forward ``(y, AdapterCache)``. Without dropout x_d = x, so the map is
+        one dense product with ``effective_weight()`` (m·n·r to form, against N·(m+n)·r and
+        extra passes over y for the two-step path); with dropout, ``x W0ᵀ + b0 + Δy(x_d)``."""
+        x_d, mask = self.dropout(x, dropout_mask)
+        if mask is None:
+            W_eff = self.effective_weight()                              # (m, n)
+            y, _ = linear_forward(x, W_eff, self._bias_data())           # (..., m)
+            return y, AdapterCache(x, x.reshape(-1, self.in_features), None, W_eff, None)
+        y, _ = linear_forward(x, self.weight.data, self._bias_data())   # (..., m)
+        delta, cache = self._correction(x, x_d, mask)
+        y += delta
+        return y, cache
+
+    def adapter_backward(self, dy, cache, need_dx: bool):
+        """Accumulate adapter gradients; return dx (None when not needed). The base bias is
+        handled by ``backward``."""
+        if cache.W_eff is None:   # dx = G W0 + (dx_adapter ⊙ mask)
+            dx = self.delta_backward(dy, cache, need_dx)
+            return self.base_input_grad(dy, dx) if need_dx else None
+        dy2 = dy.reshape(-1, self.out_features)                          # (N, m)
+        self.correction_backward(dy2, cache, False)
+        return (dy2 @ cache.W_eff).reshape(cache.x.shape) if need_dx else None   # (..., n)
+
+    def base_input_grad(self, dy, dx_adapter):
+        """``G W0 + dx_adapter`` (..., n), in dx_adapter's array: the dropout branch's dx."""
+        dx_adapter += dy @ self.weight.data                              # (..., n)
+        return dx_adapter
+
+    def masked_input_grad(self, dx_adapter, mask, shape):
+        """``dx_adapter (N, n) ⊙ mask`` reshaped to the input's ``shape``."""
+        dx = dx_adapter.reshape(shape)                                   # (..., n)
+        if mask is not None:
+            dx *= mask
+        return dx
+
+    def _correction(self, x, x_d, mask):
+        x2 = x_d.reshape(-1, self.in_features)                           # (N, n)
+        delta, state = self.correction_forward(x2)                       # (N, m)
+        delta = delta.reshape(*x.shape[:-1], self.out_features)          # (..., m)
+        return delta, AdapterCache(x, x2, mask, None, state)
+
+    def effective_weight(self):
+        """``W0 + ΔW`` (m, n), the weight the unmerged layer applies without dropout."""
+        W_eff = self.delta_weight()                                      # (m, n)
+        W_eff += self.weight.data
+        return W_eff
+
+    def correction_forward(self, x2):
+        """``(Δy (N, m), state)``: the adapter's term of the dropout branch on ``x2 (N, n)``
+        (the dropped-out input, flattened); ``state`` is the variant's, for its backward."""
+        raise NotImplementedError(f"{type(self).__name__} supplies no correction_forward")
+
+    def correction_backward(self, dy2, cache: AdapterCache, need_dx: bool):
+        """Accumulate the adapter's gradients from ``dy2 (N, m)``; return its share of dx
+        ``(N, n)`` before the dropout mask (None when ``need_dx`` is False). ``cache.state``
+        is None in the effective-weight branch: recompute what it would hold."""
+        raise NotImplementedError(f"{type(self).__name__} supplies no correction_backward")
+
+    # --- the multi-adapter fast path (lowrank.multi, docs/training.md#multi-adapter) ---
+    def has_delta_path(self) -> bool:
+        """Whether ``delta_forward``/``delta_backward`` hold: the map is the *unchanged* base
+        plus a correction from x alone. Default False (DoRA, RoSA): the caller falls back to
+        ``forward``/``backward``."""
+        return False
+
+    def delta_forward(self, x, dropout_mask):
+        """``(Δy, cache)`` with ``adapter_forward(x) = x W0ᵀ + b0 + Δy``; the caller forms
+        the base product once for the rows of many adapters."""
+        x_d, mask = self.dropout(x, dropout_mask)
+        return self._correction(x, x_d, mask)
+
+    def delta_backward(self, dy, cache: AdapterCache, need_dx: bool = True):
+        """Accumulate the adapter's gradients; return dx minus ``dy W0`` (the caller's part)."""
+        dy2 = dy.reshape(-1, self.out_features)                          # (N, m)
+        dx = self.correction_backward(dy2, cache, need_dx)               # (N, n) or None
+        return None if dx is None else self.masked_input_grad(dx, cache.mask, cache.x.shape)
 
     # --- merging ---------------------------------------------------------------------------
     def merge(self) -> None:
@@ -233,13 +338,55 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
         """Create the adapter's Parameters (host ``rng`` for initial values)."""
 
     @abstractmethod
-    def adapter_forward(self, x, dropout_mask):
-        """The unmerged forward: ``(y, cache)``."""
-
-    @abstractmethod
-    def adapter_backward(self, dy, cache):
-        """Accumulate adapter gradients, return ``dx``; the base bias is handled by the caller."""
-
-    @abstractmethod
     def delta_weight(self):
         """``ΔW (m, n)`` such that the unmerged forward equals ``x (W0 + ΔW)ᵀ + b0``."""
+
+    def finite_difference_context(self):
+        """The context in which finite differences of the forward see the function the
+        backward differentiates. Default: no context (the backward is the full gradient)."""
+        return contextlib.nullcontext()
+
+    # --- training and reporting (lowrank.train, workflows, demo) --------------------------------
+    @classmethod
+    def layers_of(cls, model) -> list:
+        """``[(module name, layer)]`` of the model's layers of this class, in model order."""
+        return [(name, m) for name, m in model.named_modules() if isinstance(m, cls)]
+
+    @classmethod
+    def step_hook(cls, model):
+        """The ``StepHook`` (lowrank.hooks) the model's layers of this class need each step,
+        or None (the default: nothing to do between steps)."""
+        return None
+
+    @classmethod
+    def report(cls, model, out) -> list[str]:
+        """Lines (and files written under ``out``) the variant reports after training, over
+        the model's layers of this class. Default: none."""
+        return []
+
+    def demo_report(self) -> dict:
+        """Per-module facts for the demo's table (ranks kept, sparsity). Default: none."""
+        return {}
+
+    # --- adapter files (lowrank.adapter_files, docs/training.md#adapter-files) -------------------
+    def saves_base_weight(self) -> bool:
+        """Whether the file must keep W0 (``base_layer.weight``) because training rewrites it
+        (ReLoRA's restarts). Default False: the base is the base model's."""
+        return False
+
+    def adapter_metadata(self) -> dict:
+        """JSON-able per-module extras for adapter_config.json. Default: none."""
+        return {}
+
+    def load_adapter_metadata(self, extra: dict) -> None:
+        """Restore what ``adapter_metadata`` saved, after the tensors are assigned."""
+
+    def adapter_tensors(self) -> dict:
+        """``{param name: array}`` saved in another shape than the module holds them (AdaLoRA
+        keeps only its active triplets). Default: none, every parameter is saved as it is."""
+        return {}
+
+    def expand_adapter_tensors(self, tensors: dict, extra: dict) -> dict:
+        """The inverse of ``adapter_tensors`` at load time: saved host arrays ``{param name:
+        array}`` -> what to assign (may reshape the layer first). Default: ``tensors``."""
+        return tensors

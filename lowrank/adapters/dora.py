@@ -1,4 +1,4 @@
-"""DoRA (Liu et al., 2402.09353) with PEFT semantics (``LoraConfig(use_dora=True)``) — SPEC §2.3.
+"""DoRA (Liu et al., 2402.09353) with PEFT semantics (``LoraConfig(use_dora=True)``) — docs/variants.md#dora.
 
 A LoRA pair ``A (r, n)``, ``B (m, r)`` (kaiming A, B = 0; s = α/r or α/√r with ``rslora``) moves
 the direction, a magnitude ``m (out,)`` ("lora_magnitude_vector", init ‖W0[o, :]‖₂) its length:
@@ -31,12 +31,24 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .. import backend
 from ..decompose import check_rank
 from ..module import Parameter
+from ._lowrank import lowrank_backward
 from .base import AdaptedLinear, AdapterConfig, register
 from .lora import lora_factors
+
+
+class DoraCache(NamedTuple):
+    x2: object      # (N, n) x_d flattened (x without dropout)
+    mask: object    # the inverted-dropout multiplier, or None
+    u: object       # (..., r) x_d Aᵀ (dropout branch), or None
+    z: object       # (..., m) z_d = x_d Vᵀ: ∂L/∂c = Σ_rows(G ⊙ z_d)
+    V: object       # (m, n) the direction W0 + s·BA
+    norm: object    # (m,) its row norms (or the held constant)
+    c: object       # (m,) m / n
 
 
 @dataclass
@@ -120,7 +132,7 @@ class DoraLinear(AdaptedLinear):
             y = z * c                                                    # (..., m)
             if b is not None:
                 y += b
-            return y, (x, None, None, z, V, norm, c)
+            return y, DoraCache(x.reshape(-1, self.in_features), None, None, z, V, norm, c)
         q = x_d @ self.weight.data.T                                     # (..., m)
         u = x_d @ self.lora_A.data.T                                     # (..., r)
         z = u @ self.lora_B.data.T                                       # (..., m)
@@ -131,48 +143,42 @@ class DoraLinear(AdaptedLinear):
         y += x @ self.weight.data.T                                      # (..., m)
         if b is not None:
             y += b
-        return y, (x_d, mask, u, z, V, norm, c)
+        return y, DoraCache(x_d.reshape(-1, self.in_features), mask, u, z, V, norm, c)
 
-    def adapter_backward(self, dy, cache):
-        x_d, mask, u, z, V, norm, c = cache
+    def adapter_backward(self, dy, cache, need_dx: bool):
+        x2, mask, u, z, V, norm, c = cache
         A, B, mag, s = self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling
         exact = self.config.exact_norm_grad
-        r, n = A.shape
         m = B.shape[0]
-        x2 = x_d.reshape(-1, n)                                          # (N, n)
         dy2 = dy.reshape(-1, m)                                          # (N, m)
         if mag.trainable or exact:
             S = (dy2 * z.reshape(-1, m)).sum(axis=0)                     # (m,) = ∂L/∂c
         if mag.trainable:
             mag.accumulate(S / norm)                                     # (m,)
         Gz = dy2 * c                                                     # (N, m)
-        if exact and (A.trainable or B.trainable):
+        # the LoRA pair sees G_z = G ⊙ c: the low-rank product's backward (_lowrank.py)
+        u2 = None if u is None else u.reshape(-1, A.shape[0])            # (N, r)
+        grads = lowrank_backward(Gz, x2, u2, A.data, B, s, need_dP=A.trainable,
+                                 need_dx=need_dx and mask is not None)
+        if exact and (A.trainable or B.trainable):   # n's share, docs/variants.md#dora-exact-norm
             dV = V * (-(c * S) / (norm * norm))[:, None]                 # (m, n) = diag(dn/n) V
             dV *= s                                                      # s dV, shared by dA, dB
-        if B.trainable:
-            u2 = x2 @ A.data.T if u is None else u.reshape(-1, r)        # (N, r)
-            dB = Gz.T @ u2                                               # (m, r)
-            dB *= s
-            if exact:
-                dB += dV @ A.data.T                                      # (m, r)
-            B.accumulate(dB)
-        du = Gz @ B.data                                                 # (N, r)
-        du *= s
+            if B.trainable:
+                B.accumulate(dV @ A.data.T)                              # (m, r)
         if A.trainable:
-            dA = du.T @ x2                                               # (r, n)
+            dA = grads.dP                                                # (r, n)
             if exact:
                 dA += B.data.T @ dV                                      # (r, n)
             A.accumulate(dA)
+        if not need_dx:
+            return None
         if mask is None:   # G_z W0 + du A = G_z V
-            return (Gz @ V).reshape(*dy.shape[:-1], n)                   # (..., n)
-        dx = dy @ self.weight.data                                       # (..., n)
+            return (Gz @ V).reshape(*dy.shape[:-1], A.shape[1])          # (..., n)
         Gz -= dy2                                                        # G ⊙ (c − 1)
         dx_adapter = Gz @ self.weight.data                               # (N, n)
-        dx_adapter += du @ A.data
-        dx_adapter = dx_adapter.reshape(dx.shape)                        # (..., n)
-        dx_adapter *= mask
-        dx += dx_adapter
-        return dx
+        dx_adapter += grads.dx                                           # du A
+        dx = self.masked_input_grad(dx_adapter, mask, (*dy.shape[:-1], A.shape[1]))
+        return self.base_input_grad(dy, dx)
 
     # --- merging ------------------------------------------------------------------------------
     def _base_weight(self):

@@ -1,4 +1,4 @@
-"""IncreLoRA (Zhang et al., 2308.12043) — the rank grows where it matters (SPEC §2.7).
+"""IncreLoRA (Zhang et al., 2308.12043) — the rank grows where it matters (docs/variants.md#increlora).
 
 SVD-form triplets as AdaLoRA, with ranknum = the number of triplets the module holds:
 
@@ -49,9 +49,9 @@ from dataclasses import dataclass
 from .. import backend
 from ..decompose import check_rank
 from ..module import Parameter
+from ._increlora_hook import IncreLoraHook, total_budget
 from ._triplets import TripletMap
 from .base import AdaptedLinear, AdapterConfig, check_int, register
-from .inject import adapted_modules
 
 RANKNUM_EPS = 1e-5      # official: lora_alpha / (ranknum + 1e-5)
 INIT_STD = 0.02         # A, B ~ N(0, 0.02²) for the first and every reserve triplet
@@ -106,7 +106,7 @@ class IncreLoraLinear(TripletMap, AdaptedLinear):
         self.lora_B = Parameter(backend.host_normal(rng, (m, cfg.init_r), INIT_STD, dtype, xp))
         self.track_score = False    # set by the hook while the budget is not reached
         self.score = None           # 0-d: Σ|ΔW ⊙ ∂L/∂ΔW| / √(mn) of the current step
-        self._grad_dW = None        # ∂L/∂ΔW (m, n) summed over the step's micro-batches
+        self.grad_dW = None         # ∂L/∂ΔW (m, n) summed over the step's micro-batches
 
     @property
     def ranknum(self) -> int:
@@ -120,39 +120,25 @@ class IncreLoraLinear(TripletMap, AdaptedLinear):
     def capacity(self) -> int:
         return int(min(self.weight.shape))
 
-    # --- the adapted map -------------------------------------------------------------------
-    def adapter_backward(self, dy, cache):
+    # --- the adapted map (the triplet product, _triplets.py) ----------------------------------
+    def correction_backward(self, dy2, cache, need_dx: bool):
+        """The triplet gradients; while scoring, also ∂L/∂ΔW = Gᵀ x_d, summed over the step's
+        micro-batches for the hook to turn into the score (docs/variants.md#increlora-score)."""
         if self.track_score and self.training:
-            x_d, At = cache[0], cache[3]
-            self._update_score(dy.reshape(-1, self.out_features),
-                               x_d.reshape(-1, self.in_features), At, self.scaling)
-        return self.triplet_backward(dy, cache)
-
-    def delta_backward(self, dy, cache):
-        """adapter_backward minus ``dy W0``: the same score and A, E, B gradients."""
-        if self.track_score and self.training:
-            self._update_score(dy.reshape(-1, self.out_features), cache.x2, cache.P, cache.c)
-        return self.delta_triplet_backward(dy, cache)
-
-    def _update_score(self, dy2, x2, At, c) -> None:
-        """Sum ∂L/∂ΔW over the step's micro-batches; the hook turns it into the score."""
-        grad = dy2.T @ x2                                                # (m, n) = ∂L/∂ΔW
-        if self._grad_dW is None:
-            self._grad_dW = grad
-        else:
-            self._grad_dW += grad
+            grad = dy2.T @ cache.x2                                      # (m, n) = ∂L/∂ΔW
+            if self.grad_dW is None:
+                self.grad_dW = grad
+            else:
+                self.grad_dW += grad
+        return super().correction_backward(dy2, cache, need_dx)
 
     def step_score(self):
         """The official score Σ|ΔW ⊙ ∂L/∂ΔW| / √(mn) (0-d, no host sync); ΔW is the weight the
         step's gradients were taken at (the hook calls this before the optimizer step)."""
-        delta = self.lora_B.data @ self.masked_A()                       # (m, n)
-        delta *= self.scaling
-        delta *= self._grad_dW
+        delta = self.delta_weight()                                      # (m, n)
+        delta *= self.grad_dW
         m, n = delta.shape
         return self.xp.abs(delta).sum() / math.sqrt(m * n)
-
-    def delta_weight(self):
-        return self.scaling * (self.lora_B.data @ self.masked_A())      # (m, n)
 
     # --- growth ----------------------------------------------------------------------------
     def grow(self, k: int, draw: bool = True) -> None:
@@ -179,12 +165,12 @@ class IncreLoraLinear(TripletMap, AdaptedLinear):
         self.lora_B.data = xp.concatenate([self.lora_B.data, B_new], axis=1)    # (m, r+k)
         for p in (self.lora_A, self.lora_E, self.lora_B):
             p.grad = None   # the old shapes; the trainer's zero-grad allocates the new ones
-        self._grad_dW = None
+        self.grad_dW = None
 
     def end_step(self) -> None:
         """Forget the step's score buffers (the hook calls this after reading the score)."""
         self.score = None
-        self._grad_dW = None
+        self.grad_dW = None
 
     # --- save / load (used by lowrank.checkpoint) --------------------------------------------
     def adapter_metadata(self) -> dict:
@@ -216,15 +202,14 @@ class IncreLoraLinear(TripletMap, AdaptedLinear):
     # --- training and reporting ------------------------------------------------------------
     @classmethod
     def step_hook(cls, model):
-        from ._increlora_hook import IncreLoraHook   # it needs this class: import on use
-        return IncreLoraHook(model)
+        return IncreLoraHook(cls.layers_of(model))
 
     def demo_report(self) -> dict:
         return {"ranknum": self.ranknum}
 
     @classmethod
     def report(cls, model, out) -> list[str]:
-        layers = [(n, m) for n, m in adapted_modules(model) if isinstance(m, cls)]
+        layers = cls.layers_of(model)
         if not layers:
             return []
         total = sum(m.ranknum for _, m in layers)
@@ -235,12 +220,6 @@ class IncreLoraLinear(TripletMap, AdaptedLinear):
                  f"({'reached' if total == budget else 'not reached'}; started at {start})"]
         lines += [f"  {name.ljust(width)}rank {m.ranknum}" for name, m in layers]
         return lines
-
-
-def total_budget(layers) -> int:
-    """The total rank to reach: the config's ``total_budget``, else ``r`` per module."""
-    cfg = layers[0][1].config
-    return cfg.total_budget if cfg.total_budget is not None else sum(m.config.r for _, m in layers)
 
 
 __all__ = ["IncreLoraConfig", "IncreLoraLinear", "total_budget", "RANKNUM_EPS"]

@@ -1,7 +1,7 @@
-"""ReLoRA (Lialin et al., 2307.05695) — high-rank training from low-rank steps (SPEC §2.8).
+"""ReLoRA (Lialin et al., 2307.05695) — high-rank training from low-rank steps (docs/variants.md#relora).
 
 The layer is LoRA with the kaiming init (A ~ U(-1/√n, 1/√n), B = 0, s = α/r), so forward and
-backward are LoraLinear's (SPEC §2.1):
+backward are LoraLinear's (docs/variants.md#lora):
 
     y = x W0ᵀ + b0 + s · (x_d Aᵀ) Bᵀ
     dB = s Gᵀ u,   du = s G B,   dA = duᵀ x_d,   dx = G W0 + (du A) ⊙ mask,   u = x_d Aᵀ
@@ -29,7 +29,7 @@ history lives in W0) stays the final cycle's. After k restarts ``rank(W - W_init
 (k+1)·r. The hook keeps ``W - W_init`` of the first ReLoRA module (float64) for ``report``.
 
 Saving: W0 has changed, so the adapter is only complete with the base weight in the file.
-``saves_base_weight = True`` asks lowrank.checkpoint to store it (``<module>.base_layer.weight``);
+``saves_base_weight()`` (True) asks lowrank.checkpoint to store it (``<module>.base_layer.weight``);
 ``adapter_metadata`` records the restarts and a fingerprint of W0, and loading an adapter that
 had restarts into a base whose W0 is not the saved one raises instead of silently dropping the
 merged cycles.
@@ -41,9 +41,9 @@ from dataclasses import dataclass
 
 from .. import backend
 from ..decompose import check_rank
+from ..hooks import StepHook
 from ..module import Parameter
 from .base import AdapterConfig, register
-from .inject import adapted_modules
 from .lora import LoraLinear, lora_factors
 
 RESETS = ("random", "magnitude")
@@ -102,7 +102,8 @@ def _fingerprint(W) -> str:
 
 @register("relora", ReLoraConfig)
 class ReLoraLinear(LoraLinear):
-    saves_base_weight = True   # W0 absorbs the merged cycles: the checkpoint must keep it
+    def saves_base_weight(self) -> bool:
+        return True   # W0 absorbs the merged cycles: the checkpoint must keep it
 
     def init_adapter(self, rng) -> None:
         cfg = self.config
@@ -160,7 +161,7 @@ class ReLoraLinear(LoraLinear):
 
     @classmethod
     def report(cls, model, out) -> list[str]:
-        layers = [(n, m) for n, m in adapted_modules(model) if isinstance(m, cls)]
+        layers = cls.layers_of(model)
         if not layers:
             return []
         name, m = next(((n, m) for n, m in layers if m.history is not None), layers[0])
@@ -175,11 +176,11 @@ class ReLoraLinear(LoraLinear):
                 f"rank(W - W_init) of {name}: {rank} (r = {cfg.r}, σ > {RANK_RTOL:g}·σ_max)"]
 
 
-class ReLoraHook:
+class ReLoraHook(StepHook):
     """Restarts, moment pruning and the jagged learning rate of a model's ReLoRA layers."""
 
     def __init__(self, model):
-        self.layers = [(n, m) for n, m in adapted_modules(model) if isinstance(m, ReLoraLinear)]
+        self.layers = ReLoraLinear.layers_of(model)
         if not self.layers:
             raise ValueError("the model holds no ReLoRA layers")
         self.config = self.layers[0][1].config
@@ -200,25 +201,22 @@ class ReLoraHook:
             m.restart()
         if optimizer is None:
             return
-        names = {id(p): n for n, p in optimizer.params.items()}
         cfg = self.config
         for _, m in self.layers:
             for p in (m.lora_A, m.lora_B):
-                st = optimizer.state.get(names.get(id(p)))
-                if st is not None:
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        prune_moment(st[key], cfg.reset_ratio, cfg.optimizer_reset, m._host_rng)
+                for moment in optimizer.moments(p) or ():   # exp_avg, exp_avg_sq, in place
+                    prune_moment(moment, cfg.reset_ratio, cfg.optimizer_reset, m._host_rng)
 
     def state_dict(self) -> dict:
         probe = self.layers[0][1]
         return {"restarts": {n: m.restarts for n, m in self.layers},
-                "rng": {n: m._host_rng.bit_generator.state for n, m in self.layers},
+                "rng": {n: m.host_rng_state() for n, m in self.layers},
                 "history": backend.to_numpy(probe.history).copy()}
 
     def load_state_dict(self, state: dict) -> None:
         for name, m in self.layers:
             m.restarts = int(state["restarts"][name])
-            m._host_rng.bit_generator.state = state["rng"][name]
+            m.set_host_rng_state(state["rng"][name])
         probe = self.layers[0][1]
         probe.history = backend.asarray(state["history"], dtype="float64", xp=probe.xp)
 

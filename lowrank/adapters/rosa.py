@@ -1,4 +1,4 @@
-"""RoSA (Nikdan et al., 2401.04679) — low-rank plus sparse adaptation — SPEC §2.6.
+"""RoSA (Nikdan et al., 2401.04679) — low-rank plus sparse adaptation — docs/variants.md#rosa.
 
     y = x W0ᵀ + b0 + s · (x_d Aᵀ) Bᵀ + x_d Sᵀ,      s = α/r
 
@@ -30,17 +30,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .. import backend
 from ..backend import sparse as bsparse
 from ..decompose import check_rank
+from ..hooks import StepHook
 from ..module import Parameter
-from ..ops.linear import linear_forward
+from ._lowrank import LowRankMap, LowRankParts
 from .base import AdaptedLinear, AdapterConfig, check_int, register
-from .inject import adapted_modules
-from .lora import lora_factor_grads, lora_factors
+from .lora import lora_factors
 
 SUPPORTS = ("gradient", "random")
+
+
+class RosaState(NamedTuple):
+    u: object          # (N, r) x_d Aᵀ
+    P: object          # (r, n) A as the forward used it
+    pattern: object    # the support's CSRPattern, or None before selection
 
 
 @dataclass
@@ -68,7 +75,7 @@ def support_size(density: float, m: int, n: int) -> int:
 
 
 @register("rosa", RosaConfig)
-class RosaLinear(AdaptedLinear):
+class RosaLinear(LowRankMap, AdaptedLinear):
     def init_adapter(self, rng) -> None:
         cfg, xp = self.config, self.xp
         check_rank(cfg.r, self.weight.shape)
@@ -131,59 +138,54 @@ class RosaLinear(AdaptedLinear):
         else:
             self.score += dW0
 
-    # --- the adapted map -------------------------------------------------------------------
-    def adapter_forward(self, x, dropout_mask):
-        x_d, mask = self.dropout(x, dropout_mask)
+    # --- the adapted map: the LoRA product (_lowrank.py) plus S ---------------------------------
+    def lowrank_parts(self) -> LowRankParts:
+        return LowRankParts(self.lora_A.data, self.lora_B, self.scaling,
+                            need_dP=self.lora_A.trainable)
+
+    def accumulate_lowrank(self, dA, dg) -> None:
+        self.lora_A.accumulate(dA)                                       # (r, n)
+
+    def has_delta_path(self) -> bool:
+        return False   # the multi-adapter path keeps running RoSA through forward/backward
+
+    def correction_forward(self, x2):
+        """``s (x_d Aᵀ) Bᵀ + x_d Sᵀ`` (N, m); S multiplies as CSR: ``(S x_dᵀ)ᵀ``."""
+        delta, state = super().correction_forward(x2)                    # (N, m)
         pattern = self.pattern
-        if mask is None:
-            W_eff = self.effective_weight()                              # (m, n)
-            y, _ = linear_forward(x, W_eff, self._bias_data())           # (..., m)
-            return y, (x, x, None, None, W_eff, pattern)
-        y, _ = linear_forward(x, self.weight.data, self._bias_data())   # (..., m)
-        u = x_d @ self.lora_A.data.T                                     # (..., r)
-        y += self.scaling * (u @ self.lora_B.data.T)
         if pattern is not None:
             S = pattern.matrix(self.rosa_values.data)
-            x2 = x_d.reshape(-1, self.in_features)                       # (N, n)
-            y += bsparse.matmul(S, x2.T).T.reshape(y.shape)              # (m, N)ᵀ -> (..., m)
-        return y, (x, x_d, mask, u, None, pattern)
+            delta += bsparse.matmul(S, x2.T).T                           # (m, N)ᵀ
+        return delta, RosaState(state.u, state.P, pattern)
 
-    def adapter_backward(self, dy, cache):
-        x, x_d, mask, u, W_eff, pattern = cache
-        A = self.lora_A
-        n = A.shape[1]
-        x2 = x_d.reshape(-1, n)                                          # (N, n)
-        dy2 = dy.reshape(-1, self.out_features)                          # (N, m)
-        du = lora_factor_grads(A, self.lora_B, self.scaling, x2, dy2, u)
+    def correction_backward(self, dy2, cache, need_dx: bool):
+        """The LoRA gradients, dS on the support (O(nnz·N)), and while collecting the score's
+        ``Gᵀ x`` — the only place it is formed; W0 itself gets no gradient."""
+        dx = super().correction_backward(dy2, cache, need_dx)            # (N, n) du A
+        pattern = self.pattern if cache.state is None else cache.state.pattern
         if pattern is not None and self.rosa_values.trainable:
             self.rosa_values.accumulate(
-                bsparse.support_grad(dy2, x2, pattern.rows, pattern.indices))   # (nnz,)
-        if self.collecting:   # the only place Gᵀx is formed; W0 itself gets no gradient
-            dW0 = dy2.T @ x.reshape(-1, n)                               # (m, n)
-            self.w0_grad_products += 1
-            if self.defer_square:   # data parallel: the hook averages over ranks, then squares
-                if self.pending_dW0 is None:
-                    self.pending_dW0 = dW0
-                else:
-                    self.pending_dW0 += dW0
-            else:
-                self.add_score(dW0)
-        if W_eff is not None:
-            return dy @ W_eff                                            # (..., n)
-        dx_adapter = du @ A.data                                         # (N, n)
-        if pattern is not None:
+                bsparse.support_grad(dy2, cache.x2, pattern.rows, pattern.indices))   # (nnz,)
+        if self.collecting:
+            self._collect(dy2.T @ cache.x.reshape(-1, self.in_features))   # (m, n) = Gᵀ x
+        if need_dx and pattern is not None:
             S = pattern.matrix(self.rosa_values.data)
-            dx_adapter += bsparse.matmul(S, dy2.T, transpose=True).T     # (n, N)ᵀ = G S
-        dx = dy @ self.weight.data                                       # (..., n)
-        dx_adapter = dx_adapter.reshape(dx.shape)
-        dx_adapter *= mask
-        dx += dx_adapter
+            dx += bsparse.matmul(S, dy2.T, transpose=True).T             # (n, N)ᵀ = G S
         return dx
+
+    def _collect(self, dW0) -> None:
+        self.w0_grad_products += 1
+        if self.defer_square:   # data parallel: the hook averages over ranks, then squares
+            if self.pending_dW0 is None:
+                self.pending_dW0 = dW0
+            else:
+                self.pending_dW0 += dW0
+        else:
+            self.add_score(dW0)
 
     def effective_weight(self):
         """``W0 + s·BA + S`` (m, n); S's values are added on its support, O(nnz)."""
-        W_eff = self.lora_B.data @ self.lora_A.data                     # (m, n)
-        W_eff *= self.scaling
+        W_eff = self.lowrank_delta()                                     # (m, n)
         W_eff += self.weight.data
         if self.pattern is not None:
             flat = W_eff.reshape(-1)                                     # (m·n,) view
@@ -191,7 +193,7 @@ class RosaLinear(AdaptedLinear):
         return W_eff
 
     def delta_weight(self):
-        delta = self.scaling * (self.lora_B.data @ self.lora_A.data)    # (m, n)
+        delta = self.lowrank_delta()                                     # (m, n)
         S = self.sparse_matrix()
         if S is not None:
             delta += bsparse.to_dense(S)
@@ -222,12 +224,11 @@ class RosaLinear(AdaptedLinear):
     @classmethod
     def report(cls, model, out) -> list[str]:
         lines = []
-        for name, m in adapted_modules(model):
-            if isinstance(m, RosaLinear):
-                b = m.sparse_nbytes()
-                state = "" if m.support_selected else " (support not selected yet)"
-                lines.append(f"rosa {name}: S nnz {m.nnz}, CSR {b['total']:,} B vs dense "
-                             f"{b['dense']:,} B ({100.0 * b['total'] / b['dense']:.2f}%){state}")
+        for name, m in cls.layers_of(model):
+            b = m.sparse_nbytes()
+            state = "" if m.support_selected else " (support not selected yet)"
+            lines.append(f"rosa {name}: S nnz {m.nnz}, CSR {b['total']:,} B vs dense "
+                         f"{b['dense']:,} B ({100.0 * b['total'] / b['dense']:.2f}%){state}")
         return lines
 
     @classmethod
@@ -235,7 +236,7 @@ class RosaLinear(AdaptedLinear):
         return RosaHook(model)
 
 
-class RosaHook:
+class RosaHook(StepHook):
     """Warm-up → collection → support selection, driven by the Trainer (one per model).
 
     Step k (1-based) collects when ``warmup < k <= warmup + collect``; after step
@@ -243,8 +244,7 @@ class RosaHook:
     """
 
     def __init__(self, model):
-        self.layers = [(name, m) for name, m in adapted_modules(model)
-                       if isinstance(m, RosaLinear)]
+        self.layers = RosaLinear.layers_of(model)
         self.steps_done = 0
         self._arm()
 
@@ -281,16 +281,10 @@ class RosaHook:
             if (self.steps_done == cfg.warmup_steps + cfg.collect_steps
                     and cfg.support == "gradient" and not m.support_selected):
                 m.select_support()
-                self._restart_moments(trainer.optimizer, m.rosa_values)
+                # the values enter training now: their AdamW state starts fresh (bias
+                # correction from t = 1), whatever zero-gradient steps it counted before
+                trainer.optimizer.reset_state(m.rosa_values)
         self._arm()
-
-    @staticmethod
-    def _restart_moments(optimizer, p) -> None:
-        """The values enter training now: their AdamW state starts fresh (bias correction
-        from t = 1), whatever zero-gradient steps it counted before."""
-        for name, q in list(optimizer.params.items()):
-            if q is p:
-                optimizer.add_param(name, p)
 
     def state_dict(self) -> dict:
         return {"steps_done": self.steps_done,

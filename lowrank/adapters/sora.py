@@ -1,4 +1,4 @@
-"""SoRA (Ding et al., 2311.11696) — a LoRA whose rank is gated and pruned — SPEC §2.5.
+"""SoRA (Ding et al., 2311.11696) — a LoRA whose rank is gated and pruned — docs/variants.md#sora.
 
     u = x_d Aᵀ (N, r),   v = u ⊙ g,   y = x W0ᵀ + b0 + s · v Bᵀ,   s = α/r
 
@@ -35,12 +35,12 @@ from dataclasses import dataclass
 
 from .. import backend
 from ..decompose import check_rank
+from ..hooks import StepHook
 from ..module import Parameter
-from ..ops.linear import linear_forward
 from ..optim import lr_at
-from ._delta import lowrank_delta_backward, lowrank_delta_forward
+from ._lowrank import LowRankMap, LowRankParts
 from .base import AdaptedLinear, AdapterConfig, config, register
-from .inject import _set_child, adapted_modules
+from .inject import _set_child
 from .lora import LoraLinear, lora_factors
 
 LAMBDA_SCHEDULES = ("constant", "linear", "log_linear")
@@ -107,7 +107,7 @@ def soft_threshold(g, xi: float):
 
 
 @register("sora", SoraConfig)
-class SoraLinear(AdaptedLinear):
+class SoraLinear(LowRankMap, AdaptedLinear):
     def init_adapter(self, rng) -> None:
         cfg = self.config
         check_rank(cfg.r, self.weight.shape)
@@ -118,70 +118,16 @@ class SoraLinear(AdaptedLinear):
         self.lora_gate = Parameter(backend.host_normal(rng, (cfg.r,), 1.0, self.dtype.name,
                                                        self.xp))   # (r,)
 
-    def adapter_forward(self, x, dropout_mask):
-        x_d, mask = self.dropout(x, dropout_mask)
-        if mask is None:   # one GEMM with W0 + s B diag(g) A, as LoraLinear does
-            W_eff = self.effective_weight()                              # (m, n)
-            y, _ = linear_forward(x, W_eff, self._bias_data())           # (..., m)
-            return y, (x, None, None, W_eff)
-        y, _ = linear_forward(x, self.weight.data, self._bias_data())   # (..., m)
-        u = x_d @ self.lora_A.data.T                                     # (..., r)
-        y += self.scaling * ((u * self.lora_gate.data) @ self.lora_B.data.T)
-        return y, (x_d, mask, u, None)
+    # --- the map: the product with gate g (docs/variants.md#sora, _lowrank.py) ---------------
+    def lowrank_parts(self) -> LowRankParts:
+        return LowRankParts(self.lora_A.data, self.lora_B, self.scaling, self.lora_gate.data,
+                            need_dP=self.lora_A.trainable, need_dg=self.lora_gate.trainable)
 
-    def adapter_backward(self, dy, cache):
-        x_d, mask, u, W_eff = cache
-        A, B, g, s = self.lora_A, self.lora_B, self.lora_gate, self.scaling
-        r, n = A.shape
-        m = B.shape[0]
-        x2 = x_d.reshape(-1, n)                                          # (N, n)
-        dy2 = dy.reshape(-1, m)                                          # (N, m)
-        u2 = x2 @ A.data.T if u is None else u.reshape(-1, r)           # (N, r)
-        if B.trainable:
-            dB = dy2.T @ (u2 * g.data)                                   # (m, r)
-            dB *= s
-            B.accumulate(dB)
-        dv = dy2 @ B.data                                                # (N, r)
-        dv *= s
-        if g.trainable:
-            g.accumulate((dv * u2).sum(axis=0))                          # (r,)
-        du = dv * g.data                                                 # (N, r)
-        if A.trainable:
-            A.accumulate(du.T @ x2)                                      # (r, n)
-        if W_eff is not None:
-            return dy @ W_eff                                            # (..., n)
-        dx = dy @ self.weight.data                                       # (..., n)
-        dx_adapter = (du @ A.data).reshape(dx.shape)                     # (..., n)
-        dx_adapter *= mask
-        dx += dx_adapter
-        return dx
-
-    def effective_weight(self):
-        """``W0 + s·B diag(g) A`` (m, n)."""
-        W_eff = (self.lora_B.data * self.lora_gate.data) @ self.lora_A.data   # (m, n)
-        W_eff *= self.scaling
-        W_eff += self.weight.data
-        return W_eff
-
-    def delta_weight(self):
-        return self.scaling * ((self.lora_B.data * self.lora_gate.data) @ self.lora_A.data)
-
-    # --- multi-adapter fast path (lowrank.parallel.multi; formulas in adapters/_delta.py) ------
-    def delta_forward(self, x, dropout_mask):
-        """``(Δy, cache)`` with ``adapter_forward(x) = x W0ᵀ + b0 + Δy`` (P = A, gate g)."""
-        return lowrank_delta_forward(self, x, dropout_mask, self.lora_A.data, self.lora_B.data,
-                                     self.scaling, self.lora_gate.data)
-
-    def delta_backward(self, dy, cache):
-        """adapter_backward minus ``dy W0``: the same A, B and gate gradients."""
-        A, g = self.lora_A, self.lora_gate
-        dA, dg, dx = lowrank_delta_backward(dy, cache, self.lora_B, need_dP=A.trainable,
-                                            need_dg=g.trainable)
+    def accumulate_lowrank(self, dA, dg) -> None:
         if dg is not None:
-            g.accumulate(dg)                                             # (r,)
+            self.lora_gate.accumulate(dg)                                # (r,)
         if dA is not None:
-            A.accumulate(dA)                                             # (r, n)
-        return dx
+            self.lora_A.accumulate(dA)                                   # (r, n)
 
     # --- rank ----------------------------------------------------------------------------
     def kept_rank(self) -> int:
@@ -215,7 +161,7 @@ class SoraLinear(AdaptedLinear):
         lora.lora_B.trainable = self.lora_B.trainable
         if self.bias is not None:
             lora.bias.trainable = self.bias.trainable
-        lora._dropout_rng.state = self._dropout_rng.state
+        lora.set_dropout_rng_state(self.dropout_rng_state())
         lora.train(self.training)
         if self.merged:
             lora.merge()
@@ -228,11 +174,8 @@ class SoraLinear(AdaptedLinear):
 
     @classmethod
     def report(cls, model, out) -> list[str]:
-        lines = []
-        for name, m in adapted_modules(model):
-            if isinstance(m, SoraLinear):
-                lines.append(f"sora {name}: rank {m.kept_rank()} of {m.config.r} kept (g != 0)")
-        return lines
+        return [f"sora {name}: rank {m.kept_rank()} of {m.config.r} kept (g != 0)"
+                for name, m in cls.layers_of(model)]
 
     def demo_report(self) -> dict:
         return {"kept_rank": self.kept_rank(), "r": int(self.config.r)}
@@ -244,24 +187,22 @@ class SoraLinear(AdaptedLinear):
 def prune_sora(model) -> dict:
     """Replace every SoRA module of ``model`` by its pruned LoRA; returns {name: kept rank}."""
     kept = {}
-    for name, m in adapted_modules(model):
-        if isinstance(m, SoraLinear):
-            kept[name] = m.kept_rank()
-            _set_child(model, name, m.prune())
+    for name, m in SoraLinear.layers_of(model):
+        kept[name] = m.kept_rank()
+        _set_child(model, name, m.prune())
     return kept
 
 
-class SoraHook:
+class SoraHook(StepHook):
     """The gate's own optimizer step + the proximal step, after each AdamW step (one per model)."""
 
     def __init__(self, model):
-        self.layers = [(name, m) for name, m in adapted_modules(model) if isinstance(m, SoraLinear)]
-        self._gates = {id(m.lora_gate) for _, m in self.layers}
+        self.layers = SoraLinear.layers_of(model)
         self.state: dict = {}    # module name -> {"step", "exp_avg", "exp_avg_sq"} (adam)
         self.last_lambda = None
 
     def owns(self, name, p) -> bool:
-        return id(p) in self._gates
+        return any(p is m.lora_gate for _, m in self.layers)
 
     def after_step(self, trainer) -> None:
         c, step = trainer.config, trainer.step      # step: 0-based index of this step

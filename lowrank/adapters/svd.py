@@ -1,4 +1,4 @@
-"""svd — the seed's own form (SPEC §2.2): train the top-r SVD triplets of W0 in place.
+"""svd — the seed's own form (docs/variants.md#svd): train the top-r SVD triplets of W0 in place.
 
     W0 = W_h + U diag(σ) Vᵀ      (lowrank.decompose.svd_split: exact or randomized, top r)
 
@@ -8,7 +8,8 @@ the seed's method; the default trains all three). V is stored (n, r) so that ``p
 
     p = x_d V (N, r),     y = x W_hᵀ + b0 + (p ⊙ σ) Uᵀ
 
-Backward, with G = dL/dy and the inverted-dropout multiplier ``mask`` (x_d = x ⊙ mask):
+Backward (the low-rank product of _lowrank.py with P = Vᵀ, B = U, gate σ, c = 1), with
+G = dL/dy and the inverted-dropout multiplier ``mask`` (x_d = x ⊙ mask):
     dU = Gᵀ (p ⊙ σ)          h = G U (N, r)
     dσ = Σ_rows(h ⊙ p)       dp = h ⊙ σ
     dV = x_dᵀ dp             dx = G W_h + (dp Vᵀ) ⊙ mask
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 from ..decompose import check_rank, svd_split
 from ..module import Parameter
-from ..ops.linear import linear_forward
+from ._lowrank import LowRankMap, LowRankParts
 from .base import AdaptedLinear, AdapterConfig, register
 
 SVD_FACTORS = ("U", "S", "V")
@@ -69,7 +70,7 @@ class SvdConfig(AdapterConfig):
 
 
 @register("svd", SvdConfig)
-class SvdLinear(AdaptedLinear):
+class SvdLinear(LowRankMap, AdaptedLinear):
     def init_adapter(self, rng) -> None:
         cfg = self.config
         check_rank(cfg.r, self.weight.shape)
@@ -83,47 +84,13 @@ class SvdLinear(AdaptedLinear):
         self.svd_S = Parameter(split.S, trainable="S" in cfg.train)       # (r,)
         self.svd_V = Parameter(split.Vt.T.copy(), trainable="V" in cfg.train)   # (n, r)
 
-    def adapter_forward(self, x, dropout_mask):
-        x_d, mask = self.dropout(x, dropout_mask)
-        if mask is None:
-            # x_d = x: one dense product with W_h + U diag(σ) Vᵀ (m·n·r to form) beats the
-            # two-step path's extra passes over y; dx reuses the same matrix.
-            W_eff = self.weight.data + self.delta_weight()               # (m, n)
-            y, _ = linear_forward(x, W_eff, self._bias_data())           # (..., m)
-            return y, (x, None, None, W_eff)
-        y, _ = linear_forward(x, self.weight.data, self._bias_data())   # (..., m)
-        p = x_d @ self.svd_V.data                                        # (..., r)
-        y += (p * self.svd_S.data) @ self.svd_U.data.T                   # (..., m)
-        return y, (x_d, mask, p, None)
+    # --- the map: the low-rank product with P = Vᵀ, B = U, gate σ, c = 1 (_lowrank.py) ---------
+    def lowrank_parts(self) -> LowRankParts:
+        return LowRankParts(self.svd_V.data.T, self.svd_U, 1.0, self.svd_S.data,
+                            need_dP=self.svd_V.trainable, need_dg=self.svd_S.trainable)
 
-    def adapter_backward(self, dy, cache):
-        x_d, mask, p, W_eff = cache
-        U, S, V = self.svd_U, self.svd_S, self.svd_V
-        n, r = V.shape
-        m = U.shape[0]
-        x2 = x_d.reshape(-1, n)                                          # (N, n)
-        dy2 = dy.reshape(-1, m)                                          # (N, m)
-        if U.trainable or S.trainable:
-            p2 = x2 @ V.data if p is None else p.reshape(-1, r)          # (N, r)
-        if U.trainable:
-            U.accumulate(dy2.T @ (p2 * S.data))                          # (m, r)
-        need_dp = V.trainable or mask is not None    # dx's adapter term needs dp with dropout
-        if S.trainable or need_dp:
-            h = dy2 @ U.data                                             # (N, r)
-        if S.trainable:
-            S.accumulate((h * p2).sum(axis=0))                           # (r,)
-        if need_dp:
-            dp = h * S.data                                              # (N, r)
-            if V.trainable:
-                V.accumulate(x2.T @ dp)                                  # (n, r)
-        if W_eff is not None:
-            return dy @ W_eff                                            # (..., n)
-        dx = dy @ self.weight.data                                       # (..., n)
-        dx_adapter = (dp @ V.data.T).reshape(dx.shape)                   # (..., n)
-        dx_adapter *= mask
-        dx += dx_adapter
-        return dx
-
-    def delta_weight(self):
-        """``U diag(σ) Vᵀ`` (m, n): with W_h it rebuilds the adapted weight."""
-        return (self.svd_U.data * self.svd_S.data) @ self.svd_V.data.T  # (m, n)
+    def accumulate_lowrank(self, dVt, dS) -> None:
+        if dS is not None:
+            self.svd_S.accumulate(dS)                                    # (r,)
+        if dVt is not None:
+            self.svd_V.accumulate(dVt.T)                                 # (n, r)

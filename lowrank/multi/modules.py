@@ -7,7 +7,7 @@ K independent adapters train side by side. A batch is the concatenation of K row
 adapter (built by the registry from the same W0, b0 with that adapter's config and seed, so
 it is the very layer ``inject`` would build alone). With flattened input rows R_k of group k:
 
-* fast path (the variant has ``delta_forward``/``delta_backward``, see adapters/_delta.py,
+* fast path (``has_delta_path()``: ``delta_forward``/``delta_backward``, adapters/base.py,
   and its base is still the shared W0):
       Y = X W0ᵀ + b0 over all rows (one GEMM),    Y[R_k] += Δy_k(X[R_k])
       dX = G W0 over all rows (one GEMM),         dX[R_k] += dx_Δk(G[R_k])
@@ -89,7 +89,7 @@ class MultiAdapterLinear(Module):
     def shares_base(self, k) -> bool:
         """Whether group k runs on the shared product (no adapter here counts as sharing)."""
         a = self.adapters.get(k)
-        return a is None or (self.fast and hasattr(a, "delta_forward") and not a.merged
+        return a is None or (self.fast and a.has_delta_path() and not a.merged
                              and a.weight.data is self.weight.data)
 
     def _plan(self, n_rows: int):

@@ -1,4 +1,4 @@
-"""The mini GPT of SPEC §3: pre-LayerNorm transformer with every backward written by hand.
+"""The mini GPT (docs/models.md#gpt): pre-LayerNorm transformer with every backward written by hand.
 
     x = tok_emb[idx] + pos_emb[:T]                       (B, T, d)
     x = blocks[i](x)       for i in 0..L-1
@@ -6,22 +6,24 @@
 
 with ``W_head = tok_emb.weight`` when the embeddings are tied, else ``lm_head.weight``.
 
-``named_parameters()`` gives exactly the SPEC names (tok_emb.weight, pos_emb.weight,
-blocks.{i}.ln1.weight, blocks.{i}.attn.q.weight, ..., ln_f.bias[, lm_head.weight]).
+``named_parameters()`` gives exactly the names of docs/models.md#gpt (tok_emb.weight,
+pos_emb.weight, blocks.{i}.ln1.weight, blocks.{i}.attn.q.weight, ..., ln_f.bias[, lm_head.weight]).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
 
-from . import backend
-from .blocks import MLP, Block, CausalSelfAttention, Embedding, LayerNorm, any_trainable
-from .layers import Linear
-from .module import Module, Parameter
-from .ops.cross_entropy import check_targets, cross_entropy_backward, cross_entropy_forward
-from .ops.linear import linear_backward, linear_forward
+from .. import backend
+from ..layers import Linear
+from ..module import Module, Parameter
+from ..ops.cross_entropy import check_targets, cross_entropy_backward, cross_entropy_forward
+from ..ops.layernorm import EPS
+from ..ops.linear import linear_backward, linear_forward
+from .blocks import INIT_STD as _INIT_STD
+from .blocks import (MLP, CausalSelfAttention, Embedding, GPTBlock, HostInit, any_trainable,
+                     check_eps)
 
-_INIT_STD = 0.02
 
 
 @dataclass
@@ -32,6 +34,7 @@ class GPTConfig:
     n_head: int
     d_model: int
     tie_embeddings: bool = True
+    layer_norm_eps: float = EPS
 
     def __post_init__(self):
         for name in ("vocab_size", "context", "n_layer", "n_head", "d_model"):
@@ -43,9 +46,15 @@ class GPTConfig:
                              f"n_head ({self.n_head})")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        check_eps(self.layer_norm_eps)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields; ``layer_norm_eps`` only when it is not the default, so checkpoints of
+        lowrank's own GPT keep the exact config they always had."""
+        data = asdict(self)
+        if data["layer_norm_eps"] == EPS:
+            del data["layer_norm_eps"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "GPTConfig":
@@ -61,26 +70,19 @@ class GPT(Module):
         if not isinstance(config, GPTConfig):
             raise ValueError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = config
-        dtype = backend.check_dtype(dtype)
-        xp = backend.xp_default() if xp is None else xp
-        rng = backend.host_rng(seed)
+        init = HostInit(seed, dtype, xp)
         V, C, d = config.vocab_size, config.context, config.d_model
-
-        def normal(shape, std=_INIT_STD):
-            return backend.host_normal(rng, shape, std, dtype, xp)
-
-        def linear(n_in, n_out, std=_INIT_STD):
-            return Linear.from_arrays(normal((n_out, n_in), std), xp.zeros((n_out,), dtype=dtype))
+        normal, linear = init.normal, init.linear
 
         def layernorm():
-            return LayerNorm(xp.ones((d,), dtype=dtype), xp.zeros((d,), dtype=dtype))
+            return init.layernorm(d, config.layer_norm_eps)
 
         resid_std = _INIT_STD / math.sqrt(2 * config.n_layer)
-        # attribute order is parameter-name order (SPEC §3)
+        # attribute order is parameter-name order
         self.tok_emb = Embedding(normal((V, d)))
         self.pos_emb = Embedding(normal((C, d)))
         self.blocks = [
-            Block(layernorm(),
+            GPTBlock(layernorm(),
                   CausalSelfAttention(linear(d, d), linear(d, d), linear(d, d),
                                       linear(d, d, resid_std), config.n_head),
                   layernorm(),
