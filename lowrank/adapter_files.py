@@ -17,8 +17,8 @@ from .adapters import AdaptedLinear
 from .json_arrays import split_arrays
 from .module import Module
 from .schema import ADAPTER_CONFIG_FILE as ADAPTER_CONFIG_SCHEMA, check
-from .storage import (StagedFiles, cap_for, check_and_assign, read_saved_tensors, read_sealed_json, stage,
-                      stage_state)
+from .storage import (StagedFiles, cap_for, check_and_assign, read_saved_tensors,
+                      read_sealed_json, stage, stage_state)
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"

@@ -105,6 +105,7 @@ ADAPTER_CONFIG_FILE = {**_SAVE, "variant": str, "config": (dict, None),
 
 RUN_KINDS = ("base", "full", "adapter", "multi")
 RUN_FILE = {"kind?": lambda v: None if v in RUN_KINDS else f"must be one of {RUN_KINDS}, got {v!r}",
-            "base?": str, "base_path?": str, "variant?": str, "targets?": (list, str), "config?": (dict, None),
+            "base?": str, "base_path?": str, "variant?": str, "targets?": (list, str),
+            "config?": (dict, None),
             "data?": dict, "train?": {"seed?": int_in(0, 1 << 63)}, "history?": [dict],
             "tokenizer_sha256?": str}

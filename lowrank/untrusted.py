@@ -1,4 +1,4 @@
-"""Reading a checkpoint directory as untrusted input (host-side I/O, docs/training.md#checkpoints).
+"""Reading a checkpoint directory as untrusted input (docs/training.md#untrusted-directories).
 
 A directory may come from a crashed run, a careless copy or another person, so every read here
 is bounded before it starts: only regular files are opened (a FIFO would block, a symlink to

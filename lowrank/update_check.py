@@ -1,7 +1,7 @@
-"""Check an update before it is committed (docs/training.md#checkpoints): after an optimizer
-step every trainable parameter and every optimizer moment must be finite, or training stops
-before anything is saved. A non-finite loss is seen only one step later, after a blown-up
-update could already have been written over the last good save.
+"""Check an update before it is committed (docs/training.md#untrusted-directories): after an
+optimizer step every trainable parameter and every optimizer moment must be finite, or
+training stops before anything is saved. A non-finite loss is seen only one step later,
+after a blown-up update could already have been written over the last good save.
 """
 from __future__ import annotations
 

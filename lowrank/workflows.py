@@ -8,7 +8,8 @@ Each workflow writes into one directory:
   training state in ``config.json``/``optimizer.safetensors``, ``run.json``. Full fine-tuning
   writes a whole model instead.
 
-Checkpoints are written atomically, so a crash (or a non-finite loss) leaves the last good one.
+Checkpoints are written atomically and every update is checked finite before it can be saved,
+so a crash, a non-finite loss or a blown-up update leaves the last good one.
 
 Data parallel (``comm`` of size > 1, e.g. under ``mpiexec``): every rank builds the same model
 and trains its share of each batch; only rank 0 writes files (tokenizer, checkpoints, run
@@ -72,8 +73,7 @@ class RunResult:
     tokens_per_s: float = float("nan")
 
 
-def _write_run(out: Path, info: dict) -> None:
-    write_run(out, info)
+_write_run = write_run   # the name demo and multi use
 
 
 def token_data(tok: Tokenizer, spec: DataSpec, context: int) -> TokenData:

@@ -150,3 +150,26 @@ def test_kill_during_save_never_leaves_a_corrupt_checkpoint(tmp_path):
                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "corrupt 0 of 50" in proc.stdout, proc.stdout
+
+
+def test_a_save_without_integrity_record_is_refused_with_a_clear_message(runs, tmp_path):
+    """A checkpoint written before integrity records (or with its record deleted)."""
+    import shutil
+    shutil.copytree(runs[1], tmp_path / "ft")
+    path = tmp_path / "ft" / "adapter_config.json"
+    info = json.loads(path.read_text())
+    del info["integrity"]
+    path.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"adapter_config\.json has no integrity record .*"
+                                         r"save it again with this version"):
+        wf.load_finetuned(runs[0], tmp_path / "ft")
+
+
+def test_adalora_report_says_when_the_budget_was_not_reached(runs, tmp_path, capsys):
+    base, _, corpus = runs
+    assert cli.main(["finetune", "--base", str(base), "--out", str(tmp_path / "ft"),
+                     "--variant", "adalora", "--init-r", "4", "--target-r", "2",
+                     "--total-step", "50", "--tfinal", "5", "--steps", "1", "--batch-size", "2",
+                     "--corpus", str(corpus), "--max-bytes", "20000", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "budget not reached" in out, out
