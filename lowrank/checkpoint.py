@@ -131,11 +131,13 @@ def _state_json(directory: Path) -> dict:
     return read_config(directory), directory / CONFIG_FILE
 
 
-def load_training_state(directory, expected_shapes: dict | None = None) -> dict | None:
+def load_training_state(directory, expected_shapes: dict | None = None,
+                        max_bytes: int | None = None) -> dict | None:
     """The ``train_state`` saved in ``directory`` with its arrays restored (host numpy), or
     ``None`` if none was saved. After ``save_training_state`` the dict has ``step``,
     ``optimizer``, ``rng`` and ``extra``. ``expected_shapes`` (file key -> shape, e.g.
-    ``exp_avg.<param name>``) are checked before the arrays are read."""
+    ``exp_avg.<param name>``) are checked before the arrays are read; ``max_bytes`` caps the
+    size of ``optimizer.safetensors``."""
     directory = Path(directory)
     config, source = _state_json(directory)
     skeleton = config.get("train_state")
@@ -145,7 +147,7 @@ def load_training_state(directory, expected_shapes: dict | None = None) -> dict 
     tensors = {}
     if OPTIMIZER_FILE in (config.get("files") or {}):
         source, tensors = read_saved_tensors(directory, config, OPTIMIZER_FILE, source,
-                                             expected_shapes)
+                                             expected_shapes, max_bytes)
     return join_arrays(skeleton, tensors, source)   # references carry the exact keys
 
 

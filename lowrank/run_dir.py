@@ -11,6 +11,7 @@ and the files beside the checkpoint (``run.json``, ``tokenizer.json``) read as u
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from .schema import RUN_FILE as RUN_SCHEMA, check
@@ -100,3 +101,12 @@ def remove_if_unsaved(out: Path, name: str, existed: bool) -> None:
     saved = any((Path(out) / m).exists() for m in RUN_MARKERS)
     if not existed and not saved and path.is_file():
         path.unlink()
+
+
+def say(line: str, progress: bool) -> None:
+    """A line for the user (a validation loss as it comes) that leaves a progress bar intact."""
+    if progress:
+        from tqdm import tqdm   # optional dependency, lazy
+        tqdm.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr, flush=True)

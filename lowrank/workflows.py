@@ -17,7 +17,6 @@ files, reports) while the others wait at a barrier, so no rank races ahead of a 
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,8 @@ from .models import GPT, GPTConfig
 from .parallel import SingleProcess
 from .pretrained import from_pretrained, is_foreign
 from .run_dir import (RUN_FILE, TOKENIZER_FILE, load_tokenizer, prepare_out, read_run,
-                      remove_if_unsaved, write_run)
+                      remove_if_unsaved, say, write_run)
+from .storage import cap_for
 from .tokenizer import Tokenizer, train_tokenizer
 from .train import Trainer, TrainConfig
 from .update_check import check_update
@@ -100,15 +100,6 @@ def _checkpointer(out: Path, trainer: Trainer, save, every: int, progress: bool 
             on_step.saved = tr.step
     on_step.saved = trainer.step or None
     return on_step
-
-
-def say(line: str, progress: bool) -> None:
-    """A line for the user that leaves a progress bar intact."""
-    if progress:
-        from tqdm import tqdm
-        tqdm.write(line, file=sys.stderr)
-    else:
-        print(line, file=sys.stderr, flush=True)
 
 
 def _root_only(comm):
@@ -345,7 +336,8 @@ def _resume(out: Path, trainer: Trainer, load_weights) -> list:
     params = trainer.optimizer.params
     shapes = {f"{m}.{n}": p.shape for n, p in params.items()
               for m in ("exp_avg", "exp_avg_sq")}
-    state = checkpoint.load_training_state(out, shapes)
+    state = checkpoint.load_training_state(   # moments and hook statistics: a few copies
+        out, shapes, cap_for(trainer.model.parameters(), copies=4))
     if state is None:
         raise ValueError(f"--resume: {out} holds no training state to resume from")
     load_weights()
