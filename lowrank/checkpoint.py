@@ -200,7 +200,11 @@ def load_model(directory, backend: str | None = None):
         raise ValueError(f"{directory / CONFIG_FILE}: field 'dtype' must be float32 or "
                          f"float64, got {dtype!r}")
     check(config["model"], {str: MODEL_SIZE}, f"{directory / CONFIG_FILE}: model")
-    model_config = models.config_from_dict(config["model"], str(directory / CONFIG_FILE))
+    try:
+        model_config = models.config_from_dict(config["model"], str(directory / CONFIG_FILE))
+    except ValueError as exc:   # the config class's own check names the field, not the file
+        where = str(directory / CONFIG_FILE)
+        raise (exc if where in str(exc) else ValueError(f"{where}: model: {exc}")) from None
     _check_fits_file(model_config, dtype, directory)
     xp = None if name is None else _backend.namespace(name)
     model = models.build(model_config, dtype=dtype, xp=xp)
