@@ -173,3 +173,22 @@ def test_adalora_report_says_when_the_budget_was_not_reached(runs, tmp_path, cap
                      "--corpus", str(corpus), "--max-bytes", "20000", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "budget not reached" in out, out
+
+
+@pytest.mark.parametrize("edit", ["eps", "rng", "step"])
+def test_json_training_state_is_covered_by_the_integrity_record(runs, tmp_path, edit):
+    """An edit to the JSON state (not only to the tensors) is refused, naming the file."""
+    import shutil
+    shutil.copytree(runs[1], tmp_path / "ft")
+    path = tmp_path / "ft" / "adapter_config.json"
+    info = json.loads(path.read_text())
+    state = info["train_state"]
+    if edit == "eps":
+        state["optimizer"]["eps"] *= 10
+    elif edit == "rng":
+        state["rng"]["state"]["state"] += 1
+    else:
+        state["step"] += 1
+    path.write_text(json.dumps(info, indent=2))
+    with pytest.raises(ValueError, match=r"adapter_config\.json does not match its integrity"):
+        checkpoint.load_training_state(tmp_path / "ft")
