@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend, checkpoint
+from . import backend, checkpoint, peft_files
 from .adapters import adapted_modules, config as adapter_config, config_from_dict, inject
 from .adapters.inject import SEED_STRIDE
 from .data import TokenData, corpus
@@ -245,6 +245,8 @@ def load_finetuned(base, adapter_dir, dtype=None, backend_name=None):
         model, tok, _ = load_base(adapter_dir, dtype, backend_name)
         return model, tok
     model, tok, _ = load_base(base, dtype, backend_name)
+    if peft_files.is_peft_dir(adapter_dir):   # a PEFT directory (docs/peft.md#cli)
+        return peft_files.load_pretrained(model, adapter_dir), tok
     info = checkpoint.read_adapter_config(adapter_dir)
     seed = run.get("train", {}).get("seed", 0)
     if info["config"] is not None:
