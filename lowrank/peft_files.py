@@ -63,7 +63,7 @@ def save_pretrained(model: Module, directory, base=None) -> Path:
     if any(m.merged for _, m in modules):
         raise ValueError("an adapter is merged; unmerge() before save_pretrained")
     layout = pf.layout_of(model)
-    source = base if base is not None else _recorded_path(model)
+    source = str(base) if base is not None else _recorded_path(model)
     pieces = _pieces(model, modules, layout, source)
     tensors, info = _peft_files(model, pieces, cfg, layout, source)
     # lowrank's own record rides in the safetensors header: PEFT warns on unknown config fields
