@@ -22,7 +22,8 @@ from . import adapter_files, pretrained
 from . import peft_format as pf
 from ._version import __version__
 from .adapters import AdaptedLinear, config, config_from_dict
-from .adapters.inject import SEED_STRIDE, _set_child, adapted_modules
+from .adapters.inject import (SEED_STRIDE, _set_child, adapted_modules, adapter_names,
+                              set_adapter, stash_active)
 from .layers import Linear
 from .module import Module
 from .storage import (StagedFiles, check_and_assign, host_copy, json_bytes, read_json,
@@ -60,6 +61,10 @@ def save_pretrained(model: Module, directory, base=None) -> Path:
                             for _, m in modules):
         raise ValueError("PEFT's adapter_config.json holds one variant, dropout and bias; "
                          f"the modules differ ({variants})")
+    if cfg.bias != "none":
+        raise ValueError(f"bias={cfg.bias!r}: save_pretrained writes PEFT's format with "
+                         "bias='none' only; lowrank's own adapter files keep trained biases "
+                         "(lowrank.checkpoint.save_adapter)")
     if any(m.merged for _, m in modules):
         raise ValueError("an adapter is merged; unmerge() before save_pretrained")
     layout = pf.layout_of(model)
@@ -191,18 +196,39 @@ def is_peft_dir(directory) -> bool:
 
 # --- load ---------------------------------------------------------------------------------
 
-def load_pretrained(model: Module, directory, seed: int = 0):
+def load_pretrained(model: Module, directory, seed: int = 0, adapter_name: str | None = None):
     """Inject and load the adapter saved in ``directory`` (PEFT's format or lowrank's) into
-    ``model``, which must hold no adapter yet; returns ``model``."""
+    ``model``; returns ``model``. A model that holds adapters already takes it only under a
+    new ``adapter_name`` (the others stay for ``set_adapter``, docs/peft.md#api)."""
     directory = Path(directory)
+    if not adapted_modules(model):
+        _load(model, directory, seed)
+        if adapter_name is not None:
+            model.active_adapter = adapter_name
+        return model
+    if adapter_name is None or adapter_name in adapter_names(model):
+        raise ValueError(f"the model already holds adapters {adapter_names(model)}; load "
+                         f"{directory} under a new adapter_name, into a fresh base, or after "
+                         "merge_and_unload")
+    previous = vars(model).get("active_adapter", "default")
+    stash_active(model)
+    try:
+        _load(model, directory, seed)
+    except BaseException:
+        set_adapter(model, previous)
+        raise
+    model.active_adapter = adapter_name
+    model.adapter_sets[adapter_name] = dict(adapted_modules(model))
+    return model
+
+
+def _load(model, directory: Path, seed: int) -> None:
     if not (directory / CONFIG_FILE).is_file():
         raise ValueError(f"{directory} is not an adapter directory: it has no {CONFIG_FILE}")
     info = read_json(directory / CONFIG_FILE)
-    if adapted_modules(model):
-        raise ValueError(f"the model already holds adapters; load {directory} into a fresh "
-                         "base (or merge_and_unload first)")
     if info.get("format") == adapter_files.ADAPTER_FORMAT:
-        return _load_lowrank(model, directory, info, seed)
+        _load_lowrank(model, directory, info, seed)
+        return
     kind = info.get("peft_type")
     if kind is None:
         raise ValueError(f"{directory / CONFIG_FILE} is neither a PEFT adapter config (no "
@@ -212,7 +238,7 @@ def load_pretrained(model: Module, directory, seed: int = 0):
         raise ValueError(f"{directory} holds a PEFT {kind} adapter; lowrank reads LORA (lora, "
                          "rsLoRA, DoRA) and ADALORA adapters")
     for field, value in (("layers_to_transform", None), ("use_qalora", False),
-                         ("lora_bias", False), ("target_parameters", None),
+                         ("lora_bias", False), ("target_parameters", None), ("bias", "none"),
                          ("trainable_token_indices", None), ("layer_replication", None)):
         if info.get(field, value) not in (value, [], {}):
             raise ValueError(f"{directory / CONFIG_FILE}: PEFT field {field!r} = "
@@ -220,8 +246,7 @@ def load_pretrained(model: Module, directory, seed: int = 0):
     path = directory / WEIGHTS_FILE
     if not path.is_file():
         raise ValueError(f"{directory} holds a PEFT {kind} config but no {WEIGHTS_FILE}")
-    tensors = read_safetensors(path)
-    return _load_peft(model, tensors, info, f"{path}", seed)
+    _load_peft(model, read_safetensors(path), info, f"{path}", seed)
 
 
 def _load_peft(model, tensors, info, where, seed):
@@ -262,7 +287,6 @@ def _load_peft(model, tensors, info, where, seed):
         expected[name], host[name] = params[name], array
     check_and_assign(expected, host, where, strict=True)   # all or nothing
     _attach(model, new, metas, [n for n in host if n in params])
-    return model
 
 
 def _param_name(layout, key, params):
@@ -324,7 +348,6 @@ def _load_lowrank(model, directory, info, seed):
                                              seed=seed + SEED_STRIDE * i)
     adapter_files.load_adapter(staging, directory)
     _attach(model, staging.layers, dict.fromkeys(staging.layers, {}), [])
-    return model
 
 
 class _Staging(Module):

@@ -237,3 +237,28 @@ def test_cli_adapter_reads_a_peft_directory(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "base"), "--adapter",
                  str(tmp_path / "peft"), "--prompt", "def ", "--max-new-tokens", "5"]) in (0, None)
     assert capsys.readouterr().out.startswith("def ")
+
+
+def test_load_pretrained_under_a_name(saved):
+    root, out = saved
+    model = lr.load(root / "base")
+    lr.adapters.inject(model, lr.adapters.config("lora", r=2), ["k"])
+    randomize_adapters(model, seed=7)
+    first = gpt_out(model, IDS)
+    with pytest.raises(ValueError, match="already holds adapters"):
+        lr.adapters.load_pretrained(model, root / "adapter")
+    with pytest.raises(ValueError, match="no adapter_config.json"):   # the active one stays
+        lr.adapters.load_pretrained(model, root / "missing", adapter_name="peft")
+    assert rel(gpt_out(model, IDS), first) == 0.0
+    lr.adapters.load_pretrained(model, root / "adapter", adapter_name="peft")
+    assert rel(gpt_out(model, IDS), out) == 0.0
+    lr.adapters.set_adapter(model, "default")
+    assert rel(gpt_out(model, IDS), first) == 0.0
+
+
+def test_peft_format_needs_bias_none(tmp_path):
+    model = lr.GPT(lr.GPTConfig(**TINY))
+    lr.adapters.inject(model, lr.adapters.config("lora", r=2, bias="all"), ["q"])
+    with pytest.raises(ValueError, match="bias='all'"):
+        lr.adapters.save_pretrained(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
