@@ -262,3 +262,16 @@ def test_peft_format_needs_bias_none(tmp_path):
     with pytest.raises(ValueError, match="bias='all'"):
         lr.adapters.save_pretrained(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+def test_a_loaded_adapter_trains(saved):
+    """Loaded layers are ordinary adapters: gradients reach them, and only them."""
+    root, _ = saved
+    model = lr.adapters.load_pretrained(lr.load(root / "base"), root / "adapter")
+    model.zero_grad()
+    loss, cache = model.loss(IDS, np.roll(IDS, -1, axis=1))
+    model.loss_backward(cache)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    trained = sorted(n for n, g in grads.items() if g is not None)
+    assert trained and all(".lora_" in n for n in trained)
+    assert all(float(np.abs(host(grads[n])).max()) > 0 for n in trained if "lora_A" in n)

@@ -118,6 +118,8 @@ TO_PEFT = [   # (base, variant, config fields, targets)
     ("bert", "adalora", {"target_r": 2}, ["query", "value"]),
     ("bert", "lora", {"init": "pissa"}, ["query", "value"]),
     ("bert", "lora", {"init": "olora"}, ["key"]),
+    ("bert", "lora", {"init": "milora"}, ["value"]),
+    ("bert", "lora", {"init": "pissa_niter_4", "rslora": True}, ["query"]),
     ("bertcls", "lora", {}, ["query", "value"]),
     ("own", "lora", {}, ["q", "v"]),
     ("own", "dora", {"rslora": True}, ["q", "fc1"]),
