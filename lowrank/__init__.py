@@ -5,8 +5,14 @@ from .checkpoint import load_model, save_model
 from .layers import Linear
 from .models import GPT, GPTConfig
 from .module import Module, Parameter
+from .peft_files import load_pretrained, save_pretrained
 from .pretrained import from_pretrained
 from .tokenizer import Tokenizer
+
+# PEFT-format adapter directories (docs/peft.md): the module reads lowrank's adapter files as
+# well, so it sits above the adapters package; its two functions are the package's API.
+adapters.save_pretrained = save_pretrained
+adapters.load_pretrained = load_pretrained
 
 
 def save(model, path, train_state=None):

@@ -92,3 +92,15 @@ class Module:
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(int(p.data.size) for p in self.parameters(trainable_only))
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self):
+        """The module tree, one line a module (PyTorch's layout), parameters as shapes."""
+        own = [f"{n}: {tuple(p.shape)}{'' if p.trainable else ' frozen'}"
+               for n, p in vars(self).items() if isinstance(p, Parameter)]
+        head = f"{type(self).__name__}({self.extra_repr() or ', '.join(own)}"
+        children = [f"  ({name}): " + repr(child).replace("\n", "\n  ")
+                    for name, child in self.named_children()]
+        return head + (")" if not children else "\n" + "\n".join(children) + "\n)")

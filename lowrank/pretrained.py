@@ -131,6 +131,7 @@ def from_pretrained(path, dtype: str = "float32", backend: str | None = None):
         model = checkpoint.load_model(directory, backend)
         assign(model, {n: _backend.to_numpy(p.data) for n, p in model.named_parameters()},
                dtype)
+        model.pretrained_from = {"path": str(directory), "model_type": "lowrank"}
         return model
     if "model_type" not in hf_config:
         raise ValueError(f"{config_path} has no 'model_type' (nor a lowrank 'format')")
@@ -141,6 +142,9 @@ def from_pretrained(path, dtype: str = "float32", backend: str | None = None):
     config = entry.config_from_hf(hf_config, set(tensors), str(config_path))
     model = models.build(config, dtype=dtype, xp=xp)
     assign(model, map_tensors(model, tensors, where, entry, directory), dtype)
+    # where the weights came from: PEFT-format adapter files name the transformers modules
+    # and re-express PiSSA over these weights (docs/peft.md#names)
+    model.pretrained_from = {"path": str(directory), "model_type": entry.name}
     return model
 
 

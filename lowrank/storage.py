@@ -134,10 +134,11 @@ class StagedFiles:
         self.digests[path.name] = sha256(data)
         return path
 
-    def commit(self, json_path, obj: dict, remove=()) -> None:
-        """Commit the save: ``obj`` sealed (``seal``) becomes ``json_path``; ``remove``:
-        canonical files the new JSON no longer refers to."""
-        json_data = json_bytes(seal(obj, self.digests))
+    def commit(self, json_path, obj: dict | bytes, remove=()) -> None:
+        """Commit the save: ``obj`` sealed (``seal``) becomes ``json_path`` (bytes are written
+        as they are: another tool's format); ``remove``: canonical files the new JSON no
+        longer refers to."""
+        json_data = obj if isinstance(obj, bytes) else json_bytes(seal(obj, self.digests))
         for tmp, path in self._pending:
             os.replace(tmp, versioned(path, self.save_id))
         for directory in {path.parent for _, path in self._pending}:

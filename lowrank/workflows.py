@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend, checkpoint
+from . import backend, checkpoint, peft_files
 from .adapters import adapted_modules, config as adapter_config, config_from_dict, inject
 from .adapters.inject import SEED_STRIDE
 from .data import TokenData, corpus
@@ -301,6 +301,9 @@ def load_finetuned(base, adapter_dir, dtype=None, backend_name=None):
     if run.get("kind") == "full":
         model, tok, _ = load_base(adapter_dir, dtype, backend_name)
         return model, tok
+    if peft_files.is_peft_dir(adapter_dir):   # a PEFT directory (docs/peft.md#cli)
+        model, tok, _ = load_base(base, dtype, backend_name)
+        return peft_files.load_pretrained(model, adapter_dir), tok
     info = checkpoint.read_adapter_config(adapter_dir)   # before the base: fail early
     model, tok, _ = load_base(base, dtype, backend_name)
     seed = run.get("train", {}).get("seed", 0)

@@ -29,7 +29,8 @@ LAYERS = [
     ["lowrank.adapters"],
     ["lowrank.parallel"],                                      # data parallel only
     ["lowrank.train", "lowrank.update_check"],
-    ["lowrank.adapter_files", "lowrank.checkpoint", "lowrank.pretrained"],
+    ["lowrank.adapter_files", "lowrank.checkpoint", "lowrank.pretrained", "lowrank.peft_format",
+     "lowrank.peft_files"],                                    # PEFT-format adapter dirs
     ["lowrank.run_dir", "lowrank.workflows", "lowrank.tasks", "lowrank.classify"],
     ["lowrank.multi"],                                         # many adapters, one base
     ["lowrank.cli", "lowrank.cli_parser", "lowrank.demo", "lowrank.bench", "lowrank"],

@@ -9,7 +9,9 @@ import pkgutil
 
 from .base import (AdaptedLinear, AdapterConfig, available, config, config_from_dict,
                    field_from_text, register)
-from .inject import adapted_modules, inject, merge_all
+from .inject import (adapted_modules, adapter_names, add_adapter, config_from_peft,
+                     disable_adapter, inject, merge_all, merge_and_unload, set_adapter,
+                     trainable_summary)
 
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _info.name not in ("base", "inject") and not _info.name.startswith("_"):
@@ -19,4 +21,6 @@ from .lora import LoraConfig, LoraLinear  # noqa: E402
 
 __all__ = ["AdaptedLinear", "AdapterConfig", "available", "config", "config_from_dict",
            "field_from_text",
-           "register", "inject", "adapted_modules", "merge_all", "LoraConfig", "LoraLinear"]
+           "register", "inject", "adapted_modules", "merge_all", "LoraConfig", "LoraLinear",
+           "merge_and_unload", "disable_adapter", "add_adapter", "set_adapter", "adapter_names",
+           "trainable_summary", "config_from_peft"]

@@ -92,8 +92,16 @@ def _lookup(name: str):
     return _REGISTRY[name]
 
 
+PEFT_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora"}
+
+
 def config(name: str, **kwargs) -> AdapterConfig:
-    """``config("lora", r=8, alpha=16, ...)``: the validated config of a registered variant."""
+    """``config("lora", r=8, alpha=16, ...)``: the validated config of a registered variant.
+    PEFT's names work too (docs/peft.md#config): ``lora_alpha``, ``lora_dropout``,
+    ``use_rslora``, and ``use_dora=True`` (a "lora" config becomes "dora")."""
+    kwargs = {PEFT_ALIASES.get(k, k): v for k, v in kwargs.items()}
+    if kwargs.pop("use_dora", False):
+        name = "dora" if name == "lora" else name
     config_cls, _ = _lookup(name)
     names = {f.name for f in fields(config_cls)}
     unknown = sorted(set(kwargs) - names)

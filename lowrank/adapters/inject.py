@@ -1,4 +1,6 @@
-"""Put adapters into a model: ``inject(model, cfg, targets=["q", "v"])`` (PEFT's target_modules).
+"""Put adapters into a model: ``inject(model, cfg, targets=["q", "v"])`` (PEFT's target_modules),
+and take them out again: ``merge_and_unload``, ``disable_adapter``, named adapters with
+``add_adapter``/``set_adapter``, and PEFT's parameter summary (docs/peft.md#api).
 
 ``targets`` is a list of name suffixes (``"q"`` matches ``blocks.0.attn.q``; ``"attn.q"`` works
 too) or a single regex string that must match the whole module name, as in PEFT. Every matching
@@ -7,11 +9,12 @@ so only adapter parameters (and biases, with ``bias="all"``) train.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 
 from ..layers import Linear
 from ..validate import check_seed
-from .base import AdaptedLinear, AdapterConfig
+from .base import AdaptedLinear, AdapterConfig, config
 
 SEED_STRIDE = 7919   # layer i of an injection gets seed + SEED_STRIDE·i (reproducible per layer)
 
@@ -75,3 +78,127 @@ def adapted_modules(model) -> list[tuple[str, AdaptedLinear]]:
 def merge_all(model) -> None:
     for _, module in adapted_modules(model):
         module.merge()
+
+
+# --- PEFT's model-level API (docs/peft.md#api) ------------------------------------------------
+
+def _plain(layer: AdaptedLinear, weight) -> Linear:
+    """A frozen ``Linear`` of ``weight`` and the layer's bias (its trained value, if any)."""
+    bias = None if layer.bias is None else layer.bias.data
+    linear = Linear.from_arrays(weight, bias)
+    linear.freeze()
+    return linear
+
+
+def merge_and_unload(model):
+    """Fold every adapter into its weight and put plain ``Linear`` modules back (PEFT's
+    ``merge_and_unload``): the model is then a base model again, which ``lr.save`` writes and
+    ``lr.load`` reads, with the merged outputs. Returns ``model``."""
+    for name, layer in adapted_modules(model):
+        if not layer.merged:
+            layer.merge()
+        _set_child(model, name, _plain(layer, layer.weight.data))
+    vars(model).pop("adapter_sets", None)
+    vars(model).pop("active_adapter", None)
+    return model
+
+
+def _base_weight(layer: AdaptedLinear):
+    return layer.unmerged_weight() if layer.merged else layer.weight.data
+
+
+@contextlib.contextmanager
+def disable_adapter(model):
+    """``with disable_adapter(model):`` the model runs its base (each layer's frozen weight,
+    as PEFT's ``disable_adapter``: for PiSSA & co that is the residual base)."""
+    layers = adapted_modules(model)
+    for name, layer in layers:
+        _set_child(model, name, _plain(layer, _base_weight(layer)))
+    try:
+        yield model
+    finally:
+        for name, layer in layers:
+            _set_child(model, name, layer)
+
+
+def _unload_active(model) -> dict:
+    """Take the active adapters out (plain Linears over their base) and return them."""
+    layers = dict(adapted_modules(model))
+    for name, layer in layers.items():
+        if getattr(layer.config, "init", "kaiming") in ("pissa", "olora", "milora") \
+                or str(getattr(layer.config, "init", "")).startswith("pissa_niter"):
+            raise ValueError(f"adapter {name!r} rewrote its base weight ({layer.config.init}); "
+                             "it cannot share the base with other named adapters")
+        _set_child(model, name, _plain(layer, _base_weight(layer)))
+    return layers
+
+
+def stash_active(model) -> None:
+    """Keep the active adapters under their name (``"default"`` for ones ``inject`` put in)
+    and unload them, so another adapter can be injected over the same base."""
+    sets = vars(model).setdefault("adapter_sets", {})
+    active = vars(model).get("active_adapter", "default")
+    if adapted_modules(model):
+        sets[active] = _unload_active(model)
+
+
+def add_adapter(model, adapter_name: str, cfg: AdapterConfig, targets, seed: int = 0):
+    """Inject a further adapter under ``adapter_name`` and make it the active one (the others
+    stay, unloaded, for ``set_adapter``); returns the adapted module names."""
+    if adapter_name in vars(model).get("adapter_sets", {}):
+        raise ValueError(f"an adapter named {adapter_name!r} exists; adapters: "
+                         f"{adapter_names(model)}")
+    stash_active(model)
+    names = inject(model, cfg, targets, seed=seed)
+    model.active_adapter = adapter_name
+    model.adapter_sets[adapter_name] = dict(adapted_modules(model))
+    return names
+
+
+def adapter_names(model) -> list[str]:
+    sets = vars(model).get("adapter_sets", {})
+    active = vars(model).get("active_adapter", "default" if adapted_modules(model) else None)
+    return sorted(set(sets) | ({active} if active else set()))
+
+
+def set_adapter(model, adapter_name: str) -> None:
+    """Make the named adapter the active one (PEFT's ``set_adapter``): one adapter runs at a
+    time; ``lowrank.multi`` runs many in one batch."""
+    sets = vars(model).get("adapter_sets", {})
+    if adapter_name not in sets:
+        raise ValueError(f"no adapter named {adapter_name!r}; adapters: {adapter_names(model)}")
+    stash_active(model)
+    for name, layer in sets[adapter_name].items():
+        _set_child(model, name, layer)
+    model.active_adapter = adapter_name
+
+
+def trainable_summary(model) -> str:
+    """PEFT's ``print_trainable_parameters`` line for ``model``."""
+    trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
+    return (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+
+ADALORA_FIELDS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
+                  "orth_reg_weight", "total_step")
+
+
+def config_from_peft(peft_config: dict) -> tuple[AdapterConfig, list]:
+    """``(cfg, targets)`` from a PEFT ``adapter_config.json`` dict (LORA, with use_rslora /
+    use_dora, or ADALORA): ``inject(model, cfg, targets)`` then builds PEFT's adapter."""
+    kind = peft_config.get("peft_type")
+    if kind not in ("LORA", "ADALORA"):
+        raise ValueError(f"peft_type {kind!r}: lowrank maps LORA and ADALORA configs")
+    fields = {k: peft_config[k] for k in ("r", "lora_alpha", "lora_dropout", "bias")
+              if peft_config.get(k) is not None}
+    if kind == "ADALORA":
+        fields.update({k: peft_config[k] for k in ADALORA_FIELDS
+                       if peft_config.get(k) is not None})
+        fields["r"] = fields.pop("init_r", fields.get("r", 12))
+        cfg = config("adalora", **fields)
+    else:
+        cfg = config("lora", use_rslora=bool(peft_config.get("use_rslora")),
+                     use_dora=bool(peft_config.get("use_dora")), **fields)
+    targets = peft_config.get("target_modules") or []
+    return cfg, [targets] if isinstance(targets, str) else list(targets)
