@@ -13,6 +13,7 @@ import os
 import sys
 
 from . import backend, workflows as wf
+from .backend import threads
 from .adapters import available, field_from_text
 from .bench import run_bench
 from .demo import run_demo
@@ -139,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "PyTorch+PEFT baseline: benchmarks/bench_train.py)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--backend", choices=("numpy", "numpy-strict", "cupy"), default=None)
+    for p in sub.choices.values():   # docs/performance.md#threads
+        p.add_argument("--threads", type=int, default=None,
+                       help="BLAS/OpenMP threads (default: the library's own; under mpiexec, "
+                            "cores / ranks)")
     return parser
 
 
@@ -206,6 +211,10 @@ def _make_comm(args):
 def _run(args) -> int:
     if getattr(args, "backend", None):
         backend.set_backend(args.backend)
+    if args.threads is not None:
+        threads.set_threads(threads.check_threads(args.threads))
+    else:
+        threads.apply_default_under_launcher()
     comm = _make_comm(args) if args.command in ("pretrain", "finetune") else None
     if args.command == "pretrain":
         spec = wf.ModelSpec(args.vocab_size, args.context, args.n_layer, args.n_head,
