@@ -1,4 +1,4 @@
-"""Generation with a KV cache (docs/ops.md#kv-cache): the cached attention's rows equal full
+"""Generation with a KV cache (docs/performance.md#kv-cache): the cached attention's rows equal full
 causal attention's, cached logits equal the full forward's, and greedy output is identical
 with and without the cache, past the context too, for lowrank's GPT (plain and with a LoRA
 adapter) and for an imported GPT-2 (where it also equals transformers' greedy ``generate``).

@@ -1,4 +1,5 @@
-"""How many threads the CPU math libraries (OpenBLAS/MKL, OpenMP) may use (docs/performance.md#threads).
+"""How many threads the CPU math libraries (OpenBLAS/MKL, OpenMP) may use
+(docs/performance.md#threads).
 
 Every BLAS library starts as many threads as the machine has cores. Under ``mpiexec -n K``
 each of the K ranks does so, and K·cores threads then fight over the cores: a spinning

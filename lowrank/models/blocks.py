@@ -247,7 +247,7 @@ class Block(Module):
         dx += da
         return dx
 
-    # --- generation with a KV cache (docs/ops.md#kv-cache) -----------------------------------
+    # --- generation with a KV cache (docs/performance.md#kv-cache) -----------------------
     def forward_cached(self, x, kv, past: int):
         """Inference: ``x (B, t, d)`` holds positions ``past .. past+t-1``; their keys and
         values go into ``kv`` (this block's ``(K, V)`` buffers), attention reads the whole

@@ -1,5 +1,5 @@
 """Autoregressive generation for the models that generate (lowrank's GPT, imported GPT-2),
-with a KV cache (docs/ops.md#kv-cache).
+with a KV cache (docs/performance.md#kv-cache).
 
 Without a cache every new token re-runs the whole window: T positions through every block
 for one row of logits. With it, the prompt runs once (the prefill) and each new token runs

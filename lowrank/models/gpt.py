@@ -173,7 +173,7 @@ class GPT(Module):
 
     def new_kv_cache(self, batch: int):
         """Empty key/value buffers for ``forward_cached``: per block ``(K, V)``, each
-        ``(batch, H, context, hs)`` (docs/ops.md#kv-cache)."""
+        ``(batch, H, context, hs)`` (docs/performance.md#kv-cache)."""
         cfg, xp = self.config, self.xp
         shape = (batch, cfg.n_head, cfg.context, cfg.d_model // cfg.n_head)
         return [(xp.zeros(shape, dtype=self.dtype), xp.zeros(shape, dtype=self.dtype))

@@ -69,12 +69,14 @@ def attention_forward(q, k, v, n_head: int, causal: bool = True, key_mask=None):
 
 def attention_backward(dy, cache):
     """Returns ``(dq, dk, dv)``, each ``(B, T, d)``."""
+    xp = backend.get_namespace(dy)
     qh, kh, vh, att, scale, yh = cache
     B, H, T, hs = qh.shape
     dyh = dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3)      # (B, H, T, hs)
     dvh = att.transpose(0, 1, 3, 2) @ dyh                    # (B, H, T, hs)
     ds = dyh @ vh.transpose(0, 1, 3, 2)                      # (B, H, T, T) dP
-    ds -= (dyh * yh).sum(axis=-1, keepdims=True)             # (B, H, T, 1) D
+    ones = xp.ones((hs, 1), dtype=dy.dtype)
+    ds -= (dyh * yh) @ ones                                  # (B, H, T, 1) D, a GEMV
     ds *= att                                                # dS, softmax backward
     dqh = ds @ kh                                            # (B, H, T, hs)
     dqh *= scale
@@ -86,7 +88,8 @@ def attention_backward(dy, cache):
 
 
 def attention_cached(q, k, v, n_head: int, kv, past: int):
-    """Causal attention of new positions over a KV cache, for generation (docs/ops.md#kv-cache).
+    """Causal attention of new positions over a KV cache, for generation
+    (docs/performance.md#kv-cache).
 
     ``q, k, v (B, t, d)`` are positions ``past .. past+t-1``; ``kv = (K, V)``, each
     ``(B, H, C, hs)``, receives their keys and values at those positions, and the new rows
