@@ -147,6 +147,27 @@ def worker(name: str, conn, n_batches: int, steps: int, threads) -> None:
         conn.send((seconds, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
 
 
+def step_gemm_flops(cfg, B: int, T: int) -> float:
+    """Matrix-product FLOPs a LoRA step cannot avoid: the forward and the input gradient of
+    every encoder product (linears: 2·N·(4d² + 2·d·d_ff) a layer; attention: QKᵀ and PV,
+    4·B·T²·d), the input gradient taken as one forward for the linears and two for
+    attention. The adapters' own products (rank 8) are left out."""
+    d, d_ff, L, N = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, B * T
+    linear = 2 * N * (4 * d * d + 2 * d * d_ff)
+    attention = 4 * B * T * T * d
+    return L * (2 * linear + 3 * attention)
+
+
+def matmul_gflops(size=2048, repeat=3) -> float:
+    a = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="steps per setup per round "
@@ -183,6 +204,15 @@ def main(argv=None):
         conns[name].send(None)
     for proc in procs:
         proc.join()
+    if args.threads:
+        from lowrank.backend import threads as blas_threads
+        blas_threads.set_threads(args.threads)
+    peak = matmul_gflops()
+    from lowrank.pretrained import resolve
+    import lowrank as lr
+    cfg = lr.models.hf.bert_config(__import__("json").loads(
+        (Path(resolve("minilm")) / "config.json").read_text()))
+    floor_s = statistics.mean(step_gemm_flops(cfg, *ids.shape) for ids, _, _ in data) / peak / 1e9
 
     print(f"all-MiniLM-L6-v2 sentiment recipe: batch {BATCH}, <= {MAX_LEN} tokens "
           f"(mean padded {tokens:.0f} tokens/step over {args.batches} batches), LoRA r={RANK} "
@@ -214,6 +244,11 @@ def main(argv=None):
     ratio("lowrank lora", "torch full", "tokens/s", 1.2)
     ratio("lowrank lora", "torch+peft lora", "peak RSS", 0.6, higher=False)
     ratio("lowrank full", "torch full", "tokens/s", 1.0)
+    if "torch+peft lora" in speed:
+        print(f"bound: a large float32 matmul runs at {peak:.0f} GFLOP/s here; at that rate the "
+              f"products a LoRA step cannot avoid (forward + input gradient) take "
+              f"{floor_s * 1e3:.0f} ms/step = {tokens / floor_s:,.0f} tokens/s = "
+              f"{tokens / floor_s / speed['torch+peft lora']:.2f}x PyTorch+PEFT's LoRA")
 
 
 if __name__ == "__main__":
