@@ -107,3 +107,20 @@ def test_imported_gpt2_greedy_matches_transformers(tmp_path):
     out = ref.generate(torch.tensor([prompt]), max_new_tokens=15, do_sample=False,
                        pad_token_id=0, eos_token_id=None)
     assert cached == out[0].tolist()
+
+
+@pytest.mark.parametrize("pre_ln", [True, False])
+def test_block_cached_rows_equal_its_forward_for_either_layernorm_order(xp, pre_ln):
+    model = _model(xp)
+    ref = model.blocks[0]
+    block = lr.models.GPTBlock(ref.ln1, ref.attn, ref.ln2, ref.mlp, pre_ln=pre_ln)
+    x = backend.asarray(np.random.default_rng(2).standard_normal((2, 9, 32)), xp=xp)
+    full, _ = block.forward(x)
+    kv = model.new_kv_cache(2)[0]
+    rows = [block.forward_cached(x[:, :5], kv, 0)] + \
+        [block.forward_cached(x[:, t:t + 1], kv, t) for t in range(5, 9)]
+    got = np.concatenate([to_host(r) for r in rows], axis=1)
+    assert rel_err(got, to_host(full)) < 1e-12
+    bidirectional = lr.models.GPTBlock(ref.ln1, ref.attn, ref.ln2, ref.mlp, causal=False)
+    with pytest.raises(ValueError, match="causal"):
+        bidirectional.forward_cached(x, kv, 0)
