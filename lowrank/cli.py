@@ -16,6 +16,7 @@ import numpy as np
 
 from . import backend, workflows as wf
 from .adapters import field_from_text
+from .backend import threads
 from .bench import run_bench
 from .demo import run_demo
 from .cli_parser import parse
@@ -132,6 +133,10 @@ def _run(args) -> int:
             backend.set_backend(args.backend)
         except RuntimeError as exc:   # CuPy missing or no GPU: a message, not a bug
             raise ValueError(str(exc)) from None
+    if getattr(args, "threads", None) is not None:   # docs/performance.md#threads
+        threads.set_threads(threads.check_threads(args.threads))
+    else:
+        threads.apply_default_under_launcher()
     comm = _make_comm(args) if args.command in ("pretrain", "finetune") else None
     if args.command == "pretrain":
         spec = wf.ModelSpec(args.vocab_size, args.context, args.n_layer, args.n_head,

@@ -209,6 +209,10 @@ def build_parser(argv=()) -> Parser:
                            "baseline: benchmarks/bench_train.py)")
     p.add_argument("--steps", type=whole(1), default=10, help="timed steps")
     p.add_argument("--backend", choices=BACKENDS, default=None, help="array backend")
+    for p in sub.choices.values():   # docs/performance.md#threads
+        p.add_argument("--threads", type=whole(1, 4096), default=None,
+                       help="BLAS/OpenMP threads (default: the library's own; under mpiexec, "
+                            "cores / ranks)")
     return parser
 
 

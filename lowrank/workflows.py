@@ -28,6 +28,7 @@ from .adapters import adapted_modules, config as adapter_config, config_from_dic
 from .adapters.inject import SEED_STRIDE
 from .data import TokenData, corpus
 from .models import GPT, GPTConfig
+from .models.generate import generate as generate_ids
 from .parallel import SingleProcess
 from .pretrained import from_pretrained, is_foreign
 from .run_dir import (RUN_FILE, TOKENIZER_FILE, load_tokenizer, prepare_out, read_run,
@@ -368,26 +369,15 @@ def evaluate(model, data: TokenData, batch_size=16, batches=16) -> float:
 
 def generate(model, tok: Tokenizer, prompt: str, max_new_tokens=100, temperature=0.8,
              top_k=40, seed=0) -> str:
-    """Sample a continuation (the context window slides over the last ``context`` tokens)."""
+    """Sample a continuation (KV cache; the window slides over the last ``context`` tokens)."""
     for name, value in (("max_new_tokens", max_new_tokens), ("top_k", top_k), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     if not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    rng = np.random.default_rng(seed)
     ids = [int(i) for i in tok.encode(prompt)] or [0]
-    model.eval()
-    xp, T = model.xp, model.config.context
-    for _ in range(max_new_tokens):
-        window = backend.asarray(np.asarray([ids[-T:]], dtype=np.int64), xp=xp)
-        logits, _ = model.forward(window)
-        last = backend.to_numpy(logits[0, -1]).astype(np.float64) / max(temperature, 1e-6)
-        if top_k and top_k < last.size:
-            cutoff = np.partition(last, -top_k)[-top_k]
-            last[last < cutoff] = -np.inf
-        probs = np.exp(last - last.max())
-        ids.append(int(rng.choice(last.size, p=probs / probs.sum())))
-    return tok.decode(ids)
+    return tok.decode(generate_ids(model, ids, max_new_tokens, temperature, top_k,
+                                   np.random.default_rng(seed)))
 
 
 __all__ = ["DataSpec", "ModelSpec", "RunResult", "pretrain", "finetune", "load_base",

@@ -24,7 +24,7 @@ from typing import NamedTuple
 from .. import backend
 from ..layers import Linear
 from ..module import Module, Parameter
-from ..ops.attention import attention_backward, attention_forward
+from ..ops.attention import attention_backward, attention_cached, attention_forward
 from ..ops.embedding import embedding_backward, embedding_forward
 from ..ops.gelu import GELU
 from ..ops.layernorm import EPS, layernorm_backward, layernorm_forward
@@ -246,6 +246,34 @@ class Block(Module):
             return None
         dx += da
         return dx
+
+    # --- generation with a KV cache (docs/performance.md#kv-cache) -----------------------
+    def forward_cached(self, x, kv, past: int):
+        """Inference: ``x (B, t, d)`` holds positions ``past .. past+t-1``; their keys and
+        values go into ``kv`` (this block's ``(K, V)`` buffers), attention reads the whole
+        prefix from it. Returns ``y (B, t, d)``; nothing is kept for a backward."""
+        if not self.causal:
+            raise ValueError("a KV cache needs causal attention")
+        p = self.parts()
+        if self.pre_ln:
+            a = self._attn_cached(p, p.ln1.forward(x)[0], kv, past)
+            a += x                           # x + attn(ln1(x)), a is fresh
+            m = self._mlp_forward(p, p.ln2.forward(a)[0])[0]
+            m += a
+            return m
+        a = self._attn_cached(p, x, kv, past)
+        a += x
+        h = p.ln1.forward(a)[0]
+        m = self._mlp_forward(p, h)[0]
+        m += h
+        return p.ln2.forward(m)[0]
+
+    def _attn_cached(self, p: Parts, x, kv, past: int):
+        B, t, d = x.shape
+        x2 = x.reshape(B * t, d)                       # (N, d)
+        q, k, v = (layer.forward(x2)[0].reshape(B, t, d) for layer in (p.q, p.k, p.v))
+        y = attention_cached(q, k, v, self.n_head, kv, past)   # (B, t, d)
+        return p.o.forward(y.reshape(B * t, d))[0].reshape(B, t, d)
 
     def _pre_ln_backward(self, p: Parts, dout, cache: BlockCache, need_dx: bool):
         """With ``need_dx=False`` the attention's input gradient and ln1's backward are

@@ -171,6 +171,30 @@ class GPT(Module):
             self.pos_emb.weight.accumulate(dpos)
         self.tok_emb.backward(dx, c_tok)
 
+    def new_kv_cache(self, batch: int):
+        """Empty key/value buffers for ``forward_cached``: per block ``(K, V)``, each
+        ``(batch, H, context, hs)`` (docs/performance.md#kv-cache)."""
+        cfg, xp = self.config, self.xp
+        shape = (batch, cfg.n_head, cfg.context, cfg.d_model // cfg.n_head)
+        return [(xp.zeros(shape, dtype=self.dtype), xp.zeros(shape, dtype=self.dtype))
+                for _ in self.blocks]
+
+    def forward_cached(self, idx, kv, past: int):
+        """Inference for generation: ``idx (B, t)`` are positions ``past .. past+t-1`` of
+        sequences whose earlier keys and values are in ``kv`` (``new_kv_cache``); returns
+        their ``logits (B, t, V)`` and writes their keys and values into ``kv``."""
+        B, t = self.check_idx(idx)
+        if past + t > self.config.context:
+            raise ValueError(f"positions up to {past + t} exceed the context "
+                             f"({self.config.context})")
+        x, _ = self.tok_emb.forward(idx)                       # (B, t, d)
+        x += self.pos_emb.weight.data[past:past + t]           # (t, d) broadcast over B
+        for block, layer_kv in zip(self.blocks, kv):
+            x = block.forward_cached(x, layer_kv, past)
+        h, _ = self.ln_f.forward(x)                            # (B, t, d)
+        logits, _ = linear_forward(h.reshape(B * t, -1), self.head_weight.data)   # (N, V)
+        return logits.reshape(B, t, -1)
+
     def loss(self, idx, targets):
         """``(mean cross-entropy: float, cache)`` for next-token ``targets (B, T)``."""
         logits, cache = self.forward(idx)

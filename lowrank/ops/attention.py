@@ -69,12 +69,14 @@ def attention_forward(q, k, v, n_head: int, causal: bool = True, key_mask=None):
 
 def attention_backward(dy, cache):
     """Returns ``(dq, dk, dv)``, each ``(B, T, d)``."""
+    xp = backend.get_namespace(dy)
     qh, kh, vh, att, scale, yh = cache
     B, H, T, hs = qh.shape
     dyh = dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3)      # (B, H, T, hs)
     dvh = att.transpose(0, 1, 3, 2) @ dyh                    # (B, H, T, hs)
     ds = dyh @ vh.transpose(0, 1, 3, 2)                      # (B, H, T, T) dP
-    ds -= (dyh * yh).sum(axis=-1, keepdims=True)             # (B, H, T, 1) D
+    ones = xp.ones((hs, 1), dtype=dy.dtype)
+    ds -= (dyh * yh) @ ones                                  # (B, H, T, 1) D, a GEMV
     ds *= att                                                # dS, softmax backward
     dqh = ds @ kh                                            # (B, H, T, hs)
     dqh *= scale
@@ -83,3 +85,33 @@ def attention_backward(dy, cache):
     def merge(xh):                                           # (B, H, T, hs) -> (B, T, d)
         return xh.transpose(0, 2, 1, 3).reshape(B, T, H * hs)
     return merge(dqh), merge(dkh), merge(dvh)
+
+
+def attention_cached(q, k, v, n_head: int, kv, past: int):
+    """Causal attention of new positions over a KV cache, for generation
+    (docs/performance.md#kv-cache).
+
+    ``q, k, v (B, t, d)`` are positions ``past .. past+t-1``; ``kv = (K, V)``, each
+    ``(B, H, C, hs)``, receives their keys and values at those positions, and the new rows
+    attend to positions ``0 .. past+t-1`` read back from it. The rows equal those of
+    ``attention_forward(..., causal=True)`` over the whole prefix. Inference only: nothing is
+    kept for a backward (generation never differentiates), so this op has no ``_backward``.
+    """
+    xp = backend.get_namespace(q, k, v)
+    K, V = kv
+    B, t, d = q.shape
+    S = past + t
+    if S > K.shape[2]:
+        raise ValueError(f"positions up to {S} do not fit the cache's {K.shape[2]}")
+    scale = 1.0 / math.sqrt(d // n_head)
+    K[:, :, past:S] = _heads(k, n_head)             # (B, H, t, hs) into the cache
+    V[:, :, past:S] = _heads(v, n_head)
+    qh = _heads(q * scale, n_head)                  # (B, H, t, hs), pre-scaled
+    att = qh @ K[:, :, :S].transpose(0, 1, 3, 2)    # (B, H, t, S)
+    if t > 1:   # new row i is position past+i: keys j > past+i are its future
+        att += xp.triu(xp.full((t, S), -math.inf, dtype=q.dtype), k=past + 1)   # (t, S)
+    att -= att.max(axis=-1, keepdims=True)
+    xp.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    yh = att @ V[:, :, :S]                          # (B, H, t, hs)
+    return yh.transpose(0, 2, 1, 3).reshape(B, t, d)   # (B, t, d)

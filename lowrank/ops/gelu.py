@@ -8,13 +8,17 @@ With ``1 - tanh²(u) = 4 p (1 - p)`` the derivative needs only x and p (no secon
     dy/dx = p + ½ x (1 - tanh²(u)) u' = p (1 + 2 (1 - p) · c x (1 + 3 a x²))
 
 Written as chains of in-place ops: each line is one pass over a (N, 4d) array, the widest
-activation of the model, so the pass count is what matters.
+activation of the model, so the pass count is what matters. On NumPy the chains run block by
+block over rows (``backend.blocked.map_rows``, docs/performance.md#blocked-kernels), so each
+pass after the first reads from cache; the whole-array call is the reference and gives the
+same bits.
 """
 from __future__ import annotations
 
 import math
 
 from .. import backend
+from ..backend.blocked import map_rows
 
 _C = math.sqrt(2.0 / math.pi)   # Python floats: float32 inputs stay float32
 _A = 0.044715
@@ -22,20 +26,34 @@ _A = 0.044715
 
 def gelu_forward(x):
     """``x (...)`` -> ``(y, (x, p))``; x is not modified."""
+    y, p = map_rows(tanh_chain, x.reshape(-1, x.shape[-1]), outputs=2)   # (N, k) rows
+    return y.reshape(x.shape), (x, p.reshape(x.shape))
+
+
+def tanh_chain(x, out=None):
+    """The forward chain on a block (or, ``out=None``, the whole array: the reference)."""
     xp = backend.get_namespace(x)
-    p = x * x
+    y, p = (None, None) if out is None else out
+    p = xp.multiply(x, x, out=p)
     p *= _C * _A
     p += _C
     p *= x                           # u = c x (1 + a x²)
     xp.tanh(p, out=p)
     p *= 0.5
     p += 0.5                         # p = ½ (1 + tanh u)
-    return x * p, (x, p)
+    return xp.multiply(x, p, out=y), p
 
 
 def gelu_backward(dy, cache):
     x, p = cache
-    dx = x * x
+    k = x.shape[-1]
+    dx = map_rows(tanh_backward_chain, dy.reshape(-1, k), x.reshape(-1, k), p.reshape(-1, k))
+    return dx.reshape(x.shape)
+
+
+def tanh_backward_chain(dy, x, p, out=None):
+    xp = backend.get_namespace(x)
+    dx = xp.multiply(x, x, out=None if out is None else out[0])
     dx *= 6.0 * _C * _A
     dx += 2.0 * _C
     dx *= x                          # 2 c x (1 + 3 a x²)
@@ -53,17 +71,31 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 def gelu_erf_forward(x):
     """``y = x Φ(x)``, ``Φ(x) = ½ (1 + erf(x / √2))``; ``x (...)`` -> ``(y, (x, Φ))``."""
-    phi = backend.erf(x * _INV_SQRT2)   # (...) fresh array, finished in place
+    y, phi = map_rows(erf_chain, x.reshape(-1, x.shape[-1]), outputs=2)   # (N, k) rows
+    return y.reshape(x.shape), (x, phi.reshape(x.shape))
+
+
+def erf_chain(x, out=None):
+    xp = backend.get_namespace(x)
+    y, phi = (None, None) if out is None else out
+    phi = xp.multiply(x, _INV_SQRT2, out=phi)
+    phi = backend.erf(phi, out=phi)
     phi += 1.0
     phi *= 0.5                          # Φ(x)
-    return x * phi, (x, phi)
+    return xp.multiply(x, phi, out=y), phi
 
 
 def gelu_erf_backward(dy, cache):
     """``dx = dy · (Φ(x) + x φ(x))``, ``φ(x) = exp(-x²/2) / √(2π)``."""
-    xp = backend.get_namespace(dy)
     x, phi = cache
-    dx = x * x
+    k = x.shape[-1]
+    dx = map_rows(erf_backward_chain, dy.reshape(-1, k), x.reshape(-1, k), phi.reshape(-1, k))
+    return dx.reshape(x.shape)
+
+
+def erf_backward_chain(dy, x, phi, out=None):
+    xp = backend.get_namespace(dy)
+    dx = xp.multiply(x, x, out=None if out is None else out[0])
     dx *= -0.5
     xp.exp(dx, out=dx)
     dx *= _INV_SQRT_2PI

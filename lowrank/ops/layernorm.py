@@ -16,26 +16,33 @@ EPS = 1e-5
 def layernorm_forward(x, weight, bias, eps: float = EPS):
     """``x (..., d)``, ``weight, bias (d,)`` -> ``(y, (xhat, rstd, weight))``."""
     xp = backend.get_namespace(x, weight, bias)
-    mean = x.mean(axis=-1, keepdims=True)              # (..., 1)
-    xhat = x - mean                                    # (..., d) centred, normalised below
-    var = (xhat * xhat).mean(axis=-1, keepdims=True)   # (..., 1)  biased, as torch
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d)                              # (N, d)
+    inv_d = xp.full((d,), 1.0 / d, dtype=x.dtype)      # row means as GEMVs: one pass, no temp
+    xhat = x2 - (x2 @ inv_d)[:, None]                  # (N, d) centred, normalised below
+    var = xp.einsum("nd,nd->n", xhat, xhat)            # (N,) Σ (x - μ)², no (N, d) temporary
+    var *= 1.0 / d                                     # biased, as torch
     var += eps
-    rstd = 1.0 / xp.sqrt(var)                          # (..., 1)
+    rstd = 1.0 / xp.sqrt(var[:, None])                 # (N, 1)
     xhat *= rstd
-    y = xhat * weight                                  # (..., d)
+    y = xhat * weight                                  # (N, d)
     y += bias
-    return y, (xhat, rstd, weight)
+    return y.reshape(x.shape), (xhat.reshape(x.shape), rstd.reshape(*x.shape[:-1], 1), weight)
 
 
 def layernorm_backward(dy, cache, need_dweight: bool = True, need_dbias: bool = True):
     """Returns ``(dx, dweight, dbias)``; gradients not asked for are ``None`` and never computed."""
+    xp = backend.get_namespace(dy)
     xhat, rstd, weight = cache
     d = weight.shape[0]
-    dweight = (dy * xhat).reshape(-1, d).sum(axis=0) if need_dweight else None   # (d,)
-    dbias = dy.reshape(-1, d).sum(axis=0) if need_dbias else None               # (d,)
-    g = dy * weight                                    # (..., d)
-    proj = (g * xhat).mean(axis=-1, keepdims=True)     # (..., 1)
-    g -= g.mean(axis=-1, keepdims=True)
-    g -= xhat * proj
-    g *= rstd
-    return g, dweight, dbias
+    dy2, xhat2 = dy.reshape(-1, d), xhat.reshape(-1, d)                      # (N, d)
+    dweight = xp.einsum("nd,nd->d", dy2, xhat2) if need_dweight else None   # (d,)
+    dbias = dy2.sum(axis=0) if need_dbias else None                         # (d,)
+    inv_d = xp.full((d,), 1.0 / d, dtype=dy.dtype)
+    g = dy2 * weight                                   # (N, d)
+    proj = xp.einsum("nd,nd->n", g, xhat2)             # (N,) d · mean(g ⊙ x̂)
+    proj *= 1.0 / d
+    g -= (g @ inv_d)[:, None]                          # g - mean(g)
+    g -= xhat2 * proj[:, None]
+    g *= rstd.reshape(-1, 1)
+    return g.reshape(dy.shape), dweight, dbias
