@@ -61,6 +61,13 @@ def _adapter_params(model) -> tuple[dict, dict]:
             if key in params:
                 raise ValueError(f"adapter key {key!r} occurs twice")
             params[key], owner[key] = p, mname
+    if any(m.config.bias == "all" for _, m in _adapter_modules(model)):
+        # PEFT's bias="all" trains every bias of the model (LayerNorm's too): they are part of
+        # what was fine-tuned, so they travel with the adapter under their own names
+        inside = tuple(f"{mname}." for mname, _ in _adapter_modules(model))
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias") and p.trainable and not pname.startswith(inside):
+                params[pname], owner[pname] = p, ""
     return params, owner
 
 
