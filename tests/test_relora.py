@@ -110,10 +110,10 @@ def test_moment_pruning_ratio_is_realised(xp, method, ratio):
     assert abs(realised - ratio) <= tolerance, (realised, total)
 
 
-def test_jagged_learning_rate():
-    """steps 12, warm-up 2, cosine 1e-2 -> 1e-3; K = 4 (restarts after steps 4 and 8),
-    restart_warmup 2: steps 4 and 8 at half the schedule's rate, the rest at the full one."""
-    model = tiny_model(reset_interval=4, restart_warmup=2)
+def test_jagged_learning_rate_ramp_option():
+    """schedule="ramp": steps 12, warm-up 2, cosine 1e-2 -> 1e-3; K = 4 (restarts after steps
+    4 and 8), restart_warmup 2: steps 4 and 8 at half the schedule's rate, the rest at full."""
+    model = tiny_model(reset_interval=4, restart_warmup=2, schedule="ramp")
     trainer = trainer_for(model, 12, warmup=2, min_lr=1e-3)
     got = [trainer.lr_at(s) for s in range(12)]
     base = [optim.lr_at(s, 1e-2, 2, 12, 1e-3) for s in range(12)]
@@ -129,7 +129,8 @@ def test_jagged_learning_rate():
 def test_invalid_config_raises():
     for field, value in [("reset_interval", 0), ("reset_interval", 1.5), ("restart_warmup", -1),
                          ("optimizer_reset", "zero"), ("reset_ratio", 1.5),
-                         ("reset_ratio", -0.1)]:
+                         ("reset_ratio", -0.1), ("schedule", "cosine"), ("min_lr_ratio", 0.0),
+                         ("min_lr_ratio", 1.5), ("trainable_scaling", 1)]:
         with pytest.raises(ValueError, match=rf"^{field} "):
             lr.adapters.config("relora", **{field: value})
     with pytest.raises(ValueError, match=r"^restart_warmup must be an integer in 0\.\.reset_"):
