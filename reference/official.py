@@ -187,3 +187,154 @@ def rosa_official_run(W0, A0, B0, scaling, batches, *, density, warmup, collect,
         S[mask] = values
         out.append((A.copy(), B.copy(), S.copy()))
     return out
+
+
+# --- IncreLoRA ---------------------------------------------------------------------------------
+class NaiveIncreLoraLayer:
+    """The official ``SVDLinear`` (no dropout): per-triplet tensors in lists, W = cat(B) @
+    (cat(A) ⊙ cat(E)) · α/(ranknum + 1e-5), the backward hook's score, ``add_reserve_param``.
+    ``rng``: the NumPy stream the reserves are drawn from (a, then b, per triplet)."""
+
+    def __init__(self, W0, A, E, B, alpha, rng):
+        self.W0, self.alpha, self.rng = _host64(W0), float(alpha), rng
+        self.A, self.E, self.B = [_host64(A)], [_host64(E).reshape(-1, 1)], [_host64(B)]
+        self.grad_on = [True]                 # requires_grad per triplet tensor (A, B)
+        self.e_grad_on = [True]               # requires_grad of each E tensor
+        self.group = [0]                      # optimizer group of each tensor (0: initial)
+        self.ranknum = float(self.A[0].shape[0])
+        self.score = 0.0
+        self.hooked = True
+
+    def W(self):
+        A, E, B = (np.concatenate(self.A, 0), np.concatenate(self.E, 0),
+                   np.concatenate(self.B, 1))
+        return B @ (A * E) * self.alpha / (self.ranknum + 1e-5)
+
+    def backward(self, x, G):
+        """Gradients of Σ G ⊙ (x Wᵀ) for every tensor that requires one (None otherwise)."""
+        x, G = _host64(x), _host64(G)
+        dW = G.T @ x                                                     # (m, n)
+        if self.hooked:
+            self.score = np.abs(self.W() * dW).sum() / math.sqrt(dW.size)
+        c = self.alpha / (self.ranknum + 1e-5)
+        A, E, B = (np.concatenate(self.A, 0), np.concatenate(self.E, 0),
+                   np.concatenate(self.B, 1))
+        dB = c * dW @ (A * E).T
+        dAE = c * B.T @ dW
+        dA, dE = dAE * E, (dAE * A).sum(axis=1, keepdims=True)
+        grads, row = [], 0
+        for i, a in enumerate(self.A):
+            k = a.shape[0]
+            on, e_on = self.grad_on[i], self.e_grad_on[i]
+            grads.append((dA[row:row + k] if on else None, dE[row:row + k] if e_on else None,
+                          dB[:, row:row + k] if on else None))
+            row += k
+        return grads
+
+    def add_reserve_param(self, add_r, advance_learn):
+        n, m = self.W0.shape[1], self.W0.shape[0]
+        for _ in range(add_r):
+            a = self.rng.standard_normal(n).reshape(1, n) * 0.02
+            b = self.rng.standard_normal(m).reshape(m, 1) * 0.02
+            self.E.append(np.full((1, 1), 1e-5 if advance_learn else 0.0))
+            self.A.append(a)
+            self.B.append(b)
+            self.grad_on.append(advance_learn)
+            self.e_grad_on.append(False)
+            self.group.append(None)           # set when the allocator adds the group
+
+
+def increlora_orth_regu(layers, regu_weight):
+    """``compute_orth_regu`` over every lora_A / lora_B tensor: ``(value, {(layer, i, 'A'|'B'):
+    grad})`` (gradients for every tensor; the caller keeps those that require one)."""
+    total, num, grads = 0.0, 0, {}
+    for li, layer in enumerate(layers):
+        for key, tensors in (("A", layer.A), ("B", layer.B)):
+            for i, p in enumerate(tensors):
+                cov = p @ p.T if key == "A" else p.T @ p
+                M = cov - np.eye(cov.shape[0])
+                norm = np.sqrt((M * M).sum())
+                total += norm
+                num += 1
+                g = (2.0 / norm) * (M @ p if key == "A" else p @ M) if norm else 0.0 * p
+                grads[(li, i, key)] = g
+    return regu_weight * total / num, {k: regu_weight * g / num for k, g in grads.items()}
+
+
+class NaiveIncreLoraAllocator:
+    """The official ``RankAllocator.update_and_increase`` + torch-AdamW groups: group 0 at the
+    scheduled lr, every added group at ``base_lr`` (a LambdaLR built before them never
+    updates them)."""
+
+    def __init__(self, layers, *, target_rank, add_r, top_h, init_warmup, incre_interval,
+                 beta1, beta2, advance_learn, base_lr, reg_orth_coef):
+        self.layers, self.target_rank, self.add_r, self.top_h = layers, target_rank, add_r, top_h
+        self.init_warmup, self.incre_interval = init_warmup, incre_interval
+        self.beta1, self.beta2, self.advance = beta1, beta2, advance_learn
+        self.base_lr, self.coef = base_lr, reg_orth_coef
+        self.total_rank = sum(int(layer.ranknum) for layer in layers)
+        self.ipt = [0.0] * len(layers)
+        self.exp_avg_ipt = [0.0] * len(layers)
+        self.exp_avg_unc = [0.0] * len(layers)
+        self.opt = TorchAdamW()
+
+    def step(self, g, batches, lr):
+        """One training step g: backward of ``batches[layer] = (x, G)``, the regulariser, then
+        update_and_increase(g), then optimizer.step()."""
+        grads = [layer.backward(*b) for layer, b in zip(self.layers, batches)]
+        if self.coef:
+            _, orth = increlora_orth_regu(self.layers, self.coef)
+            for li, per in enumerate(grads):
+                for i, (dA, dE, dB) in enumerate(per):
+                    per[i] = (None if dA is None else dA + orth[(li, i, "A")], dE,
+                              None if dB is None else dB + orth[(li, i, "B")])
+        self.update_and_increase(g)
+        for li, (layer, per) in enumerate(zip(self.layers, grads)):
+            for i, (dA, dE, dB) in enumerate(per):
+                rate = lr if layer.group[i] == 0 else self.base_lr
+                for key, p, d in (("A", layer.A[i], dA), ("E", layer.E[i], dE),
+                                  ("B", layer.B[i], dB)):
+                    if d is not None:
+                        self.opt.step((li, i, key), p, d, rate)
+
+    def update_and_increase(self, g):
+        if g == 0:
+            for layer in self.layers:
+                layer.add_reserve_param(self.add_r, self.advance)
+                if self.advance:
+                    layer.group[-self.add_r:] = [1] * self.add_r
+        if self.total_rank < self.target_rank:
+            for i, layer in enumerate(self.layers):
+                self.ipt[i] = layer.score
+                self.exp_avg_ipt[i] = (self.beta1 * self.exp_avg_ipt[i]
+                                       + (1 - self.beta1) * self.ipt[i])
+                self.exp_avg_unc[i] = (self.beta2 * self.exp_avg_unc[i]
+                                       + (1 - self.beta2) * abs(self.ipt[i] - self.exp_avg_ipt[i]))
+            if g > self.init_warmup and g % self.incre_interval == 0:
+                self.increase_to_target_rank()
+
+    def increase_to_target_rank(self):
+        scores = [a * u for a, u in zip(self.exp_avg_ipt, self.exp_avg_unc)]
+        k = min(self.top_h, self.target_rank - self.total_rank)
+        threshold = sorted(scores, reverse=True)[k - 1]
+        add_r = self.add_r
+        for i, layer in enumerate(self.layers):
+            if scores[i] >= threshold:
+                layer.ranknum += add_r
+                self.total_rank += add_r
+                for j in range(len(layer.E) - add_r, len(layer.E)):
+                    layer.e_grad_on[j] = True          # the reserve's E joins a new group
+                    layer.group[j] = 1
+                if self.advance:
+                    layer.add_reserve_param(add_r, True)
+                    layer.group[-add_r:] = [1] * add_r
+                else:
+                    for j in range(len(layer.A) - add_r, len(layer.A)):
+                        layer.grad_on[j] = True
+                        layer.group[j] = 1
+                    layer.add_reserve_param(add_r, False)
+        if self.total_rank == self.target_rank:
+            for layer in self.layers:
+                layer.hooked = False
+                for e in layer.E[-add_r:]:
+                    e[...] = 0.0

@@ -210,3 +210,53 @@ def test_rosa_mask_matches_the_official_collection():
         layer.select_support()
         want = np.flatnonzero(official.rosa_mask(grads, 0.3, mode))
         np.testing.assert_array_equal(to_host(layer.rosa_indices.data), want)
+
+
+# --- IncreLoRA: reserves, growth, per-triplet AdamW, orthogonality --------------------------------
+@pytest.mark.parametrize("advance", [True, False], ids=["advance-learning", "no-advance"])
+def test_increlora_steps_match_the_official_allocator(advance):
+    """Three layers, budget 7 from 3: growths at g = 2 and g = 4 (two modules + 1 each); every
+    A, E, B and ranknum after each of 7 steps equals the official SVDLinear + RankAllocator +
+    torch-AdamW groups + compute_orth_regu, transcribed in reference/official.py."""
+    from lowrank.adapters._increlora_hook import IncreLoraHook
+    rng = np.random.default_rng(8)
+    shapes = [(6, 5), (5, 7), (4, 4)]
+    cfg = lr.adapters.config("increlora", r=2, alpha=3.0, init_r=1, add_r=1, top_h=2,
+                             init_warmup=1, incre_interval=2, total_budget=7,
+                             advance_learning=advance)
+    layers, naive = [], []
+    for i, (m, n) in enumerate(shapes):
+        layer = lr.adapters.AdaptedLinear(rng.standard_normal((m, n)), None, cfg, seed=i)
+        layer.lora_E.data[:] = 0.3                       # off zero, so A gets gradients too
+        stream = np.random.Generator(np.random.PCG64())
+        stream.bit_generator.state = copy.deepcopy(layer.host_rng_state())
+        naive.append(official.NaiveIncreLoraLayer(layer.weight.data, layer.lora_A.data,
+                                                  layer.lora_E.data, layer.lora_B.data,
+                                                  3.0, stream))
+        layers.append(layer)
+    hook = IncreLoraHook([(f"l{i}", m) for i, m in enumerate(layers)])
+    trainer = _trainer(7, lr_=0.05, warmup=1, min_lr=0.01, optimizer=AdamW([], lr=0.05),
+                       hooks=[hook])
+    alloc = official.NaiveIncreLoraAllocator(
+        naive, target_rank=7, add_r=1, top_h=2, init_warmup=1, incre_interval=2, beta1=0.85,
+        beta2=0.85, advance_learn=advance, base_lr=0.05, reg_orth_coef=0.1)
+    for g in range(7):
+        trainer.step = g
+        batches = [(rng.standard_normal((5, m.in_features)),
+                    rng.standard_normal((5, m.out_features))) for m in layers]
+        for layer, (x, G) in zip(layers, batches):
+            layer.zero_grad()
+            _, cache = layer.forward(x)
+            layer.backward(G, cache)
+        hook.extra_loss(trainer)
+        hook.after_step(trainer)
+        alloc.step(g, batches, trainer.lr_at(g))
+        for i, (layer, ref) in enumerate(zip(layers, naive)):
+            assert layer.ranknum == int(ref.ranknum), (g, i)
+            for got, want in ((layer.lora_A.data, np.concatenate(ref.A, 0)),
+                              (layer.lora_E.data, np.concatenate(ref.E, 0).reshape(-1)),
+                              (layer.lora_B.data, np.concatenate(ref.B, 1))):
+                np.testing.assert_allclose(to_host(got), want, rtol=1e-9, atol=1e-13,
+                                           err_msg=f"step {g}, layer {i}")
+    assert sum(m.ranknum for m in layers) == 7 and [h[0] for h in hook.history] == [2, 2, 4, 4]
+    assert all(float(abs(m.lora_E.data[m.ranknum:]).max()) == 0.0 for m in layers)

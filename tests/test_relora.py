@@ -213,3 +213,22 @@ def test_finetune_resume_and_load_finetuned(tmp_path):
     for (name, p), (_, q), (_, s) in zip(a.named_parameters(), b.named_parameters(),
                                          straight.model.named_parameters()):
         assert np.array_equal(p.data, q.data) and np.array_equal(p.data, s.data), name
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no-dropout", "dropout-mask"])
+def test_trainable_scaling_gradients_match_finite_differences(xp, with_mask):
+    """trainable_scaling: the scale is tanh(θ) of ``lora_scaling`` (θ = 1 at init); dθ, dA,
+    dB, dx against finite differences; a restart merges with tanh(θ) and sets θ = 0."""
+    m, _, _ = make_layer(xp, "relora", (M, N), r=2, alpha=3.0, trainable_scaling=True,
+                         dropout=0.3 if with_mask else 0.0)
+    assert float(m.lora_scaling.data[0]) == 1.0
+    perturb(m, xp)
+    x, G, mask = problem(xp, (M, N), ROWS, dropout=0.3 if with_mask else 0.0)
+    errors = gradient_errors(m, x, G, mask)
+    assert set(errors) == {"lora_A", "lora_B", "lora_scaling", "x"}
+    assert max(errors.values()) < 1e-6, errors
+    W = to_host(m.weight.data) + np.tanh(to_host(m.lora_scaling.data)[0]) * \
+        to_host(m.lora_B.data) @ to_host(m.lora_A.data)
+    m.restart()
+    np.testing.assert_allclose(to_host(m.weight.data), W, rtol=1e-13, atol=1e-14)
+    assert float(m.lora_scaling.data[0]) == 0.0      # official merge_and_reinit: zeros_(scaling)
