@@ -147,7 +147,7 @@ def rosa_mask(grads, density, grad_acc_mode="mean_squared"):
 
 
 def rosa_official_run(W0, A0, B0, scaling, batches, *, density, warmup, collect, lr, min_lr,
-                      lr_warmup, steps, grad_acc_mode="mean_squared"):
+                      lr_warmup, steps, grad_acc_mode="mean_squared", lora_lr=None):
     """The official two-run pipeline on one linear layer with the linear loss Σ G ⊙ y per
     step (so dL/dy = G), no dropout, no clipping: run 1 trains LoRA for ``warmup + collect``
     steps, collecting Gᵀx during the last ``collect``; the mask is saved; run 2 starts from
@@ -162,6 +162,7 @@ def rosa_official_run(W0, A0, B0, scaling, batches, *, density, warmup, collect,
 
     W0 = _host64(W0)
     A, B = _host64(A0), _host64(B0)
+    ratio = 1.0 if lora_lr is None else lora_lr / lr
     opt, grads, first = TorchAdamW(), [], warmup + collect
     for t in range(first):                       # run 1: LoRA (+ gradient collection)
         x, G = (_host64(a) for a in batches[t])
@@ -169,8 +170,8 @@ def rosa_official_run(W0, A0, B0, scaling, batches, *, density, warmup, collect,
         dB, dA = scaling * G.T @ u, (scaling * G @ B).T @ x
         if t >= warmup:
             grads.append(G.T @ x)
-        opt.step("A", A, dA, lr_at(t, steps))
-        opt.step("B", B, dB, lr_at(t, steps))
+        opt.step("A", A, dA, lr_at(t, steps) * ratio)
+        opt.step("B", B, dB, lr_at(t, steps) * ratio)
     mask = rosa_mask(grads, density, grad_acc_mode)
     A, B, S = _host64(A0), _host64(B0), np.zeros_like(W0)
     opt, out, total = TorchAdamW(), [], steps - first
@@ -180,8 +181,8 @@ def rosa_official_run(W0, A0, B0, scaling, batches, *, density, warmup, collect,
         dB, dA = scaling * G.T @ u, (scaling * G @ B).T @ x
         dS = np.where(mask, G.T @ x, 0.0)
         rate = lr_at(i, total)
-        opt.step("A", A, dA, rate)
-        opt.step("B", B, dB, rate)
+        opt.step("A", A, dA, rate * ratio)
+        opt.step("B", B, dB, rate * ratio)
         values = S[mask]
         opt.step("S", values, dS[mask], rate)
         S[mask] = values

@@ -161,21 +161,26 @@ def test_rosa_forward_applies_S_to_the_undropped_x(sparse_input):
         assert np.abs(to_host(y) - want).max() > 1e-3
 
 
-@pytest.mark.parametrize("mode", ["mean_squared", "mean"])
-def test_rosa_restart_run_matches_the_official_two_runs(mode):
+@pytest.mark.parametrize("mode,lora_lr", [("mean_squared", None), ("mean", None),
+                                          ("mean_squared", 0.15)])
+def test_rosa_restart_run_matches_the_official_two_runs(mode, lora_lr):
     """warm-up 2 + collection 2 steps, then the restart: lowrank's one run equals the official
-    mask run followed by a fresh run with the mask loaded, for 5 steps after the restart."""
+    mask run followed by a fresh run with the mask loaded, for 5 steps after the restart
+    (with ``lora_lr``: A and B in their own group at 3x the lr)."""
     steps, warmup, collect = 9, 2, 2
-    layer = _rosa_layer(warmup_steps=warmup, collect_steps=collect, grad_acc_mode=mode)
+    layer = _rosa_layer(warmup_steps=warmup, collect_steps=collect, grad_acc_mode=mode,
+                        lora_lr=lora_lr)
     A0, B0 = to_host(layer.lora_A.data).copy(), to_host(layer.lora_B.data).copy()
     layer.initial_lora = (layer.lora_A.data.copy(), layer.lora_B.data.copy())   # B moved off 0
     rng = np.random.default_rng(4)
     batches = [(rng.standard_normal((7, 5)), rng.standard_normal((7, 6))) for _ in range(steps)]
     hook = RosaHook(_model_of(layer))
-    opt = AdamW([(n, p) for n, p in layer.named_parameters(trainable_only=True)], lr=0.05,
-                weight_decay=0.0)
-    trainer = _trainer(steps, lr_=0.05, warmup=2, min_lr=0.01, optimizer=opt, hooks=[hook])
+    trainer = _trainer(steps, lr_=0.05, warmup=2, min_lr=0.01, hooks=[hook])
     hook.bind(trainer)
+    opt = AdamW([(n, p) for n, p in layer.named_parameters(trainable_only=True)
+                 if not hook.owns(n, p)], lr=0.05, weight_decay=0.0)
+    trainer.optimizer = opt
+    assert len(opt.params) == (1 if lora_lr else 3)
     got = []
     for t, (x, G) in enumerate(batches):
         trainer.step = t
@@ -190,7 +195,8 @@ def test_rosa_restart_run_matches_the_official_two_runs(mode):
                         _dense_S(layer)))
     want = official.rosa_official_run(layer.weight.data, A0, B0, layer.scaling, batches,
                                       density=0.3, warmup=warmup, collect=collect, lr=0.05,
-                                      min_lr=0.01, lr_warmup=2, steps=steps, grad_acc_mode=mode)
+                                      min_lr=0.01, lr_warmup=2, steps=steps, grad_acc_mode=mode,
+                                      lora_lr=lora_lr)
     assert hook.restarted_at == warmup + collect
     assert len(got) == len(want) == steps - warmup - collect
     for (A, B, S), (wA, wB, wS) in zip(got, want):

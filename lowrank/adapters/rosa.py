@@ -24,15 +24,14 @@ ablation, and it lets the contract battery exercise S).
 run from scratch with the masks loaded): once the support is chosen, A and B return to their
 initial values (what the second run, same seed, draws), every AdamW state restarts, and the
 learning-rate schedule starts again over the remaining steps. False continues from the
-warm-up state (lowrank's earlier behaviour).
+warm-up state (lowrank's earlier behaviour). ``lora_lr`` (official ``rosa.lora_lr``): A and B
+get their own AdamW (the hook's), at the run's schedule times ``lora_lr / lr``, as a param
+group with its own initial lr under one LambdaLR.
 
-Storage: S is a real CSR matrix (``lowrank.backend.sparse``: scipy.sparse on NumPy,
-cupyx.scipy.sparse on CuPy) built over ``rosa_values`` without copying: O(nnz) memory. The
-support is also kept as the non-trainable int64 Parameter ``rosa_indices (nnz,)`` (flat
-row-major ``i·n + j``, all −1 before selection), so checkpoints save and restore it with the
-values and every shape is fixed from construction. Without dropout the forward uses one
-effective weight ``W0 + s BA`` with S's values added on the support (O(nnz)), like
-LoraLinear; with dropout S multiplies as CSR: ``(S xᵀ)ᵀ``.
+Storage: S is a CSR matrix (``lowrank.backend.sparse``) over ``rosa_values``: O(nnz) memory;
+the support is the non-trainable int64 ``rosa_indices (nnz,)`` (flat ``i·n + j``, −1 before
+selection), saved with the values. Without dropout the forward uses one effective weight
+``W0 + s BA + S`` (S added on its support); with dropout S multiplies as CSR: ``(S xᵀ)ᵀ``.
 """
 from __future__ import annotations
 
@@ -45,7 +44,7 @@ from ..backend import sparse as bsparse
 from ..decompose import check_rank
 from ..hooks import StepHook
 from ..module import Parameter
-from ..optim import lr_at
+from ..optim import AdamW, lr_at
 from ._lowrank import LowRankMap, LowRankParts
 from .base import AdaptedLinear, AdapterConfig, check_int, register
 from .lora import lora_factors
@@ -70,6 +69,7 @@ class RosaConfig(AdapterConfig):
     sparse_input: str = "x"   # one of SPARSE_INPUTS: S on the undropped x (official) or x_d
     grad_acc_mode: str = "mean_squared"   # one of GRAD_ACC_MODES (official spelling)
     restart: bool = True      # after selection: initial LoRA, fresh optimizer and schedule
+    lora_lr: float | None = None   # A, B's own lr (official rosa.lora_lr); None: the run's
 
     def __post_init__(self):
         super().__post_init__()
@@ -79,16 +79,16 @@ class RosaConfig(AdapterConfig):
         self.density = float(d)
         check_int("warmup_steps", self.warmup_steps, 0)
         check_int("collect_steps", self.collect_steps, 1)
-        if self.support not in SUPPORTS:
-            raise ValueError(f"support must be one of {SUPPORTS}, got {self.support!r}")
-        if self.sparse_input not in SPARSE_INPUTS:
-            raise ValueError(f"sparse_input must be one of {SPARSE_INPUTS}, "
-                             f"got {self.sparse_input!r}")
-        if self.grad_acc_mode not in GRAD_ACC_MODES:
-            raise ValueError(f"grad_acc_mode must be one of {GRAD_ACC_MODES}, "
-                             f"got {self.grad_acc_mode!r}")
+        for name, allowed in (("support", SUPPORTS), ("sparse_input", SPARSE_INPUTS),
+                              ("grad_acc_mode", GRAD_ACC_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.restart, bool):
             raise ValueError(f"restart must be a bool, got {self.restart!r}")
+        lr = self.lora_lr
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))
+                               or not lr > 0):
+            raise ValueError(f"lora_lr must be a number > 0 or None, got {lr!r}")
 
 
 def support_size(density: float, m: int, n: int) -> int:
@@ -207,10 +207,9 @@ class RosaLinear(LowRankMap, AdaptedLinear):
     def base_input_grad(self, dy, dx_adapter):
         """``G (W0 + S) + dx_adapter`` when S sees the undropped x (its dx is not masked)."""
         dx = super().base_input_grad(dy, dx_adapter)                     # (..., n)
-        pattern = self.pattern
-        if pattern is not None and self._on_x():
+        S = self.sparse_matrix() if self._on_x() else None
+        if S is not None:
             dy2 = dy.reshape(-1, self.out_features)                      # (N, m)
-            S = pattern.matrix(self.rosa_values.data)
             dx += bsparse.matmul(S, dy2.T, transpose=True).T.reshape(dx.shape)   # G S
         return dx
 
@@ -233,13 +232,12 @@ class RosaLinear(LowRankMap, AdaptedLinear):
 
     def _collect(self, dW0) -> None:
         self.w0_grad_products += 1
-        if self.defer_square:   # data parallel: the hook averages over ranks, then squares
-            if self.pending_dW0 is None:
-                self.pending_dW0 = dW0
-            else:
-                self.pending_dW0 += dW0
-        else:
+        if not self.defer_square:
             self.add_score(dW0)
+        elif self.pending_dW0 is None:   # data parallel: the hook averages over ranks first
+            self.pending_dW0 = dW0
+        else:
+            self.pending_dW0 += dW0
 
     def effective_weight(self):
         """``W0 + s·BA + S`` (m, n); S's values are added on its support, O(nnz)."""
@@ -262,12 +260,11 @@ class RosaLinear(LowRankMap, AdaptedLinear):
         """Bytes of S as CSR (data + indices + indptr) against a dense ΔW (m·n·itemsize)."""
         m, n = self.weight.shape
         itemsize = int(self.weight.data.itemsize)
-        pattern = self.pattern
-        if pattern is None:   # what the CSR will take once chosen: int32 indices and indptr
+        if self.pattern is not None:
+            sizes = self.pattern.nbytes(itemsize)
+        else:   # what the CSR will take once chosen: int32 indices and indptr
             sizes = {"data": self.nnz * itemsize, "indices": 4 * self.nnz, "indptr": 4 * (m + 1)}
             sizes["total"] = sum(sizes.values())
-        else:
-            sizes = pattern.nbytes(itemsize)
         return {**sizes, "dense": m * n * itemsize}
 
     def demo_report(self) -> dict:
@@ -303,16 +300,27 @@ class RosaHook(StepHook):
 
     def __init__(self, model):
         self.layers = RosaLinear.layers_of(model)
+        self.lora_opt = None       # A and B's own AdamW with lora_lr (set by bind)
         self.steps_done = 0
         self.restarted_at = None   # completed steps when the run restarted (restart=True)
         self._arm()
 
     def bind(self, trainer) -> None:
         """Under data parallel each rank sees a slice of the batch: square the rank-averaged
-        Gᵀx (what one process computes), not each rank's own."""
+        Gᵀx (what one process computes), not each rank's own. With ``lora_lr`` the LoRA
+        factors get their own AdamW."""
         self.comm = trainer.comm
         for _, m in self.layers:
             m.defer_square = trainer.comm.size > 1
+        self.lora_opt = None
+        if self.layers and self.layers[0][1].config.lora_lr is not None:
+            self.lora_opt = AdamW([(f"{n}.{k}", getattr(m, k)) for n, m in self.layers
+                                   for k in ("lora_A", "lora_B") if getattr(m, k).trainable],
+                                  lr=self.layers[0][1].config.lora_lr,
+                                  weight_decay=trainer.config.weight_decay)
+
+    def owns(self, name, p) -> bool:
+        return self.lora_opt is not None and self.lora_opt.name_of(p) is not None
 
     def extra_loss(self, trainer) -> float:
         for _, m in self.layers:
@@ -323,15 +331,13 @@ class RosaHook(StepHook):
                 m.add_score(pending)
         return 0.0
 
-    def _collecting(self, m, step: int) -> bool:
-        cfg = m.config
-        return (cfg.support == "gradient" and not m.support_selected
-                and cfg.warmup_steps < step <= cfg.warmup_steps + cfg.collect_steps)
-
     def _arm(self) -> None:
-        """Switch the W0-gradient collection on exactly for the coming step."""
+        """Switch the W0-gradient collection on exactly for the coming step k (1-based)."""
+        k = self.steps_done + 1
         for _, m in self.layers:
-            m.collecting = self._collecting(m, self.steps_done + 1)
+            cfg = m.config
+            m.collecting = (cfg.support == "gradient" and not m.support_selected
+                            and cfg.warmup_steps < k <= cfg.warmup_steps + cfg.collect_steps)
 
     def lr_at(self, trainer, step: int, lr: float) -> float:
         """After a restart the schedule starts again: warm-up and cosine over the steps
@@ -343,6 +349,10 @@ class RosaHook(StepHook):
         return lr_at(step - k, c.lr, c.warmup, max(1, c.steps - k), c.min_lr)
 
     def after_step(self, trainer) -> None:
+        if self.lora_opt is not None:
+            c = trainer.config
+            ratio = self.lora_opt.lr / c.lr if c.lr > 0 else 1.0
+            self.lora_opt.step(trainer.lr_at(trainer.step) * ratio)
         self.steps_done = trainer.step + 1
         selected = []
         for name, m in self.layers:
@@ -363,12 +373,14 @@ class RosaHook(StepHook):
         from its start (``lr_at``); the supports stay."""
         for _, m in self.layers:
             m.restart_lora()
-        for p in list(optimizer.params.values()):
-            optimizer.reset_state(p)
+        for opt in (optimizer, self.lora_opt):
+            for p in list(opt.params.values()) if opt is not None else ():
+                opt.reset_state(p)
         self.restarted_at = self.steps_done
 
     def state_dict(self) -> dict:
         return {"steps_done": self.steps_done, "restarted_at": self.restarted_at,
+                "lora_opt": None if self.lora_opt is None else self.lora_opt.state_dict(),
                 "scores": {name: backend.to_numpy(m.score).copy()
                            for name, m in self.layers if m.score is not None}}
 
@@ -380,6 +392,8 @@ class RosaHook(StepHook):
         self.steps_done = int(state["steps_done"])
         at = state.get("restarted_at")
         self.restarted_at = None if at is None else int(at)
+        if self.lora_opt is not None and state.get("lora_opt") is not None:
+            self.lora_opt.load_state_dict(state["lora_opt"])
         for name, m in self.layers:
             score = state.get("scores", {}).get(name)
             m.score = None if score is None else backend.asarray(score, dtype=m.dtype, xp=m.xp)
