@@ -1,6 +1,6 @@
-"""IncreLoRA (docs/variants.md#increlora): gradients, the growth schedule and budget, identical
-outputs across a growth, fresh optimizer state for grown parameters, budget validation, exact
-resume."""
+"""IncreLoRA (docs/variants.md#increlora): gradients (reserves included), the growth schedule and
+budget, the official growth against the output-preserving option, per-triplet optimizer state,
+budget validation, exact resume."""
 import copy
 
 import numpy as np
