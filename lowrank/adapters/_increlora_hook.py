@@ -29,7 +29,6 @@ M = T Tᵀ - I for A's, Tᵀ T - I for B's; a one-triplet tensor gives |‖a‖�
 """
 from __future__ import annotations
 
-
 from .. import backend
 from ..hooks import StepHook
 
