@@ -107,8 +107,8 @@ class Trainer:
         self.optimizer = AdamW([(n, p) for n, p in model.named_parameters(trainable_only=True)
                                 if not any(h.owns(n, p) for h in self.hooks)],
                                lr=config.lr, weight_decay=config.weight_decay)
-        if not self.optimizer.params:
-            raise ValueError("the model has no trainable parameters")
+        if not any(True for _ in model.named_parameters(trainable_only=True)):
+            raise ValueError("the model has no trainable parameters")   # hooks may own all
         self.rng = np.random.Generator(np.random.PCG64(config.seed))   # host: batch sampling
         self.step = 0
         self.tokens_seen = 0

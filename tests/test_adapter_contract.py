@@ -21,16 +21,19 @@ CASES = {
     "svd": [dict(train=("U", "S")), dict(train=("V",)), dict(train=("S",)),
             dict(method="randomized", n_iter=1), dict(bias="lora_only")],
     "dora": [dict(exact_norm_grad=True), dict(rslora=True),
-             dict(rslora=True, exact_norm_grad=True), dict(bias="lora_only")],
+             dict(rslora=True, exact_norm_grad=True), dict(bias="lora_only"),
+             dict(init="pissa"), dict(init="olora", exact_norm_grad=True)],
     "adalora": [dict(bias="lora_only"), dict(init_r=3, target_r=2),
                 dict(orth_squared=True, tinit=1, tfinal=1, total_step=5)],
     "sora": [dict(gate_optimizer="sgd"), dict(lambda_schedule="linear", max_lambda=0.01),
              dict(bias="lora_only")],
     # at the default config S is empty until training chooses its support: exercise it here
     "rosa": [dict(support="random"), dict(support="random", density=0.5),
-             dict(support="random", density=1.0, bias="all")],
+             dict(support="random", density=1.0, bias="all"),
+             dict(support="random", sparse_input="x_d")],
     "increlora": [dict(init_r=2), dict(bias="lora_only"), dict(init_r=1, add_r=1, total_budget=3)],
-    "relora": [dict(bias="lora_only"), dict(optimizer_reset="magnitude", reset_ratio=0.5)],
+    "relora": [dict(bias="lora_only"), dict(optimizer_reset="magnitude", reset_ratio=0.5),
+               dict(trainable_scaling=True)],
 }
 M, N, R, ROWS = 6, 5, 2, 4
 TINY = GPTConfig(vocab_size=32, context=4, n_layer=1, n_head=2, d_model=8)

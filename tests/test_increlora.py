@@ -1,6 +1,6 @@
-"""IncreLoRA (docs/variants.md#increlora): gradients, the growth schedule and budget, identical
-outputs across a growth, fresh optimizer state for grown parameters, budget validation, exact
-resume."""
+"""IncreLoRA (docs/variants.md#increlora): gradients (reserves included), the growth schedule and
+budget, the official growth against the output-preserving option, per-triplet optimizer state,
+budget validation, exact resume."""
 import copy
 
 import numpy as np
@@ -36,19 +36,44 @@ def test_gradients_match_finite_differences_after_growth(xp, with_mask):
     assert max(errors.values()) < 1e-6, errors
 
 
-def test_growth_keeps_the_output_and_rescales_E(xp):
-    m = layer(xp)
+@pytest.mark.parametrize("growth", ["official", "rescale"])
+def test_growth_official_shrinks_the_old_triplets_rescale_keeps_the_output(xp, growth):
+    """official: ranknum += k with E untouched, so c B diag(E) A of the old triplets shrinks by
+    ranknum/(ranknum + k); "rescale" multiplies E by c_old/c_new: the output is unchanged
+    (without advance learning the reserves' E is 0)."""
+    m = layer(xp, growth=growth, advance_learning=False)
     perturb(m, xp)
     x = xp.asarray(np.random.default_rng(5).standard_normal((ROWS, N)))
     before = m.forward(x)[0]
+    delta_before = m.delta_weight()                              # (M, N) c B diag(E) A
     E_before, c_before = m.lora_E.data.copy(), m.scaling
     m.grow(2)
     assert m.ranknum == 3 and m.lora_A.shape == (3, N) and m.lora_B.shape == (M, 3)
-    assert float(abs(m.lora_E.data[1:]).max()) == 0.0          # new triplets start with E = 0
-    assert rel_err(m.lora_E.data[:1], E_before * (c_before / m.scaling)) < 1e-15
-    assert rel_err(m.forward(x)[0], before) <= 1e-12
+    assert float(abs(m.lora_E.data[1:]).max()) == 0.0          # reserves without advance: E = 0
+    after = m.forward(x)[0]
+    if growth == "rescale":
+        assert rel_err(m.lora_E.data[:1], E_before * (c_before / m.scaling)) < 1e-15
+        assert rel_err(after, before) <= 1e-12
+    else:
+        assert rel_err(m.lora_E.data[:1], E_before) == 0.0
+        shrink = (1 + 1e-5) / (3 + 1e-5)                         # c_new / c_old
+        assert rel_err(m.delta_weight(), delta_before * shrink) <= 1e-14
+        assert rel_err(after, before) > 1e-3                     # the output jumps
     with pytest.raises(ValueError, match=r"^k must be an integer in 1\.\.2"):
         m.grow(3)   # capacity min(6, 5) = 5
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no-dropout", "dropout-mask"])
+def test_gradients_with_advance_learning_reserves_match_finite_differences(xp, with_mask):
+    """Reserves (E = 1e-5, A and B trainable) are part of the map: the layer's gradients of
+    all R rows match finite differences."""
+    m = layer(xp, dropout=0.3 if with_mask else 0.0)
+    m.add_reserve(2)
+    assert m.rows == 3 and m.ranknum == 1 and float(m.lora_E.data[1]) == 1e-5
+    perturb(m, xp)
+    x, G, mask = problem(xp, (M, N), ROWS, dropout=0.3 if with_mask else 0.0)
+    errors = gradient_errors(m, x, G, mask)
+    assert max(errors.values()) < 1e-6, errors
 
 
 def test_budget_below_the_starting_rank_raises(xp):
@@ -88,7 +113,8 @@ def ranks(model):
 @pytest.mark.parametrize("budget,growths", [(None, [4, 4, 6, 6]), (7, [4, 4])])
 def test_growth_on_schedule_reaches_the_budget_exactly(xp, budget, growths):
     """4 modules at rank 1; budget Σ r = 12 (or 7); top_h = 2 modules gain add_r = 2 at
-    completed steps 4, 6, ... (> init_warmup = 2, every 2); the last one gets what is left."""
+    0-based steps g = 4, 6, ... (> init_warmup = 2, every 2; official: after step g's
+    backward); the last one gets what is left."""
     model = tiny_model(xp, total_budget=budget)
     trainer = trainer_for(model, 10)
     hook = trainer.hooks[0]
@@ -99,7 +125,7 @@ def test_growth_on_schedule_reaches_the_budget_exactly(xp, budget, growths):
         seen.append(sum(ranks(model).values()))
     assert [h[0] for h in hook.history] == growths
     assert sum(ranks(model).values()) == hook.budget
-    want = [4, 4, 4, 8, 8, 12, 12, 12, 12, 12] if budget is None else [4, 4, 4, 7] + [7] * 6
+    want = [4, 4, 4, 4, 8, 8, 12, 12, 12, 12] if budget is None else [4] * 4 + [7] * 6
     assert seen == want
     if budget == 7:
         assert sorted(h[2] for h in hook.history) == [1, 2]
@@ -111,33 +137,31 @@ def test_growth_on_schedule_reaches_the_budget_exactly(xp, budget, growths):
     assert len(lines) == 5 and all(line.split()[-2] == "rank" for line in lines[1:])
 
 
-def test_model_output_is_identical_across_a_growth_and_new_params_get_fresh_state(xp):
-    model = tiny_model(xp, init_warmup=4, incre_interval=5)
+def test_growth_state_per_triplet_as_the_official_param_groups(xp):
+    """The hook steps A, E, B with one AdamW state per triplet: at a growth the activated E's
+    state starts fresh (first step t = 1 at the next step), the old triplets and the
+    pre-trained reserves' A, B keep theirs; new reserves start at t = 0."""
+    model = tiny_model(xp, init_warmup=4, incre_interval=5, growth="rescale")
     trainer = trainer_for(model, 10)
     hook = trainer.hooks[0]
-    for _ in range(3):              # E moves off zero; no scheduled growth before step 5
+    assert not any(".lora_" in n for n in trainer.optimizer.params)   # the hook owns them
+    for _ in range(3):
         trainer.train_step()
-    idx = xp.asarray(np.random.default_rng(2).integers(0, TINY.vocab_size, (2, TINY.context)))
-    model.eval()
-    before, _ = model.forward(idx)
-    grown = hook.grow(trainer, step=3)
-    after, _ = model.forward(idx)
-    model.train()
+    for name, m in hook.layers:        # reserves since step 0, pre-trained since step 1
+        st = hook.opt[name]
+        assert m.rows == 3 and m.ranknum == 1
+        assert st["tA"] == [3, 2, 2] and st["tB"] == [3, 2, 2] and st["tE"] == [3, 0, 0]
+    grown = dict(hook.grow(trainer, step=3))
     assert len(grown) == 2
-    assert rel_err(after, before) <= 1e-12
-    names = {m: n for n, m in model.named_parameters()}
-    state = trainer.optimizer.state
-    for name, m in lr.adapters.adapted_modules(model):
-        params = [f"{name}.lora_{p}" for p in "AEB"]
-        if name in dict(grown):
-            assert m.ranknum == 3 and all(p not in state for p in params)
+    trainer.train_step()
+    for name, m in hook.layers:
+        st = hook.opt[name]
+        if name in grown:
+            assert m.ranknum == 3 and m.rows == 5
+            assert st["tE"] == [4, 1, 1, 0, 0] and st["tA"] == [4, 3, 3, 1, 1]
+            assert st["scheduled"] == [True, False, False, False, False]
         else:
-            assert m.ranknum == 1 and all(state[p]["step"] == 3 for p in params)
-    assert set(trainer.optimizer.params) == {n for n in names.values() if ".lora_" in n}
-    trainer.train_step()            # the grown parameters take their first AdamW step: t = 1
-    for name, _ in grown:
-        st = state[f"{name}.lora_E"]
-        assert st["step"] == 1 and st["exp_avg"].shape == (3,)
+            assert m.ranknum == 1 and st["tE"] == [4, 0, 0] and st["tA"] == [4, 3, 3]
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

@@ -110,10 +110,10 @@ def test_moment_pruning_ratio_is_realised(xp, method, ratio):
     assert abs(realised - ratio) <= tolerance, (realised, total)
 
 
-def test_jagged_learning_rate():
-    """steps 12, warm-up 2, cosine 1e-2 -> 1e-3; K = 4 (restarts after steps 4 and 8),
-    restart_warmup 2: steps 4 and 8 at half the schedule's rate, the rest at the full one."""
-    model = tiny_model(reset_interval=4, restart_warmup=2)
+def test_jagged_learning_rate_ramp_option():
+    """schedule="ramp": steps 12, warm-up 2, cosine 1e-2 -> 1e-3; K = 4 (restarts after steps
+    4 and 8), restart_warmup 2: steps 4 and 8 at half the schedule's rate, the rest at full."""
+    model = tiny_model(reset_interval=4, restart_warmup=2, schedule="ramp")
     trainer = trainer_for(model, 12, warmup=2, min_lr=1e-3)
     got = [trainer.lr_at(s) for s in range(12)]
     base = [optim.lr_at(s, 1e-2, 2, 12, 1e-3) for s in range(12)]
@@ -129,7 +129,8 @@ def test_jagged_learning_rate():
 def test_invalid_config_raises():
     for field, value in [("reset_interval", 0), ("reset_interval", 1.5), ("restart_warmup", -1),
                          ("optimizer_reset", "zero"), ("reset_ratio", 1.5),
-                         ("reset_ratio", -0.1)]:
+                         ("reset_ratio", -0.1), ("schedule", "cosine"), ("min_lr_ratio", 0.0),
+                         ("min_lr_ratio", 1.5), ("trainable_scaling", 1)]:
         with pytest.raises(ValueError, match=rf"^{field} "):
             lr.adapters.config("relora", **{field: value})
     with pytest.raises(ValueError, match=r"^restart_warmup must be an integer in 0\.\.reset_"):
@@ -212,3 +213,22 @@ def test_finetune_resume_and_load_finetuned(tmp_path):
     for (name, p), (_, q), (_, s) in zip(a.named_parameters(), b.named_parameters(),
                                          straight.model.named_parameters()):
         assert np.array_equal(p.data, q.data) and np.array_equal(p.data, s.data), name
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no-dropout", "dropout-mask"])
+def test_trainable_scaling_gradients_match_finite_differences(xp, with_mask):
+    """trainable_scaling: the scale is tanh(θ) of ``lora_scaling`` (θ = 1 at init); dθ, dA,
+    dB, dx against finite differences; a restart merges with tanh(θ) and sets θ = 0."""
+    m, _, _ = make_layer(xp, "relora", (M, N), r=2, alpha=3.0, trainable_scaling=True,
+                         dropout=0.3 if with_mask else 0.0)
+    assert float(m.lora_scaling.data[0]) == 1.0
+    perturb(m, xp)
+    x, G, mask = problem(xp, (M, N), ROWS, dropout=0.3 if with_mask else 0.0)
+    errors = gradient_errors(m, x, G, mask)
+    assert set(errors) == {"lora_A", "lora_B", "lora_scaling", "x"}
+    assert max(errors.values()) < 1e-6, errors
+    W = to_host(m.weight.data) + np.tanh(to_host(m.lora_scaling.data)[0]) * \
+        to_host(m.lora_B.data) @ to_host(m.lora_A.data)
+    m.restart()
+    np.testing.assert_allclose(to_host(m.weight.data), W, rtol=1e-13, atol=1e-14)
+    assert float(m.lora_scaling.data[0]) == 0.0      # official merge_and_reinit: zeros_(scaling)

@@ -68,7 +68,8 @@ def test_gate_lr_follows_the_run_schedule_rescaled():
 
 
 def test_hook_sgd_step_then_proximal(xp):
-    layer = make(xp, gate_optimizer="sgd", sparse_lambda=0.05)
+    """The paper's proximal gradient step: threshold η·ξ (here 0.1 · 0.5)."""
+    layer = make(xp, gate_optimizer="sgd", sparse_lambda=0.5, threshold="soft")
     model = SimpleNamespace(named_modules=lambda: iter([("layer", layer)]))
     hook = SoraHook(model)
     assert hook.owns("layer.lora_gate", layer.lora_gate)
@@ -78,13 +79,14 @@ def test_hook_sgd_step_then_proximal(xp):
     layer.lora_gate.grad = xp.asarray(grad)
     hook.after_step(_fake_trainer(layer, lr_=0.1))
     want = g0 - 0.1 * grad
-    want = np.sign(want) * np.maximum(np.abs(want) - 0.05, 0.0)
+    want = np.sign(want) * np.maximum(np.abs(want) - 0.1 * 0.5, 0.0)
     np.testing.assert_allclose(to_host(layer.lora_gate.data), want, rtol=0, atol=1e-15)
 
 
 def test_hook_adam_step_matches_hf_adamw_then_proximal(xp):
-    """The official SparseAdamW: HF AdamW (eps on √v, bias correction in the step size)."""
-    layer = make(xp, sparse_lambda=0.01)
+    """The official SparseAdamW: HF AdamW (eps on √v, bias correction in the step size), with
+    the soft threshold option."""
+    layer = make(xp, sparse_lambda=0.01, threshold="soft")
     model = SimpleNamespace(named_modules=lambda: iter([("layer", layer)]))
     hook = SoraHook(model)
     g = to_host(layer.lora_gate.data).copy()
@@ -120,7 +122,8 @@ def test_lambda_schedules_follow_the_official_lists():
 @pytest.mark.parametrize("field,value", [("sparse_lambda", -1.0), ("sparse_lambda", "big"),
                                          ("lambda_schedule", "cosine"), ("max_lambda", -0.1),
                                          ("lambda_steps", -1), ("lambda_steps", 1.5),
-                                         ("gate_lr", 0.0), ("gate_optimizer", "lion")])
+                                         ("gate_lr", 0.0), ("gate_optimizer", "lion"),
+                                         ("threshold", "hard"), ("loss_lambda", -1e-3)])
 def test_invalid_fields_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"^{field} "):
         lr.adapters.config("sora", **{field: value})

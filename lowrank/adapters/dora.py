@@ -23,6 +23,11 @@ Finite differences see the full map, in which n depends on A and B, so they matc
 gradient only while n is held fixed: ``hold_norm()`` (a context manager) freezes n at its current
 value; ``finite_difference_context()`` is that in detached mode and a no-op in exact mode.
 
+Inits (``init``, PEFT's ``init_lora_weights`` with ``use_dora=True``): "kaiming" (default),
+"gaussian", "pissa", "pissa_niter_<q>", "olora" — the LoRA inits of lora.py; the data-driven
+ones rewrite W0 into the residual first, and the magnitude is then PEFT's
+``‖W_res + s·BA‖`` per row (= ‖W0‖ to rounding), so the output starts at the base's.
+
 Merge: ``W ← diag(c) V``; the factor c is kept so that unmerge restores ``W0 = W / c − s·BA``
 (to rounding); a zero magnitude entry would erase its row, so such a merge is refused.
 """
@@ -37,8 +42,10 @@ from .. import backend
 from ..decompose import check_rank
 from ..module import Parameter
 from ._lowrank import lowrank_backward
-from .base import AdaptedLinear, AdapterConfig, register
-from .lora import lora_factors
+from .base import AdaptedLinear, AdapterConfig, check_int, register
+from .lora import _PISSA_NITER, lora_factors
+
+DORA_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<q>", "olora")
 
 
 class DoraCache(NamedTuple):
@@ -55,9 +62,15 @@ class DoraCache(NamedTuple):
 class DoraConfig(AdapterConfig):
     rslora: bool = False
     exact_norm_grad: bool = False
+    init: str = "kaiming"        # one of DORA_INITS, as PEFT combines them with DoRA
+    pissa_oversample: int = 0    # as LoraConfig's
 
     def __post_init__(self):
         super().__post_init__()
+        if self.init not in ("kaiming", "gaussian", "pissa", "olora") \
+                and not _PISSA_NITER.match(str(self.init)):
+            raise ValueError(f"init must be one of {DORA_INITS}, got {self.init!r}")
+        check_int("pissa_oversample", self.pissa_oversample, 0)
         for name in ("rslora", "exact_norm_grad"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -85,9 +98,12 @@ class DoraLinear(AdaptedLinear):
             # direction W0[o]/‖W0[o]‖ is undefined: PEFT would divide by zero and emit NaN
             raise ValueError("W0 has an all-zero row; DoRA needs a nonzero norm in every row")
         self.scaling = cfg.scaling()
-        A, B, _ = lora_factors(W0, cfg.r, self.scaling, "kaiming", rng)
+        A, B, self.weight.data = lora_factors(W0, cfg.r, self.scaling, cfg.init, rng,
+                                              cfg.pissa_oversample)
         self.lora_A = Parameter(A)                    # (r, n), "lora_A.weight"
         self.lora_B = Parameter(B)                    # (m, r), "lora_B.weight"
+        if cfg.init not in ("kaiming", "gaussian"):   # PEFT: ‖W_res + s·BA‖ after the init
+            norms = row_norms(self.direction())                          # (m,)
         self.lora_magnitude_vector = Parameter(norms)  # (m,), PEFT's name
         self._held_norm = None      # set by hold_norm(): n treated as a constant array
         self._merge_factor = None   # c = m/n used by the last merge, for unmerge

@@ -1,45 +1,34 @@
 """IncreLoRA (Zhang et al., 2308.12043) — the rank grows where it matters (docs/variants.md#increlora).
 
-SVD-form triplets as AdaLoRA, with ranknum = the number of triplets the module holds:
+SVD-form triplets as AdaLoRA, with ranknum = the number of *active* triplets:
 
-    Ã = E ⊙_rows A (ranknum, n),   y = x W0ᵀ + b0 + c · (x_d Ãᵀ) Bᵀ,   c = α / (ranknum + 1e-5)
+    Ã = E ⊙_rows A (R, n),   y = x W0ᵀ + b0 + c · (x_d Ãᵀ) Bᵀ,   c = α / (ranknum + 1e-5)
 
 ``A ~ N(0, 0.02²)`` ("lora_A.weight"), ``E = 0`` ("lora_E"), ``B ~ N(0, 0.02²)``
-("lora_B.weight"); the +1e-5 is the official code's (``scaling / (ranknum + 1e-5)``).
+("lora_B.weight"); the +1e-5 is the official code's (``scaling / (ranknum + 1e-5)``). The
+arrays hold R = ranknum + reserve rows: the official ``add_reserve_param`` triplets, created
+after step 0 (``add_r`` per module) and refilled at every growth. With ``advance_learning``
+(official default) a reserve has E = 1e-5 frozen and A, B trainable, so it is pre-trained
+before it is activated; without, E = 0 and A, B frozen. Reserves are part of the map (the
+official ``loraW`` concatenates every triplet), scaled by the active ranknum.
 
-Backward, with G = dL/dy and u = x_d Ãᵀ (N, ranknum):
+Backward, with G = dL/dy and u = x_d Ãᵀ (N, R):
     dB = c Gᵀ u,   du = c G B,   dÃ = duᵀ x_d,   dA = E ⊙_rows dÃ,   dE = Σ_cols(dÃ ⊙ A)
     dx = G W0 + (du Ã) ⊙ mask          (= G (W0 + c B Ã) without dropout)
+(the step hook zeroes the frozen rows' gradients: a reserve's E, and without advance learning
+its A and B).
 
-Growth (``IncreLoraHook``, run by the Trainer after every optimizer step):
-* module score, while the budget is not reached (the official backward hook on ΔW):
-  ``s = Σ|ΔW ⊙ ∂L/∂ΔW| / √(m n)``, ``∂L/∂ΔW = Gᵀ x_d`` summed over micro-batches, ΔW before
-  the step; smoothed as the official RankAllocator: ``Ī ← β1 Ī + (1-β1) s``,
-  ``Ū ← β2 Ū + (1-β2) |s - Ī|``, importance ``Ī · Ū``. This costs one extra (m, n) product
-  per module and step until the budget is reached, as in the official code.
-* after completed step t with ``t > init_warmup`` and ``t % incre_interval == 0``, the
-  ``top_h`` modules with the highest importance (ties: model order) that still have room
-  (rank < min(m, n)) each activate ``add_r`` reserve triplets (fewer for the last one, so
-  the total lands on the budget exactly), until ``Σ ranknum == total_budget``.
-* a reserve triplet is A, B ~ N(0, 0.02²), E = 0. It is drawn from the layer's own host
-  stream when it is activated: without the paper's "advance learning" (not implemented) a
-  reserve is only its random init, so drawing it then is the same thing, holds no memory,
-  and resumes exactly from the stream's state.
-* c follows the rank, c_new = α / (ranknum + k + 1e-5). The official code lets every output
-  jump by c_new/c_old at a growth; here E is rescaled by c_old/c_new in the same step, so
-  c_new·E_new = c_old·E_old and, with the new E = 0, the output is unchanged (to rounding).
-* A, E, B grow in place (the same Parameter objects, longer arrays), so the optimizer, the
-  checkpoint keys and resume keep working. The grown module's A, E, B restart their AdamW
-  state (``optimizer.add_param(name, p)``): the new triplets get a fresh state with t = 1,
-  as a new param group gets in the official code. Padding the old moments with zeros
-  instead would keep the old triplets' moments, but torch-AdamW keeps one step counter per
-  tensor, so the new rows would get an uncorrected first update ~3x lr; the reset costs the
-  old triplets of that module their moment history (their first update is then ±lr).
-* ``total_budget`` (total rank over all modules; default ``r`` per module, so ``r`` is the
-  average final rank, the size of a LoRA of rank r) must lie in Σ init_r .. Σ min(m, n).
+Growth (``_increlora_hook.IncreLoraHook``, docs/variants.md#increlora-score): a module gains k
+triplets by activating k reserves (``ranknum += k``) and drawing k new reserves. ``growth``:
+"official" leaves E alone, so the module's existing ΔW shrinks by ranknum / (ranknum + k) and
+the output jumps; "rescale" multiplies the active E by c_old / c_new first, so the output does
+not change but for the activated reserves' E = 1e-5. A, E, B grow in place (the same
+Parameter objects, longer arrays); the hook steps them itself, with one AdamW state per
+triplet as the official per-triplet tensors have.
 
-Saving stores the grown arrays; loading adopts the saved rank (``expand_adapter_tensors``
-grows the layer to it with outputs unchanged, before the arrays are assigned).
+``total_budget`` (total rank over all modules; default ``r`` per module, so ``r`` is the
+average final rank) must lie in Σ init_r .. Σ min(m, n). Saving stores the whole arrays and
+``ranknum``; loading adopts them.
 """
 from __future__ import annotations
 
@@ -55,6 +44,10 @@ from .base import AdaptedLinear, AdapterConfig, check_int, register
 
 RANKNUM_EPS = 1e-5      # official: lora_alpha / (ranknum + 1e-5)
 INIT_STD = 0.02         # A, B ~ N(0, 0.02²) for the first and every reserve triplet
+RESERVE_E = 1e-5        # official add_reserve_param: e = 1e-5 with advance learning
+GROWTHS = ("official", "rescale")
+SCORE_BATCHES = ("last", "sum")
+RESERVE_LRS = ("constant", "schedule")
 
 
 @dataclass
@@ -69,6 +62,11 @@ class IncreLoraConfig(AdapterConfig):
     incre_interval: int = 10           # steps between growths
     beta1: float = 0.85
     beta2: float = 0.85
+    advance_learning: bool = True      # reserves pre-trained with E = 1e-5 (official default)
+    growth: str = "official"           # GROWTHS: E left alone, or rescaled (output kept)
+    score_batches: str = "last"        # SCORE_BATCHES: the last micro-batch's ∂L/∂ΔW, or Σ
+    reg_orth_coef: float = 0.1         # official compute_orth_regu weight; 0: off
+    reserve_lr: str = "constant"       # RESERVE_LRS: added triplets at the base lr (official)
 
     def __post_init__(self):
         super().__post_init__()
@@ -92,6 +90,16 @@ class IncreLoraConfig(AdapterConfig):
             if not 0.0 < float(getattr(self, name)) < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
             setattr(self, name, float(getattr(self, name)))
+        if not isinstance(self.advance_learning, bool):
+            raise ValueError(f"advance_learning must be a bool, got {self.advance_learning!r}")
+        for name, allowed in (("growth", GROWTHS), ("score_batches", SCORE_BATCHES),
+                              ("reserve_lr", RESERVE_LRS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        c = self.reg_orth_coef
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 0.0:
+            raise ValueError(f"reg_orth_coef must be a number >= 0, got {c!r}")
+        self.reg_orth_coef = float(c)
 
 
 @register("increlora", IncreLoraConfig)
@@ -104,13 +112,18 @@ class IncreLoraLinear(TripletMap, AdaptedLinear):
         self.lora_A = Parameter(backend.host_normal(rng, (cfg.init_r, n), INIT_STD, dtype, xp))
         self.lora_E = Parameter(xp.zeros((cfg.init_r,), dtype=dtype))                  # (r,)
         self.lora_B = Parameter(backend.host_normal(rng, (m, cfg.init_r), INIT_STD, dtype, xp))
+        self.ranknum = cfg.init_r   # active triplets; the rows beyond are reserves
         self.track_score = False    # set by the hook while the budget is not reached
         self.score = None           # 0-d: Σ|ΔW ⊙ ∂L/∂ΔW| / √(mn) of the current step
-        self.grad_dW = None         # ∂L/∂ΔW (m, n) summed over the step's micro-batches
+        self.grad_dW = None         # ∂L/∂ΔW (m, n): the last micro-batch's, or their sum
 
     @property
-    def ranknum(self) -> int:
+    def rows(self) -> int:
         return int(self.lora_A.shape[0])
+
+    @property
+    def reserve(self) -> int:
+        return self.rows - self.ranknum
 
     @property
     def scaling(self) -> float:
@@ -126,8 +139,8 @@ class IncreLoraLinear(TripletMap, AdaptedLinear):
         micro-batches for the hook to turn into the score (docs/variants.md#increlora-score)."""
         if self.track_score and self.training:
             grad = dy2.T @ cache.x2                                      # (m, n) = ∂L/∂ΔW
-            if self.grad_dW is None:
-                self.grad_dW = grad
+            if self.grad_dW is None or self.config.score_batches == "last":
+                self.grad_dW = grad   # official: the backward hook overwrites its score
             else:
                 self.grad_dW += grad
         return super().correction_backward(dy2, cache, need_dx)
@@ -141,31 +154,48 @@ class IncreLoraLinear(TripletMap, AdaptedLinear):
         return self.xp.abs(delta).sum() / math.sqrt(m * n)
 
     # --- growth ----------------------------------------------------------------------------
-    def grow(self, k: int, draw: bool = True) -> None:
-        """Activate ``k`` more triplets (A, B from the host stream, or zeros with ``draw=False``;
-        E = 0) and rescale E by c_old/c_new: the output does not change."""
+    def add_reserve(self, k: int, draw: bool = True) -> None:
+        """Append ``k`` reserve triplets (official ``add_reserve_param``): per triplet A (1, n)
+        then B (m, 1) ~ N(0, 0.02²) from the host stream (zeros with ``draw=False``),
+        E = 1e-5 with advance learning, else 0."""
         m, n = self.weight.shape
+        xp, dtype = self.xp, self.dtype.name
+        if self.merged:
+            raise RuntimeError("growth on a merged adapter: unmerge() first")
+        A_new, B_new = xp.zeros((k, n), dtype=dtype), xp.zeros((m, k), dtype=dtype)
+        for i in range(k if draw else 0):
+            A_new[i] = backend.host_normal(self._host_rng, (n,), INIT_STD, dtype, xp)
+            B_new[:, i] = backend.host_normal(self._host_rng, (m,), INIT_STD, dtype, xp)
+        e = RESERVE_E if self.config.advance_learning and draw else 0.0
+        self.lora_A.data = xp.concatenate([self.lora_A.data, A_new], axis=0)    # (R+k, n)
+        self.lora_E.data = xp.concatenate([self.lora_E.data,
+                                           xp.full((k,), e, dtype=dtype)])      # (R+k,)
+        self.lora_B.data = xp.concatenate([self.lora_B.data, B_new], axis=1)    # (m, R+k)
+        for p in (self.lora_A, self.lora_E, self.lora_B):
+            p.grad = None   # the old shapes; the trainer's zero-grad allocates the new ones
+        self.grad_dW = None
+
+    def grow(self, k: int, draw: bool = True) -> None:
+        """Activate ``k`` more triplets: k reserves become active (``ranknum += k``; reserves
+        are drawn first when fewer than k exist); "rescale" keeps the output by E ← E·c_old/c_new."""
         room = self.capacity - self.ranknum
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= room:
             raise ValueError(f"k must be an integer in 1..{room} (rank "
                              f"{self.ranknum} of at most min(m, n) = {self.capacity}), got {k!r}")
         if self.merged:
             raise RuntimeError("grow() on a merged adapter: unmerge() first")
-        xp, dtype = self.xp, self.dtype.name
-        if draw:
-            A_new = backend.host_normal(self._host_rng, (k, n), INIT_STD, dtype, xp)  # (k, n)
-            B_new = backend.host_normal(self._host_rng, (m, k), INIT_STD, dtype, xp)  # (m, k)
-        else:
-            A_new, B_new = xp.zeros((k, n), dtype=dtype), xp.zeros((m, k), dtype=dtype)
-        c_old = self.scaling
-        c_new = self.config.alpha / (self.ranknum + k + RANKNUM_EPS)
-        E = self.lora_E.data * (c_old / c_new)                           # (r,)
-        self.lora_A.data = xp.concatenate([self.lora_A.data, A_new], axis=0)    # (r+k, n)
-        self.lora_E.data = xp.concatenate([E, xp.zeros((k,), dtype=dtype)])     # (r+k,)
-        self.lora_B.data = xp.concatenate([self.lora_B.data, B_new], axis=1)    # (m, r+k)
-        for p in (self.lora_A, self.lora_E, self.lora_B):
-            p.grad = None   # the old shapes; the trainer's zero-grad allocates the new ones
+        if self.reserve < k:
+            self.add_reserve(k - self.reserve, draw)
+        if self.config.growth == "rescale":
+            c_old = self.scaling
+            c_new = self.config.alpha / (self.ranknum + k + RANKNUM_EPS)
+            self.lora_E.data[:self.ranknum] *= c_old / c_new
+        self.ranknum += k
         self.grad_dW = None
+
+    def switch_off_reserves(self) -> None:
+        """E = 0 on every reserve (official, once the budget is reached)."""
+        self.lora_E.data[self.ranknum:] = 0.0
 
     def end_step(self) -> None:
         """Forget the step's score buffers (the hook calls this after reading the score)."""
@@ -177,8 +207,8 @@ class IncreLoraLinear(TripletMap, AdaptedLinear):
         return {"ranknum": self.ranknum}
 
     def expand_adapter_tensors(self, tensors: dict, extra: dict) -> dict:
-        """The rank is training state: take the saved one. Growing with zero triplets keeps the
-        outputs, so a load that fails afterwards leaves the layer's map as it was."""
+        """The rank is training state: take the saved rows and ``ranknum`` (the metadata's;
+        files without it hold no reserves)."""
         shapes = {k: tuple(tensors[k].shape) for k in ("lora_A", "lora_E", "lora_B")
                   if k in tensors}
         if "lora_A" not in shapes:
@@ -187,16 +217,20 @@ class IncreLoraLinear(TripletMap, AdaptedLinear):
         R = shapes["lora_A"][0]
         want = {"lora_A": (R, n), "lora_E": (R,), "lora_B": (m, R)}
         bad = {k: s for k, s in shapes.items() if s != want[k]}
-        if bad or not 1 <= R <= self.capacity:
+        if bad or R < 1:
             raise ValueError(f"IncreLoRA tensors {shapes} do not form a rank-R adapter of this "
-                             f"{m}x{n} layer (need {want}, 1 <= R <= {self.capacity})")
-        if R > self.ranknum:
-            self.grow(R - self.ranknum, draw=False)
-        elif R < self.ranknum:   # a smaller saved adapter into a grown layer: no map to keep
+                             f"{m}x{n} layer (need {want}, R >= 1)")
+        ranknum = int((extra or {}).get("ranknum", R))
+        if not 1 <= ranknum <= min(R, self.capacity):
+            raise ValueError(f"IncreLoRA ranknum {ranknum} does not fit {R} saved triplets")
+        if R != self.rows:
             xp, dtype = self.xp, self.dtype.name
             self.lora_A.data = xp.zeros((R, n), dtype=dtype)
             self.lora_E.data = xp.zeros((R,), dtype=dtype)
             self.lora_B.data = xp.zeros((m, R), dtype=dtype)
+            for p in (self.lora_A, self.lora_E, self.lora_B):
+                p.grad = None
+        self.ranknum = ranknum
         return {}
 
     # --- training and reporting ------------------------------------------------------------

@@ -18,11 +18,19 @@ Every ``reset_interval`` (K) completed steps ``ReLoraHook`` restarts every ReLoR
   ``reset_ratio`` quantile of |v| (linear interpolation, torch.quantile's), so below 1.0 the
   largest entry survives (31 of 32 zeroed at 0.999). The step counters are kept (official).
   ``reset_ratio`` 0.999 is the paper's default; 1.0 zeroes everything, 0.0 nothing;
-* learning rate, "jagged cosine": the trainer's schedule times a ramp after each restart.
-  The i-th step after a restart (i = 0 .. restart_warmup-1) runs at ``(i+1)/restart_warmup``
-  of the schedule's rate (the trainer's own warm-up convention), then at the full rate until the
-  next restart. The official scheduler ramps ``i/W`` to the cosine envelope the same way
-  (there the step before each reset runs at lr 0; here no step is spent at lr 0).
+* learning rate, "jagged cosine" (``schedule``). "official" (default), the official
+  ``_get_cosine_schedule_with_multiple_warmups_lambda`` times the trainer's lr, with
+  T = steps, W0 = the trainer's warm-up, K = reset_interval, W = restart_warmup, ρ =
+  ``min_lr_ratio`` (None: the trainer's min_lr / lr), cos(p) = ρ + (1-ρ)·½(1 + cos πp):
+      t < W0:                t / W0                       (step 0 runs at lr 0)
+      i = t mod K < W:       i / W · cos(⌊t/K⌋·K / (T - W0))   (each restart's step i = 0: lr 0)
+      otherwise:             cos((t - W0) / (T - W0))
+  "ramp" (lowrank's earlier rule): the trainer's schedule times ``(i+1)/W`` for the i-th
+  step after a restart (no step spent at lr 0).
+* ``trainable_scaling`` (official ``--trainable_scaling``): the scale is ``tanh(θ)`` of a
+  trainable ``lora_scaling (1,)``, θ = 1 at init (α/r unused), and a restart sets θ = 0 as
+  the official ``merge_and_reinit`` does (``nn.init.zeros_(self.scaling)``). It runs as the
+  low-rank product's gate: g = tanh(θ)·1_r, c = 1, so dθ = (1 - tanh²θ) Σ_q dg_q.
 
 No restart follows the last step, so ``delta_weight()`` (s·BA of the current cycle; the merged
 history lives in W0) stays the final cycle's. After k restarts ``rank(W - W_init)`` can reach
@@ -37,16 +45,19 @@ merged cycles.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 from .. import backend
 from ..decompose import check_rank
 from ..hooks import StepHook
 from ..module import Parameter
+from ._lowrank import LowRankParts
 from .base import AdapterConfig, register
 from .lora import LoraLinear, lora_factors
 
 RESETS = ("random", "magnitude")
+SCHEDULES = ("official", "ramp")
 RANK_RTOL = 1e-8     # report: singular values > 1e-8 · σ_max count towards rank(W - W_init)
 
 
@@ -56,6 +67,9 @@ class ReLoraConfig(AdapterConfig):
     restart_warmup: int = 5         # steps of the LR ramp after each restart
     optimizer_reset: str = "random"
     reset_ratio: float = 0.999      # fraction of the adapter's AdamW moments zeroed
+    schedule: str = "official"      # one of SCHEDULES: the jagged learning rate
+    min_lr_ratio: float | None = None   # official floor ρ; None: the trainer's min_lr / lr
+    trainable_scaling: bool = False     # scale tanh(θ), θ trainable (official option)
 
     def __post_init__(self):
         super().__post_init__()
@@ -72,6 +86,14 @@ class ReLoraConfig(AdapterConfig):
         if not 0.0 <= float(self.reset_ratio) <= 1.0:
             raise ValueError(f"reset_ratio must be in [0, 1], got {self.reset_ratio!r}")
         self.reset_ratio = float(self.reset_ratio)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        rho = self.min_lr_ratio
+        if rho is not None and (isinstance(rho, bool) or not isinstance(rho, (int, float))
+                                or not 0.0 < rho <= 1.0):
+            raise ValueError(f"min_lr_ratio must be in (0, 1] or None, got {rho!r}")
+        if not isinstance(self.trainable_scaling, bool):
+            raise ValueError(f"trainable_scaling must be a bool, got {self.trainable_scaling!r}")
 
 
 def restart_lr_factor(step: int, reset_interval: int, restart_warmup: int) -> float:
@@ -80,6 +102,21 @@ def restart_lr_factor(step: int, reset_interval: int, restart_warmup: int) -> fl
         return 1.0
     i = step % reset_interval
     return (i + 1) / restart_warmup if i < restart_warmup else 1.0
+
+
+def official_lr_lambda(step: int, total: int, first_warmup: int, restart_warmup: int,
+                       reset_interval: int, min_lr_ratio: float) -> float:
+    """The official jagged-cosine multiplier of 0-based ``step`` (docs/variants.md#relora)."""
+    if step < first_warmup:
+        return step / max(1, first_warmup)
+    span = max(1, total - first_warmup)
+    i, cycle = step % reset_interval, step // reset_interval
+    if i < restart_warmup:
+        top = min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (
+            1.0 + math.cos(math.pi * cycle * reset_interval / span))
+        return i / max(1, restart_warmup) * top
+    progress = (step - first_warmup) / span
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def prune_moment(v, ratio: float, method: str, rng) -> None:
@@ -112,8 +149,26 @@ class ReLoraLinear(LoraLinear):
         A, B, _ = lora_factors(self.weight.data, cfg.r, self.scaling, "kaiming", rng)
         self.lora_A = Parameter(A)   # (r, n), "lora_A.weight"
         self.lora_B = Parameter(B)   # (m, r), "lora_B.weight"
+        if cfg.trainable_scaling:    # θ (1,), official torch.tensor([1.])
+            self.lora_scaling = Parameter(self.xp.ones((1,), dtype=self.dtype))
         self.restarts = 0
         self.history = None          # W - W_init minus the current cycle (float64), if tracked
+
+    # --- trainable scaling: the product's gate g = tanh(θ)·1_r, c = 1 ------------------------
+    def lowrank_parts(self):
+        if not self.config.trainable_scaling:
+            return super().lowrank_parts()
+        xp, theta = self.xp, self.lora_scaling
+        gate = xp.broadcast_to(xp.tanh(theta.data), (self.config.r,))     # (r,)
+        return LowRankParts(self.lora_A.data, self.lora_B, 1.0, gate,
+                            need_dP=self.lora_A.trainable, need_dg=theta.trainable)
+
+    def accumulate_lowrank(self, dA, dg) -> None:
+        if dg is not None:    # dθ = (1 - tanh²θ) Σ_q dg_q
+            t = self.xp.tanh(self.lora_scaling.data)                     # (1,)
+            self.lora_scaling.accumulate((1.0 - t * t) * dg.sum())
+        if dA is not None:
+            self.lora_A.accumulate(dA)                                   # (r, n)
 
     def track_history(self) -> None:
         if self.history is None:
@@ -129,6 +184,8 @@ class ReLoraLinear(LoraLinear):
         self.weight.data = W
         A, B, _ = lora_factors(W, self.config.r, self.scaling, "kaiming", self._host_rng)
         self.lora_A.data, self.lora_B.data = A, B
+        if self.config.trainable_scaling:   # official merge_and_reinit: zeros_(scaling)
+            self.lora_scaling.data = self.xp.zeros((1,), dtype=self.dtype)
         self.restarts += 1
 
     def weight_change(self):
@@ -188,7 +245,13 @@ class ReLoraHook(StepHook):
 
     def lr_at(self, trainer, step: int, lr: float) -> float:
         cfg = self.config
-        return lr * restart_lr_factor(step, cfg.reset_interval, cfg.restart_warmup)
+        if cfg.schedule == "ramp":
+            return lr * restart_lr_factor(step, cfg.reset_interval, cfg.restart_warmup)
+        c = trainer.config
+        rho = cfg.min_lr_ratio if cfg.min_lr_ratio is not None else \
+            (c.min_lr / c.lr if c.lr > 0 else 1.0)
+        return c.lr * official_lr_lambda(step, c.steps, c.warmup, cfg.restart_warmup,
+                                         cfg.reset_interval, rho)
 
     def after_step(self, trainer) -> None:
         done = trainer.step + 1    # trainer.step counts completed steps before this one
@@ -221,4 +284,5 @@ class ReLoraHook(StepHook):
         probe.history = backend.asarray(state["history"], dtype="float64", xp=probe.xp)
 
 
-__all__ = ["ReLoraConfig", "ReLoraLinear", "ReLoraHook", "restart_lr_factor", "prune_moment"]
+__all__ = ["ReLoraConfig", "ReLoraLinear", "ReLoraHook", "restart_lr_factor",
+           "official_lr_lambda", "prune_moment"]

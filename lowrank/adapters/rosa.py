@@ -1,30 +1,37 @@
 """RoSA (Nikdan et al., 2401.04679) — low-rank plus sparse adaptation — docs/variants.md#rosa.
 
-    y = x W0ᵀ + b0 + s · (x_d Aᵀ) Bᵀ + x_d Sᵀ,      s = α/r
+    y = x W0ᵀ + b0 + s · (x_d Aᵀ) Bᵀ + x Sᵀ,      s = α/r
 
 S (m, n) is sparse with a fixed support of nnz = max(1, ⌊d·m·n⌋) entries (the official code
 takes ⌊d·numel⌋); its values (``rosa_values (nnz,)``, init 0) train, its support does not.
-Backward, with G = dL/dy and u = x_d Aᵀ:
+``sparse_input``: "x" (default, the official ``result += spa_module(x)``) applies S to the
+undropped input, "x_d" to the dropped-out one (identical without dropout). Backward, with
+G = dL/dy, u = x_d Aᵀ and x_S the input S saw:
     dB = s Gᵀ u,   du = s G B,   dA = duᵀ x_d,
-    dS[i, j] = Σ_rows G[:, i] x_d[:, j]   for (i, j) in the support only (O(nnz·N)),
-    dx = G W0 + (du A + G S) ⊙ mask       (without dropout: dx = G (W0 + s BA + S))
+    dS[i, j] = Σ_rows G[:, i] x_S[:, j]   for (i, j) in the support only (O(nnz·N)),
+    dx = G (W0 + S) + (du A) ⊙ mask       ("x"; "x_d": G W0 + (du A + G S) ⊙ mask)
 
 Support (the paper's GradMask, the official ``RosaScheduler``): ``warmup_steps`` LoRA-only
 steps, then ``collect_steps`` steps during which each layer forms ``dW0 = Gᵀ x`` — only then,
-and into its own accumulator ``score += dW0²`` (squared per backward call, as the official
-``mean_squared`` mode), never into W0's grad: W0 stays frozen — then the top nnz entries of
-the score (ties to the lower row-major index) become the support, for good. Until then S is
-empty and the layer is a LoRA. ``support="random"`` picks a uniform random support at init
-instead (no collection; an ablation, and it lets the contract battery exercise S).
+and into its own accumulator, never into W0's grad: W0 stays frozen — then the top nnz
+entries of the score (ties to the lower row-major index) become the support, for good.
+``grad_acc_mode`` (the official option): "mean_squared" (default) scores Σ (Gᵀx)² per
+backward call, "mean" scores |Σ Gᵀx|. Until then S is empty and the layer is a LoRA.
+``support="random"`` picks a uniform random support at init instead (no collection; an
+ablation, and it lets the contract battery exercise S).
 
-Storage: S is a real CSR matrix (``lowrank.backend.sparse``: scipy.sparse on NumPy,
-cupyx.scipy.sparse on CuPy) built over ``rosa_values`` without copying: O(nnz) memory. The
-support is also kept as the non-trainable int64 Parameter ``rosa_indices (nnz,)`` (flat
-row-major ``i·n + j``, all −1 before selection), so checkpoints save and restore it with the
-values and every shape is fixed from construction (no AdamW state of a changing shape: the
-values' moments are restarted with ``optimizer.add_param`` when the support is chosen).
-Without dropout the forward uses one effective weight ``W0 + s BA`` with S's values added
-on the support (O(nnz)), like LoraLinear; with dropout S multiplies as CSR: ``(S x_dᵀ)ᵀ``.
+``restart`` (default True, the official two-run pipeline: a run that saves the masks, then a
+run from scratch with the masks loaded): once the support is chosen, A and B return to their
+initial values (what the second run, same seed, draws), every AdamW state restarts, and the
+learning-rate schedule starts again over the remaining steps. False continues from the
+warm-up state (lowrank's earlier behaviour). ``lora_lr`` (official ``rosa.lora_lr``): A and B
+get their own AdamW (the hook's), at the run's schedule times ``lora_lr / lr``, as a param
+group with its own initial lr under one LambdaLR.
+
+Storage: S is a CSR matrix (``lowrank.backend.sparse``) over ``rosa_values``: O(nnz) memory;
+the support is the non-trainable int64 ``rosa_indices (nnz,)`` (flat ``i·n + j``, −1 before
+selection), saved with the values. Without dropout the forward uses one effective weight
+``W0 + s BA + S`` (S added on its support); with dropout S multiplies as CSR: ``(S xᵀ)ᵀ``.
 """
 from __future__ import annotations
 
@@ -37,11 +44,14 @@ from ..backend import sparse as bsparse
 from ..decompose import check_rank
 from ..hooks import StepHook
 from ..module import Parameter
+from ..optim import AdamW, lr_at
 from ._lowrank import LowRankMap, LowRankParts
 from .base import AdaptedLinear, AdapterConfig, check_int, register
 from .lora import lora_factors
 
 SUPPORTS = ("gradient", "random")
+SPARSE_INPUTS = ("x", "x_d")
+GRAD_ACC_MODES = ("mean_squared", "mean")
 
 
 class RosaState(NamedTuple):
@@ -56,6 +66,10 @@ class RosaConfig(AdapterConfig):
     warmup_steps: int = 0     # LoRA-only steps before the collection (official "wl<k>")
     collect_steps: int = 1    # steps whose W0 gradients score the support (spa_num_grads)
     support: str = "gradient"
+    sparse_input: str = "x"   # one of SPARSE_INPUTS: S on the undropped x (official) or x_d
+    grad_acc_mode: str = "mean_squared"   # one of GRAD_ACC_MODES (official spelling)
+    restart: bool = True      # after selection: initial LoRA, fresh optimizer and schedule
+    lora_lr: float | None = None   # A, B's own lr (official rosa.lora_lr); None: the run's
 
     def __post_init__(self):
         super().__post_init__()
@@ -65,8 +79,16 @@ class RosaConfig(AdapterConfig):
         self.density = float(d)
         check_int("warmup_steps", self.warmup_steps, 0)
         check_int("collect_steps", self.collect_steps, 1)
-        if self.support not in SUPPORTS:
-            raise ValueError(f"support must be one of {SUPPORTS}, got {self.support!r}")
+        for name, allowed in (("support", SUPPORTS), ("sparse_input", SPARSE_INPUTS),
+                              ("grad_acc_mode", GRAD_ACC_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.restart, bool):
+            raise ValueError(f"restart must be a bool, got {self.restart!r}")
+        lr = self.lora_lr
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))
+                               or not lr > 0):
+            raise ValueError(f"lora_lr must be a number > 0 or None, got {lr!r}")
 
 
 def support_size(density: float, m: int, n: int) -> int:
@@ -84,6 +106,7 @@ class RosaLinear(LowRankMap, AdaptedLinear):
         A, B, _ = lora_factors(self.weight.data, cfg.r, self.scaling, "kaiming", rng)
         self.lora_A = Parameter(A)                                       # (r, n)
         self.lora_B = Parameter(B)                                       # (m, r)
+        self.initial_lora = (A.copy(), B.copy())   # what a restart returns to
         self.nnz = support_size(cfg.density, m, n)
         self.rosa_values = Parameter(xp.zeros((self.nnz,), dtype=self.dtype))      # (nnz,)
         indices = xp.full((self.nnz,), -1, dtype="int64")                          # (nnz,)
@@ -125,14 +148,23 @@ class RosaLinear(LowRankMap, AdaptedLinear):
         """Fix the support to the top-nnz entries of the collected score; values restart at 0."""
         if self.score is None:
             raise RuntimeError("select_support() needs collected W0 gradients (score is None)")
-        flat = bsparse.top_k_flat(self.score, self.nnz)                  # (nnz,)
+        score = self.score if self.config.grad_acc_mode == "mean_squared" \
+            else self.xp.abs(self.score)
+        flat = bsparse.top_k_flat(score, self.nnz)                       # (nnz,)
         self.rosa_indices.data = flat
         self.rosa_values.data = self.xp.zeros((self.nnz,), dtype=self.dtype)
         self.score, self.collecting = None, False
 
+    def restart_lora(self) -> None:
+        """A and B back to their initial values (the official second run's init)."""
+        A, B = self.initial_lora
+        self.lora_A.data, self.lora_B.data = A.copy(), B.copy()
+
     def add_score(self, dW0) -> None:
-        """``score += dW0²`` (in place; ``dW0`` is consumed)."""
-        dW0 *= dW0
+        """``score += dW0²`` ("mean_squared") or ``score += dW0`` ("mean"); ``dW0`` is
+        consumed."""
+        if self.config.grad_acc_mode == "mean_squared":
+            dW0 *= dW0
         if self.score is None:
             self.score = dW0
         else:
@@ -149,39 +181,63 @@ class RosaLinear(LowRankMap, AdaptedLinear):
     def has_delta_path(self) -> bool:
         return False   # the multi-adapter path keeps running RoSA through forward/backward
 
+    def _on_x(self) -> bool:
+        return self.config.sparse_input == "x"
+
+    def _correction(self, x, x_d, mask):
+        """The dropout branch: ``s (x_d Aᵀ) Bᵀ + x_S Sᵀ`` (…, m), x_S = x or x_d."""
+        delta, cache = super()._correction(x, x_d, mask)
+        pattern = cache.state.pattern
+        if pattern is not None and self._on_x():
+            x_flat = x.reshape(-1, self.in_features)                     # (N, n)
+            S = pattern.matrix(self.rosa_values.data)
+            delta += bsparse.matmul(S, x_flat.T).T.reshape(delta.shape)  # (m, N)ᵀ
+        return delta, cache
+
     def correction_forward(self, x2):
-        """``s (x_d Aᵀ) Bᵀ + x_d Sᵀ`` (N, m); S multiplies as CSR: ``(S x_dᵀ)ᵀ``."""
+        """``s (x_d Aᵀ) Bᵀ`` (N, m), plus ``x_d Sᵀ`` for sparse_input="x_d"; S multiplies
+        as CSR: ``(S x_dᵀ)ᵀ``."""
         delta, state = super().correction_forward(x2)                    # (N, m)
         pattern = self.pattern
-        if pattern is not None:
+        if pattern is not None and not self._on_x():
             S = pattern.matrix(self.rosa_values.data)
             delta += bsparse.matmul(S, x2.T).T                           # (m, N)ᵀ
         return delta, RosaState(state.u, state.P, pattern)
+
+    def base_input_grad(self, dy, dx_adapter):
+        """``G (W0 + S) + dx_adapter`` when S sees the undropped x (its dx is not masked)."""
+        dx = super().base_input_grad(dy, dx_adapter)                     # (..., n)
+        S = self.sparse_matrix() if self._on_x() else None
+        if S is not None:
+            dy2 = dy.reshape(-1, self.out_features)                      # (N, m)
+            dx += bsparse.matmul(S, dy2.T, transpose=True).T.reshape(dx.shape)   # G S
+        return dx
 
     def correction_backward(self, dy2, cache, need_dx: bool):
         """The LoRA gradients, dS on the support (O(nnz·N)), and while collecting the score's
         ``Gᵀ x`` — the only place it is formed; W0 itself gets no gradient."""
         dx = super().correction_backward(dy2, cache, need_dx)            # (N, n) du A
         pattern = self.pattern if cache.state is None else cache.state.pattern
+        x_flat = cache.x.reshape(-1, self.in_features)                   # (N, n) undropped
         if pattern is not None and self.rosa_values.trainable:
+            x_S = x_flat if self._on_x() else cache.x2
             self.rosa_values.accumulate(
-                bsparse.support_grad(dy2, cache.x2, pattern.rows, pattern.indices))   # (nnz,)
+                bsparse.support_grad(dy2, x_S, pattern.rows, pattern.indices))   # (nnz,)
         if self.collecting:
-            self._collect(dy2.T @ cache.x.reshape(-1, self.in_features))   # (m, n) = Gᵀ x
-        if need_dx and pattern is not None:
+            self._collect(dy2.T @ x_flat)                                # (m, n) = Gᵀ x
+        if need_dx and pattern is not None and not self._on_x():   # "x": base_input_grad
             S = pattern.matrix(self.rosa_values.data)
             dx += bsparse.matmul(S, dy2.T, transpose=True).T             # (n, N)ᵀ = G S
         return dx
 
     def _collect(self, dW0) -> None:
         self.w0_grad_products += 1
-        if self.defer_square:   # data parallel: the hook averages over ranks, then squares
-            if self.pending_dW0 is None:
-                self.pending_dW0 = dW0
-            else:
-                self.pending_dW0 += dW0
-        else:
+        if not self.defer_square:
             self.add_score(dW0)
+        elif self.pending_dW0 is None:   # data parallel: the hook averages over ranks first
+            self.pending_dW0 = dW0
+        else:
+            self.pending_dW0 += dW0
 
     def effective_weight(self):
         """``W0 + s·BA + S`` (m, n); S's values are added on its support, O(nnz)."""
@@ -204,12 +260,11 @@ class RosaLinear(LowRankMap, AdaptedLinear):
         """Bytes of S as CSR (data + indices + indptr) against a dense ΔW (m·n·itemsize)."""
         m, n = self.weight.shape
         itemsize = int(self.weight.data.itemsize)
-        pattern = self.pattern
-        if pattern is None:   # what the CSR will take once chosen: int32 indices and indptr
+        if self.pattern is not None:
+            sizes = self.pattern.nbytes(itemsize)
+        else:   # what the CSR will take once chosen: int32 indices and indptr
             sizes = {"data": self.nnz * itemsize, "indices": 4 * self.nnz, "indptr": 4 * (m + 1)}
             sizes["total"] = sum(sizes.values())
-        else:
-            sizes = pattern.nbytes(itemsize)
         return {**sizes, "dense": m * n * itemsize}
 
     def demo_report(self) -> dict:
@@ -245,15 +300,27 @@ class RosaHook(StepHook):
 
     def __init__(self, model):
         self.layers = RosaLinear.layers_of(model)
+        self.lora_opt = None       # A and B's own AdamW with lora_lr (set by bind)
         self.steps_done = 0
+        self.restarted_at = None   # completed steps when the run restarted (restart=True)
         self._arm()
 
     def bind(self, trainer) -> None:
         """Under data parallel each rank sees a slice of the batch: square the rank-averaged
-        Gᵀx (what one process computes), not each rank's own."""
+        Gᵀx (what one process computes), not each rank's own. With ``lora_lr`` the LoRA
+        factors get their own AdamW."""
         self.comm = trainer.comm
         for _, m in self.layers:
             m.defer_square = trainer.comm.size > 1
+        self.lora_opt = None
+        if self.layers and self.layers[0][1].config.lora_lr is not None:
+            self.lora_opt = AdamW([(f"{n}.{k}", getattr(m, k)) for n, m in self.layers
+                                   for k in ("lora_A", "lora_B") if getattr(m, k).trainable],
+                                  lr=self.layers[0][1].config.lora_lr,
+                                  weight_decay=trainer.config.weight_decay)
+
+    def owns(self, name, p) -> bool:
+        return self.lora_opt is not None and self.lora_opt.name_of(p) is not None
 
     def extra_loss(self, trainer) -> float:
         for _, m in self.layers:
@@ -264,30 +331,56 @@ class RosaHook(StepHook):
                 m.add_score(pending)
         return 0.0
 
-    def _collecting(self, m, step: int) -> bool:
-        cfg = m.config
-        return (cfg.support == "gradient" and not m.support_selected
-                and cfg.warmup_steps < step <= cfg.warmup_steps + cfg.collect_steps)
-
     def _arm(self) -> None:
-        """Switch the W0-gradient collection on exactly for the coming step."""
+        """Switch the W0-gradient collection on exactly for the coming step k (1-based)."""
+        k = self.steps_done + 1
         for _, m in self.layers:
-            m.collecting = self._collecting(m, self.steps_done + 1)
+            cfg = m.config
+            m.collecting = (cfg.support == "gradient" and not m.support_selected
+                            and cfg.warmup_steps < k <= cfg.warmup_steps + cfg.collect_steps)
+
+    def lr_at(self, trainer, step: int, lr: float) -> float:
+        """After a restart the schedule starts again: warm-up and cosine over the steps
+        left, as the official second run's own schedule."""
+        k = self.restarted_at
+        if k is None or step < k:
+            return lr
+        c = trainer.config
+        return lr_at(step - k, c.lr, c.warmup, max(1, c.steps - k), c.min_lr)
 
     def after_step(self, trainer) -> None:
+        if self.lora_opt is not None:
+            c = trainer.config
+            ratio = self.lora_opt.lr / c.lr if c.lr > 0 else 1.0
+            self.lora_opt.step(trainer.lr_at(trainer.step) * ratio)
         self.steps_done = trainer.step + 1
+        selected = []
         for name, m in self.layers:
             cfg = m.config
             if (self.steps_done == cfg.warmup_steps + cfg.collect_steps
                     and cfg.support == "gradient" and not m.support_selected):
                 m.select_support()
+                selected.append(m)
                 # the values enter training now: their AdamW state starts fresh (bias
                 # correction from t = 1), whatever zero-gradient steps it counted before
                 trainer.optimizer.reset_state(m.rosa_values)
+        if selected and selected[0].config.restart:
+            self.restart(trainer.optimizer)
         self._arm()
 
+    def restart(self, optimizer) -> None:
+        """The official second run: initial LoRA, every optimizer state fresh, the schedule
+        from its start (``lr_at``); the supports stay."""
+        for _, m in self.layers:
+            m.restart_lora()
+        for opt in (optimizer, self.lora_opt):
+            for p in list(opt.params.values()) if opt is not None else ():
+                opt.reset_state(p)
+        self.restarted_at = self.steps_done
+
     def state_dict(self) -> dict:
-        return {"steps_done": self.steps_done,
+        return {"steps_done": self.steps_done, "restarted_at": self.restarted_at,
+                "lora_opt": None if self.lora_opt is None else self.lora_opt.state_dict(),
                 "scores": {name: backend.to_numpy(m.score).copy()
                            for name, m in self.layers if m.score is not None}}
 
@@ -297,6 +390,10 @@ class RosaHook(StepHook):
         if unknown:
             raise ValueError(f"RoSA score state for unknown modules: {unknown}")
         self.steps_done = int(state["steps_done"])
+        at = state.get("restarted_at")
+        self.restarted_at = None if at is None else int(at)
+        if self.lora_opt is not None and state.get("lora_opt") is not None:
+            self.lora_opt.load_state_dict(state["lora_opt"])
         for name, m in self.layers:
             score = state.get("scores", {}).get(name)
             m.score = None if score is None else backend.asarray(score, dtype=m.dtype, xp=m.xp)

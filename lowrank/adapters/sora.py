@@ -8,14 +8,22 @@ A is kaiming-uniform and B = 0 as in LoRA; the gate ``g (r,) ~ N(0, 1)`` (the of
     dx = G W0 + (du A) ⊙ mask         (without dropout: dx = G (W0 + s B diag(g) A))
 
 The gate is not stepped by AdamW: the Trainer hook (``SoraLinear.step_hook``) claims it and,
-after the AdamW step, gives it its own step followed by the proximal step of the L1 penalty
+after the AdamW step, gives it its own step followed by a threshold (``threshold``):
 
-    g ← sign(g) · max(|g| − ξ_t, 0)                                    (soft threshold)
+    "official" (default): the three in-place masks of the official ``SparseAdamW.step``,
+        g[g > ξ] −= ξ;  g[g < −ξ] += ξ;  g[|g| < ξ] = 0
+        so every ξ < |g| < 2ξ is first shrunk below ξ and then zeroed: |g| < 2ξ → 0 (the two
+        boundary values ±ξ, ±2ξ end at ±ξ), the rest shrink by ξ
+    "soft": the proximal step of ξ‖g‖₁, g ← sign(g) · max(|g| − ξ, 0)
+
+and, as the official trainer's ``compute_loss`` does, the loss gets ``loss_lambda · Σ|g| / #g``
+over all gates of the model (official ``--sparse_lambda``; its gradient
+``loss_lambda · sign(g) / #g`` goes into the gates' .grad before clipping; 0 turns it off).
 
 Gate optimizer (``gate_optimizer``): "adam" is the official code's ``SparseAdamW`` (HF AdamW:
-betas (0.9, 0.999), eps 1e-6 added to √v before the bias correction, no weight decay);
-"sgd" is the paper's plain proximal gradient step ``g ← T_ξ(g − η ∇g)``. The threshold is ξ
-itself, not η·ξ, as in the official ``sparse_optimizer.py`` (the one its run_glue.py uses).
+betas (0.9, 0.999), eps 1e-6 added to √v before the bias correction, no weight decay), the
+threshold ξ itself; "sgd" is the paper's proximal gradient step, threshold η·ξ:
+``g ← T_{ηξ}(g − η ∇g)``.
 
 ξ schedule (the official ``SparseAdamW._build_lambda_list``, made per step): with f the ramp
 fraction ``min(1, step / (T − 1))``, T = ``lambda_steps`` (0: the whole run):
@@ -45,6 +53,7 @@ from .lora import LoraLinear, lora_factors
 
 LAMBDA_SCHEDULES = ("constant", "linear", "log_linear")
 GATE_OPTIMIZERS = ("adam", "sgd")
+THRESHOLDS = ("official", "soft")
 _BETAS, _EPS = (0.9, 0.999), 1e-6   # HF transformers.AdamW defaults, as SparseAdamW uses
 
 
@@ -60,12 +69,18 @@ class SoraConfig(AdapterConfig):
     lambda_steps: int = 0              # ramp length in optimizer steps; 0: the whole run
     gate_lr: float | None = None       # None: the trainer's lr (official sparse_lr default)
     gate_optimizer: str = "adam"       # one of GATE_OPTIMIZERS
+    threshold: str = "official"        # one of THRESHOLDS: the three masks, or the soft one
+    loss_lambda: float = 1e-3          # L1 term in the loss, λ·mean|g|; official sparse_lambda
 
     def __post_init__(self):
         super().__post_init__()
-        if not _number(self.sparse_lambda) or self.sparse_lambda < 0:
-            raise ValueError(f"sparse_lambda must be a number >= 0, got {self.sparse_lambda!r}")
-        self.sparse_lambda = float(self.sparse_lambda)
+        for name in ("sparse_lambda", "loss_lambda"):
+            value = getattr(self, name)
+            if not _number(value) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            setattr(self, name, float(value))
+        if self.threshold not in THRESHOLDS:
+            raise ValueError(f"threshold must be one of {THRESHOLDS}, got {self.threshold!r}")
         if self.lambda_schedule not in LAMBDA_SCHEDULES:
             raise ValueError(f"lambda_schedule must be one of {LAMBDA_SCHEDULES}, "
                              f"got {self.lambda_schedule!r}")
@@ -104,6 +119,21 @@ def soft_threshold(g, xi: float):
     """``sign(g) · max(|g| − ξ, 0)``: the proximal operator of ξ‖g‖₁."""
     xp = backend.get_namespace(g)
     return xp.sign(g) * xp.maximum(xp.abs(g) - float(xi), 0.0)
+
+
+def masked_threshold(g, xi: float):
+    """The official ``SparseAdamW.step`` threshold: three masks applied in sequence (each sees
+    the previous one's result), so |g| < 2ξ ends at 0 and the rest shrink by ξ."""
+    xp, xi = backend.get_namespace(g), float(xi)
+    if xi <= 0.0:
+        return g                                 # official: only when sparse_lambda > 0
+    g = xp.where(g > xi, g - xi, g)
+    g = xp.where(g < -xi, g + xi, g)
+    return xp.where(xp.abs(g) < xi, xp.zeros_like(g), g)
+
+
+def threshold(g, xi: float, kind: str):
+    return masked_threshold(g, xi) if kind == "official" else soft_threshold(g, xi)
 
 
 @register("sora", SoraConfig)
@@ -204,6 +234,22 @@ class SoraHook(StepHook):
     def owns(self, name, p) -> bool:
         return any(p is m.lora_gate for _, m in self.layers)
 
+    def extra_loss(self, trainer) -> float:
+        """The official trainer's ``loss_lambda · Σ|g| / #g`` over all gates (``#g`` counts
+        every gate entry of the model); its gradient ``loss_lambda · sign(g) / #g``."""
+        lam = self.layers[0][1].config.loss_lambda if self.layers else 0.0
+        if lam == 0.0:
+            return 0.0
+        count = sum(int(m.lora_gate.data.size) for _, m in self.layers)
+        total = 0.0
+        for _, m in self.layers:
+            g = m.lora_gate
+            xp = backend.get_namespace(g.data)
+            total += float(xp.abs(g.data).sum())
+            if g.trainable:
+                g.accumulate(xp.sign(g.data) * (lam / count))             # (r,)
+        return lam * total / count
+
     def after_step(self, trainer) -> None:
         c, step = trainer.config, trainer.step      # step: 0-based index of this step
         for name, m in self.layers:
@@ -211,12 +257,13 @@ class SoraHook(StepHook):
             if not g.trainable or g.grad is None:
                 continue
             lr = self.gate_lr(trainer, cfg)
+            xi = lambda_at(cfg, step, c.steps)
             if cfg.gate_optimizer == "sgd":
                 g.data -= lr * g.grad
+                xi *= lr                          # the paper's proximal step: T_{ηξ}
             else:
                 self._adam(name, g, lr)
-            xi = lambda_at(cfg, step, c.steps)
-            g.data = soft_threshold(g.data, xi)
+            g.data = threshold(g.data, xi, cfg.threshold)
             self.last_lambda = xi
 
     @staticmethod
