@@ -1,6 +1,6 @@
 """Training text without downloads, and the token stream the trainer samples windows from.
 
-Host-side I/O (SPEC §0): everything here is NumPy on the host; the trainer moves batches to
+Host-side I/O (docs/conventions.md#host-io): everything here is NumPy on the host; the trainer moves batches to
 the device with ``lowrank.backend.asarray``.
 
 Corpora that ship with every CPython, so runs work offline:

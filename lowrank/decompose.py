@@ -1,4 +1,4 @@
-"""The seed's decomposition ``W = U diag(S) Vt + residual`` (SPEC §1).
+"""The seed's decomposition ``W = U diag(S) Vt + residual`` (docs/decompose.md#svd-split).
 
 ``exact`` keeps the top r triplets of the thin SVD (optimal, Eckart–Young).
 ``randomized`` is Halko–Martinsson–Tropp (2011): a Gaussian sketch with ``oversample``

@@ -5,7 +5,7 @@
 * ``finite_diff`` — central differences and a host-side relative error;
 * ``torch_twin``  — a LoRA linear written directly in torch, for autograd gradients;
 * ``peft_parity`` — the same layer built by PEFT (huggingface/peft), the reference semantics;
-* ``torch_gpt``   — a torch twin of the mini GPT (SPEC §3), under the same rule;
+* ``torch_gpt``   — a torch twin of the mini GPT (docs/models.md#gpt), under the same rule;
 * ``official``    — the authors' update rules (SoRA's SparseAdamW, RoSA's two runs,
   IncreLoRA's allocator, ReLoRA's jagged schedule) transcribed naively in NumPy.
 

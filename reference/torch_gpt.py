@@ -1,7 +1,7 @@
-"""A torch twin of ``lowrank.GPT`` (SPEC §3), written directly in torch — the autograd oracle.
+"""A torch twin of ``lowrank.GPT`` (docs/models.md#gpt), written directly in torch — the autograd oracle.
 
 It does not import lowrank: parity tests load the same weights into both from a dict of
-NumPy arrays keyed by the SPEC names (``tok_emb.weight``, ``blocks.0.attn.q.weight``, ...),
+NumPy arrays keyed by lowrank's parameter names (``tok_emb.weight``, ``blocks.0.attn.q.weight``, ...),
 which are also this module's ``state_dict`` keys.
 """
 from __future__ import annotations
@@ -79,7 +79,7 @@ class TorchGPT(nn.Module):
         return cls(**config, dtype=dtype)
 
     def load_numpy(self, weights: dict) -> "TorchGPT":
-        """Copy ``{SPEC name: numpy array}`` into the parameters (strict: every key, no extra)."""
+        """Copy ``{parameter name: numpy array}`` into the parameters (strict: every key, no extra)."""
         dtype = next(self.parameters()).dtype
         state = {k: torch.tensor(v, dtype=dtype) for k, v in weights.items()}
         self.load_state_dict(state, strict=True)

@@ -1,4 +1,4 @@
-"""SPEC §1: W = U diag(S) Vt + residual, exact and randomized, as Hypothesis properties."""
+"""docs/decompose.md#svd-split: W = U diag(S) Vt + residual, exact and randomized, as Hypothesis properties."""
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st

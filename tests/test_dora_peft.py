@@ -1,4 +1,4 @@
-"""DoRA parity with PEFT ``LoraConfig(use_dora=True)`` (SPEC §2.3), float32, rel. error < 1e-5.
+"""DoRA parity with PEFT ``LoraConfig(use_dora=True)`` (docs/variants.md#dora), float32, rel. error < 1e-5.
 
 Our factors (nonzero B, a magnitude moved off its init) are copied into PEFT; PEFT's dropout is
 replaced by the same fixed mask (``reference.peft_dora.MaskDropout``). PEFT detaches the weight

@@ -1,4 +1,4 @@
-"""The mini GPT (SPEC §3): parameter names, whole-model finite differences, the torch twin,
+"""The mini GPT (docs/models.md#gpt): parameter names, whole-model finite differences, the torch twin,
 AdamW against torch.optim.AdamW, input validation, and frozen parameters costing nothing."""
 import math
 

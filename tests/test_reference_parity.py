@@ -1,4 +1,4 @@
-"""LoRA / rsLoRA parity against independent oracles (SPEC §2.1, contract item 3).
+"""LoRA / rsLoRA parity against independent oracles (docs/variants.md#lora, contract item 3).
 
 * ``reference.naive``       — dense float64 NumPy formulas:      rel. error < 1e-12;
 * ``reference.torch_twin``  — torch autograd, float64:            rel. error < 1e-10;

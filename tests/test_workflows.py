@@ -39,7 +39,7 @@ def test_inject_wraps_matching_linears_and_freezes_the_rest(xp):
                          for f in ("lora_A", "lora_B")]
     after, _ = model.forward(idx)
     assert float(abs(after - before).max()) == 0.0     # kaiming init: B = 0
-    # the base weight keeps its SPEC name inside the adapter
+    # the base weight keeps its documented name (docs/models.md#parameter-names) inside the adapter
     assert "blocks.0.attn.q.weight" in dict(model.named_parameters())
 
 
@@ -249,7 +249,7 @@ def test_first_block_skips_its_input_gradient_yet_adapter_grads_are_exact(monkey
 
 
 def test_public_save_and_load_round_trip(tmp_path):
-    """SPEC §4: ``lr.save(model, path)`` / ``lr.load(path)``."""
+    """docs/api.md#save-load: ``lr.save(model, path)`` / ``lr.load(path)``."""
     model = tiny_model()
     lr.save(model, tmp_path / "m")
     loaded = lr.load(tmp_path / "m")

@@ -1,6 +1,6 @@
-"""Sparse matrices on every backend: CSR with a fixed support (RoSA's S, SPEC §2.6).
+"""Sparse matrices on every backend: CSR with a fixed support (RoSA's S, docs/variants.md#rosa).
 
-The backend is the only place that imports scipy/cupyx (SPEC §0), so the few sparse
+The backend is the only place that imports scipy/cupyx (docs/backends.md#xp-rule), so the few sparse
 primitives an adapter needs live here:
 
 * ``CSRPattern(rows, cols, shape)`` — a fixed support (sorted row-major, unique) kept as
