@@ -126,6 +126,11 @@ class VeraLinear(AdaptedLinear):
                 "projection_shape": list(self.projection_shape)}
 
     def load_adapter_metadata(self, extra: dict) -> None:
+        key = extra.get("projection_prng_key")
+        if key is not None and key != self.config.projection_prng_key:
+            raise ValueError(f"the saved VeRA adapter was trained on the projections of "
+                             f"projection_prng_key={key}; this model's key is "
+                             f"{self.config.projection_prng_key}")
         saved = extra.get("projection_shape")
         if saved is not None and tuple(saved) != self.projection_shape:
             raise ValueError(f"the saved VeRA adapter shared projections of shape {tuple(saved)} "
