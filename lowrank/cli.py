@@ -53,7 +53,8 @@ def _train_config(args) -> TrainConfig:
                        min_lr=args.lr / 10, warmup=min(args.warmup, args.steps),
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                        accum_steps=args.accum_steps, eval_interval=args.eval_interval,
-                       seed=args.seed)
+                       seed=args.seed,
+                       loraplus_lr_ratio=getattr(args, "loraplus_lr_ratio", None))
 
 
 def _corpus(values, default):
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--init", default=None, help="LoRA init: kaiming, gaussian, pissa, ...")
     p.add_argument("--rslora", action="store_true")
+    p.add_argument("--loraplus-lr-ratio", type=float, default=None,
+                   help="LoRA+: lora_B (and 1-D adapter parameters) learn at this x --lr "
+                        "(PEFT's loraplus_lr_ratio; the paper suggests 16)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any other field of the variant's config (repeatable); a field can "
                         "also be given as its own flag, e.g. --init-r 12 --target-r 4")
