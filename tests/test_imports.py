@@ -27,7 +27,7 @@ LAYERS = [
     ["lowrank.layers", "lowrank.models"],
     ["lowrank.adapters"],
     ["lowrank.parallel"],                                      # data parallel only
-    ["lowrank.train"],
+    ["lowrank.train", "lowrank.quant"],                       # quant: NF4 frozen bases
     ["lowrank.adapter_files", "lowrank.checkpoint", "lowrank.pretrained"],
     ["lowrank.workflows", "lowrank.tasks", "lowrank.classify"],
     ["lowrank.multi"],                                         # many adapters, one base
