@@ -6,6 +6,7 @@ from .layers import Linear
 from .models import GPT, GPTConfig
 from .module import Module, Parameter
 from .pretrained import from_pretrained
+from .quant import quantize_base
 from .tokenizer import Tokenizer
 
 
@@ -20,4 +21,4 @@ def load(path, backend=None):
 
 
 __all__ = ["adapters", "backend", "decompose", "models", "ops", "from_pretrained", "Tokenizer", "Linear", "Module", "Parameter",
-           "GPT", "GPTConfig", "save", "load"]
+           "GPT", "GPTConfig", "save", "load", "quantize_base"]

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--init", default=None, help="LoRA init: kaiming, gaussian, pissa, ...")
     p.add_argument("--rslora", action="store_true")
+    p.add_argument("--quantize", choices=("nf4",), default=None,
+                   help="QLoRA: store the frozen base as 4-bit NormalFloat under the adapter")
     p.add_argument("--loraplus-lr-ratio", type=float, default=None,
                    help="LoRA+: lora_B (and 1-D adapter parameters) learn at this x --lr "
                         "(PEFT's loraplus_lr_ratio; the paper suggests 16)")
@@ -239,7 +241,7 @@ def _run(args) -> int:
                              wf.DataSpec(_corpus(args.corpus, "code"), args.max_bytes),
                              _train_config(args), dtype=args.dtype,
                              resume=args.resume, save_every=args.save_every,
-                             progress=not args.no_progress, comm=comm)
+                             progress=not args.no_progress, comm=comm, quantize=args.quantize)
         if not comm.is_root:
             return 0
         share = 100.0 * result.trainable / result.total

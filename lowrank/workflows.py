@@ -30,6 +30,7 @@ from .data import TokenData, corpus
 from .models import GPT, GPTConfig
 from .parallel import SingleProcess
 from .pretrained import from_pretrained, is_foreign
+from .quant import quantize_base
 from .tokenizer import Tokenizer, train_tokenizer
 from .train import Trainer, TrainConfig
 
@@ -169,21 +170,28 @@ def check_options(variants, options) -> None:
                          f"fields: {sorted(fields)}")
 
 
-def prepare_finetune(model, variant: str, targets, options: dict, seed: int = 0):
-    """Full fine-tuning (``variant="full"``) or an injected adapter of a registered variant."""
+def prepare_finetune(model, variant: str, targets, options: dict, seed: int = 0,
+                     quantize: str | None = None):
+    """Full fine-tuning (``variant="full"``) or an injected adapter of a registered variant;
+    ``quantize="nf4"`` stores the frozen base in 4 bits under it (QLoRA, docs/variants.md#nf4)."""
     check_options([variant], options)
     if variant == "full":
+        if quantize:
+            raise ValueError("quantize needs an adapter variant: full fine-tuning trains the base")
         return None
     cfg = adapter_config(variant, **options)
     inject(model, cfg, list(targets), seed=seed)
+    if quantize:
+        quantize_base(model, quantize)
     return cfg
 
 
 def finetune(out, base, variant: str, targets=DEFAULT_TARGETS, options=None,
              data_spec: DataSpec | None = None, train: TrainConfig | None = None, *,
              dtype=None, backend_name=None, resume=False, save_every=0, progress=True,
-             eval_data: dict | None = None, comm=None) -> RunResult:
-    """Fine-tune ``base`` on ``data_spec``; ``eval_data`` maps names to extra TokenData to score."""
+             eval_data: dict | None = None, comm=None, quantize: str | None = None) -> RunResult:
+    """Fine-tune ``base`` on ``data_spec``; ``eval_data`` maps names to extra TokenData to score;
+    ``quantize="nf4"``: QLoRA (the frozen base in NF4)."""
     comm = SingleProcess() if comm is None else comm
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,7 +200,8 @@ def finetune(out, base, variant: str, targets=DEFAULT_TARGETS, options=None,
     check_options([variant], options)   # before the base is read
     model, tok, base_run = load_base(base, dtype, backend_name)
     data = token_data(tok, data_spec, model.config.context)
-    cfg = prepare_finetune(model, variant, targets, options or {}, seed=train.seed)
+    cfg = prepare_finetune(model, variant, targets, options or {}, seed=train.seed,
+                           quantize=quantize)
     trainer = Trainer(model, data, train, comm=comm)
     history = []
     if resume:
@@ -211,6 +220,7 @@ def finetune(out, base, variant: str, targets=DEFAULT_TARGETS, options=None,
                          "variant": variant, "targets": list(targets),
                          "config": None if cfg is None else cfg.to_dict(),
                          "data": data_spec.__dict__, "train": train.to_dict(),
+                         "quantize": quantize,
                          "history": history})
 
     start = time.perf_counter()
@@ -252,6 +262,8 @@ def load_finetuned(base, adapter_dir, dtype=None, backend_name=None):
     else:   # modules differ (e.g. SoRA pruned to a LoRA of each module's kept rank)
         for i, (name, meta) in enumerate(info["modules"].items()):
             inject(model, config_from_dict(meta["config"]), [name], seed=seed + SEED_STRIDE * i)
+    if run.get("quantize"):   # the adapter was trained on this quantized base
+        quantize_base(model, run["quantize"])
     checkpoint.load_adapter(model, adapter_dir)
     return model, tok
 

@@ -138,3 +138,29 @@ def test_quantize_base_on_a_model_with_adapters(xp):
         quantize_base(model, "nf4")
     with pytest.raises(ValueError, match="^kind must be one of"):
         quantize_base(model, "int3")
+
+
+@pytest.mark.parametrize("variant", ["lora", "vera"])
+def test_finetune_quantize_nf4_from_the_cli_and_reload(tmp_path, variant):
+    """``finetune --quantize nf4``: the adapter trains on the NF4 base, the run records it, and
+    ``load_finetuned`` rebuilds the same quantized base under the loaded adapter."""
+    from lowrank import workflows as wf
+    from lowrank.cli import main
+    from lowrank.train import TrainConfig
+
+    from .helpers import pretrain_tiny_base
+    data = pretrain_tiny_base(tmp_path)
+    main(["finetune", "--base", str(tmp_path / "base"), "--out", str(tmp_path / "cli"),
+          "--variant", variant, "--targets", "q,fc1", "--r", "2", "--steps", "2",
+          "--batch-size", "4", "--corpus", *data.corpus, "--no-progress", "--quantize", "nf4"])
+    assert wf.read_run(tmp_path / "cli")["quantize"] == "nf4"
+    result = wf.finetune(tmp_path / "ft", tmp_path / "base", variant, ["q", "fc1"], {"r": 2},
+                         data, TrainConfig(steps=2, batch_size=4), progress=False,
+                         quantize="nf4")
+    model, _ = wf.load_finetuned(tmp_path / "base", tmp_path / "ft")
+    nf4 = [name for name, p in model.named_parameters() if isinstance(p, NF4Parameter)]
+    assert nf4 and all(name.endswith("weight") for name in nf4)
+    idx = np.arange(16).reshape(1, 16) % 300
+    assert np.array_equal(model.eval().forward(idx)[0], result.model.eval().forward(idx)[0])
+    with pytest.raises(ValueError, match="quantize needs an adapter"):
+        wf.prepare_finetune(model, "full", ["q"], {}, quantize="nf4")
