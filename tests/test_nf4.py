@@ -140,7 +140,7 @@ def test_quantize_base_on_a_model_with_adapters(xp):
         quantize_base(model, "int3")
 
 
-@pytest.mark.parametrize("variant", ["lora", "vera"])
+@pytest.mark.parametrize("variant", ["lora", "vera", "loha", "lokr"])
 def test_finetune_quantize_nf4_from_the_cli_and_reload(tmp_path, variant):
     """``finetune --quantize nf4``: the adapter trains on the NF4 base, the run records it, and
     ``load_finetuned`` rebuilds the same quantized base under the loaded adapter."""

@@ -37,7 +37,7 @@ def test_inject_shares_one_pair_and_load_redraws_it(xp, tmp_path):
         lr.adapters.inject(model, cfg, ["q", "fc1", "fc2"])
     layers = [m for _, m in lr.adapters.adapted_modules(models[0])]
     shape = (max(m.out_features for m in layers), max(m.in_features for m in layers))
-    full_A = layers[0].vera_A.base if layers[0].vera_A.base is not None else layers[0].vera_A
+    full_A = layers[0].shared_projections()[0]
     for m in layers:
         assert m.projection_shape == shape
         assert np.array_equal(backend.to_numpy(m.vera_A),
@@ -55,3 +55,18 @@ def test_inject_shares_one_pair_and_load_redraws_it(xp, tmp_path):
                        ["q", "fc1", "fc2"])
     with pytest.raises(ValueError, match="projection_prng_key=3"):
         checkpoint.load_adapter(other, tmp_path)
+
+
+def test_several_vera_adapters_over_one_base_each_share_their_pair(xp):
+    from lowrank.multi.modules import inject_multi, multi_modules
+    model = GPT(TINY, seed=0, dtype="float64", xp=xp)
+    specs = [(lr.adapters.config("vera", r=2, projection_prng_key=k), ["q", "fc1"], 0)
+             for k in (1, 2)]
+    inject_multi(model, specs)
+    for k, key in enumerate((1, 2)):
+        layers = [m.adapters[k] for _, m in multi_modules(model)]
+        A, B = layers[0].shared_projections()
+        assert all(lay.shared_projections()[0] is A for lay in layers)
+        assert layers[0].projection_shape == (max(lay.out_features for lay in layers),
+                                              max(lay.in_features for lay in layers))
+        assert layers[0].config.projection_prng_key == key

@@ -75,8 +75,14 @@ class VeraLinear(AdaptedLinear):
                              f"{tuple(B_shared.shape)} cannot serve a {m}x{n} layer of rank "
                              f"{self.config.r}")
         self.projection_shape = (int(B_shared.shape[0]), int(A_shared.shape[1]))
+        self._shared = (A_shared, B_shared)
         self.vera_A = A_shared[:, :n]                                   # (r, n) view
         self.vera_B = B_shared[:m]                                      # (m, r) view
+
+    def shared_projections(self) -> tuple:
+        """``(A (r, n_max), B (m_max, r))``: the whole shared pair, as PEFT's file keeps it
+        once (``base_model.vera_A``, ``base_model.vera_B``) with ``save_projection``."""
+        return self._shared
 
     @classmethod
     def after_inject(cls, model, layers) -> None:
