@@ -50,8 +50,12 @@ def pooled_backward(bert, dpooled, state):
     bert.backward((dpooled / count)[:, None, :] * weights, cache)     # (B, T, d)
 
 
-def run(quantize: str | None, double_quant: bool, epochs: int, batch: int, seed: int = 0):
+def run(quantize: str | None, double_quant: bool, epochs: int, batch: int, seed: int = 0,
+        limit: int = 0):
     (train_x, train_y), (test_x, test_y) = sentences()
+    if limit:   # a smoke run: the first ``limit`` sentences of each split
+        train_x, train_y, test_x, test_y = train_x[:limit], train_y[:limit], test_x[:limit], \
+            test_y[:limit]
     tok = lr.Tokenizer.from_pretrained("minilm")
     bert = lr.from_pretrained("minilm", dtype="float32")
     lr.adapters.inject(bert, lr.adapters.config("lora", r=8, alpha=16.0), TARGETS, seed=seed)
@@ -95,10 +99,13 @@ def main():
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--double-quant", action="store_true")
+    parser.add_argument("--limit", type=int, default=0, help="use only this many sentences "
+                        "per split (a smoke run; the figures need the whole set)")
     args = parser.parse_args()
     results = {}
     for label, quantize in (("lora, float32 base", None), ("lora, nf4 base", "nf4")):
-        results[label] = r = run(quantize, args.double_quant, args.epochs, args.batch_size)
+        results[label] = r = run(quantize, args.double_quant, args.epochs, args.batch_size,
+                                 limit=args.limit)
         bits = "" if r["bits"] is None else f", base {r['bits']:.4f} bits/weight"
         print(f"{label:<20} test accuracy {r['accuracy']:.2f}%  train loss (last 20) "
               f"{r['final_loss']:.4f}  {r['steps']} steps, {r['seconds']:.0f} s{bits}", flush=True)
