@@ -101,16 +101,22 @@ def main():
     parser.add_argument("--double-quant", action="store_true")
     parser.add_argument("--limit", type=int, default=0, help="use only this many sentences "
                         "per split (a smoke run; the figures need the whole set)")
+    parser.add_argument("--only", choices=("float32", "nf4"), default=None,
+                        help="run one of the two (e.g. in two processes side by side)")
     args = parser.parse_args()
     results = {}
-    for label, quantize in (("lora, float32 base", None), ("lora, nf4 base", "nf4")):
+    runs = (("lora, float32 base", None), ("lora, nf4 base", "nf4"))
+    for label, quantize in runs:
+        if args.only and (quantize or "float32") != args.only:
+            continue
         results[label] = r = run(quantize, args.double_quant, args.epochs, args.batch_size,
                                  limit=args.limit)
         bits = "" if r["bits"] is None else f", base {r['bits']:.4f} bits/weight"
         print(f"{label:<20} test accuracy {r['accuracy']:.2f}%  train loss (last 20) "
               f"{r['final_loss']:.4f}  {r['steps']} steps, {r['seconds']:.0f} s{bits}", flush=True)
-    a, b = (results[k]["accuracy"] for k in results)
-    print(f"accuracy difference (nf4 − float32): {b - a:+.2f} points")
+    if len(results) == 2:
+        a, b = (results[k]["accuracy"] for k in results)
+        print(f"accuracy difference (nf4 − float32): {b - a:+.2f} points")
 
 
 if __name__ == "__main__":
