@@ -68,3 +68,11 @@ def test_cli_finetune_takes_the_ratio(tmp_path):
           "--corpus", *data.corpus, "--no-progress", "--loraplus-lr-ratio", "16"])
     run = json.loads((tmp_path / "ft" / "run.json").read_text())
     assert run["train"]["loraplus_lr_ratio"] == 16.0
+
+
+def test_demo_rows_include_the_new_variants_loraplus_and_qlora():
+    from lowrank import demo
+    labels = {label: (variant, options) for label, variant, options in demo.rows()}
+    assert {"vera", "loha", "lokr"} <= set(labels)
+    assert set(demo.RUN_OPTIONS) <= set(labels)   # every special run is a row the demo trains
+    assert labels["lora+ (λ=16)"][0] == labels["qlora (nf4)"][0] == "lora"
