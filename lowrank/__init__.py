@@ -7,6 +7,7 @@ from .models import GPT, GPTConfig
 from .module import Module, Parameter
 from .peft_files import load_pretrained, save_pretrained
 from .pretrained import from_pretrained
+from .quant import quantize_base
 from .tokenizer import Tokenizer
 
 # PEFT-format adapter directories (docs/peft.md): the module reads lowrank's adapter files as
@@ -26,4 +27,4 @@ def load(path, backend=None):
 
 
 __all__ = ["adapters", "backend", "decompose", "models", "ops", "from_pretrained", "Tokenizer", "Linear", "Module", "Parameter",
-           "GPT", "GPTConfig", "save", "load"]
+           "GPT", "GPTConfig", "save", "load", "quantize_base"]

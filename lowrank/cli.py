@@ -31,7 +31,8 @@ def _train_config(args) -> TrainConfig:
                        min_lr=args.lr / 10, warmup=min(args.warmup, args.steps),
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                        accum_steps=args.accum_steps, eval_interval=args.eval_interval,
-                       seed=args.seed)
+                       seed=args.seed,
+                       loraplus_lr_ratio=getattr(args, "loraplus_lr_ratio", None))
 
 
 def _corpus(values, default):
@@ -166,7 +167,8 @@ def _run(args) -> int:
                              wf.DataSpec(_corpus(args.corpus, "code"), args.max_bytes),
                              _train_config(args), dtype=args.dtype,
                              resume=args.resume, save_every=args.save_every,
-                             progress=not args.no_progress, comm=comm, force=args.force)
+                             progress=not args.no_progress, comm=comm, force=args.force,
+                             quantize=args.quantize)
         if not comm.is_root:
             return 0
         share = 100.0 * result.trainable / result.total

@@ -165,6 +165,11 @@ def build_parser(argv=()) -> Parser:
     p.add_argument("--init", default=None,
                    help="LoRA init: kaiming, gaussian, pissa, ... (None: the variant's own)")
     p.add_argument("--rslora", action="store_true", help="scale alpha / sqrt(r)")
+    p.add_argument("--quantize", choices=("nf4",), default=None,
+                   help="QLoRA: store the frozen base as 4-bit NormalFloat under the adapter")
+    p.add_argument("--loraplus-lr-ratio", type=real(0.0), default=None,
+                   help="LoRA+: lora_B (and 1-D adapter parameters) learn at this x --lr "
+                        "(PEFT's loraplus_lr_ratio; the paper suggests 16)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any field of the variant's config (repeatable), like its own flag")
     _variant_fields(p, chosen_variants(argv))

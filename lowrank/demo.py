@@ -19,12 +19,17 @@ BASE = wf.ModelSpec(vocab_size=1024, context=64, n_layer=2, n_head=4, d_model=12
 DOCS, CODE = wf.DataSpec("docs"), wf.DataSpec("code", max_bytes=1_000_000)
 TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
 ADAPTER = {"r": 8, "alpha": 16.0}
-LR = {"full": 1e-3}          # adapters train at DEFAULT_LR
+LR = {"full": 1e-3, "vera": 1e-2}   # adapters train at DEFAULT_LR; VeRA's few scalars faster
 DEFAULT_LR = 4e-3
 MEMORY_STEPS = 3             # steps traced for peak memory (every step allocates alike)
 # extra rows for variants whose options change the story (beyond their default config)
-EXTRA_ROWS = {"lora": [("lora+pissa", {"init": "pissa"})],
+EXTRA_ROWS = {"lora": [("lora+pissa", {"init": "pissa"}), ("lora+ (λ=16)", {}),
+                       ("qlora (nf4)", {})],
               "svd": [("svd (U,σ)", {"train": ("U", "S")})]}
+
+
+# rows trained differently from their variant's default (docs/variants.md#loraplus, #nf4)
+RUN_OPTIONS = {"lora+ (λ=16)": {"loraplus_lr_ratio": 16.0}, "qlora (nf4)": {"quantize": "nf4"}}
 
 
 def rows():
@@ -73,9 +78,12 @@ def run_demo(out="lowrank-demo", pretrain_steps=600, finetune_steps=200, dtype="
         # and activations included), then tracing stops so it does not slow the timed steps
         tracemalloc.start()
         model, _, _ = wf.load_base(base)
-        wf.prepare_finetune(model, variant, TARGETS, options or {}, seed=seed)
+        run = RUN_OPTIONS.get(label, {})
+        wf.prepare_finetune(model, variant, TARGETS, options or {}, seed=seed,
+                            quantize=run.get("quantize"))
         train = TrainConfig(steps=finetune_steps, batch_size=16, lr=LR.get(variant, DEFAULT_LR),
-                            min_lr=LR.get(variant, DEFAULT_LR) / 10, warmup=10, seed=seed)
+                            min_lr=LR.get(variant, DEFAULT_LR) / 10, warmup=10, seed=seed,
+                            loraplus_lr_ratio=run.get("loraplus_lr_ratio"))
         trainer = Trainer(model, code, train)
         peak = []
 

@@ -36,6 +36,7 @@ class AdamW:
         self.params: dict = {}      # name -> Parameter, in insertion order
         self.state: dict = {}       # name -> {"step": int, "exp_avg": array, "exp_avg_sq": array}
         self.step_count = 0         # optimizer steps taken (the schedule's clock)
+        self.lr_scale: dict = {}    # name -> multiplier of the step's lr (parameter groups)
         for name, p in named_params:
             self.add_param(name, p)
 
@@ -49,6 +50,17 @@ class AdamW:
     def remove_param(self, name: str) -> None:
         self.params.pop(name, None)
         self.state.pop(name, None)
+        self.lr_scale.pop(name, None)
+
+    def set_lr_scale(self, p, factor: float) -> None:
+        """``p`` learns at ``factor`` × the step's lr (and decays with it, as a torch param
+        group's lr does): LoRA+'s B group (docs/variants.md#loraplus)."""
+        name = self.name_of(p)
+        if name is None:
+            raise ValueError("set_lr_scale: the parameter is not registered")
+        if not float(factor) > 0.0:
+            raise ValueError(f"factor must be > 0, got {factor!r}")
+        self.lr_scale[name] = float(factor)
 
     # --- what step hooks need, by parameter (never by name or id) ------------------------------
     def name_of(self, p) -> str | None:
@@ -93,12 +105,13 @@ class AdamW:
             st["step"] += 1
             t = st["step"]
             g, m, v = p.grad, st["exp_avg"], st["exp_avg_sq"]
+            lr_p = lr * self.lr_scale.get(name, 1.0)
             if self.weight_decay:
-                p.data *= 1.0 - lr * self.weight_decay
+                p.data *= 1.0 - lr_p * self.weight_decay
             m += (g - m) * (1.0 - beta1)
             v *= beta2
             v += (g * g) * (1.0 - beta2)
-            step_size = lr / (1.0 - beta1 ** t)
+            step_size = lr_p / (1.0 - beta1 ** t)
             denom = backend.get_namespace(v).sqrt(v)
             denom /= math.sqrt(1.0 - beta2 ** t)
             denom += self.eps
@@ -177,3 +190,22 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int, min_lr: float = 0.
         return float(base_lr)
     progress = min(1.0, (step - warmup) / (total - warmup))
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def loraplus_scales(named_params, ratio: float, lr: float, embedding_names=(),
+                    lr_embedding: float = 1e-6) -> dict:
+    """LoRA+'s parameter groups (Hayou et al. 2402.12354, PEFT's ``create_loraplus_optimizer``):
+    ``{name: lr multiplier}``. As PEFT: ``lora_B`` factors and every 1-D parameter (biases,
+    magnitudes, gates, VeRA's λ) learn at ``ratio`` × lr; the trainable parameters of
+    embedding layers (``embedding_names``) at ``lr_embedding`` (absolute, so ×lr_embedding/lr);
+    the rest (A factors) at lr. docs/variants.md#loraplus"""
+    if not float(ratio) > 0.0:
+        raise ValueError(f"loraplus_lr_ratio must be > 0, got {ratio!r}")
+    embedding_names = set(embedding_names)
+    scales = {}
+    for name, p in named_params:
+        if name in embedding_names:
+            scales[name] = float(lr_embedding) / float(lr)
+        elif "lora_B" in name or len(p.shape) == 1:
+            scales[name] = float(ratio)
+    return scales

@@ -32,7 +32,8 @@ import numpy as np
 from . import backend
 from .adapters import adapted_modules
 from .hooks import StepHook
-from .optim import AdamW, clip_grad_norm, lr_at
+from .models import Embedding
+from .optim import AdamW, clip_grad_norm, loraplus_scales, lr_at
 from .parallel import GradientAllReduce, SingleProcess
 from .validate import check_number
 
@@ -54,6 +55,8 @@ class TrainConfig:
     eval_interval: int = 0        # 0: evaluate only when asked
     eval_batches: int = 8
     seed: int = 0
+    loraplus_lr_ratio: float | None = None   # LoRA+: B learns at this × lr (docs/variants.md#loraplus)
+    loraplus_lr_embedding: float = 1e-6
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "accum_steps", "eval_batches"):
@@ -65,6 +68,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
             check_number(name, getattr(self, name), 0.0)
+        if self.loraplus_lr_ratio is not None:
+            check_number("loraplus_lr_ratio", self.loraplus_lr_ratio, 0.0, low_open=True)
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
 
@@ -109,12 +114,23 @@ class Trainer:
                                lr=config.lr, weight_decay=config.weight_decay)
         if not any(True for _ in model.named_parameters(trainable_only=True)):
             raise ValueError("the model has no trainable parameters")   # hooks may own all
+        if config.loraplus_lr_ratio is not None:
+            self._loraplus(config)
         self.rng = np.random.Generator(np.random.PCG64(config.seed))   # host: batch sampling
         self.step = 0
         self.tokens_seen = 0
         model.train()
         model.zero_grad()
         _jump_dropout_streams(model, rank)
+
+    def _loraplus(self, config) -> None:
+        embeddings = {f"{mname}.{pname}" if mname else pname
+                      for mname, m in self.model.named_modules() if isinstance(m, Embedding)
+                      for pname, _ in m.named_parameters()}
+        params = list(self.optimizer.params.items())
+        for name, factor in loraplus_scales(params, config.loraplus_lr_ratio, config.lr,
+                                            embeddings, config.loraplus_lr_embedding).items():
+            self.optimizer.set_lr_scale(self.optimizer.params[name], factor)
 
     @property
     def xp(self):

@@ -34,6 +34,7 @@ from .pretrained import from_pretrained, is_foreign
 from .run_dir import (RUN_FILE, TOKENIZER_FILE, load_tokenizer, prepare_out, read_run,
                       remove_if_unsaved, say, write_run)
 from .storage import cap_for
+from .quant import quantize_base
 from .tokenizer import Tokenizer, train_tokenizer
 from .train import Trainer, TrainConfig
 from .update_check import check_update
@@ -206,22 +207,30 @@ def check_options(variants, options) -> None:
                          f"fields: {sorted(fields)}")
 
 
-def prepare_finetune(model, variant: str, targets, options: dict, seed: int = 0):
-    """Full fine-tuning (``variant="full"``) or an injected adapter of a registered variant."""
+def prepare_finetune(model, variant: str, targets, options: dict, seed: int = 0,
+                     quantize: str | None = None):
+    """Full fine-tuning (``variant="full"``) or an injected adapter of a registered variant;
+    ``quantize="nf4"`` stores the frozen base in 4 bits under it (QLoRA, docs/variants.md#nf4)."""
     check_options([variant], options)
     if variant == "full":
+        if quantize:
+            raise ValueError("quantize needs an adapter variant: full fine-tuning trains the base")
         return None
     cfg = adapter_config(variant, **options)
     inject(model, cfg, list(targets), seed=seed)
+    if quantize:
+        quantize_base(model, quantize)
     return cfg
 
 
 def finetune(out, base, variant: str, targets=DEFAULT_TARGETS, options=None,
              data_spec: DataSpec | None = None, train: TrainConfig | None = None, *,
              dtype=None, backend_name=None, resume=False, save_every=0, progress=True,
-             eval_data: dict | None = None, comm=None, force=False) -> RunResult:
+             eval_data: dict | None = None, comm=None, force=False,
+             quantize: str | None = None) -> RunResult:
     """Fine-tune ``base`` on ``data_spec``; ``eval_data`` maps names to extra TokenData to score
-    (``force``: replace a run already in ``out``; ``resume``: continue it)."""
+    (``force``: replace a run already in ``out``; ``resume``: continue it; ``quantize="nf4"``:
+    QLoRA, the frozen base in NF4)."""
     comm = SingleProcess() if comm is None else comm
     check_options([variant], options)   # before the base is read or out is touched
     out = prepare_out(out, resume=resume, force=force, base=base) if comm.is_root else Path(out)
@@ -229,7 +238,7 @@ def finetune(out, base, variant: str, targets=DEFAULT_TARGETS, options=None,
     existed = (out / TOKENIZER_FILE).exists()
     try:
         return _finetune(out, base, variant, targets, options, data_spec, train, dtype,
-                         backend_name, resume, save_every, progress, eval_data, comm)
+                         backend_name, resume, save_every, progress, eval_data, comm, quantize)
     except BaseException:
         if comm.is_root:
             remove_if_unsaved(out, TOKENIZER_FILE, existed)
@@ -237,13 +246,14 @@ def finetune(out, base, variant: str, targets=DEFAULT_TARGETS, options=None,
 
 
 def _finetune(out, base, variant, targets, options, data_spec, train, dtype, backend_name,
-              resume, save_every, progress, eval_data, comm) -> RunResult:
+              resume, save_every, progress, eval_data, comm, quantize) -> RunResult:
     data_spec = data_spec or DataSpec(corpus="code")
     train = train or TrainConfig()
     check_options([variant], options)   # before the base is read
     model, tok, base_run = load_base(base, dtype, backend_name)
     data = token_data(tok, data_spec, model.config.context)
-    cfg = prepare_finetune(model, variant, targets, options or {}, seed=train.seed)
+    cfg = prepare_finetune(model, variant, targets, options or {}, seed=train.seed,
+                           quantize=quantize)
     trainer = Trainer(model, data, train, comm=comm)
     history = []
     if resume:
@@ -265,6 +275,7 @@ def _finetune(out, base, variant, targets, options, data_spec, train, dtype, bac
                          "variant": variant, "targets": list(targets),
                          "config": None if cfg is None else cfg.to_dict(),
                          "data": data_spec.__dict__, "train": train.to_dict(),
+                         "quantize": quantize,
                          "history": history})
 
     start = time.perf_counter()
@@ -319,6 +330,8 @@ def load_finetuned(base, adapter_dir, dtype=None, backend_name=None):
         raise ValueError(f"{Path(adapter_dir) / checkpoint.ADAPTER_CONFIG_FILE}: "
                          f"{type(exc).__name__ + ': ' if type(exc) is not ValueError else ''}"
                          f"{exc}") from None
+    if run.get("quantize"):   # the adapter was trained on this quantized base
+        quantize_base(model, run["quantize"])
     checkpoint.load_adapter(model, adapter_dir)
     return model, tok
 

@@ -34,6 +34,11 @@ CASES = {
     "increlora": [dict(init_r=2), dict(bias="lora_only"), dict(init_r=1, add_r=1, total_budget=3)],
     "relora": [dict(bias="lora_only"), dict(optimizer_reset="magnitude", reset_ratio=0.5),
                dict(trainable_scaling=True)],
+    "vera": [dict(d_initial=0.5), dict(projection_prng_key=7), dict(bias="lora_only")],
+    "loha": [dict(r=1), dict(bias="lora_only")],
+    # at the battery's 6x5 shape r=2 factors W2 and r=3 keeps it whole (PEFT's r < max/2 rule)
+    "lokr": [dict(r=3), dict(init_weights="lycoris"), dict(decompose_factor=2),
+             dict(bias="lora_only")],
 }
 M, N, R, ROWS = 6, 5, 2, 4
 TINY = GPTConfig(vocab_size=32, context=4, n_layer=1, n_head=2, d_model=8)
@@ -153,8 +158,8 @@ def test_bad_inputs_raise(xp, name):
 
 
 def test_unknown_variant_and_init_raise():
-    with pytest.raises(ValueError, match="unknown adapter variant 'vera'.*registered"):
-        lr.adapters.config("vera")
+    with pytest.raises(ValueError, match="unknown adapter variant 'nonesuch'.*registered"):
+        lr.adapters.config("nonesuch")
     with pytest.raises(ValueError, match="^init must be one of"):
         lr.adapters.config("lora", init="xavier")
 

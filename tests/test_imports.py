@@ -28,7 +28,7 @@ LAYERS = [
     ["lowrank.layers", "lowrank.models"],
     ["lowrank.adapters"],
     ["lowrank.parallel"],                                      # data parallel only
-    ["lowrank.train", "lowrank.update_check"],
+    ["lowrank.train", "lowrank.update_check", "lowrank.quant"],   # quant: NF4 frozen bases
     ["lowrank.adapter_files", "lowrank.checkpoint", "lowrank.pretrained", "lowrank.peft_format",
      "lowrank.peft_files"],                                    # PEFT-format adapter dirs
     ["lowrank.run_dir", "lowrank.workflows", "lowrank.tasks", "lowrank.classify"],

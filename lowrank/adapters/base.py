@@ -361,6 +361,11 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
         return [(name, m) for name, m in model.named_modules() if isinstance(m, cls)]
 
     @classmethod
+    def after_inject(cls, model, layers) -> None:
+        """Called once by ``inject`` with the layers of this class it just built: ties what
+        they share (VeRA's one projection pair). Default: nothing."""
+
+    @classmethod
     def step_hook(cls, model):
         """The ``StepHook`` (lowrank.hooks) the model's layers of this class need each step,
         or None (the default: nothing to do between steps)."""

@@ -64,6 +64,8 @@ def inject(model, cfg: AdapterConfig, targets, seed: int = 0) -> list[str]:
         _set_child(model, name, AdaptedLinear(linear.weight.data, bias, cfg,
                                               seed=seed + SEED_STRIDE * i))
         names.append(name)
+    layers = [m for name, m in adapted_modules(model) if name in names]
+    type(layers[0]).after_inject(model, layers)   # what the layers share (VeRA's projections)
     if cfg.bias == "all":
         for pname, p in model.named_parameters():
             if pname.endswith("bias"):

@@ -153,6 +153,25 @@ def host_uniform(rng, shape, low, high, dtype=DEFAULT_DTYPE, xp=None):
     return asarray(values.astype(check_dtype(dtype)), xp=xp)
 
 
+def host_torch_uniform(seed: int, shapes_and_bounds, dtype=DEFAULT_DTYPE, xp=None) -> list:
+    """Arrays ``U(-bound, bound)`` of the given shapes drawn one after another from one
+    MT19937 stream seeded with ``seed``, bit-identical to ``torch.Generator().manual_seed(seed)``
+    and ``tensor.uniform_(-bound, bound, generator=...)`` on a float32 CPU tensor (24 random
+    bits per value, one fused multiply-add in float32): how PEFT draws VeRA's shared
+    projections (docs/variants.md#vera). Cast to ``dtype``, moved to ``xp``."""
+    stream = np.random.RandomState(int(seed))   # init_genrand(seed), as torch's mt19937
+    out = []
+    for shape, bound in shapes_and_bounds:
+        count = int(np.prod(shape))
+        raw = stream.randint(0, 2**32, size=count, dtype=np.uint32)      # MT19937's raw words
+        unit = (raw & np.uint32((1 << 24) - 1)).astype(np.float64) * 2.0**-24
+        low, high = np.float32(-bound), np.float32(bound)
+        span = np.float64(np.float32(high - low))
+        values = (unit * span + np.float64(low)).astype(np.float32).reshape(shape)
+        out.append(asarray(values.astype(check_dtype(dtype)), xp=xp))
+    return out
+
+
 class DeviceRNG:
     """Per-step randomness (dropout masks) drawn where the arrays live, no host transfer."""
 

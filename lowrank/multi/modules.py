@@ -202,6 +202,10 @@ def inject_multi(model, specs) -> list[str]:
                     for k, (cfg, seed) in sorted(chosen[name][1].items())}
         _set_child(model, name, MultiAdapterLinear(W0, b0, adapters))
         names.append(name)
+    for k in range(len(specs)):   # what each adapter's layers share (VeRA's projections)
+        layers = [m.adapters[k] for _, m in multi_modules(model) if k in m.adapters]
+        if layers:
+            type(layers[0]).after_inject(model, layers)
     return names
 
 
