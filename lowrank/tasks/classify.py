@@ -73,14 +73,15 @@ def mode_of(variant: str) -> str:
 
 def prepare(clf, variant: str, options: dict | None = None, targets=TARGETS, seed: int = 0):
     """Make ``clf`` train as ``variant``: "head" (encoder frozen), "full" (everything), or a
-    registered adapter variant injected into the encoder (the head stays trainable)."""
+    registered adapter variant injected into the encoder under the encoder's own module names
+    (the encoder is frozen, the head stays trainable)."""
     if variant == "head":
         clf.freeze()
         return None
     if variant == "full":
         return None
     cfg = adapter_config(variant, **{**ADAPTER_OPTIONS, **(options or {})})
-    inject(clf, cfg, list(targets), seed=seed)
+    inject(clf.encoder, cfg, list(targets), seed=seed)
     return cfg
 
 
