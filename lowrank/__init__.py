@@ -1,8 +1,10 @@
 """lowrank — LoRA and its variants with hand-derived, verified gradients, on NumPy or CuPy."""
-from . import adapters, backend, decompose, ops
+from . import adapters, backend, decompose, models, ops
 from .layers import Linear
-from .model import GPT, GPTConfig
+from .models import GPT, GPTConfig
 from .module import Module, Parameter
+from .pretrained import from_pretrained
+from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
@@ -14,10 +16,10 @@ def save(model, path, train_state=None):
 
 
 def load(path, backend=None):
-    """The GPT saved in directory ``path`` (on ``backend``, default: the active one)."""
+    """The model saved in directory ``path`` (on ``backend``, default: the active one)."""
     from .checkpoint import load_model
     return load_model(path, backend)
 
 
-__all__ = ["adapters", "backend", "decompose", "ops", "Linear", "Module", "Parameter",
+__all__ = ["adapters", "backend", "decompose", "models", "ops", "from_pretrained", "Tokenizer", "Linear", "Module", "Parameter",
            "GPT", "GPTConfig", "save", "load"]

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from . import adapters, backend
-from .model import GPT, GPTConfig
+from .models import GPT, GPTConfig
 from .optim import AdamW
 
 BENCH = GPTConfig(vocab_size=1024, context=128, n_layer=4, n_head=4, d_model=256)

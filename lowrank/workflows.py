@@ -27,7 +27,7 @@ from . import backend, checkpoint
 from .adapters import adapted_modules, config as adapter_config, config_from_dict, inject
 from .adapters.inject import SEED_STRIDE
 from .data import TokenData, corpus
-from .model import GPT, GPTConfig
+from .models import GPT, GPTConfig
 from .parallel import SingleProcess
 from .tokenizer import Tokenizer, train_tokenizer
 from .train import Trainer, TrainConfig

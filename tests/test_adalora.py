@@ -11,7 +11,7 @@ import lowrank as lr
 from lowrank import backend, checkpoint, cli, workflows as wf
 from lowrank.adapters import adalora
 from lowrank.adapters._adalora_allocator import budget_schedule, orth_regularizer
-from lowrank.model import GPT, GPTConfig
+from lowrank.models import GPT, GPTConfig
 from lowrank.train import Trainer, TrainConfig
 from reference.finite_diff import numerical_gradient
 

@@ -331,7 +331,7 @@ def test_training_state_only_directory_and_bad_state(tmp_path):
 
 
 def test_load_model_rebuilds_gpt(tmp_path):
-    from lowrank import model as model_mod
+    from lowrank import models as model_mod
     cfg = model_mod.GPTConfig(vocab_size=31, context=8, n_layer=1, n_head=2, d_model=8)
     model = model_mod.GPT(cfg, dtype="float64")
     active = backend.get_backend()

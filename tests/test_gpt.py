@@ -331,7 +331,7 @@ def test_bad_input_raises(xp):
 
 def test_frozen_parameters_get_no_gradient(xp, monkeypatch):
     import lowrank.layers
-    import lowrank.model
+    import lowrank.models.gpt
     calls = []
 
     def spy(real):
@@ -354,7 +354,7 @@ def test_frozen_parameters_get_no_gradient(xp, monkeypatch):
     ref.loss_backward(cache)
 
     monkeypatch.setattr(lowrank.layers, "linear_backward", spy(lowrank.layers.linear_backward))
-    monkeypatch.setattr(lowrank.model, "linear_backward", spy(lowrank.model.linear_backward))
+    monkeypatch.setattr(lowrank.models.gpt, "linear_backward", spy(lowrank.models.gpt.linear_backward))
     # only blocks.0.ln1 trains: backward must traverse every block, yet form no dW
     model.freeze()
     keep = {"blocks.0.ln1.weight", "blocks.0.ln1.bias"}

@@ -9,7 +9,7 @@ import lowrank as lr
 from lowrank import backend
 from lowrank.adapters._increlora_hook import IncreLoraHook
 from lowrank.adapters.increlora import IncreLoraLinear
-from lowrank.model import GPT, GPTConfig
+from lowrank.models import GPT, GPTConfig
 from lowrank.train import Trainer, TrainConfig
 
 from .helpers import FakeData, layer_fd_gradient, rel_err

@@ -10,7 +10,7 @@ import pytest
 from lowrank import checkpoint, workflows as wf
 from lowrank.adapters import adapted_modules, config, inject
 from lowrank.data import TokenData
-from lowrank.model import GPT, GPTConfig
+from lowrank.models import GPT, GPTConfig
 from lowrank.parallel import multi
 from lowrank.parallel.multi import (AdapterView, inject_multi, multi_loss,
                                     multi_loss_backward, multi_modules)

@@ -16,7 +16,7 @@ import pytest
 
 import lowrank as lr
 from lowrank import checkpoint, cli, workflows as wf
-from lowrank.model import GPT, GPTConfig
+from lowrank.models import GPT, GPTConfig
 from lowrank.parallel import (FakeWorld, GradientAllReduce, NCCLComm, ParameterDriftError,
                               SingleProcess, get_comm)
 from lowrank.train import Trainer, TrainConfig

@@ -8,7 +8,7 @@ import pytest
 import lowrank as lr
 from lowrank import backend, optim
 from lowrank.adapters.relora import ReLoraHook, ReLoraLinear, restart_lr_factor
-from lowrank.model import GPT, GPTConfig
+from lowrank.models import GPT, GPTConfig
 from lowrank.train import Trainer, TrainConfig
 
 from .helpers import FakeData, layer_fd_gradient, rel_err, to_host

@@ -7,7 +7,7 @@ import lowrank as lr
 from lowrank import backend, checkpoint, workflows as wf
 from lowrank.adapters.rosa import RosaLinear, support_size
 from lowrank.backend import sparse as bsparse
-from lowrank.model import GPT, GPTConfig
+from lowrank.models import GPT, GPTConfig
 from lowrank.train import Trainer, TrainConfig
 
 from .helpers import FakeData, layer_fd_gradient, rel_err, to_host

@@ -10,7 +10,7 @@ import lowrank as lr
 from lowrank import backend, checkpoint, workflows as wf
 from lowrank.adapters.lora import LoraLinear
 from lowrank.adapters.sora import SoraHook, SoraLinear, lambda_at, prune_sora, soft_threshold
-from lowrank.model import GPT, GPTConfig
+from lowrank.models import GPT, GPTConfig
 from lowrank.train import Trainer, TrainConfig
 
 from .helpers import FakeData, layer_fd_gradient, rel_err, to_host

@@ -6,7 +6,7 @@ import pytest
 
 import lowrank as lr
 from lowrank import checkpoint, cli, workflows as wf
-from lowrank.model import GPT, GPTConfig
+from lowrank.models import GPT, GPTConfig
 from lowrank.train import NonFiniteLossError, Trainer, TrainConfig
 
 from .helpers import FakeData

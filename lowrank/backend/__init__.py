@@ -211,6 +211,20 @@ def scatter_add(target, indices, values) -> None:
         cupyx.scatter_add(target, indices, values)
 
 
+def erf(x):
+    """The error function, elementwise, on ``x``'s backend (exact erf GELU needs it; neither
+    numpy nor cupy has it in the main namespace)."""
+    name = backend_of(x)
+    if name == "numpy":
+        from scipy.special import erf as _erf
+        return _erf(x)
+    if name == "numpy-strict":
+        from scipy.special import erf as _erf
+        return StrictArray(_erf(x._a))
+    from cupyx.scipy.special import erf as _erf
+    return _erf(x)
+
+
 def keep_freed_host_memory(limit_bytes: int = 1 << 30) -> bool:
     """Let glibc keep freed blocks up to ``limit_bytes`` instead of returning them to the OS.
 
@@ -246,6 +260,6 @@ __all__ = [
     "namespace", "set_backend", "get_backend", "xp_default", "backend_of", "get_namespace",
     "asarray", "to_numpy", "synchronize", "check_dtype", "tolerance", "host_rng",
     "host_normal", "host_uniform", "DeviceRNG", "svd", "qr", "scatter_add", "is_finite",
-    "keep_freed_host_memory",
+    "keep_freed_host_memory", "erf",
     "cupy_available",
 ]

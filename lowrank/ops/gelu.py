@@ -1,4 +1,4 @@
-"""GELU, tanh form (GPT-2, ``torch.nn.GELU(approximate="tanh")``):
+"""GELU, tanh form (GPT-2, ``torch.nn.GELU(approximate="tanh")``); the exact erf form (BERT) is at the end:
 
     y = x p,   p = ½ (1 + tanh(u)),   u = c x (1 + a x²),   c = √(2/π), a = 0.044715
 
@@ -43,3 +43,33 @@ def gelu_backward(dy, cache):
     dx *= p
     dx *= dy
     return dx
+
+
+# --- exact (erf) GELU: BERT, torch.nn.GELU() — docs/pretrained.md#erf-gelu ---------------------
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def gelu_erf_forward(x):
+    """``y = x Φ(x)``, ``Φ(x) = ½ (1 + erf(x / √2))``; ``x (...)`` -> ``(y, (x, Φ))``."""
+    phi = backend.erf(x * _INV_SQRT2)   # (...) fresh array, finished in place
+    phi += 1.0
+    phi *= 0.5                          # Φ(x)
+    return x * phi, (x, phi)
+
+
+def gelu_erf_backward(dy, cache):
+    """``dx = dy · (Φ(x) + x φ(x))``, ``φ(x) = exp(-x²/2) / √(2π)``."""
+    xp = backend.get_namespace(dy)
+    x, phi = cache
+    dx = x * x
+    dx *= -0.5
+    xp.exp(dx, out=dx)
+    dx *= _INV_SQRT_2PI
+    dx *= x                             # x φ(x)
+    dx += phi
+    dx *= dy
+    return dx
+
+
+GELU = {"tanh": (gelu_forward, gelu_backward), "erf": (gelu_erf_forward, gelu_erf_backward)}

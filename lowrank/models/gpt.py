@@ -1,4 +1,4 @@
-"""The mini GPT of SPEC §3: pre-LayerNorm transformer with every backward written by hand.
+"""The mini GPT (docs/models.md#gpt): pre-LayerNorm transformer with every backward written by hand.
 
     x = tok_emb[idx] + pos_emb[:T]                       (B, T, d)
     x = blocks[i](x)       for i in 0..L-1
@@ -6,7 +6,7 @@
 
 with ``W_head = tok_emb.weight`` when the embeddings are tied, else ``lm_head.weight``.
 
-``named_parameters()`` gives exactly the SPEC names (tok_emb.weight, pos_emb.weight,
+``named_parameters()`` gives exactly the names of docs/models.md#gpt (tok_emb.weight, pos_emb.weight,
 blocks.{i}.ln1.weight, blocks.{i}.attn.q.weight, ..., ln_f.bias[, lm_head.weight]).
 """
 from __future__ import annotations
@@ -14,12 +14,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from . import backend
-from .blocks import MLP, Block, CausalSelfAttention, Embedding, LayerNorm, any_trainable
-from .layers import Linear
-from .module import Module, Parameter
-from .ops.cross_entropy import check_targets, cross_entropy_backward, cross_entropy_forward
-from .ops.linear import linear_backward, linear_forward
+from .. import backend
+from ..layers import Linear
+from ..module import Module, Parameter
+from ..ops.cross_entropy import check_targets, cross_entropy_backward, cross_entropy_forward
+from ..ops.layernorm import EPS
+from ..ops.linear import linear_backward, linear_forward
+from .blocks import MLP, CausalSelfAttention, Embedding, GPTBlock, LayerNorm, any_trainable
 
 _INIT_STD = 0.02
 
@@ -32,6 +33,7 @@ class GPTConfig:
     n_head: int
     d_model: int
     tie_embeddings: bool = True
+    layer_norm_eps: float = EPS
 
     def __post_init__(self):
         for name in ("vocab_size", "context", "n_layer", "n_head", "d_model"):
@@ -43,9 +45,17 @@ class GPTConfig:
                              f"n_head ({self.n_head})")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \
+                or not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be a number > 0, got {self.layer_norm_eps!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields; ``layer_norm_eps`` only when it is not the default, so checkpoints of
+        lowrank's own GPT keep the exact config they always had."""
+        data = asdict(self)
+        if data["layer_norm_eps"] == EPS:
+            del data["layer_norm_eps"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "GPTConfig":
@@ -73,14 +83,15 @@ class GPT(Module):
             return Linear.from_arrays(normal((n_out, n_in), std), xp.zeros((n_out,), dtype=dtype))
 
         def layernorm():
-            return LayerNorm(xp.ones((d,), dtype=dtype), xp.zeros((d,), dtype=dtype))
+            return LayerNorm(xp.ones((d,), dtype=dtype), xp.zeros((d,), dtype=dtype),
+                             config.layer_norm_eps)
 
         resid_std = _INIT_STD / math.sqrt(2 * config.n_layer)
-        # attribute order is parameter-name order (SPEC §3)
+        # attribute order is parameter-name order
         self.tok_emb = Embedding(normal((V, d)))
         self.pos_emb = Embedding(normal((C, d)))
         self.blocks = [
-            Block(layernorm(),
+            GPTBlock(layernorm(),
                   CausalSelfAttention(linear(d, d), linear(d, d), linear(d, d),
                                       linear(d, d, resid_std), config.n_head),
                   layernorm(),

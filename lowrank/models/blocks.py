@@ -1,0 +1,231 @@
+"""The modules transformers are built from: Embedding, LayerNorm, and one residual block whose
+options cover GPT-2 and BERT alike (docs/pretrained.md#blocks):
+
+* ``causal``: causal attention (GPT) or bidirectional with a key-padding mask (BERT);
+* ``pre_ln``: ``x + attn(ln1(x))`` (GPT) or ``ln1(x + attn(x))`` (BERT, post-LayerNorm);
+* ``gelu``: ``"tanh"`` (GPT-2) or ``"erf"`` (BERT); LayerNorm eps lives in each LayerNorm.
+
+Each module is a thin stateful shell around the functional ops: ``forward(x) -> (y, cache)``
+and ``backward(dy, cache) -> dx``, accumulating into its Parameters and skipping every gradient
+of a frozen one. The projections are looked up as attributes at call time, so
+``adapters.inject`` can swap in an adapted layer.
+
+A block's parameter *names* are its model's (GPT: ``ln1, attn.q, ..., mlp.fc2``; BERT:
+``attention.self.query, ..., output.LayerNorm``): a subclass says where each part lives
+(``parts()``), and the computation below is written once.
+
+The residual stream is ``(B, T, d)``; projections see it flattened to ``(N, d)``, N = B·T (a
+free view): one large GEMM instead of NumPy's loop of B smaller ones over a 3-D operand.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ..module import Module, Parameter
+from ..ops.attention import attention_backward, attention_forward
+from ..ops.embedding import embedding_backward, embedding_forward
+from ..ops.gelu import GELU
+from ..ops.layernorm import EPS, layernorm_backward, layernorm_forward
+
+
+def any_trainable(*modules) -> bool:
+    """Whether backward through these modules has any parameter gradient to compute."""
+    return any(p.trainable for m in modules for p in m.parameters())
+
+
+class Embedding(Module):
+    """``weight (V, d)``; ``forward(idx) -> (W[idx], cache)``; backward scatter-adds into dW."""
+
+    def __init__(self, weight):
+        self.weight = Parameter(weight)
+
+    def forward(self, idx):
+        return embedding_forward(self.weight.data, idx)
+
+    def backward(self, dout, cache) -> None:
+        if self.weight.trainable:
+            self.weight.accumulate(embedding_backward(dout, cache, self.weight.shape[0]))
+
+
+class LayerNorm(Module):
+    def __init__(self, weight, bias, eps: float = EPS):
+        self.weight = Parameter(weight)   # (d,) ones
+        self.bias = Parameter(bias)       # (d,) zeros
+        self.eps = float(eps)
+
+    def forward(self, x):
+        return layernorm_forward(x, self.weight.data, self.bias.data, self.eps)
+
+    def backward(self, dy, cache):
+        dx, dw, db = layernorm_backward(dy, cache, need_dweight=self.weight.trainable,
+                                        need_dbias=self.bias.trainable)
+        if dw is not None:
+            self.weight.accumulate(dw)
+        if db is not None:
+            self.bias.accumulate(db)
+        return dx
+
+
+class CausalSelfAttention(Module):
+    """The GPT's attention projections ``q, k, v, o`` (each (d, d)), as named in the GPT."""
+
+    def __init__(self, q, k, v, o, n_head: int):
+        self.q, self.k, self.v, self.o = q, k, v, o   # name order: q, k, v, o
+        self.n_head = n_head
+
+
+class MLP(Module):
+    """The GPT's MLP projections ``fc1 (4d, d)``, ``fc2 (d, 4d)``."""
+
+    def __init__(self, fc1, fc2):
+        self.fc1, self.fc2 = fc1, fc2
+
+
+class Parts(NamedTuple):
+    """Where a block's pieces live (resolved at call time: inject may have replaced any)."""
+    ln1: LayerNorm       # the attention sub-block's LayerNorm (before it, or after the residual)
+    q: Module
+    k: Module
+    v: Module
+    o: Module
+    ln2: LayerNorm       # the MLP sub-block's LayerNorm
+    fc1: Module
+    fc2: Module
+
+
+class AttnCache(NamedTuple):
+    q: object
+    k: object
+    v: object
+    attention: object
+    o: object
+
+
+class MLPCache(NamedTuple):
+    fc1: object
+    gelu: object
+    fc2: object
+
+
+class BlockCache(NamedTuple):
+    ln1: object
+    attn: AttnCache
+    ln2: object
+    mlp: MLPCache
+
+
+class Block(Module):
+    """A transformer block; subclasses hold the parameters and return them from ``parts()``.
+
+    ``n_head``, ``causal``, ``pre_ln``, ``gelu`` are plain attributes set by the subclass."""
+
+    n_head: int
+    causal: bool = True
+    pre_ln: bool = True
+    gelu: str = "tanh"
+
+    def parts(self) -> Parts:
+        raise NotImplementedError
+
+    # --- attention sub-block ---------------------------------------------------------------
+    def _attn_forward(self, p: Parts, x, key_mask):
+        B, T, d = x.shape
+        x2 = x.reshape(B * T, d)                       # (N, d)
+        q, cq = p.q.forward(x2)                        # (N, d)
+        k, ck = p.k.forward(x2)
+        v, cv = p.v.forward(x2)
+        y, ca = attention_forward(q.reshape(B, T, d), k.reshape(B, T, d), v.reshape(B, T, d),
+                                  self.n_head, causal=self.causal, key_mask=key_mask)
+        out, co = p.o.forward(y.reshape(B * T, d))     # (N, d)
+        return out.reshape(B, T, d), AttnCache(cq, ck, cv, ca, co)
+
+    def _attn_backward(self, p: Parts, dout, c: AttnCache, need_dx: bool):
+        B, T, d = dout.shape
+        dy = p.o.backward(dout.reshape(B * T, d), c.o)               # (N, d)
+        dq, dk, dv = attention_backward(dy.reshape(B, T, d), c.attention)   # each (B, T, d)
+        grads = [layer.backward(g.reshape(B * T, d), cl, need_dx=need_dx)   # (N, d) or None
+                 for layer, g, cl in ((p.q, dq, c.q), (p.k, dk, c.k), (p.v, dv, c.v))]
+        if not need_dx:
+            return None
+        dx = grads[0]
+        dx += grads[1]
+        dx += grads[2]
+        return dx.reshape(B, T, d)
+
+    # --- MLP sub-block -------------------------------------------------------------------------
+    def _mlp_forward(self, p: Parts, x):
+        B, T, d = x.shape
+        h, c1 = p.fc1.forward(x.reshape(B * T, d))    # (N, 4d)
+        g, cg = GELU[self.gelu][0](h)
+        out, c2 = p.fc2.forward(g)                     # (N, d)
+        return out.reshape(B, T, d), MLPCache(c1, cg, c2)
+
+    def _mlp_backward(self, p: Parts, dout, c: MLPCache):
+        B, T, d = dout.shape
+        dg = p.fc2.backward(dout.reshape(B * T, d), c.fc2)   # (N, 4d)
+        dh = GELU[self.gelu][1](dg, c.gelu)
+        return p.fc1.backward(dh, c.fc1).reshape(B, T, d)
+
+    # --- the block -------------------------------------------------------------------------
+    def forward(self, x, key_mask=None):
+        """``x (B, T, d)``, optional ``key_mask (B, T)`` (0 = padded key) -> ``(y, cache)``."""
+        p = self.parts()
+        if self.pre_ln:
+            a, c1 = p.ln1.forward(x)
+            a, ca = self._attn_forward(p, a, key_mask)
+            x = x + a                      # new array: the caller's x stays intact
+            m, c2 = p.ln2.forward(x)
+            m, cm = self._mlp_forward(p, m)
+            m += x                         # m is fresh (fc2's output, cached by nobody)
+            return m, BlockCache(c1, ca, c2, cm)
+        a, ca = self._attn_forward(p, x, key_mask)
+        a += x                             # a is fresh (o's output)
+        h, c1 = p.ln1.forward(a)           # h = LN(x + attn(x))
+        m, cm = self._mlp_forward(p, h)
+        m += h
+        y, c2 = p.ln2.forward(m)           # y = LN(h + mlp(h))
+        return y, BlockCache(c1, ca, c2, cm)
+
+    def backward(self, dout, cache: BlockCache, need_dx: bool = True):
+        """``dx``, or ``None`` with ``need_dx=False`` (nothing below this block trains)."""
+        p = self.parts()
+        if self.pre_ln:
+            return self._pre_ln_backward(p, dout, cache, need_dx)
+        # post-LN: the residual adds the LayerNorm's input gradient to each branch's dx
+        dm = p.ln2.backward(dout, cache.ln2)                 # d(h + mlp(h))
+        dh = self._mlp_backward(p, dm, cache.mlp)
+        dh += dm
+        da = p.ln1.backward(dh, cache.ln1)                   # d(x + attn(x))
+        dx = self._attn_backward(p, da, cache.attn, need_dx)
+        if not need_dx:
+            return None
+        dx += da
+        return dx
+
+    def _pre_ln_backward(self, p: Parts, dout, cache: BlockCache, need_dx: bool):
+        """With ``need_dx=False`` the attention's input gradient and ln1's backward are
+        skipped unless ln1 trains."""
+        # the residual stream passes dout through unchanged; each branch adds its own dx
+        dx = p.ln2.backward(self._mlp_backward(p, dout, cache.mlp), cache.ln2)
+        dx += dout
+        need_attn_dx = need_dx or any_trainable(p.ln1)
+        da = self._attn_backward(p, dx, cache.attn, need_attn_dx)
+        if not need_attn_dx:
+            return None
+        da = p.ln1.backward(da, cache.ln1)
+        if not need_dx:
+            return None
+        da += dx
+        return da
+
+
+class GPTBlock(Block):
+    """Pre-LayerNorm causal block with GPT names: ``ln1, attn.{q,k,v,o}, ln2, mlp.{fc1,fc2}``."""
+
+    def __init__(self, ln1, attn: CausalSelfAttention, ln2, mlp: MLP):
+        self.ln1, self.attn, self.ln2, self.mlp = ln1, attn, ln2, mlp
+        self.n_head = attn.n_head
+
+    def parts(self) -> Parts:
+        a, m = self.attn, self.mlp
+        return Parts(self.ln1, a.q, a.k, a.v, a.o, self.ln2, m.fc1, m.fc2)
