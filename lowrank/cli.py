@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from .parallel import ParameterDriftError
+from .tasks import classify_cli
 from .train import NonFiniteLossError, TrainConfig
 
 
@@ -160,6 +161,9 @@ def _variant_options(extra) -> dict:
 def main(argv=None) -> int:
     from . import backend
     backend.keep_freed_host_memory()   # training reuses the same large blocks every step
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if classify_cli.handles(argv):     # --task classify, eval --data, predict, demo --task
+        return classify_cli.main(argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "finetune":

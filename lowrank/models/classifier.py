@@ -2,7 +2,8 @@
 
     h, _  = encoder.forward(ids, attention_mask)                     (B, T, d)
     z     = mean_pool(h, mask)            pooling="mean" (sentence-transformers)
-          = tanh(pooler.dense(h[:, 0]))   pooling="cls"  (BertForSequenceClassification)
+          = encoder.pool(h) = tanh(pooler.dense(h[:, 0]))   pooling="cls"  (HF BertFor-
+                                                              SequenceClassification)
     logits = dropout(z) Wᵀ + b                                       (B, C)
     loss   = mean over the batch of cross-entropy(logits, labels)
 
@@ -40,16 +41,6 @@ def mean_pool_backward(dpooled, weights):
     return dpooled[:, None, :] * weights[:, :, None]                 # (B, T, d)
 
 
-def tanh_forward(x):
-    xp = backend.get_namespace(x)
-    y = xp.tanh(x)
-    return y, y
-
-
-def tanh_backward(dy, y):
-    return dy * (1.0 - y * y)
-
-
 def dropout_forward(x, p: float, rng, training: bool = True):
     """Inverted dropout: ``(x ⊙ mask, mask)`` with mask 1/(1-p) where kept, 0 where dropped;
     the mask is ``None`` (and x is returned as is) when p = 0 or not training."""
@@ -61,18 +52,6 @@ def dropout_forward(x, p: float, rng, training: bool = True):
 
 def dropout_backward(dy, mask):
     return dy if mask is None else dy * mask
-
-
-def first_token_forward(hidden):
-    """``h[:, 0]`` (the [CLS] row): ``(B, T, d) -> (B, d)``; cache the input shape."""
-    return hidden[:, 0, :], hidden.shape
-
-
-def first_token_backward(dfirst, shape):
-    xp = backend.get_namespace(dfirst)
-    dhidden = xp.zeros(shape, dtype=dfirst.dtype)                    # (B, T, d)
-    dhidden[:, 0, :] = dfirst
-    return dhidden
 
 
 # --- the module ------------------------------------------------------------------------------
@@ -94,8 +73,8 @@ class SequenceClassifier(Module):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if pooling == "cls" and getattr(getattr(encoder, "pooler", None), "dense", None) is None:
-            raise ValueError("pooling='cls' needs an encoder with a pooler (pooler.dense); "
+        if pooling == "cls" and getattr(encoder, "pooler", None) is None:
+            raise ValueError("pooling='cls' needs an encoder with a pooler (encoder.pool); "
                              "this one has none: use pooling='mean'")
         ref = next(p for _, p in encoder.named_parameters())
         xp, dtype = backend.get_namespace(ref.data), ref.dtype
@@ -138,10 +117,7 @@ class SequenceClassifier(Module):
         if self.pooling == "mean":
             pooled, c_pool = mean_pool_forward(hidden, attention_mask)        # (B, d)
         else:
-            first, c_first = first_token_forward(hidden)                      # (B, d)
-            dense, c_dense = self.encoder.pooler.dense.forward(first)
-            pooled, c_tanh = tanh_forward(dense)
-            c_pool = (c_first, c_dense, c_tanh)
+            pooled, c_pool = self.encoder.pool(hidden)                        # (B, d)
         dropped, c_drop = dropout_forward(pooled, self.dropout, self._dropout_rng,
                                           self.training)
         logits, c_head = self.classifier.forward(dropped)                    # (B, C)
@@ -158,9 +134,7 @@ class SequenceClassifier(Module):
         if self.pooling == "mean":
             dhidden = mean_pool_backward(dpooled, c_pool)                     # (B, T, d)
         else:
-            c_first, c_dense, c_tanh = c_pool
-            dfirst = self.encoder.pooler.dense.backward(tanh_backward(dpooled, c_tanh), c_dense)
-            dhidden = first_token_backward(dfirst, c_first)                   # (B, T, d)
+            dhidden = self.encoder.pool_backward(dpooled, c_pool)             # (B, T, d)
         self.encoder.backward(dhidden, c_enc)
 
     def loss(self, inputs, labels=None):

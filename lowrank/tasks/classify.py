@@ -152,11 +152,12 @@ def metrics(preds, labels, num_labels: int) -> dict:
 
 
 def train_classifier(clf, data, variant: str, config: ClassifyConfig, on_epoch=None,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, extra_hooks=()) -> dict:
     """Train ``clf`` (already ``prepare``d) for ``config.epochs`` epochs; after each epoch
     evaluate on "val" (when present) and call ``on_epoch(epoch, record)``. Returns a summary
     with the per-epoch records, train tokens/s (padded tokens the encoder computed on, over
-    the training wall time; evaluation excluded) and the trainer."""
+    the training wall time; evaluation excluded) and the trainer. ``extra_hooks`` run after
+    the variant's own step hooks."""
     per_epoch = data.steps_per_epoch(config.batch_size)
     total = per_epoch * config.epochs
     lr = config.lr_for(mode_of(variant))
@@ -164,7 +165,8 @@ def train_classifier(clf, data, variant: str, config: ClassifyConfig, on_epoch=N
                         warmup=0, weight_decay=config.weight_decay,
                         grad_clip=config.grad_clip, seed=config.seed)
     hooks = [LinearWarmupDecay(lr, warmup_steps(total, config.warmup_ratio), total)]
-    trainer = ClassifierTrainer(clf, data, train, hooks=hooks + hooks_for(clf))
+    trainer = ClassifierTrainer(clf, data, train,
+                                hooks=hooks + hooks_for(clf) + list(extra_hooks))
     records, train_seconds = [], 0.0
     epoch_start = {"t": time.perf_counter()}
 

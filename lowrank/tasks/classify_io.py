@@ -87,9 +87,9 @@ def load(directory, base=None, dtype: str = "float32"):
     directory = Path(directory)
     if info["mode"] == "adapter":
         adapter = checkpoint.read_adapter_config(directory)
-        if adapter["config"] is not None:
-            inject(clf.encoder, config_from_dict(adapter["config"]), adapter["targets"],
-                   seed=config.seed)
+        if adapter["config"] is not None:   # the exact modules (a suffix like "dense" would
+            inject(clf.encoder, config_from_dict(adapter["config"]),   # also take the pooler)
+                   list(adapter["modules"]), seed=config.seed)
         else:   # per-module configs (e.g. ranks a variant pruned)
             for i, (name, meta) in enumerate(adapter["modules"].items()):
                 inject(clf.encoder, config_from_dict(meta["config"]), [name],
@@ -150,8 +150,11 @@ def finetune(out, base, variant: str, config: classify.ClassifyConfig, train_exa
 
 
 def evaluate_file(directory, path, base=None, batch_size: int = 32) -> dict:
-    clf, tok, info = load(directory, base)
+    """Metrics of the saved classifier on a labelled file (checked before the model loads)."""
+    info = read_info(directory)
     examples = read_tsv(path)
+    encode_labels(examples, info["labels"])
+    clf, tok, info = load(directory, base)
     data = TextData.from_examples(tok, {"test": examples}, info["labels"],
                                   info["recipe"]["max_length"])
     return classify.evaluate(clf, data, "test", batch_size)
