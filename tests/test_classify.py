@@ -10,8 +10,8 @@ import pytest
 import lowrank as lr
 from lowrank import backend
 from lowrank.layers import Linear
-from lowrank.models.classifier import (SequenceClassifier, dropout_backward, dropout_forward,
-                                       mean_pool_backward, mean_pool_forward)
+from lowrank.models.classifier import SequenceClassifier, mean_pool_backward, mean_pool_forward
+from lowrank.ops.dropout import dropout_backward, dropout_forward
 from lowrank.module import Module, Parameter
 from lowrank.tasks import classify
 from lowrank.tasks.text_data import TextData
@@ -302,3 +302,72 @@ def test_metrics_accuracy_and_macro_f1():
     assert m["accuracy"] == 0.75 and m["correct"] == 3 and m["count"] == 4
     assert abs(m["macro_f1"] - np.mean([1.0, 2 / 3, 2 / 3])) < 1e-12
     assert "macro_f1" not in classify.metrics([0, 1], [0, 0], 2)
+
+
+# --- a tiny random BERT: the real encoder, with its hidden dropout on ---------------------
+
+def _tiny_bert(dtype="float64"):
+    cfg = lr.models.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=2,
+                               num_attention_heads=2, intermediate_size=16,
+                               max_position_embeddings=16)
+    return lr.models.Bert(cfg, seed=3, dtype=dtype, xp=np)
+
+
+def _rngs(module):
+    """Every dropout stream in ``module`` (the encoder's, each layer's, adapters', head's)."""
+    found = []
+    for _, m in module.named_modules():
+        for attr in ("dropout_rng", "_dropout_rng"):
+            r = vars(m).get(attr)
+            if r is not None:
+                found.append(r)
+    return found
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_bert_classifier_with_dropout_matches_finite_differences(pooling, rng):
+    bert = _tiny_bert()
+    bert.set_dropout(0.2)
+    clf = SequenceClassifier(bert, num_labels=3, pooling=pooling, dropout=0.2)
+    classify.prepare(clf, "lora", {"r": 2, "dropout": 0.3})
+    ids, mask, labels = _batch(rng, vocab=30)
+    clf.train()
+    streams = _rngs(clf)
+    assert len(streams) == 1 + 2 + 1 + 12        # encoder, 2 layers, head, 2 x 6 adapters
+    states = [s.state for s in streams]
+
+    def loss():
+        for s, st in zip(streams, states):
+            s.state = st
+        return clf.loss((ids, mask), labels)[0]
+
+    names = ["classifier.weight", "encoder.encoder.layer.0.attention.self.query.lora_A",
+             "encoder.encoder.layer.0.output.dense.lora_B",
+             "encoder.encoder.layer.1.intermediate.dense.lora_A"]
+    params = dict(clf.named_parameters(trainable_only=True))
+    for name in names:
+        p = params[name]
+        if not np.abs(p.data).any():
+            p.data[...] = rng.standard_normal(p.shape) * 0.1   # a zero B hides A's gradient
+    clf.classifier.weight.data *= 50.0       # gradients well above finite-difference noise
+    clf.zero_grad()
+    for s, st in zip(streams, states):
+        s.state = st
+    _, cache = clf.loss((ids, mask), labels)
+    clf.loss_backward(cache)
+    for name in names:
+        assert rel_err(params[name].grad, _fd(loss, params[name].data, 1e-5)) < 1e-6, name
+
+
+def test_bert_dropout_only_in_training(rng):
+    bert = _tiny_bert()
+    ids, mask, _ = _batch(rng, vocab=30)
+    plain, _ = bert.forward(ids, attention_mask=mask)
+    bert.set_dropout(0.1)
+    bert.train()
+    dropped, _ = bert.forward(ids, attention_mask=mask)
+    bert.eval()
+    again, _ = bert.forward(ids, attention_mask=mask)
+    assert np.array_equal(plain, again) and not np.allclose(plain, dropped)
+    with pytest.raises(ValueError, match="dropout"):
+        bert.set_dropout(1.0)

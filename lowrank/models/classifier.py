@@ -16,6 +16,7 @@ from __future__ import annotations
 from .. import backend
 from ..layers import Linear
 from ..module import Module
+from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.cross_entropy import check_targets, cross_entropy_backward, cross_entropy_forward
 
 POOLINGS = ("mean", "cls")
@@ -39,19 +40,6 @@ def mean_pool_forward(hidden, mask):
 def mean_pool_backward(dpooled, weights):
     """``dh_bt = m_bt / n_b · dz_b``: each real token gets its share, pads get 0."""
     return dpooled[:, None, :] * weights[:, :, None]                 # (B, T, d)
-
-
-def dropout_forward(x, p: float, rng, training: bool = True):
-    """Inverted dropout: ``(x ⊙ mask, mask)`` with mask 1/(1-p) where kept, 0 where dropped;
-    the mask is ``None`` (and x is returned as is) when p = 0 or not training."""
-    if p == 0.0 or not training:
-        return x, None
-    mask = rng.keep_mask(x.shape, p, x.dtype)
-    return x * mask, mask
-
-
-def dropout_backward(dy, mask):
-    return dy if mask is None else dy * mask
 
 
 # --- the module ------------------------------------------------------------------------------
