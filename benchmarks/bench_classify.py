@@ -200,7 +200,8 @@ def main() -> None:
     results = []
     for job in plan(setups):
         cmd = [sys.executable, __file__, "--worker", job, "--epochs", str(args.epochs),
-               "--threads", str(args.threads)] + (["--limit", str(args.limit)] if args.limit else [])
+               "--threads", str(args.threads)]
+        cmd += ["--limit", str(args.limit)] if args.limit else []
         start = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]

@@ -24,7 +24,8 @@ def test_names_map_in_sorted_order_and_integers_to_themselves(tmp_path):
     assert names == ["neg", "neutral", "pos"]
     assert encode_labels(ex, names).tolist() == [2, 0, 1]
     ints = read_tsv(_write(tmp_path / "b.tsv", "x\t2\ny\t0\n"))
-    assert label_names(ints) == ["0", "1", "2"] and encode_labels(ints, ["0", "1", "2"]).tolist() == [2, 0]
+    assert label_names(ints) == ["0", "1", "2"]
+    assert encode_labels(ints, ["0", "1", "2"]).tolist() == [2, 0]
     assert read_tsv(_write(tmp_path / "c.tsv", "a\tb\t1\n"))[0].text == "a\tb"   # last tab
 
 

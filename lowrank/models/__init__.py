@@ -92,5 +92,6 @@ register(ModelEntry("bert", BertConfig, Bert, _bert_config, hf.bert_key_map, hf.
                     prefix="bert."))
 
 __all__ = ["ModelEntry", "register", "entry", "names", "build", "config_from_dict",
-           "GPT", "GPTConfig", "Bert", "BertConfig", "BertLayer", "SequenceClassifier", "Block", "GPTBlock",
+           "GPT", "GPTConfig", "Bert", "BertConfig", "BertLayer", "SequenceClassifier",
+           "Block", "GPTBlock",
            "Embedding", "LayerNorm", "Parts"]
