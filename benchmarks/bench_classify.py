@@ -247,10 +247,10 @@ def report(results, args) -> str:
         gap = 100 * (ours["val_accuracy"][-1] - theirs["val_accuracy"][-1])
         lines.append(f"\nLoRA accuracy, lowrank - PyTorch+PEFT: {gap:+.1f} points "
                      f"({'within' if abs(gap) <= 1.5 else 'OUTSIDE'} 1.5)")
+        per_cpu = ours.get("tokens_per_cpu_s", nan) / theirs.get("tokens_per_cpu_s", nan)
         lines.append(f"LoRA train tokens/s, lowrank / PyTorch+PEFT: "
                      f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x (wall), "
-                     f"{ours.get('tokens_per_cpu_s', nan) / theirs.get('tokens_per_cpu_s', nan):.2f}x (per "
-                     "CPU-second: less sensitive to other load)")
+                     f"{per_cpu:.2f}x (per CPU-second: less sensitive to other load)")
     for lib in ("lowrank", "pytorch+peft"):
         lora, full = by.get((lib, "lora")), by.get((lib, "full"))
         if lora and full:
