@@ -157,8 +157,8 @@ def train_classifier(clf, data, variant: str, config: ClassifyConfig, on_epoch=N
     evaluate on "val" (when present) and call ``on_epoch(epoch, record)``. Returns a summary
     with the per-epoch records, train tokens/s (padded tokens the encoder computed on, over
     the training wall time; evaluation excluded), the training's process CPU seconds (all
-    threads: less sensitive to a loaded machine than wall time) and the trainer. ``extra_hooks`` run after
-    the variant's own step hooks."""
+    threads: less sensitive to a loaded machine than wall time) and the trainer.
+    ``extra_hooks`` run after the variant's own step hooks."""
     per_epoch = data.steps_per_epoch(config.batch_size)
     total = per_epoch * config.epochs
     lr = config.lr_for(mode_of(variant))
@@ -168,18 +168,19 @@ def train_classifier(clf, data, variant: str, config: ClassifyConfig, on_epoch=N
     hooks = [LinearWarmupDecay(lr, warmup_steps(total, config.warmup_ratio), total)]
     trainer = ClassifierTrainer(clf, data, train,
                                 hooks=hooks + hooks_for(clf) + list(extra_hooks))
-    records, train_seconds, cpu_seconds = [], 0.0, 0.0
+    records, history, train_seconds, cpu_seconds = [], [], 0.0, 0.0
     epoch_start = {"t": time.perf_counter(), "cpu": time.process_time()}
 
-    def after_step(tr, record):
+    def on_step(tr, record):
         nonlocal train_seconds, cpu_seconds
-        if tr.step % per_epoch and tr.step != total:
+        history.append(record)
+        if tr.step % per_epoch:
             return
         train_seconds += time.perf_counter() - epoch_start["t"]
         cpu_seconds += time.process_time() - epoch_start["cpu"]
         epoch = tr.step // per_epoch
-        recent = [h["loss"] for h in history_so_far[-per_epoch + 1:]] + [record["loss"]]
-        row = {"epoch": epoch, "step": tr.step, "train_loss": float(np.mean(recent))}
+        row = {"epoch": epoch, "step": tr.step,
+               "train_loss": float(np.mean([h["loss"] for h in history[-per_epoch:]]))}
         if "val" in data.splits:
             row.update({f"val_{k}": v for k, v in tr.evaluate().items()})
         records.append(row)
@@ -187,14 +188,8 @@ def train_classifier(clf, data, variant: str, config: ClassifyConfig, on_epoch=N
             on_epoch(epoch, row, tr)
         epoch_start.update(t=time.perf_counter(), cpu=time.process_time())
 
-    history_so_far = []
-
-    def on_step(tr, record):
-        history_so_far.append(record)
-        after_step(tr, record)
-
     trainer.fit(on_step, progress=progress, desc=variant)
-    return {"epochs": records, "history": history_so_far, "trainer": trainer,
+    return {"epochs": records, "history": history, "trainer": trainer,
             "train_seconds": train_seconds, "train_cpu_seconds": cpu_seconds,
             "tokens_per_s": trainer.tokens_seen / train_seconds if train_seconds else float("nan"),
             "steps": total, "lr": lr}

@@ -54,7 +54,7 @@ def run_demo(out="lowrank-demo-sentiment", epochs: int = 1, variants=None,
     results = []
     for name in names:
         tracemalloc.start()
-        clf = copy.deepcopy(base)          # the pretrained weights, fresh for each row
+        clf = fresh_copy(base)             # the pretrained weights, fresh for each row
         classify.prepare(clf, name, VARIANT_OPTIONS.get(name), seed=config.seed)
         peak = []
         data._order, data._pos = None, 0
@@ -80,6 +80,12 @@ def run_demo(out="lowrank-demo-sentiment", epochs: int = 1, variants=None,
     png = plot(results, out / "sentiment.png")
     print(f"\nwrote {png} and {out / 'results.md'} in {time.perf_counter() - start:.0f} s")
     return results
+
+
+def fresh_copy(model):
+    """A deep copy of ``model`` sharing only the array modules its streams refer to."""
+    xp = model.xp
+    return copy.deepcopy(model, {id(np): np, id(xp): xp})
 
 
 def _train(clf, data, name, config, peak, progress) -> dict:
