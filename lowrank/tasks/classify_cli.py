@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("sentiment",), required=True)
     p.add_argument("--out", default="lowrank-demo-sentiment")
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--train-examples", type=int, default=1800,
+                   help="train on the first N of the 1,800 training sentences")
     p.add_argument("--variants", default=None, help="comma-separated subset (default: all)")
     p.add_argument("--no-progress", action="store_true")
     return parser
@@ -148,5 +150,5 @@ def run(args) -> int:
     elif args.command == "demo":
         variants = None if args.variants is None else args.variants.split(",")
         run_demo(args.out, epochs=args.epochs, variants=variants,
-                 progress=not args.no_progress)
+                 train_examples=args.train_examples, progress=not args.no_progress)
     return 0
