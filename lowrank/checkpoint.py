@@ -242,8 +242,9 @@ def load_model(directory, backend: str | None = None):
     directory = Path(directory)
     config = read_json(directory / CONFIG_FILE)
     if "model" not in config:
-        raise ValueError(f"{directory / CONFIG_FILE} has no 'model' entry (a training-state-"
-                         "only directory?)")
+        hint = ("a Hugging Face model directory: load it with lr.from_pretrained"
+                if "model_type" in config else "a training-state-only directory?")
+        raise ValueError(f"{directory / CONFIG_FILE} has no 'model' entry ({hint})")
     dtype = config.get("dtype") or _backend.DEFAULT_DTYPE
     model_config = models.config_from_dict(config["model"], str(directory / CONFIG_FILE))
     xp = None if name is None else _backend.namespace(name)

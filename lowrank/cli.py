@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="adapt a base model: full fine-tuning or an adapter")
     _common(p, steps=200, lr=3e-3)
-    p.add_argument("--base", required=True, help="directory written by `lowrank pretrain`")
+    p.add_argument("--base", required=True,
+                   help="directory written by `lowrank pretrain`, or a Hugging Face GPT-2 one")
     p.add_argument("--variant", default="lora",
                    help=f"'full' or one of {available()}; a comma-separated list trains "
                         "several adapters together over one base into <out>/<variant> "

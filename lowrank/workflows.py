@@ -29,6 +29,7 @@ from .adapters.inject import SEED_STRIDE
 from .data import TokenData, corpus
 from .models import GPT, GPTConfig
 from .parallel import SingleProcess
+from .pretrained import from_pretrained, is_foreign
 from .tokenizer import Tokenizer, train_tokenizer
 from .train import Trainer, TrainConfig
 
@@ -138,8 +139,15 @@ def pretrain(out, model_spec: ModelSpec, data_spec: DataSpec, train: TrainConfig
 
 
 def load_base(base, dtype=None, backend_name=None):
-    """``(model, tokenizer, run info)`` of a pretrained directory."""
+    """``(model, tokenizer, run info)`` of a pretrained directory (lowrank's or, for a GPT-2,
+    Hugging Face's)."""
     base = Path(base)
+    if is_foreign(base):
+        model = from_pretrained(base, dtype or backend.DEFAULT_DTYPE, backend_name)
+        if not isinstance(model, GPT):
+            raise ValueError(f"{base} holds a {type(model).__name__}, which has no language-model "
+                             "head: this command needs a GPT (e.g. a gpt2 directory)")
+        return model, Tokenizer.from_pretrained(base), {}
     model = checkpoint.load_model(base, backend_name)
     if dtype is not None and backend.check_dtype(dtype) != model.dtype.name:
         for p in model.parameters():

@@ -18,14 +18,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .. import backend
-from ..layers import Linear
 from ..module import Module
 from ..ops.cross_entropy import check_targets
 from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.tanh import tanh_backward, tanh_forward
-from .blocks import Block, Embedding, LayerNorm, Parts, any_trainable
+from .blocks import Block, Embedding, HostInit, Parts, any_trainable, check_eps
 
-_INIT_STD = 0.02
 GELU_OF_ACT = {"gelu": "erf", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
 
@@ -41,6 +39,7 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     hidden_act: str = "gelu"
     pooler: bool = True
+    pad_token_id: int | None = 0     # its word-embedding row never receives a gradient
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -51,12 +50,15 @@ class BertConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by "
                              f"num_attention_heads ({self.num_attention_heads})")
-        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \
-                or not self.layer_norm_eps > 0:
-            raise ValueError(f"layer_norm_eps must be a number > 0, got {self.layer_norm_eps!r}")
+        check_eps(self.layer_norm_eps)
         if self.hidden_act not in GELU_OF_ACT:
             raise ValueError(f"hidden_act must be one of {sorted(GELU_OF_ACT)}, "
                              f"got {self.hidden_act!r}")
+        if self.pad_token_id is not None and (
+                isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int)
+                or not 0 <= self.pad_token_id < self.vocab_size):
+            raise ValueError(f"pad_token_id must be None or an integer in [0, vocab_size), "
+                             f"got {self.pad_token_id!r}")
         if not isinstance(self.pooler, bool):
             raise ValueError(f"pooler must be a bool, got {self.pooler!r}")
 
@@ -82,13 +84,10 @@ class Group(Module):
 class BertLayer(Block):
     """Post-LayerNorm bidirectional block with BERT's names."""
 
-    causal = False
-    pre_ln = False
-
     def __init__(self, attention: Group, intermediate: Group, output: Group, n_head: int,
                  gelu: str):
+        super().__init__(n_head, causal=False, pre_ln=False, gelu=gelu)
         self.attention, self.intermediate, self.output = attention, intermediate, output
-        self.n_head, self.gelu = n_head, gelu
 
     def parts(self) -> Parts:
         sa, ao = self.attention.self, self.attention.output
@@ -125,24 +124,16 @@ class Bert(Module):
         if not isinstance(config, BertConfig):
             raise ValueError(f"config must be a BertConfig, got {type(config).__name__}")
         self.config = config
-        dtype = backend.check_dtype(dtype)
-        xp = backend.xp_default() if xp is None else xp
-        rng = backend.host_rng(seed)
+        init = HostInit(seed, dtype, xp)
         d, d_ff = config.hidden_size, config.intermediate_size
-
-        def normal(shape):
-            return backend.host_normal(rng, shape, _INIT_STD, dtype, xp)
-
-        def dense(n_in, n_out):
-            return Linear.from_arrays(normal((n_out, n_in)), xp.zeros((n_out,), dtype=dtype))
+        normal, dense = init.normal, init.linear
 
         def layernorm():
-            return LayerNorm(xp.ones((d,), dtype=dtype), xp.zeros((d,), dtype=dtype),
-                             config.layer_norm_eps)
+            return init.layernorm(d, config.layer_norm_eps)
 
         gelu = GELU_OF_ACT[config.hidden_act]
         self.embeddings = Group(
-            word_embeddings=Embedding(normal((config.vocab_size, d))),
+            word_embeddings=Embedding(normal((config.vocab_size, d)), config.pad_token_id),
             position_embeddings=Embedding(normal((config.max_position_embeddings, d))),
             token_type_embeddings=Embedding(normal((config.type_vocab_size, d))),
             LayerNorm=layernorm())

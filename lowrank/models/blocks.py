@@ -21,11 +21,37 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from .. import backend
+from ..layers import Linear
 from ..module import Module, Parameter
 from ..ops.attention import attention_backward, attention_forward
 from ..ops.embedding import embedding_backward, embedding_forward
 from ..ops.gelu import GELU
 from ..ops.layernorm import EPS, layernorm_backward, layernorm_forward
+
+
+INIT_STD = 0.02
+
+
+class HostInit:
+    """Initial values for a model: drawn on the host (float64 PCG64, cast, then moved), so
+    every backend starts bit-identical; ``N(0, std²)`` weights, zero biases, unit LayerNorms."""
+
+    def __init__(self, seed, dtype, xp):
+        self.rng = backend.host_rng(seed)
+        self.dtype = backend.check_dtype(dtype)
+        self.xp = backend.xp_default() if xp is None else xp
+
+    def normal(self, shape, std: float = INIT_STD):
+        return backend.host_normal(self.rng, shape, std, self.dtype, self.xp)
+
+    def linear(self, n_in: int, n_out: int, std: float = INIT_STD) -> Linear:
+        return Linear.from_arrays(self.normal((n_out, n_in), std),
+                                  self.xp.zeros((n_out,), dtype=self.dtype))
+
+    def layernorm(self, d: int, eps: float) -> "LayerNorm":
+        xp = self.xp
+        return LayerNorm(xp.ones((d,), dtype=self.dtype), xp.zeros((d,), dtype=self.dtype), eps)
 
 
 def any_trainable(*modules) -> bool:
@@ -34,17 +60,29 @@ def any_trainable(*modules) -> bool:
 
 
 class Embedding(Module):
-    """``weight (V, d)``; ``forward(idx) -> (W[idx], cache)``; backward scatter-adds into dW."""
+    """``weight (V, d)``; ``forward(idx) -> (W[idx], cache)``; backward scatter-adds into dW.
+    ``padding_idx`` (BERT's pad token) names a row that never receives a gradient, as in
+    ``torch.nn.Embedding(padding_idx=...)`` (docs/pretrained.md#embeddings)."""
 
-    def __init__(self, weight):
+    def __init__(self, weight, padding_idx: int | None = None):
         self.weight = Parameter(weight)
+        self.padding_idx = padding_idx
 
     def forward(self, idx):
         return embedding_forward(self.weight.data, idx)
 
     def backward(self, dout, cache) -> None:
         if self.weight.trainable:
-            self.weight.accumulate(embedding_backward(dout, cache, self.weight.shape[0]))
+            dweight = embedding_backward(dout, cache, self.weight.shape[0])   # (V, d)
+            if self.padding_idx is not None:
+                dweight[self.padding_idx] = 0.0
+            self.weight.accumulate(dweight)
+
+
+def check_eps(value) -> None:
+    """A config's ``layer_norm_eps``: a number > 0 (ValueError naming the field otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"layer_norm_eps must be a number > 0, got {value!r}")
 
 
 class LayerNorm(Module):
@@ -115,14 +153,21 @@ class BlockCache(NamedTuple):
 
 
 class Block(Module):
-    """A transformer block; subclasses hold the parameters and return them from ``parts()``.
+    """A transformer block; subclasses hold the parameters and return them from ``parts()``,
+    and call ``Block.__init__`` with the options (docs/pretrained.md#blocks):
+    ``causal`` (else bidirectional with a key-padding mask), ``pre_ln`` (else post-LN),
+    ``gelu`` ``"tanh"`` or ``"erf"``."""
 
-    ``n_head``, ``causal``, ``pre_ln``, ``gelu`` are plain attributes set by the subclass."""
-
-    n_head: int
-    causal: bool = True
-    pre_ln: bool = True
-    gelu: str = "tanh"
+    def __init__(self, n_head: int, *, causal: bool = True, pre_ln: bool = True,
+                 gelu: str = "tanh"):
+        if isinstance(n_head, bool) or not isinstance(n_head, int) or n_head < 1:
+            raise ValueError(f"n_head must be an integer >= 1, got {n_head!r}")
+        for name, value in (("causal", causal), ("pre_ln", pre_ln)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
+        if gelu not in GELU:
+            raise ValueError(f"gelu must be one of {sorted(GELU)}, got {gelu!r}")
+        self.n_head, self.causal, self.pre_ln, self.gelu = n_head, causal, pre_ln, gelu
 
     def parts(self) -> Parts:
         raise NotImplementedError
@@ -222,9 +267,9 @@ class Block(Module):
 class GPTBlock(Block):
     """Pre-LayerNorm causal block with GPT names: ``ln1, attn.{q,k,v,o}, ln2, mlp.{fc1,fc2}``."""
 
-    def __init__(self, ln1, attn: CausalSelfAttention, ln2, mlp: MLP):
+    def __init__(self, ln1, attn: CausalSelfAttention, ln2, mlp: MLP, **options):
+        super().__init__(attn.n_head, **options)
         self.ln1, self.attn, self.ln2, self.mlp = ln1, attn, ln2, mlp
-        self.n_head = attn.n_head
 
     def parts(self) -> Parts:
         a, m = self.attn, self.mlp

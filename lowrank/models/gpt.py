@@ -6,8 +6,8 @@
 
 with ``W_head = tok_emb.weight`` when the embeddings are tied, else ``lm_head.weight``.
 
-``named_parameters()`` gives exactly the names of docs/models.md#gpt (tok_emb.weight, pos_emb.weight,
-blocks.{i}.ln1.weight, blocks.{i}.attn.q.weight, ..., ln_f.bias[, lm_head.weight]).
+``named_parameters()`` gives exactly the names of docs/models.md#gpt (tok_emb.weight,
+pos_emb.weight, blocks.{i}.ln1.weight, blocks.{i}.attn.q.weight, ..., ln_f.bias[, lm_head.weight]).
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ from ..module import Module, Parameter
 from ..ops.cross_entropy import check_targets, cross_entropy_backward, cross_entropy_forward
 from ..ops.layernorm import EPS
 from ..ops.linear import linear_backward, linear_forward
-from .blocks import MLP, CausalSelfAttention, Embedding, GPTBlock, LayerNorm, any_trainable
+from .blocks import INIT_STD as _INIT_STD
+from .blocks import (MLP, CausalSelfAttention, Embedding, GPTBlock, HostInit, any_trainable,
+                     check_eps)
 
-_INIT_STD = 0.02
 
 
 @dataclass
@@ -45,9 +46,7 @@ class GPTConfig:
                              f"n_head ({self.n_head})")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
-        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \
-                or not self.layer_norm_eps > 0:
-            raise ValueError(f"layer_norm_eps must be a number > 0, got {self.layer_norm_eps!r}")
+        check_eps(self.layer_norm_eps)
 
     def to_dict(self) -> dict:
         """The fields; ``layer_norm_eps`` only when it is not the default, so checkpoints of
@@ -71,20 +70,12 @@ class GPT(Module):
         if not isinstance(config, GPTConfig):
             raise ValueError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = config
-        dtype = backend.check_dtype(dtype)
-        xp = backend.xp_default() if xp is None else xp
-        rng = backend.host_rng(seed)
+        init = HostInit(seed, dtype, xp)
         V, C, d = config.vocab_size, config.context, config.d_model
-
-        def normal(shape, std=_INIT_STD):
-            return backend.host_normal(rng, shape, std, dtype, xp)
-
-        def linear(n_in, n_out, std=_INIT_STD):
-            return Linear.from_arrays(normal((n_out, n_in), std), xp.zeros((n_out,), dtype=dtype))
+        normal, linear = init.normal, init.linear
 
         def layernorm():
-            return LayerNorm(xp.ones((d,), dtype=dtype), xp.zeros((d,), dtype=dtype),
-                             config.layer_norm_eps)
+            return init.layernorm(d, config.layer_norm_eps)
 
         resid_std = _INIT_STD / math.sqrt(2 * config.n_layer)
         # attribute order is parameter-name order

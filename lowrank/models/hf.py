@@ -1,5 +1,5 @@
 """Hugging Face checkpoints -> lowrank models: config translation and key maps
-(docs/pretrained.md#gpt-2-key-map, docs/pretrained.md#bert).
+(docs/pretrained.md#gpt2, docs/pretrained.md#bert).
 
 A key map is ``{lowrank parameter name: (foreign key, transform)}``; ``transform`` turns the
 foreign host array into the lowrank layout (``None``: as stored). Keys are given without the
@@ -105,7 +105,7 @@ def bert_config(hf: dict, where: str = "bert", pooler: bool = True) -> BertConfi
                       max_position_embeddings=hf.get("max_position_embeddings", 512),
                       type_vocab_size=hf.get("type_vocab_size", 2),
                       layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
-                      hidden_act=act, pooler=pooler)
+                      hidden_act=act, pooler=pooler, pad_token_id=hf.get("pad_token_id", 0))
 
 
 def bert_key_map(model) -> dict:

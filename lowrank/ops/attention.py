@@ -1,5 +1,6 @@
 """Multi-head softmax attention on already-projected ``q, k, v (B, T, d)``: causal (GPT) or
-bidirectional with an additive key-padding mask (BERT). Math: docs/pretrained.md#attention.
+bidirectional with an additive key-padding mask (BERT). Math: docs/ops.md#attention,
+docs/pretrained.md#masked-attention.
 
 Per head (hs = d / H):  ``P = softmax(q kᵀ / √hs + M)``,  ``y = P v``, where M is the causal
 mask (-inf above the diagonal) and/or the key-padding mask (the dtype's lowest finite value

@@ -1,4 +1,5 @@
-"""GELU, tanh form (GPT-2, ``torch.nn.GELU(approximate="tanh")``); the exact erf form (BERT) is at the end:
+"""GELU, tanh form (GPT-2, ``torch.nn.GELU(approximate="tanh")``); the exact erf form (BERT)
+follows at the end of the file. The tanh form:
 
     y = x p,   p = ½ (1 + tanh(u)),   u = c x (1 + a x²),   c = √(2/π), a = 0.044715
 
