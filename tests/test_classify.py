@@ -371,3 +371,13 @@ def test_bert_dropout_only_in_training(rng):
     assert np.array_equal(plain, again) and not np.allclose(plain, dropped)
     with pytest.raises(ValueError, match="dropout"):
         bert.set_dropout(1.0)
+
+
+def test_full_fine_tuning_freezes_only_an_unused_pooler():
+    mean = SequenceClassifier(FakeEncoder(), num_labels=2, pooling="mean")
+    classify.prepare(mean, "full")
+    frozen = [n for n, p in mean.named_parameters() if not p.trainable]
+    assert frozen == ["encoder.pooler.dense.weight", "encoder.pooler.dense.bias"]
+    cls = SequenceClassifier(FakeEncoder(), num_labels=2, pooling="cls")
+    classify.prepare(cls, "full")
+    assert all(p.trainable for p in cls.parameters())

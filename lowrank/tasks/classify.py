@@ -78,7 +78,10 @@ def prepare(clf, variant: str, options: dict | None = None, targets=TARGETS, see
     if variant == "head":
         clf.freeze()
         return None
+    pooler = getattr(clf.encoder, "pooler", None)
     if variant == "full":
+        if clf.pooling == "mean" and pooler is not None:
+            pooler.freeze()      # unused by mean pooling: no gradient, no weight decay
         return None
     cfg = adapter_config(variant, **{**ADAPTER_OPTIONS, **(options or {})})
     inject(clf.encoder, cfg, list(targets), seed=seed)
