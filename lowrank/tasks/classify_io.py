@@ -24,7 +24,9 @@ from .. import backend, checkpoint
 from ..adapters import config_from_dict, inject
 from ..adapters.inject import SEED_STRIDE
 from ..models.classifier import SequenceClassifier
+from ..pretrained import from_pretrained
 from ..storage import read_json, read_safetensors, write_json, write_safetensors
+from ..tokenizer import Tokenizer
 from . import classify
 from .text_data import TextData, encode_labels, label_names, read_tsv, sentiment_split
 
@@ -34,8 +36,7 @@ TASK_FILE, HEAD_FILE, ENCODER_FILE = "classify.json", "classifier.safetensors", 
 
 def load_encoder(base, dtype: str = "float32"):
     """``(encoder, tokenizer)`` of a Hugging Face BERT directory or ``"minilm"``."""
-    import lowrank as lr   # the package root (from_pretrained, Tokenizer) sits above tasks/
-    return lr.from_pretrained(str(base), dtype=dtype), lr.Tokenizer.from_pretrained(str(base))
+    return from_pretrained(str(base), dtype=dtype), Tokenizer.from_pretrained(str(base))
 
 
 def build(base, num_labels: int, config: classify.ClassifyConfig, dtype="float32"):
