@@ -23,6 +23,7 @@ from .cli_parser import parse
 from .multi import finetune_many, parse_variants
 from .parallel import ParameterDriftError, get_comm
 from .run_dir import read_run
+from .tasks import classify_cli
 from .train import NonFiniteLossError, TrainConfig
 
 
@@ -57,6 +58,9 @@ def main(argv=None) -> int:
     (2: a mistake in the input, 1: training stopped, 3: a bug — LOWRANK_DEBUG=1 shows its
     traceback, 130: interrupted, 141: output closed, as into ``head``)."""
     backend.keep_freed_host_memory()   # training reuses the same large blocks every step
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if classify_cli.handles(argv):     # --task classify, eval --data, predict, demo --task
+        return classify_cli.main(argv)
     try:
         _, args = parse(argv)
     except SystemExit as exc:   # --help exits 0 as usual; a mistake returns its code

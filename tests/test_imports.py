@@ -33,7 +33,8 @@ LAYERS = [
      "lowrank.peft_files"],                                    # PEFT-format adapter dirs
     ["lowrank.run_dir", "lowrank.workflows", "lowrank.tasks", "lowrank.classify"],
     ["lowrank.multi"],                                         # many adapters, one base
-    ["lowrank.cli", "lowrank.cli_parser", "lowrank.demo", "lowrank.bench", "lowrank"],
+    ["lowrank.cli", "lowrank.cli_parser", "lowrank.demo", "lowrank.bench", "lowrank",
+     "lowrank.tasks.sentiment_demo", "lowrank.tasks.classify_cli"],   # front ends
 ]
 
 # Test oracles and the frameworks they use: the library never imports them.

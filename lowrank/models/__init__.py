@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .bert import Bert, BertConfig, BertLayer
+from .classifier import SequenceClassifier
 from .blocks import Block, Embedding, GPTBlock, LayerNorm, Parts
 from .gpt import GPT, GPTConfig
 from . import hf
@@ -91,5 +92,6 @@ register(ModelEntry("bert", BertConfig, Bert, _bert_config, hf.bert_key_map, hf.
                     prefix="bert."))
 
 __all__ = ["ModelEntry", "register", "entry", "names", "build", "config_from_dict",
-           "GPT", "GPTConfig", "Bert", "BertConfig", "BertLayer", "Block", "GPTBlock",
+           "GPT", "GPTConfig", "Bert", "BertConfig", "BertLayer", "SequenceClassifier",
+           "Block", "GPTBlock",
            "Embedding", "LayerNorm", "Parts"]

@@ -8,8 +8,10 @@ Parameter names are the Hugging Face checkpoint's own without the ``bert.`` pref
 (``embeddings.word_embeddings.weight``, ``encoder.layer.0.attention.self.query.weight``,
 ``encoder.layer.0.attention.output.dense.weight``, ``encoder.layer.0.intermediate.dense.weight``,
 ``encoder.layer.0.output.dense.weight``, ``pooler.dense.weight``, ...), so PEFT target names
-(``query``, ``value``, ``dense``) mean the same modules in both libraries. Dropout is not
-applied (inference semantics; adapters bring their own dropout).
+(``query``, ``value``, ``dense``) mean the same modules in both libraries. Dropout is off
+unless ``set_dropout(p)`` turns on BERT's hidden dropout (after the embeddings' LayerNorm and
+on each attention and MLP output before its residual; not on attention probabilities), and
+then only in ``train()`` mode (docs/classification.md#dropout).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from dataclasses import asdict, dataclass
 from .. import backend
 from ..module import Module
 from ..ops.cross_entropy import check_targets
+from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.tanh import tanh_backward, tanh_forward
 from .blocks import Block, Embedding, HostInit, Parts, any_trainable, check_eps
 
@@ -91,6 +94,27 @@ class BertLayer(Block):
         return Parts(ao.LayerNorm, sa.query, sa.key, sa.value, ao.dense,
                      self.output.LayerNorm, self.intermediate.dense, self.output.dense)
 
+    # hidden dropout on each branch's output, before its residual (set by Bert.set_dropout)
+    dropout, dropout_rng = 0.0, None
+
+    def _attn_forward(self, p: Parts, x, key_mask):
+        out, cache = super()._attn_forward(p, x, key_mask)
+        out, mask = dropout_forward(out, self.dropout, self.dropout_rng, self.training)
+        return out, (cache, mask)
+
+    def _attn_backward(self, p: Parts, dout, c, need_dx: bool):
+        cache, mask = c
+        return super()._attn_backward(p, dropout_backward(dout, mask), cache, need_dx)
+
+    def _mlp_forward(self, p: Parts, x):
+        out, cache = super()._mlp_forward(p, x)
+        out, mask = dropout_forward(out, self.dropout, self.dropout_rng, self.training)
+        return out, (cache, mask)
+
+    def _mlp_backward(self, p: Parts, dout, c):
+        cache, mask = c
+        return super()._mlp_backward(p, dropout_backward(dout, mask), cache)
+
 
 class Bert(Module):
     """``Bert(config, seed=0, dtype="float32", xp=None)``: random N(0, 0.02²) init drawn on the
@@ -122,6 +146,20 @@ class Bert(Module):
             for _ in range(config.num_hidden_layers)])
         if config.pooler:
             self.pooler = Group(dense=dense(d, d))
+
+    dropout, dropout_rng = 0.0, None
+
+    def set_dropout(self, p: float, seed: int = 0) -> None:
+        """BERT's hidden dropout (``hidden_dropout_prob``; 0.1 in training recipes), active in
+        ``train()`` mode; each layer draws its masks from its own seeded stream."""
+        if not 0.0 <= float(p) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p!r}")
+        rng = backend.host_rng(seed)
+        self.dropout = float(p)
+        self.dropout_rng = backend.DeviceRNG(int(rng.integers(2**31)), self.xp)
+        for layer in self.encoder.layer:
+            layer.dropout = float(p)
+            layer.dropout_rng = backend.DeviceRNG(int(rng.integers(2**31)), self.xp)
 
     @property
     def dtype(self):
@@ -161,11 +199,12 @@ class Bert(Module):
         types, c_type = emb.token_type_embeddings.forward(token_type_ids)   # (B, T, d)
         x += types
         x, c_ln = emb.LayerNorm.forward(x)                            # (B, T, d)
+        x, c_drop = dropout_forward(x, self.dropout, self.dropout_rng, self.training)
         c_layers = []
         for layer in self.encoder.layer:
             x, c = layer.forward(x, key_mask=attention_mask)
             c_layers.append(c)
-        return x, (c_word, c_type, c_ln, T, c_layers)
+        return x, (c_word, c_type, (c_ln, c_drop), T, c_layers)
 
     def backward(self, dhidden, cache) -> None:
         """Accumulate ``dL/dθ`` for every trainable θ given ``dhidden (B, T, d)``; stops as
@@ -184,7 +223,8 @@ class Bert(Module):
             dx = layers[i].backward(dx, c_layers[i], need_dx=below)
         if not any_trainable(emb):
             return
-        dx = emb.LayerNorm.backward(dx, c_ln)                         # (B, T, d)
+        c_ln, c_drop = c_ln
+        dx = emb.LayerNorm.backward(dropout_backward(dx, c_drop), c_ln)   # (B, T, d)
         positions = emb.position_embeddings.weight
         if positions.trainable:
             dpos = self.xp.zeros(positions.shape, dtype=dx.dtype)      # (P, d)

@@ -1,0 +1,1 @@
+"""Tasks beyond language modelling: text classification (docs/classification.md)."""
