@@ -20,6 +20,7 @@ import numpy as np
 
 from . import adapter_files, pretrained
 from . import peft_format as pf
+from . import peft_lycoris as pl
 from ._version import __version__
 from .adapters import AdaptedLinear, config, config_from_dict
 from .adapters.inject import (SEED_STRIDE, _set_child, adapted_modules, adapter_names,
@@ -48,10 +49,11 @@ def save_pretrained(model: Module, directory, base=None) -> Path:
     if not modules:
         raise ValueError(f"{type(model).__name__} holds no adapter; inject one first")
     variants = sorted({m.variant for _, m in modules})
-    if any(v not in pf.PEFT_TYPE for v in variants):
+    in_peft = {**pf.PEFT_TYPE, **pl.PEFT_TYPE}
+    if any(v not in in_peft for v in variants):
         if len(variants) > 1:
             raise ValueError(f"modules mix variants {variants}; PEFT has no "
-                             f"{[v for v in variants if v not in pf.PEFT_TYPE]}")
+                             f"{[v for v in variants if v not in in_peft]}")
         adapter_files.save_adapter(model, directory)
         (directory / "README.md").write_text(NOT_IN_PEFT.format(variant=variants[0]))
         return directory
@@ -69,8 +71,11 @@ def save_pretrained(model: Module, directory, base=None) -> Path:
         raise ValueError("an adapter is merged; unmerge() before save_pretrained")
     layout = pf.layout_of(model)
     source = str(base) if base is not None else _recorded_path(model)
-    pieces = _pieces(model, modules, layout, source)
-    tensors, info = _peft_files(model, pieces, cfg, layout, source)
+    if cfg.variant in pl.PEFT_TYPE:
+        tensors, info = _lycoris_files(model, modules, cfg, layout, source)
+    else:
+        pieces = _pieces(model, modules, layout, source)
+        tensors, info = _peft_files(model, pieces, cfg, layout, source)
     # lowrank's own record rides in the safetensors header: PEFT warns on unknown config fields
     metadata = {"lowrank.version": __version__, "lowrank.variant": cfg.variant,
                 "lowrank.config": json.dumps(cfg.to_dict()),
@@ -146,11 +151,38 @@ def _pieces(model, modules, layout, source) -> dict:
     return out
 
 
-def _peft_files(model, pieces, cfg, layout, source) -> tuple[dict, dict]:
+def _lycoris_files(model, modules, cfg, layout, source) -> tuple[dict, dict]:
+    """VeRA, LoHa, LoKr (docs/peft.md#vera-loha-lokr): parameters under PEFT's names."""
+    for name, _ in modules:
+        if layout.peft_name(name) is None:
+            raise ValueError(f"adapted module {name!r} has no counterpart in the "
+                             f"{layout.kind} model PEFT wraps")
+    pl.check_layers(modules, lambda name: layout.peft_name(name)[1], layout.kind == "gpt2")
+    layers = [(layout.peft_name(name)[0], m) for name, m in modules]
+    saving, to_save, task, fan_in_fan_out = _wrapping(model, layout)
+    every = [n for n, m in model.named_modules() if isinstance(m, (Linear, AdaptedLinear))]
+    info = pl.config(layers, cfg, list(pf.peft_names(layout, every)), to_save or None, task,
+                     source, fan_in_fan_out)
+    tensors = pl.tensors(layers, getattr(cfg, "save_projection", False))
+    return {**tensors, **_head_tensors(model, layout, saving)}, info
+
+
+def _wrapping(model, layout) -> tuple:
+    """``(modules_to_save, their PEFT names, task_type, fan_in_fan_out)``."""
     saving = _modules_to_save(model)
     to_save = [layout.peft_name(n)[0] for n in saving]
     task = "SEQ_CLS" if to_save else "CAUSAL_LM" if layout.kind == "gpt2" else None
-    fan_in_fan_out = layout.kind == "gpt2"
+    return saving, to_save, task, layout.kind == "gpt2"
+
+
+def _head_tensors(model, layout, saving) -> dict:
+    modules = dict(model.named_modules())
+    return {f"{pf.PEFT_PREFIX}{layout.peft_name(name)[0]}.{pname}": p.data
+            for name in saving for pname, p in modules[name].named_parameters()}
+
+
+def _peft_files(model, pieces, cfg, layout, source) -> tuple[dict, dict]:
+    saving, to_save, task, fan_in_fan_out = _wrapping(model, layout)
     if cfg.variant == "adalora":
         init_r = max(len(p.pattern) for p in pieces.values())
         patterns = {n: p.pattern + (False,) * (init_r - len(p.pattern))
@@ -166,9 +198,7 @@ def _peft_files(model, pieces, cfg, layout, source) -> tuple[dict, dict]:
     tensors = {}
     for name, piece in pieces.items():
         tensors.update(pf.peft_tensors(piece, name, scale))
-    for name in saving:
-        for pname, p in dict(model.named_modules())[name].named_parameters():
-            tensors[f"{pf.PEFT_PREFIX}{layout.peft_name(name)[0]}.{pname}"] = p.data
+    tensors.update(_head_tensors(model, layout, saving))
     return tensors, info
 
 
@@ -234,15 +264,10 @@ def _load(model, directory: Path, seed: int) -> None:
         raise ValueError(f"{directory / CONFIG_FILE} is neither a PEFT adapter config (no "
                          f"'peft_type') nor lowrank's (no 'format': "
                          f"{adapter_files.ADAPTER_FORMAT!r})")
-    if kind not in ("LORA", "ADALORA"):
+    if kind not in ("LORA", "ADALORA") and kind not in pl.VARIANT:
         raise ValueError(f"{directory} holds a PEFT {kind} adapter; lowrank reads LORA (lora, "
-                         "rsLoRA, DoRA) and ADALORA adapters")
-    for field, value in (("layers_to_transform", None), ("use_qalora", False),
-                         ("lora_bias", False), ("target_parameters", None), ("bias", "none"),
-                         ("trainable_token_indices", None), ("layer_replication", None)):
-        if info.get(field, value) not in (value, [], {}):
-            raise ValueError(f"{directory / CONFIG_FILE}: PEFT field {field!r} = "
-                             f"{info[field]!r} is not supported (lowrank reads {value!r})")
+                         "rsLoRA, DoRA), ADALORA, VERA, LOHA and LOKR adapters")
+    pl.check_config(info, f"{directory / CONFIG_FILE}")
     path = directory / WEIGHTS_FILE
     if not path.is_file():
         raise ValueError(f"{directory} holds a PEFT {kind} config but no {WEIGHTS_FILE}")
@@ -250,18 +275,16 @@ def _load(model, directory: Path, seed: int) -> None:
 
 
 def _load_peft(model, tensors, info, where, seed):
-    bad = [k for k in tensors if not k.startswith(pf.PEFT_PREFIX)]
+    lycoris = info["peft_type"] in pl.VARIANT
+    by_module, others, shared = pl.split_keys(tensors, info["peft_type"]) if lycoris else \
+        ({}, tensors, {})
+    bad = [k for k in others if not k.startswith(pf.PEFT_PREFIX)]
     if bad:
         raise ValueError(f"{where}: key {bad[0]!r} lacks PEFT's prefix {pf.PEFT_PREFIX!r}")
-    keys = {k[len(pf.PEFT_PREFIX):]: a for k, a in tensors.items()}
-    by_module: dict = {}
-    others = {}
-    for key, array in keys.items():
-        head, sep, tail = key.partition(".lora_")
-        if sep:
-            by_module.setdefault(head, {})["lora_" + tail] = array
-        else:
-            others[key] = array
+    others = {k[len(pf.PEFT_PREFIX):]: a for k, a in others.items()}
+    for key in [k for k in others if not lycoris and ".lora_" in k]:
+        head, _, tail = key.partition(".lora_")
+        by_module.setdefault(head, {})["lora_" + tail] = others.pop(key)
     linears = [n for n, m in model.named_modules() if isinstance(m, Linear)]
     params = dict(model.named_parameters())
     layout, names = _layout_for(model, linears, params, set(by_module), set(others), where,
@@ -269,8 +292,10 @@ def _load_peft(model, tensors, info, where, seed):
     new, expected, host, metas = {}, {}, {}, {}
     mods = dict(model.named_modules())
     for i, (peft_name, found) in enumerate(sorted(by_module.items())):
-        for name, variant, fields, arrays, extra in pf.split_module(
-                peft_name, dict(found), info, names[peft_name], where):
+        split = [(names[peft_name][0][0], *pl.module_config(peft_name, found, info,
+                                                             names[peft_name], where), {})] \
+            if lycoris else pf.split_module(peft_name, dict(found), info, names[peft_name], where)
+        for name, variant, fields, arrays, extra in split:
             linear = mods[name]
             if fields["r"] > min(linear.weight.shape) and variant != "adalora":
                 raise ValueError(f"{where}: module {peft_name!r} has rank {fields['r']}, more "
@@ -280,8 +305,11 @@ def _load_peft(model, tensors, info, where, seed):
                                   seed=seed + SEED_STRIDE * len(new))
             new[name], metas[name] = layer, extra
             for pname, p in layer.named_parameters():
-                if pname in arrays:
-                    expected[f"{name}.{pname}"], host[f"{name}.{pname}"] = p, arrays[pname]
+                if pname in arrays or (lycoris and pname in pl.PARAMS[info["peft_type"]]):
+                    expected[f"{name}.{pname}"] = p
+            host.update({f"{name}.{pname}": a for pname, a in arrays.items()})
+    if info["peft_type"] == "VERA":
+        pl.tie_vera(list(new.values()), shared, where)
     for key, array in others.items():   # modules_to_save (a head) or trained biases
         name = _param_name(layout, key, params)
         expected[name], host[name] = params[name], array
