@@ -3,8 +3,9 @@
 
 ``save_pretrained(model, dir)`` writes PEFT's ``adapter_model.safetensors`` (keys
 ``base_model.model.<module>.lora_A.weight`` ...) and ``adapter_config.json`` (PEFT's fields,
-lowrank's beside them under ``"lowrank"``) for lora, rsLoRA, DoRA and AdaLoRA; PiSSA, OLoRA
-and MiLoRA are re-expressed over the original base (docs/peft.md#pissa). Variants PEFT lacks
+lowrank's beside them under ``"lowrank"``) for lora, rsLoRA, DoRA, AdaLoRA and (through
+``peft_lycoris``) VeRA, LoHa, LoKr; PiSSA, OLoRA and MiLoRA are re-expressed over the original
+base (docs/peft.md#pissa). Variants PEFT lacks
 save in lowrank's own format (``adapter_files``), with no ``peft_type``.
 
 ``load_pretrained(model, dir)`` reads either format. Everything is checked and built in new
@@ -40,7 +41,7 @@ NOT_IN_PEFT = ("{variant} adapter saved in lowrank's format: PEFT has no {varian
 # --- save ---------------------------------------------------------------------------------
 
 def save_pretrained(model: Module, directory, base=None) -> Path:
-    """Write ``model``'s adapters to ``directory`` as PEFT does (lora, rsLoRA, DoRA, AdaLoRA),
+    """Write ``model``'s adapters to ``directory`` as PEFT does (LoRA & co., VeRA, LoHa, LoKr),
     or in lowrank's format for variants PEFT lacks. ``base``: the base model's path (default:
     the checkpoint ``lr.from_pretrained`` read), recorded as ``base_model_name_or_path`` and
     read back for PiSSA/OLoRA/MiLoRA's original weights."""
@@ -153,11 +154,7 @@ def _pieces(model, modules, layout, source) -> dict:
 
 def _lycoris_files(model, modules, cfg, layout, source) -> tuple[dict, dict]:
     """VeRA, LoHa, LoKr (docs/peft.md#vera-loha-lokr): parameters under PEFT's names."""
-    for name, _ in modules:
-        if layout.peft_name(name) is None:
-            raise ValueError(f"adapted module {name!r} has no counterpart in the "
-                             f"{layout.kind} model PEFT wraps")
-    pl.check_layers(modules, lambda name: layout.peft_name(name)[1], layout.kind == "gpt2")
+    pl.check_layers(modules, layout.peft_name, layout.kind)
     layers = [(layout.peft_name(name)[0], m) for name, m in modules]
     saving, to_save, task, fan_in_fan_out = _wrapping(model, layout)
     every = [n for n, m in model.named_modules() if isinstance(m, (Linear, AdaptedLinear))]

@@ -47,15 +47,20 @@ UNSUPPORTED_BY_TYPE = {
 
 # --- save ---------------------------------------------------------------------------------
 
-def check_layers(layers: list, gpt2_part, gpt2: bool) -> None:
-    """``layers``: ``[(lowrank name, layer)]``; refuse what PEFT's format cannot hold."""
+def check_layers(layers: list, peft_name, kind: str) -> None:
+    """``layers``: ``[(lowrank name, layer)]``, ``peft_name``: ``Layout.peft_name`` of the
+    ``kind`` of model PEFT wraps; refuse what PEFT's format cannot hold."""
     variant = layers[0][1].variant
-    if gpt2 and variant != "vera":
+    if kind == "gpt2" and variant != "vera":
         raise ValueError(f"{variant} adapter on GPT-2: PEFT's {PEFT_TYPE[variant]} does not wrap "
                          "GPT-2's Conv1D layers (it takes Linear, Conv1d and Conv2d only); save "
                          "in lowrank's format (lowrank.checkpoint.save_adapter)")
     for name, layer in layers:
-        if gpt2_part(name) is not None:
+        mapped = peft_name(name)
+        if mapped is None:
+            raise ValueError(f"adapted module {name!r} has no counterpart in the {kind} model "
+                             "PEFT wraps")
+        if mapped[1] is not None:
             raise ValueError(f"{layer.variant} adapter on {name!r}: GPT-2's fused c_attn has no "
                              f"exact {PEFT_TYPE[layer.variant]} counterpart for q/k/v adapters "
                              "(docs/peft.md#vera-loha-lokr); target attn.o, mlp.fc1, mlp.fc2, "
@@ -188,7 +193,8 @@ def tie_vera(layers, shared, where) -> None:
     """One projection pair for every VeRA layer: the file's, or PEFT's redraw from the key."""
     if not layers:
         return
-    pair = shared_pair(shared, layers[0].config.r, [tuple(layer.weight.shape) for layer in layers], where)
+    shapes = [tuple(layer.weight.shape) for layer in layers]
+    pair = shared_pair(shared, layers[0].config.r, shapes, where)
     if pair is None:
         type(layers[0]).after_inject(None, layers)
         return

@@ -161,10 +161,10 @@ def test_round_trip_of_the_fixture(saved):
 def test_peft_variant_lowrank_lacks(saved, tmp_path):
     root, _ = saved
     info = lr.storage.read_json(root / "adapter" / "adapter_config.json")
-    (tmp_path / "loha").mkdir()
-    lr.storage.write_json(tmp_path / "loha" / "adapter_config.json",
-                          {**info, "peft_type": "LOHA"})
-    message = refused(lr.load(root / "base"), tmp_path / "loha", "PEFT LOHA adapter")
+    (tmp_path / "ia3").mkdir()
+    lr.storage.write_json(tmp_path / "ia3" / "adapter_config.json",
+                          {**info, "peft_type": "IA3"})
+    message = refused(lr.load(root / "base"), tmp_path / "ia3", "PEFT IA3 adapter")
     assert "lowrank reads LORA" in message
 
 

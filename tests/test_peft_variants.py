@@ -113,6 +113,7 @@ FROM_PEFT = [   # (base, variant, PEFT config fields)
     ("bert", "lokr", dict(r=2, alpha=2, decompose_factor=2, target_modules=["value"])),
     ("bertcls", "lokr", dict(r=2, alpha=4, target_modules=["query", "value", "dense"],
                              task_type="SEQ_CLS")),
+    ("gpt2", "vera", dict(r=4, target_modules=["c_proj", "c_fc"], fan_in_fan_out=True)),
 ]
 
 
@@ -164,13 +165,24 @@ def test_lokr_factor_mismatch_is_refused_whole(bases, tmp_path):  # noqa: F811
     """A LoKr file whose factors disagree with its config (w2 whole where r says factored)
     is refused and the model is left as it was."""
     torch.manual_seed(0)
-    model = peft.get_peft_model(hf_model(bases, "bert"),
-                                peft.LoKrConfig(r=2, alpha=4, target_modules=["intermediate.dense"]))
+    config = peft.LoKrConfig(r=2, alpha=4, target_modules=["intermediate.dense"])
+    model = peft.get_peft_model(hf_model(bases, "bert"), config)
     model.save_pretrained(tmp_path / "adapter")
     path = tmp_path / "adapter" / "adapter_config.json"
     info = json.loads(path.read_text())
     path.write_text(json.dumps({**info, "r": 8}))   # r=8 makes w2 (8, 4) whole
     ours = lowrank_model(bases, "bert")
     with pytest.raises(ValueError, match="lokr_w2"):
+        lr.adapters.load_pretrained(ours, tmp_path / "adapter")
+    assert not lr.adapters.adapted_modules(ours)
+
+
+def test_peft_vera_on_c_attn_is_refused(bases, tmp_path):  # noqa: F811
+    torch.manual_seed(0)
+    config = peft.VeraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    model = peft.get_peft_model(hf_model(bases, "gpt2"), config)
+    model.save_pretrained(tmp_path / "adapter")
+    ours = lowrank_model(bases, "gpt2")
+    with pytest.raises(ValueError, match="fused c_attn"):
         lr.adapters.load_pretrained(ours, tmp_path / "adapter")
     assert not lr.adapters.adapted_modules(ours)
