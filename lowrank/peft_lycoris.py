@@ -111,7 +111,7 @@ def config(layers: list, cfg, every: list, modules_to_save, task_type, base,
     if cfg.variant == "lokr":
         out.update(decompose_both=cfg.decompose_both, decompose_factor=cfg.decompose_factor,
                    rank_dropout_scale=False,
-                   init_weights=True if cfg.init_weights is True else cfg.init_weights)
+                   init_weights=cfg.init_weights)
     return out
 
 

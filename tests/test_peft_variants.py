@@ -18,27 +18,13 @@ transformers = pytest.importorskip("transformers")
 import lowrank as lr  # noqa: E402
 from reference.peft_files import rel  # noqa: E402
 from tests.peft_helpers import host  # noqa: E402
-from tests.test_peft_files import bases, hf_model, lowrank_model, outputs  # noqa: E402,F401
+# the figures print with test_peft_files' (its ``_report``, ``note``: float32, limit 1e-5)
+from tests.test_peft_files import (_report, bases, hf_model, lowrank_model,  # noqa: E402,F401
+                                   note, outputs)
 
-TOL = 1e-5
 EFFECT = 1e-3   # the adapter moves the output by more than this (relative): the check can fail
-FIGURES: dict = {}
 PEFT_CONFIGS = {"vera": peft.VeraConfig, "loha": peft.LoHaConfig, "lokr": peft.LoKrConfig}
 ADAPTER_PREFIXES = ("vera_lambda", "hada_", "lokr_")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report():
-    yield
-    if FIGURES:
-        print("\nPEFT round trips (VeRA, LoHa, LoKr), max relative error (float32):")
-        for key in sorted(FIGURES):
-            print(f"  {key:62s} {FIGURES[key]:.2e}")
-
-
-def note(key, err):
-    FIGURES[key] = max(err, FIGURES.get(key, 0.0))
-    assert err < TOL, f"{key}: {err:.2e}"
 
 
 def perturb_lowrank(model, seed, scale=0.3):
