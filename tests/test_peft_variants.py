@@ -172,3 +172,17 @@ def test_peft_vera_on_c_attn_is_refused(bases, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match="fused c_attn"):
         lr.adapters.load_pretrained(ours, tmp_path / "adapter")
     assert not lr.adapters.adapted_modules(ours)
+
+
+def test_vera_file_with_half_the_projections_is_refused(bases, tmp_path):  # noqa: F811
+    model = lowrank_model(bases, "bert")
+    lr.adapters.inject(model, lr.adapters.config("vera", r=4), ["query"])
+    lr.adapters.save_pretrained(model, tmp_path / "adapter")
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    saved = lr.storage.read_safetensors(path)
+    del saved["base_model.vera_B"]
+    path.write_bytes(lr.storage.safetensors_bytes(saved, {}))
+    ours = lowrank_model(bases, "bert")
+    with pytest.raises(ValueError, match="vera_A / vera_B only"):
+        lr.adapters.load_pretrained(ours, tmp_path / "adapter")
+    assert not lr.adapters.adapted_modules(ours)
