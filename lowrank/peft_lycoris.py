@@ -110,8 +110,7 @@ def config(layers: list, cfg, every: list, modules_to_save, task_type, base,
            "init_weights": True, "exclude_modules": None}
     if cfg.variant == "lokr":
         out.update(decompose_both=cfg.decompose_both, decompose_factor=cfg.decompose_factor,
-                   rank_dropout_scale=False,
-                   init_weights=cfg.init_weights)
+                   rank_dropout_scale=False, init_weights=cfg.init_weights)
     return out
 
 
@@ -151,12 +150,12 @@ def module_config(peft_name: str, found: dict, info: dict, parts: list, where: s
                          "c_attn cannot be split into q, k, v (docs/peft.md#vera-loha-lokr)")
     fields = {"bias": "none"}
     if kind == "VERA":
-        fields.update(r=int(info["r"]), d_initial=float(info.get("d_initial", 0.1)),
+        fields.update(r=int(info.get("r", 8)), d_initial=float(info.get("d_initial", 0.1)),
                       projection_prng_key=int(info.get("projection_prng_key", 0)),
                       save_projection=bool(info.get("save_projection", True)),
                       dropout=float(info.get("vera_dropout") or 0.0))
     else:
-        fields.update(r=int(pattern_value(info.get("rank_pattern"), peft_name, info["r"])),
+        fields.update(r=int(pattern_value(info.get("rank_pattern"), peft_name, info.get("r", 8))),
                       alpha=float(pattern_value(info.get("alpha_pattern"), peft_name,
                                                 info.get("alpha", 8))))
     if kind == "LOKR":
