@@ -65,9 +65,9 @@ def read_bytes(path, max_bytes: int, what: str = "file") -> bytes:
         info = os.fstat(fh.fileno())
         if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
             raise ValueError(f"{what} {path} changed while it was opened; refusing to read it")
-        data = fh.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise ValueError(f"{what} {path} grew past {max_bytes:,} bytes while it was read")
+        data = fh.read(info.st_size + 1)   # not max_bytes + 1: read() allocates what it asks
+    if len(data) > info.st_size:
+        raise ValueError(f"{what} {path} grew while it was read; refusing it")
     return data
 
 
