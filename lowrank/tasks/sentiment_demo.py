@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import adapters
+from ..hooks import StepHook
 from ..demo import summary
 from . import classify, classify_io
 from .text_data import TextData, label_names
@@ -94,7 +95,7 @@ def _train(clf, data, name, config, peak, progress) -> dict:
     slow the timed ones."""
     trainer_steps = []
 
-    class StopTracing:
+    class StopTracing(StepHook):
         def after_step(self, trainer):
             trainer_steps.append(trainer.step)
             if not peak and len(trainer_steps) >= MEMORY_STEPS:
