@@ -3,6 +3,7 @@ before it can turn into a NaN many steps later."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 # Far above any useful LoRA alpha, far below float32's 3.4e38: alpha·x·B·A stays finite.
@@ -61,3 +62,23 @@ def config_error(config_cls, kwargs: dict, exc: Exception) -> ValueError:
                 return ValueError(f"{f.name} must be {problem}, got {kwargs[f.name]!r}")
     return ValueError(f"{getattr(config_cls, 'variant', '')} config {kwargs}: "
                       f"{type(exc).__name__}: {exc}")
+
+
+def check_int(name: str, value, low: int, optional: bool = False):
+    """Validate a config field that must be an integer >= ``low`` (``None`` allowed when
+    ``optional``); returns it. The message starts with the field's name."""
+    if optional and value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def field_from_text(key: str, text: str) -> tuple[str, object]:
+    """A config field given on the command line: ``("init-r", "12")`` -> ``("init_r", 12)``;
+    values that parse as JSON (numbers, true/false, lists) become those, others stay strings."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    return key.replace("-", "_"), value

@@ -11,7 +11,6 @@ probe for one; a variant overrides what it needs.
 from __future__ import annotations
 
 import contextlib
-import json
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass, fields
 from typing import ClassVar, NamedTuple
@@ -19,30 +18,11 @@ from typing import ClassVar, NamedTuple
 from .. import backend
 from ..module import Module, Parameter
 from ..ops.linear import check_input, linear_forward
-from ..validate import MAX_ALPHA, check_number, check_seed, config_error
+from ..validate import (MAX_ALPHA, check_int, check_number, check_seed,  # noqa: F401
+                        config_error, field_from_text)
 
 BIAS_MODES = ("none", "lora_only", "all")
 _REGISTRY: dict[str, tuple[type, type]] = {}
-
-
-def check_int(name: str, value, low: int, optional: bool = False):
-    """Validate a config field that must be an integer >= ``low`` (``None`` allowed when
-    ``optional``); returns it. The message starts with the field's name."""
-    if optional and value is None:
-        return value
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
-
-
-def field_from_text(key: str, text: str) -> tuple[str, object]:
-    """A config field given on the command line: ``("init-r", "12")`` -> ``("init_r", 12)``;
-    values that parse as JSON (numbers, true/false, lists) become those, others stay strings."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = text
-    return key.replace("-", "_"), value
 
 
 @dataclass
