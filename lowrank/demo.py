@@ -158,7 +158,9 @@ def format_table(results) -> str:
     return "\n".join(lines)
 
 
-def plot(results, path: Path) -> Path:
+def curves_figure(results, window: int, ylabel: str, title: str):
+    """``(plt, fig, right axes)``: training curves (``window``-step means) drawn on the left
+    panel of a two-panel figure; the caller fills the right one and calls ``save_figure``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -168,11 +170,24 @@ def plot(results, path: Path) -> Path:
     for r in results:
         if r["curve"]:
             curve = np.asarray(r["curve"])
-            smooth = np.convolve(curve, np.ones(10) / 10, mode="valid") if len(curve) > 10 else curve
+            smooth = np.convolve(curve, np.ones(window) / window, mode="valid") \
+                if len(curve) > window else curve
             left.plot(np.arange(len(smooth)) + (len(curve) - len(smooth)), smooth, label=r["label"])
-    left.set(xlabel="step", ylabel="training cross-entropy on code (10-step mean)",
-             title="Fine-tuning on the standard library's source")
+    left.set(xlabel="step", ylabel=f"{ylabel} ({window}-step mean)", title=title)
     left.legend(fontsize=8, ncol=2)
+    return plt, fig, right
+
+
+def save_figure(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot(results, path: Path) -> Path:
+    plt, fig, right = curves_figure(results, 10, "training cross-entropy on code",
+                                    "Fine-tuning on the standard library's source")
     labels = [r["label"] for r in results]
     x = np.arange(len(results))
     right.bar(x - 0.2, [r["code_loss"] for r in results], 0.4, label="code (target)")
@@ -182,7 +197,4 @@ def plot(results, path: Path) -> Path:
     right.set_ylim(bottom=max(0.0, low - 0.5))
     right.set(ylabel="validation loss", title="After fine-tuning")
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)

@@ -17,6 +17,7 @@ dropout branch, the effective-weight branch and the multi-adapter fast path all 
 """
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import NamedTuple
 
 from ..module import Parameter
@@ -85,11 +86,13 @@ class LowRankMap:
     """Mixin for an ``AdaptedLinear`` whose correction is the product above. The variant
     supplies ``lowrank_parts()`` and ``accumulate_lowrank(dP, dg)`` (where dP and dg go)."""
 
+    @abstractmethod
     def lowrank_parts(self) -> LowRankParts:
-        raise NotImplementedError
+        """The factors of this layer's correction."""
 
+    @abstractmethod
     def accumulate_lowrank(self, dP, dg) -> None:
-        raise NotImplementedError
+        """Add dP and dg into the parameters they belong to."""
 
     def has_delta_path(self) -> bool:
         return True

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import adapters
 from ..hooks import StepHook
-from ..demo import summary
+from ..demo import curves_figure, save_figure, summary
 from . import classify, classify_io
 from .text_data import TextData, label_names
 
@@ -124,27 +124,12 @@ def format_table(results, n_train: int, epochs: int) -> str:
 
 
 def plot(results, path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
-    colors = plt.cm.tab20(np.linspace(0, 1, 20))
-    left.set_prop_cycle(color=colors[::2].tolist() + colors[1::2].tolist())
-    for r in results:
-        curve = np.asarray(r["curve"])
-        k = min(5, len(curve))
-        smooth = np.convolve(curve, np.ones(k) / k, mode="valid")
-        left.plot(np.arange(len(smooth)) + k - 1, smooth, label=r["label"])
-    left.set(xlabel="step", ylabel="training cross-entropy (5-step mean)",
-             title="Fine-tuning MiniLM on sentiment")
-    left.legend(fontsize=8, ncol=2)
+    plt, fig, right = curves_figure(results, 5, "training cross-entropy",
+                                    "Fine-tuning MiniLM on sentiment")
     x = np.arange(len(results))
     right.bar(x, [r["val_accuracy"] for r in results], 0.6)
     right.set_xticks(x, [r["label"] for r in results], rotation=30, ha="right")
     low = min(r["val_accuracy"] for r in results)
     right.set_ylim(max(0.0, low - 0.05), 1.0)
     right.set(ylabel="validation accuracy (200 sentences)", title="After fine-tuning")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
