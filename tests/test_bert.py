@@ -70,7 +70,7 @@ def test_masked_attention_backward_matches_fd(xp, rng, causal):
         return float((to_host(y) * R).sum())
 
     y, cache = attention_forward(q, k, v, H, causal=causal, key_mask=mask)
-    P = to_host(cache[3])                                         # (B, H, T, T)
+    P = to_host(cache[3]).transpose(0, 1, 3, 2)                   # the cache keeps Pᵀ
     assert P[1, :, :, 3:].max() == 0.0                             # padded keys: no weight
     if causal:
         assert np.triu(P[0, 0], 1).max() == 0.0

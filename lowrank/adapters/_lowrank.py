@@ -18,9 +18,11 @@ dropout branch, the effective-weight branch and the multi-adapter fast path all 
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
+from ..backend.blocked import add_matmul
 from ..module import Parameter
+from .base import AdapterCache
 
 
 class LowRankParts(NamedTuple):
@@ -57,6 +59,15 @@ def lowrank_forward(x2, P, B, c: float, g=None):
     return delta, u
 
 
+def lowrank_forward_into(y2, x2, P, B, c: float, g=None):
+    """``y2 += Δy`` in place (``y2 (N, m)``, the base product); returns ``u (N, r)``. The
+    last product accumulates straight into y2 (``blocked.add_matmul``): no (N, m) temporary."""
+    u = x2 @ P.T                                                         # (N, r)
+    v = u if g is None else u * g                                        # (N, r)
+    add_matmul(y2, v, B.T, alpha=c)                                      # y2 += c v Bᵀ
+    return u
+
+
 def lowrank_backward(dy2, x2, u, P, B: Parameter, c: float, g=None, need_dP: bool = True,
                      need_dg: bool = False, need_dx: bool = True) -> LowRankGrads:
     """Accumulate ``dB`` into ``B`` (when trainable); return the other gradients asked for.
@@ -86,6 +97,8 @@ class LowRankMap:
     """Mixin for an ``AdaptedLinear`` whose correction is the product above. The variant
     supplies ``lowrank_parts()`` and ``accumulate_lowrank(dP, dg)`` (where dP and dg go)."""
 
+    fused_correction: ClassVar[bool] = True   # False: the correction adds more than the product
+
     @abstractmethod
     def lowrank_parts(self) -> LowRankParts:
         """The factors of this layer's correction."""
@@ -113,6 +126,17 @@ class LowRankMap:
         parts = self.lowrank_parts()
         delta, u = lowrank_forward(x2, parts.P, parts.B.data, parts.c, parts.g)
         return delta, LowRankState(u, parts.P)
+
+    def add_correction(self, y, x, x_d, mask):
+        """The dropout branch's ``y += Δy`` with the last product accumulated into y (a
+        variant whose correction is more than the product sets ``fused_correction = False``)."""
+        y2 = y.reshape(-1, self.out_features)                            # (N, m), a view
+        if not self.fused_correction or not y.flags.c_contiguous:
+            return super().add_correction(y, x, x_d, mask)
+        parts = self.lowrank_parts()
+        x2 = x_d.reshape(-1, self.in_features)                           # (N, n)
+        u = lowrank_forward_into(y2, x2, parts.P, parts.B.data, parts.c, parts.g)
+        return AdapterCache(x, x2, mask, None, LowRankState(u, parts.P))
 
     def correction_backward(self, dy2, cache, need_dx: bool):
         parts = self.lowrank_parts()

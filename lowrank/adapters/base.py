@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from typing import ClassVar, NamedTuple
 
 from .. import backend
+from ..backend.blocked import add_matmul
 from ..module import Module, Parameter
 from ..ops.linear import check_input, linear_forward
 from ..validate import (MAX_ALPHA, check_int, check_number, check_seed,  # noqa: F401
@@ -188,8 +189,8 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
         if dropout_mask is None and (p == 0.0 or not self.training):
             return x, None
         if dropout_mask is None:
-            dropout_mask = self._dropout_rng.keep_mask(x.shape, p, x.dtype)
-        elif tuple(dropout_mask.shape) != tuple(x.shape):
+            return self._dropout_rng.dropout(x, p)
+        if tuple(dropout_mask.shape) != tuple(x.shape):
             raise ValueError(f"dropout_mask must have x's shape {tuple(x.shape)}, "
                              f"got {tuple(dropout_mask.shape)}")
         return x * dropout_mask, dropout_mask
@@ -229,9 +230,14 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
             y, _ = linear_forward(x, W_eff, self._bias_data())           # (..., m)
             return y, AdapterCache(x, x.reshape(-1, self.in_features), None, W_eff, None)
         y, _ = linear_forward(x, self.weight.data, self._bias_data())   # (..., m)
+        return y, self.add_correction(y, x, x_d, mask)
+
+    def add_correction(self, y, x, x_d, mask) -> AdapterCache:
+        """Add the dropout branch's correction ``Δy(x_d)`` into ``y (..., m)`` in place and
+        return the cache (the low-rank map overrides this to skip the temporary)."""
         delta, cache = self._correction(x, x_d, mask)
         y += delta
-        return y, cache
+        return cache
 
     def adapter_backward(self, dy, cache, need_dx: bool):
         """Accumulate adapter gradients; return dx (None when not needed). The base bias is
@@ -245,7 +251,11 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
 
     def base_input_grad(self, dy, dx_adapter):
         """``G W0 + dx_adapter`` (..., n), in dx_adapter's array: the dropout branch's dx."""
-        dx_adapter += dy @ self.weight.data                              # (..., n)
+        if dx_adapter.flags.c_contiguous:   # then the (N, n) reshape is a view: add in place
+            add_matmul(dx_adapter.reshape(-1, self.in_features),
+                       dy.reshape(-1, self.out_features), self.weight.data)   # += G W0
+        else:
+            dx_adapter += dy @ self.weight.data                          # (..., n)
         return dx_adapter
 
     def masked_input_grad(self, dx_adapter, mask, shape):

@@ -178,6 +178,8 @@ class RosaLinear(LowRankMap, AdaptedLinear):
     def accumulate_lowrank(self, dA, dg) -> None:
         self.lora_A.accumulate(dA)                                       # (r, n)
 
+    fused_correction = False   # the correction adds the sparse part too (_correction below)
+
     def has_delta_path(self) -> bool:
         return False   # the multi-adapter path keeps running RoSA through forward/backward
 

@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 
+from .blocked import map_rows
 from .strict import StrictArray, StrictMixingError, strict_numpy
 
 BACKENDS = ("numpy", "numpy-strict", "cupy")
@@ -199,16 +200,39 @@ class DeviceRNG:
         if getattr(self.xp, "__name__", "") == "cupy":
             keep = self._gen.random(shape) >= p
             return keep.astype(dtype) * (1.0 / (1.0 - p))
+        bits, threshold = self._keep_bits(shape, p)
+        mask = np.multiply(bits >= threshold, 1.0 / (1.0 - p), dtype=dtype)   # one pass
+        if self.xp is strict_numpy:
+            mask = strict_numpy.asarray(mask)
+        return mask
+
+    def _keep_bits(self, shape, p: float):
         # 32 random bits per element (two per PCG64 draw) against a 32-bit threshold: keep
         # with probability 1 - round(p·2³²)/2³², half the bits and passes of a float64
         # uniform each (a mask of every adapted input, every step: it showed in profiles)
         n = math.prod(shape)
         bits = self._gen.bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
-        keep = bits.reshape(shape) >= np.uint32(min(round(p * 2**32), 2**32 - 1))
-        mask = np.multiply(keep, 1.0 / (1.0 - p), dtype=dtype)   # one pass, no float64
-        if self.xp is strict_numpy:
-            mask = strict_numpy.asarray(mask)
-        return mask
+        return bits.reshape(shape), np.uint32(min(round(p * 2**32), 2**32 - 1))
+
+    def dropout(self, x, p: float):
+        """``(x ⊙ mask, mask)`` with ``mask = keep_mask(x.shape, p, x.dtype)``: the same
+        bits, on NumPy made and applied block by block over rows (blocked.map_rows)."""
+        if type(x) is not np.ndarray or x.ndim < 1:
+            mask = self.keep_mask(x.shape, p, x.dtype)
+            return x * mask, mask
+        bits, threshold = self._keep_bits(x.shape, p)
+        k = x.shape[-1]
+        x_d, mask = map_rows(_dropout_chain, x.reshape(-1, k), bits.reshape(-1, k), threshold,
+                             1.0 / (1.0 - p), outputs=2)                # (N, k) rows
+        return x_d.reshape(x.shape), mask.reshape(x.shape)
+
+
+def _dropout_chain(x, bits, threshold, scale, out=None):
+    x_d, mask = (None, None) if out is None else out
+    mask = np.empty_like(x) if mask is None else mask
+    np.greater_equal(bits, threshold, out=mask)   # 1.0 kept, 0.0 dropped
+    mask *= x.dtype.type(scale)         # the bits of keep_mask's one-pass product
+    return np.multiply(x, mask, out=x_d), mask
 
 
 # --- linear algebra and scatter --------------------------------------------------------

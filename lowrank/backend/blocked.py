@@ -44,3 +44,86 @@ def map_rows(fn, *arrays, outputs: int = 1):
         fn(*(a[start:stop] if s else a for a, s in zip(arrays, sliced)),
            out=tuple(o[start:stop] for o in outs))
     return outs[0] if outputs == 1 else outs
+
+
+def add_matmul(c, a, b, alpha: float = 1.0):
+    """``c += alpha · (a @ b)`` in place, ``c (N, m)``, ``a (N, k)``, ``b (k, m)``.
+
+    NumPy's ``@`` writes a new array, so ``c += a @ b`` makes and reads back an ``(N, m)``
+    temporary. On NumPy float arrays this calls ``cblas_?gemm`` of NumPy's own BLAS with
+    ``beta = 1`` instead (found in the library NumPy loaded; the same threads as ``@``), so
+    the product lands in ``c`` directly: one memory pass fewer. Where no such symbol is found,
+    an operand is laid out so that BLAS cannot read it in place, or on CuPy and numpy-strict,
+    the plain expression runs: it is the reference the gemm form is tested against
+    (tests/test_blocked.py)."""
+    gemm = _cblas_gemm(c.dtype) if type(c) is np.ndarray else None
+    layout = None if gemm is None else _gemm_layout(c, a, b)
+    if layout is None:
+        product = a @ b
+        if alpha != 1.0:
+            product *= alpha
+        c += product
+        return c
+    (trans_a, lda), (trans_b, ldb) = layout
+    n_rows, n_cols = c.shape
+    gemm(_ROW_MAJOR, trans_a, trans_b, n_rows, n_cols, a.shape[1], alpha,
+         a.ctypes.data, lda, b.ctypes.data, ldb, 1.0, c.ctypes.data, c.strides[0] // c.itemsize)
+    return c
+
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112   # CBLAS enum values
+_GEMMS: dict = {}
+
+
+def _operand(m):
+    """``(trans, leading dimension)`` for BLAS to read ``m`` in place, or None."""
+    item = m.itemsize
+    if m.strides[1] == item and m.strides[0] % item == 0 and m.strides[0] >= item * m.shape[1]:
+        return _NO_TRANS, max(1, m.strides[0] // item)
+    if m.strides[0] == item and m.strides[1] % item == 0 and m.strides[1] >= item * m.shape[0]:
+        return _TRANS, max(1, m.strides[1] // item)
+    return None
+
+
+def _gemm_layout(c, a, b):
+    if c.ndim != 2 or a.ndim != 2 or b.ndim != 2 or not (a.dtype == b.dtype == c.dtype) \
+            or a.shape[0] != c.shape[0] or b.shape[1] != c.shape[1] or a.shape[1] != b.shape[0] \
+            or min(c.shape) == 0 or a.shape[1] == 0 or c.strides[1] != c.itemsize \
+            or not c.flags.writeable or np.shares_memory(c, a) or np.shares_memory(c, b):
+        return None
+    layout = (_operand(a), _operand(b))
+    return None if None in layout or c.strides[0] < c.itemsize * c.shape[1] else layout
+
+
+def _cblas_gemm(dtype):
+    """NumPy's BLAS ``cblas_sgemm``/``cblas_dgemm`` through ctypes, or None."""
+    key = np.dtype(dtype).char
+    if key not in "fd":
+        return None
+    if key not in _GEMMS:
+        _GEMMS[key] = _load_gemm(key)
+    return _GEMMS[key]
+
+
+def _load_gemm(key):
+    import ctypes
+    try:
+        core = getattr(np, "_core", None) or np.core
+        library = ctypes.CDLL(core._multiarray_umath.__file__)   # and what it links: the BLAS
+    except (OSError, AttributeError):
+        return None
+    letter = "s" if key == "f" else "d"
+    real = ctypes.c_float if key == "f" else ctypes.c_double
+    for name, integer in ((f"scipy_cblas_{letter}gemm64_", ctypes.c_int64),   # NumPy's wheels
+                          (f"cblas_{letter}gemm64_", ctypes.c_int64),
+                          (f"scipy_cblas_{letter}gemm", ctypes.c_int),
+                          (f"cblas_{letter}gemm", ctypes.c_int)):
+        function = getattr(library, name, None)
+        if function is not None:
+            pointer = ctypes.c_void_p
+            function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer,
+                                 integer, real, pointer, integer, pointer, integer, real,
+                                 pointer, integer]
+            function.restype = None
+            return function
+    return None

@@ -15,7 +15,8 @@ M is a constant, so it never appears in the backward: masked entries have P = 0 
 (exp underflows), hence dS = 0 there and a padded key receives and gives no gradient.
 
 The scale is folded into q before the product (B·T·d multiplies instead of B·H·T·T); the cache
-holds the scaled q, k, v in head layout and P.
+holds the scaled q, k, v in head layout and Pᵀ (the scores are formed transposed, keys on the
+rows: the softmax's reductions then run over whole rows).
 """
 from __future__ import annotations
 
@@ -53,34 +54,39 @@ def attention_forward(q, k, v, n_head: int, causal: bool = True, key_mask=None):
     qh = _heads(q * scale, n_head)                  # (B, H, T, hs), pre-scaled
     kh = _heads(k, n_head)                          # (B, H, T, hs)
     vh = _heads(v, n_head)                          # (B, H, T, hs)
-    att = qh @ kh.transpose(0, 1, 3, 2)             # (B, H, T, T) scores
+    # Scores kept transposed, keys on the rows: attT[b, h, j, i] = q_i · k_j. The softmax over
+    # keys then reduces over axis -2 as whole-row vector ops; a reduction along a short last
+    # axis (T ~ 40) pays per row (docs/performance.md#attention-layout)
+    attT = kh @ qh.transpose(0, 1, 3, 2)            # (B, H, Tk, Tq) scores, transposed
     if causal:
-        # -inf above the diagonal; the diagonal is always kept, so every row has a finite max
-        att += xp.triu(xp.full((T, T), -math.inf, dtype=q.dtype), k=1)   # (T, T) broadcast
+        # -inf below the diagonal (key j > query i); the diagonal is kept: finite maxima
+        attT += xp.tril(xp.full((T, T), -math.inf, dtype=q.dtype), k=-1)   # (Tk, Tq)
     if key_mask is not None:
-        att += key_padding_bias(key_mask, q.dtype)  # (B, 1, 1, T) broadcast over heads, rows
-    att -= att.max(axis=-1, keepdims=True)          # stable softmax
-    xp.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)          # (B, H, T, T) probabilities P
-    yh = att @ vh                                   # (B, H, T, hs)
+        attT += key_padding_bias(key_mask, q.dtype).transpose(0, 1, 3, 2)   # (B, 1, Tk, 1)
+    attT -= attT.max(axis=-2, keepdims=True)        # stable softmax, per query column
+    xp.exp(attT, out=attT)
+    attT /= attT.sum(axis=-2, keepdims=True)        # (B, H, Tk, Tq) probabilities Pᵀ
+    yh = attT.transpose(0, 1, 3, 2) @ vh            # (B, H, Tq, hs) = P v
     y = yh.transpose(0, 2, 1, 3).reshape(B, T, d)   # (B, T, H, hs) -> (B, T, d)
-    return y, (qh, kh, vh, att, scale, yh)
+    return y, (qh, kh, vh, attT, scale, yh)
 
 
 def attention_backward(dy, cache):
-    """Returns ``(dq, dk, dv)``, each ``(B, T, d)``."""
+    """Returns ``(dq, dk, dv)``, each ``(B, T, d)``; every (T, T) array is transposed as in
+    the forward (keys on the rows)."""
     xp = backend.get_namespace(dy)
-    qh, kh, vh, att, scale, yh = cache
+    qh, kh, vh, attT, scale, yh = cache
     B, H, T, hs = qh.shape
     dyh = dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3)      # (B, H, T, hs)
-    dvh = att.transpose(0, 1, 3, 2) @ dyh                    # (B, H, T, hs)
-    ds = dyh @ vh.transpose(0, 1, 3, 2)                      # (B, H, T, T) dP
+    dvh = attT @ dyh                                         # (B, H, Tk, hs) = Pᵀ dy
+    dsT = vh @ dyh.transpose(0, 1, 3, 2)                     # (B, H, Tk, Tq) dPᵀ
     ones = xp.ones((hs, 1), dtype=dy.dtype)
-    ds -= (dyh * yh) @ ones                                  # (B, H, T, 1) D, a GEMV
-    ds *= att                                                # dS, softmax backward
-    dqh = ds @ kh                                            # (B, H, T, hs)
+    D = (dyh * yh) @ ones                                    # (B, H, Tq, 1), a GEMV
+    dsT -= D.transpose(0, 1, 3, 2)                           # (B, H, 1, Tq) broadcast
+    dsT *= attT                                              # dSᵀ, softmax backward
+    dqh = dsT.transpose(0, 1, 3, 2) @ kh                     # (B, H, Tq, hs) = dS k
     dqh *= scale
-    dkh = ds.transpose(0, 1, 3, 2) @ qh                      # (B, H, T, hs); qh already scaled
+    dkh = dsT @ qh                                           # (B, H, Tk, hs); qh already scaled
 
     def merge(xh):                                           # (B, H, T, hs) -> (B, T, d)
         return xh.transpose(0, 2, 1, 3).reshape(B, T, H * hs)

@@ -8,8 +8,7 @@ def dropout_forward(x, p: float, rng, training: bool = True):
     """``(x ⊙ mask, mask)``; with p = 0 or outside training, ``(x, None)`` (x itself)."""
     if p == 0.0 or not training:
         return x, None
-    mask = rng.keep_mask(x.shape, p, x.dtype)
-    return x * mask, mask
+    return rng.dropout(x, p)
 
 
 def dropout_backward(dy, mask):

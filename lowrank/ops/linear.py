@@ -1,11 +1,16 @@
 """``y = x Wᵀ + b`` on inputs of shape ``(..., n)``; ``W (m, n)``, ``b (m,)``.
 
 Inputs are flattened to ``(N, n)`` first: NumPy runs a 2-D ``@`` as one BLAS call, while a
-3-D ``@`` with a 2-D operand measured 15–25% slower here.
+3-D ``@`` with a 2-D operand measured 15–25% slower here. With a bias on NumPy, the output
+starts as the broadcast bias and BLAS adds the product into it (``blocked.add_matmul``): no
+separate pass to add the bias.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .. import backend
+from ..backend.blocked import add_matmul
 
 
 def check_input(x, weight) -> None:
@@ -22,8 +27,15 @@ def check_input(x, weight) -> None:
 def linear_forward(x, weight, bias=None):
     """Returns ``(y, x)``: the cache is the input, all that weight/bias gradients need."""
     m, n = weight.shape
-    y = x.reshape(-1, n) @ weight.T                     # (N, m)
-    if bias is not None:
+    x2 = x.reshape(-1, n)                               # (N, n)
+    if bias is None:
+        y = x2 @ weight.T                               # (N, m)
+    elif type(x) is np.ndarray:   # start from the bias and let BLAS add the product into it
+        y = np.empty((x2.shape[0], m), dtype=x.dtype)
+        y[...] = bias
+        add_matmul(y, x2, weight.T)
+    else:
+        y = x2 @ weight.T
         y += bias
     return y.reshape(*x.shape[:-1], m), x               # (..., m)
 
