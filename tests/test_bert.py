@@ -180,8 +180,10 @@ def test_pad_row_gets_no_gradient(xp):
     assert grad[0].max() == grad[0].min() == 0.0 and np.abs(grad[1]).max() > 0
 
 
-def test_padded_key_changes_no_unpadded_output(xp):
+@pytest.mark.parametrize("pack", [True, False])
+def test_padded_key_changes_no_unpadded_output(xp, pack):
     model = tiny_bert(xp)
+    model.pack_tokens = pack
     ids, mask, types = batch(xp)
     h, _ = model.forward(ids, attention_mask=mask, token_type_ids=types)
     other_ids, other_types = to_host(ids).astype(np.int64), to_host(types).astype(np.int64)
@@ -191,7 +193,36 @@ def test_padded_key_changes_no_unpadded_output(xp):
                           token_type_ids=on(xp, other_types))
     keep = to_host(mask).astype(bool)
     assert np.array_equal(to_host(h)[keep], to_host(h2)[keep])
-    assert not np.array_equal(to_host(h)[~keep], to_host(h2)[~keep])
+    if pack:   # padded positions are never computed: zero rows
+        assert np.abs(to_host(h)[~keep]).max() == 0.0 == np.abs(to_host(h2)[~keep]).max()
+    else:      # computed, as transformers does, and they see their own tokens
+        assert not np.array_equal(to_host(h)[~keep], to_host(h2)[~keep])
+
+
+def test_packed_rows_give_the_unpacked_models_real_rows_and_gradients():
+    """Packing (docs/performance.md#unpadding) changes nothing a loss on real tokens sees:
+    the real rows of the hidden state and every parameter gradient equal the unpacked
+    model's (float64, tight; no dropout: its masks follow the row count)."""
+    ids, mask, types = batch(None)
+    keep = to_host(mask).astype(bool)
+    d = tiny_bert(None).config.hidden_size
+    R = np.random.default_rng(5).standard_normal((*ids.shape, d)) * keep[..., None]
+    results = []
+    for pack in (True, False):
+        model = tiny_bert(None)
+        model.pack_tokens = pack
+        model.train()
+        model.zero_grad()
+        h, cache = model.forward(ids, attention_mask=mask, token_type_ids=types)
+        model.backward(R, cache)
+        results.append((h[keep], {n: p.grad.copy() for n, p in model.named_parameters()
+                                  if p.grad is not None}))
+    (h_packed, g_packed), (h_full, g_full) = results
+    np.testing.assert_allclose(h_packed, h_full, rtol=0, atol=1e-12)
+    assert g_packed.keys() == g_full.keys() and len(g_full) > 10
+    for name in g_full:
+        np.testing.assert_allclose(g_packed[name], g_full[name], rtol=1e-10, atol=1e-12,
+                                   err_msg=name)
 
 
 def test_frozen_trunk_with_trained_pooler_only_computes_pooler():

@@ -82,6 +82,8 @@ def outputs(kind, model, torch_model=None):
     """(lowrank output, PEFT output) on the shared batch (the torch model may be None)."""
     ours = {"gpt2": gpt_out, "own": gpt_out, "bert": bert_out, "bertcls": classifier_out}[kind]
     mine = ours(model, IDS, MASK)
+    if kind == "bert":   # padded rows: lowrank leaves them zero (docs/performance.md#unpadding)
+        mine = mine[MASK.astype(bool)]
     if torch_model is None:
         return mine, None
     with torch.no_grad():
@@ -91,6 +93,7 @@ def outputs(kind, model, torch_model=None):
             ref = out if isinstance(out, torch.Tensor) else out.logits
         elif kind == "bert":
             ref = torch_model(ids, attention_mask=torch.as_tensor(MASK)).last_hidden_state
+            return mine, ref.numpy()[MASK.astype(bool)]
         else:
             ref = torch_model(ids, attention_mask=torch.as_tensor(MASK)).logits
     return mine, ref.numpy()

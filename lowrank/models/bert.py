@@ -22,7 +22,7 @@ from ..module import Module
 from ..ops.cross_entropy import check_targets
 from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.tanh import tanh_backward, tanh_forward
-from .blocks import Block, Embedding, HostInit, Parts, any_trainable, check_eps
+from .blocks import Block, Embedding, HostInit, PackedRows, Parts, any_trainable, check_eps
 
 GELU_OF_ACT = {"gelu": "erf", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
@@ -97,8 +97,8 @@ class BertLayer(Block):
     # hidden dropout on each branch's output, before its residual (set by Bert.set_dropout)
     dropout, dropout_rng = 0.0, None
 
-    def _attn_forward(self, p: Parts, x, key_mask):
-        out, cache = super()._attn_forward(p, x, key_mask)
+    def _attn_forward(self, p: Parts, x, key_mask, rows=None):
+        out, cache = super()._attn_forward(p, x, key_mask, rows)
         out, mask = dropout_forward(out, self.dropout, self.dropout_rng, self.training)
         return out, (cache, mask)
 
@@ -148,6 +148,9 @@ class Bert(Module):
             self.pooler = Group(dense=dense(d, d))
 
     dropout, dropout_rng = 0.0, None
+    # run the blocks on the real tokens only (docs/performance.md#unpadding); False computes
+    # every padded row too, as transformers does
+    pack_tokens = True
 
     def set_dropout(self, p: float, seed: int = 0) -> None:
         """BERT's hidden dropout (``hidden_dropout_prob``; 0.1 in training recipes), active in
@@ -182,7 +185,8 @@ class Bert(Module):
     def forward(self, ids, attention_mask=None, token_type_ids=None):
         """``ids (B, T)`` int, ``attention_mask (B, T)`` (1 token, 0 padding; default all 1),
         ``token_type_ids (B, T)`` (default 0) -> ``(last hidden state (B, T, d), cache)``.
-        Padded rows are computed and carry no meaning; padded keys get no attention weight."""
+        Padded keys get no attention weight. With ``pack_tokens`` (the default) padded
+        positions are not computed at all: their rows of the result are zero."""
         cfg, emb = self.config, self.embeddings
         self._check_ids(ids, "ids", cfg.vocab_size)
         B, T = ids.shape
@@ -198,25 +202,41 @@ class Bert(Module):
         x += emb.position_embeddings.weight.data[:T]                  # (T, d) broadcast over B
         types, c_type = emb.token_type_embeddings.forward(token_type_ids)   # (B, T, d)
         x += types
-        x, c_ln = emb.LayerNorm.forward(x)                            # (B, T, d)
+        rows = self._real_rows(attention_mask)
+        if rows is not None:
+            x = rows.pack(x)                                          # (N, d) real tokens
+        x, c_ln = emb.LayerNorm.forward(x)                            # (B, T, d) or (N, d)
         x, c_drop = dropout_forward(x, self.dropout, self.dropout_rng, self.training)
         c_layers = []
         for layer in self.encoder.layer:
-            x, c = layer.forward(x, key_mask=attention_mask)
+            x, c = layer.forward(x, key_mask=attention_mask, rows=rows)
             c_layers.append(c)
-        return x, (c_word, c_type, (c_ln, c_drop), T, c_layers)
+        if rows is not None:
+            x = rows.unpack(x)                                        # (B, T, d), padded 0
+        return x, (c_word, c_type, (c_ln, c_drop), T, c_layers, rows)
+
+    def _real_rows(self, attention_mask):
+        """``PackedRows`` of the unpadded tokens, or None (no mask, no padding, or none
+        real): the blocks then run every row (docs/performance.md#unpadding)."""
+        if attention_mask is None or not self.pack_tokens:
+            return None
+        B, T = attention_mask.shape
+        index = self.xp.flatnonzero(attention_mask.reshape(-1))       # (N,) b·T + t
+        if index.shape[0] in (0, B * T):
+            return None
+        return PackedRows(index, B, T)
 
     def backward(self, dhidden, cache) -> None:
         """Accumulate ``dL/dθ`` for every trainable θ given ``dhidden (B, T, d)``; stops as
         soon as nothing further down trains."""
-        c_word, c_type, c_ln, T, c_layers = cache
+        c_word, c_type, c_ln, T, c_layers, rows = cache
         emb, layers = self.embeddings, self.encoder.layer
         needed, acc = [], any_trainable(emb)   # needed[i]: embeddings or layers[:i+1] train
         for layer in layers:
             acc = acc or any_trainable(layer)
             needed.append(acc)
-        dx = dhidden
-        for i in reversed(range(len(layers))):
+        dx = dhidden if rows is None else rows.pack(dhidden)           # (N, d): padded rows
+        for i in reversed(range(len(layers))):                        # are constant zeros
             if not needed[i]:
                 return
             below = needed[i - 1] if i > 0 else any_trainable(emb)
@@ -224,7 +244,9 @@ class Bert(Module):
         if not any_trainable(emb):
             return
         c_ln, c_drop = c_ln
-        dx = emb.LayerNorm.backward(dropout_backward(dx, c_drop), c_ln)   # (B, T, d)
+        dx = emb.LayerNorm.backward(dropout_backward(dx, c_drop), c_ln)   # (B, T, d) or (N, d)
+        if rows is not None:
+            dx = rows.unpack(dx)                                      # (B, T, d)
         positions = emb.position_embeddings.weight
         if positions.trainable:
             dpos = self.xp.zeros(positions.shape, dtype=dx.dtype)      # (P, d)

@@ -131,12 +131,33 @@ class Parts(NamedTuple):
     fc2: Module
 
 
+class PackedRows(NamedTuple):
+    """Which of the ``B·T`` positions the rows of a packed ``(N, d)`` activation are: the
+    real tokens of a padded batch, in order (docs/performance.md#unpadding). Only attention
+    needs the ``(B, T)`` layout; every other op of a block is row-wise."""
+    index: object   # (N,) int: flat positions b·T + t, ascending
+    B: int
+    T: int
+
+    def pack(self, x):
+        """``(B, T, d)`` (or ``(B·T, d)``) -> ``(N, d)``, the real rows."""
+        return x.reshape(self.B * self.T, x.shape[-1])[self.index]
+
+    def unpack(self, x2):
+        """``(N, d)`` -> ``(B, T, d)`` with zero rows at the padded positions."""
+        xp = backend.get_namespace(x2)
+        full = xp.zeros((self.B * self.T, x2.shape[-1]), dtype=x2.dtype)   # (B·T, d)
+        full[self.index] = x2
+        return full.reshape(self.B, self.T, x2.shape[-1])
+
+
 class AttnCache(NamedTuple):
     q: object
     k: object
     v: object
     attention: object
     o: object
+    rows: object = None   # PackedRows when the block ran on packed rows
 
 
 class MLPCache(NamedTuple):
@@ -173,57 +194,73 @@ class Block(Module):
         raise NotImplementedError
 
     # --- attention sub-block ---------------------------------------------------------------
-    def _attn_forward(self, p: Parts, x, key_mask):
-        B, T, d = x.shape
-        x2 = x.reshape(B * T, d)                       # (N, d)
+    def _attn_forward(self, p: Parts, x, key_mask, rows=None):
+        """``x (B, T, d)``, or ``(N, d)`` packed rows with ``rows`` (PackedRows)."""
+        d = x.shape[-1]
+        x2 = x.reshape(-1, d)                          # (N, d)
         q, cq = p.q.forward(x2)                        # (N, d)
         k, ck = p.k.forward(x2)
         v, cv = p.v.forward(x2)
-        y, ca = attention_forward(q.reshape(B, T, d), k.reshape(B, T, d), v.reshape(B, T, d),
-                                  self.n_head, causal=self.causal, key_mask=key_mask)
-        out, co = p.o.forward(y.reshape(B * T, d))     # (N, d)
-        return out.reshape(B, T, d), AttnCache(cq, ck, cv, ca, co)
+        if rows is None:
+            B, T = x.shape[0], x.shape[1]
+            q3, k3, v3 = (t.reshape(B, T, d) for t in (q, k, v))
+        else:
+            B, T = rows.B, rows.T
+            q3, k3, v3 = (rows.unpack(t) for t in (q, k, v))   # (B, T, d), padded rows 0
+        y, ca = attention_forward(q3, k3, v3, self.n_head, causal=self.causal,
+                                  key_mask=key_mask)
+        y2 = y.reshape(B * T, d) if rows is None else rows.pack(y)   # (N, d)
+        out, co = p.o.forward(y2)                      # (N, d)
+        return out.reshape(x.shape), AttnCache(cq, ck, cv, ca, co, rows)
 
     def _attn_backward(self, p: Parts, dout, c: AttnCache, need_dx: bool):
-        B, T, d = dout.shape
-        dy = p.o.backward(dout.reshape(B * T, d), c.o)               # (N, d)
-        dq, dk, dv = attention_backward(dy.reshape(B, T, d), c.attention)   # each (B, T, d)
-        grads = [layer.backward(g.reshape(B * T, d), cl, need_dx=need_dx)   # (N, d) or None
+        d = dout.shape[-1]
+        dy = p.o.backward(dout.reshape(-1, d), c.o)                  # (N, d)
+        rows = c.rows
+        if rows is None:
+            dy3 = dy.reshape(dout.shape[0], dout.shape[1], d)        # (B, T, d)
+        else:
+            dy3 = rows.unpack(dy)                                    # (B, T, d)
+        dq, dk, dv = attention_backward(dy3, c.attention)            # each (B, T, d)
+        if rows is not None:
+            dq, dk, dv = rows.pack(dq), rows.pack(dk), rows.pack(dv)   # each (N, d)
+        grads = [layer.backward(g.reshape(-1, d), cl, need_dx=need_dx)   # (N, d) or None
                  for layer, g, cl in ((p.q, dq, c.q), (p.k, dk, c.k), (p.v, dv, c.v))]
         if not need_dx:
             return None
         dx = grads[0]
         dx += grads[1]
         dx += grads[2]
-        return dx.reshape(B, T, d)
+        return dx.reshape(dout.shape)
 
     # --- MLP sub-block -------------------------------------------------------------------------
     def _mlp_forward(self, p: Parts, x):
-        B, T, d = x.shape
-        h, c1 = p.fc1.forward(x.reshape(B * T, d))    # (N, 4d)
+        d = x.shape[-1]
+        h, c1 = p.fc1.forward(x.reshape(-1, d))        # (N, 4d)
         g, cg = GELU[self.gelu][0](h)
         out, c2 = p.fc2.forward(g)                     # (N, d)
-        return out.reshape(B, T, d), MLPCache(c1, cg, c2)
+        return out.reshape(x.shape), MLPCache(c1, cg, c2)
 
     def _mlp_backward(self, p: Parts, dout, c: MLPCache):
-        B, T, d = dout.shape
-        dg = p.fc2.backward(dout.reshape(B * T, d), c.fc2)   # (N, 4d)
+        d = dout.shape[-1]
+        dg = p.fc2.backward(dout.reshape(-1, d), c.fc2)   # (N, 4d)
         dh = GELU[self.gelu][1](dg, c.gelu)
-        return p.fc1.backward(dh, c.fc1).reshape(B, T, d)
+        return p.fc1.backward(dh, c.fc1).reshape(dout.shape)
 
     # --- the block -------------------------------------------------------------------------
-    def forward(self, x, key_mask=None):
-        """``x (B, T, d)``, optional ``key_mask (B, T)`` (0 = padded key) -> ``(y, cache)``."""
+    def forward(self, x, key_mask=None, rows=None):
+        """``x (B, T, d)``, optional ``key_mask (B, T)`` (0 = padded key) -> ``(y, cache)``;
+        with ``rows`` (PackedRows) x is ``(N, d)``, the real tokens only, and so is y."""
         p = self.parts()
         if self.pre_ln:
             a, c1 = p.ln1.forward(x)
-            a, ca = self._attn_forward(p, a, key_mask)
+            a, ca = self._attn_forward(p, a, key_mask, rows)
             x = x + a                      # new array: the caller's x stays intact
             m, c2 = p.ln2.forward(x)
             m, cm = self._mlp_forward(p, m)
             m += x                         # m is fresh (fc2's output, cached by nobody)
             return m, BlockCache(c1, ca, c2, cm)
-        a, ca = self._attn_forward(p, x, key_mask)
+        a, ca = self._attn_forward(p, x, key_mask, rows)
         a += x                             # a is fresh (o's output)
         h, c1 = p.ln1.forward(a)           # h = LN(x + attn(x))
         m, cm = self._mlp_forward(p, h)

@@ -72,22 +72,34 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def gelu_erf_forward(x):
-    """``y = x Φ(x)``, ``Φ(x) = ½ (1 + erf(x / √2))``; ``x (...)`` -> ``(y, (x, Φ))``."""
-    y, phi = map_rows(erf_chain, x.reshape(-1, x.shape[-1]), outputs=2)   # (N, k) rows
-    return y.reshape(x.shape), (x, phi.reshape(x.shape))
+    """``y = x Φ(x)``, ``Φ(x) = ½ (1 + erf(x / √2))``; ``x (...)`` -> ``(y, slope)``.
+
+    The backward needs only ``dy/dx = Φ(x) + x φ(x)``, ``φ(x) = exp(-x²/2) / √(2π)``, so the
+    forward computes it while the block is in cache and the cache is that one array: neither
+    x nor Φ is kept, and the backward is one product."""
+    y, slope = map_rows(erf_chain, x.reshape(-1, x.shape[-1]), outputs=2)   # (N, k) rows
+    return y.reshape(x.shape), slope.reshape(x.shape)
 
 
 def erf_chain(x, out=None):
+    """``(y, slope)`` on a block of rows (or, ``out=None``, the whole array: the reference)."""
     xp = backend.get_namespace(x)
-    y, phi = (None, None) if out is None else out
+    y, slope = (None, None) if out is None else out
     if type(x) is np.ndarray and x.dtype == np.float32:
-        phi = phi_float32(x, phi, y)
+        phi = phi_float32(x)
     else:
-        phi = xp.multiply(x, _INV_SQRT2, out=phi)
+        phi = xp.multiply(x, _INV_SQRT2)
         phi = backend.erf(phi, out=phi)
         phi += 1.0
         phi *= 0.5                      # Φ(x)
-    return xp.multiply(x, phi, out=y), phi
+    y = xp.multiply(x, phi, out=y)
+    slope = xp.multiply(x, x, out=slope)
+    slope *= -0.5
+    xp.exp(slope, out=slope)
+    slope *= _INV_SQRT_2PI
+    slope *= x                          # x φ(x)
+    slope += phi                        # Φ(x) + x φ(x)
+    return y, slope
 
 
 # Φ(x) = ½ + z·P(z²)/Q(z²), z = x/√2 clipped to [-4, 4] (erf(±4) is ±1 in float32): the
@@ -111,37 +123,21 @@ def _horner(z2, coefficients, out):
     return out
 
 
-def phi_float32(x, out=None, scratch=None):
-    """Φ(x) of a float32 NumPy array by the rational form above; ``scratch`` (x's shape) is
-    used for z² when given (the forward passes its y, written only afterwards)."""
+def phi_float32(x):
+    """Φ(x) of a float32 NumPy array by the rational form above."""
     z = np.multiply(x, np.float32(_INV_SQRT2))
     np.clip(z, np.float32(-4.0), np.float32(4.0), out=z)
-    z2 = np.multiply(z, z, out=scratch)
-    phi = _horner(z2, _ERF_P, out)
+    z2 = np.multiply(z, z)
+    phi = _horner(z2, _ERF_P, None)
     phi *= z
     phi /= _horner(z2, _ERF_Q, z)       # z is not needed after the line above
     phi += np.float32(0.5)
     return np.clip(phi, np.float32(0.0), np.float32(1.0), out=phi)   # the fit overshoots 1 ulp
 
 
-def gelu_erf_backward(dy, cache):
-    """``dx = dy · (Φ(x) + x φ(x))``, ``φ(x) = exp(-x²/2) / √(2π)``."""
-    x, phi = cache
-    k = x.shape[-1]
-    dx = map_rows(erf_backward_chain, dy.reshape(-1, k), x.reshape(-1, k), phi.reshape(-1, k))
-    return dx.reshape(x.shape)
-
-
-def erf_backward_chain(dy, x, phi, out=None):
-    xp = backend.get_namespace(dy)
-    dx = xp.multiply(x, x, out=None if out is None else out[0])
-    dx *= -0.5
-    xp.exp(dx, out=dx)
-    dx *= _INV_SQRT_2PI
-    dx *= x                             # x φ(x)
-    dx += phi
-    dx *= dy
-    return dx
+def gelu_erf_backward(dy, slope):
+    """``dx = dy · (Φ(x) + x φ(x))``, the slope the forward kept."""
+    return dy * slope
 
 
 GELU = {"tanh": (gelu_forward, gelu_backward), "erf": (gelu_erf_forward, gelu_erf_backward)}
