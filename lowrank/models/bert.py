@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from .. import backend
 from ..module import Module
 from ..ops.cross_entropy import check_targets
@@ -224,7 +226,11 @@ class Bert(Module):
         index = self.xp.flatnonzero(attention_mask.reshape(-1))       # (N,) b·T + t
         if index.shape[0] in (0, B * T):
             return None
-        return PackedRows(index, B, T)
+        starts = None
+        if type(attention_mask) is np.ndarray:   # host ints: attention per sequence
+            lengths = (attention_mask != 0).sum(axis=1)
+            starts = [0, *np.cumsum(lengths).tolist()]
+        return PackedRows(index, B, T, starts)
 
     def backward(self, dhidden, cache) -> None:
         """Accumulate ``dL/dθ`` for every trainable θ given ``dhidden (B, T, d)``; stops as

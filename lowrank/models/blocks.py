@@ -24,7 +24,8 @@ from typing import NamedTuple
 from .. import backend
 from ..layers import Linear
 from ..module import Module, Parameter
-from ..ops.attention import attention_backward, attention_cached, attention_forward
+from ..ops.attention import (attention_backward, attention_cached, attention_forward,
+                             attention_varlen_backward, attention_varlen_forward)
 from ..ops.embedding import embedding_backward, embedding_forward
 from ..ops.gelu import GELU
 from ..ops.layernorm import EPS, layernorm_backward, layernorm_forward
@@ -138,6 +139,8 @@ class PackedRows(NamedTuple):
     index: object   # (N,) int: flat positions b·T + t, ascending
     B: int
     T: int
+    starts: list | None = None   # host row offsets of each sequence (N at the end), where
+    #                              attention runs sequence by sequence (NumPy), else None
 
     def pack(self, x):
         """``(B, T, d)`` (or ``(B·T, d)``) -> ``(N, d)``, the real rows."""
@@ -201,6 +204,10 @@ class Block(Module):
         q, cq = p.q.forward(x2)                        # (N, d)
         k, ck = p.k.forward(x2)
         v, cv = p.v.forward(x2)
+        if rows is not None and rows.starts is not None and not self.causal:
+            y2, ca = attention_varlen_forward(q, k, v, self.n_head, rows.starts)   # (N, d)
+            out, co = p.o.forward(y2)
+            return out.reshape(x.shape), AttnCache(cq, ck, cv, ca, co, rows)
         if rows is None:
             B, T = x.shape[0], x.shape[1]
             q3, k3, v3 = (t.reshape(B, T, d) for t in (q, k, v))
@@ -217,12 +224,13 @@ class Block(Module):
         d = dout.shape[-1]
         dy = p.o.backward(dout.reshape(-1, d), c.o)                  # (N, d)
         rows = c.rows
-        if rows is None:
+        if rows is not None and rows.starts is not None and not self.causal:
+            dq, dk, dv = attention_varlen_backward(dy, c.attention)  # each (N, d)
+        elif rows is None:
             dy3 = dy.reshape(dout.shape[0], dout.shape[1], d)        # (B, T, d)
+            dq, dk, dv = attention_backward(dy3, c.attention)        # each (B, T, d)
         else:
-            dy3 = rows.unpack(dy)                                    # (B, T, d)
-        dq, dk, dv = attention_backward(dy3, c.attention)            # each (B, T, d)
-        if rows is not None:
+            dq, dk, dv = attention_backward(rows.unpack(dy), c.attention)   # (B, T, d)
             dq, dk, dv = rows.pack(dq), rows.pack(dk), rows.pack(dv)   # each (N, d)
         grads = [layer.backward(g.reshape(-1, d), cl, need_dx=need_dx)   # (N, d) or None
                  for layer, g, cl in ((p.q, dq, c.q), (p.k, dk, c.k), (p.v, dv, c.v))]

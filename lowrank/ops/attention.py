@@ -121,3 +121,59 @@ def attention_cached(q, k, v, n_head: int, kv, past: int):
     att /= att.sum(axis=-1, keepdims=True)
     yh = att @ V[:, :, :S]                          # (B, H, t, hs)
     return yh.transpose(0, 2, 1, 3).reshape(B, t, d)   # (B, t, d)
+
+
+def attention_varlen_forward(q, k, v, n_head: int, starts):
+    """Bidirectional attention within each sequence of packed rows
+    (docs/performance.md#varlen-attention): ``q, k, v (N, d)`` hold the real tokens of every
+    sequence one after another, sequence ``s`` in rows ``starts[s]:starts[s+1]`` (host ints).
+    Each attends over its own rows only, which is what key-padding-masked attention gives
+    its real queries (a padded key's weight is exactly 0 there). -> ``(y (N, d), cache)``."""
+    xp = backend.get_namespace(q, k, v)
+    N, d = q.shape
+    H, hs = n_head, d // n_head
+    scale = 1.0 / math.sqrt(hs)
+    y = xp.empty_like(q)                                       # (N, d)
+    kept = []
+    for a, b in zip(starts[:-1], starts[1:]):
+        L = b - a
+        if L == 0:                                             # a sequence with no tokens
+            kept.append(None)
+            continue
+        qh = (q[a:b] * scale).reshape(L, H, hs).transpose(1, 0, 2)   # (H, L, hs) pre-scaled
+        kh = k[a:b].reshape(L, H, hs).transpose(1, 0, 2)       # (H, L, hs) views
+        vh = v[a:b].reshape(L, H, hs).transpose(1, 0, 2)
+        attT = kh @ qh.transpose(0, 2, 1)                      # (H, Lk, Lq) scores, transposed
+        attT -= attT.max(axis=-2, keepdims=True)
+        xp.exp(attT, out=attT)
+        attT /= attT.sum(axis=-2, keepdims=True)               # Pᵀ
+        yh = attT.transpose(0, 2, 1) @ vh                      # (H, Lq, hs)
+        y[a:b] = yh.transpose(1, 0, 2).reshape(L, d)           # (L, H, hs) -> (L, d)
+        kept.append((qh, attT, yh))
+    return y, (k, v, starts, scale, kept)
+
+
+def attention_varlen_backward(dy, cache):
+    """Returns ``(dq, dk, dv)``, each ``(N, d)``: the backward of attention_forward's, per
+    sequence."""
+    xp = backend.get_namespace(dy)
+    k, v, starts, scale, kept = cache
+    N, d = dy.shape
+    dq, dk, dv = xp.empty_like(dy), xp.empty_like(dy), xp.empty_like(dy)   # (N, d) each
+    for (a, b), state in zip(zip(starts[:-1], starts[1:]), kept):
+        if state is None:
+            continue
+        qh, attT, yh = state
+        H, L, hs = qh.shape
+        dyh = dy[a:b].reshape(L, H, hs).transpose(1, 0, 2)     # (H, L, hs)
+        kh = k[a:b].reshape(L, H, hs).transpose(1, 0, 2)
+        vh = v[a:b].reshape(L, H, hs).transpose(1, 0, 2)
+        dv[a:b] = (attT @ dyh).transpose(1, 0, 2).reshape(L, d)        # Pᵀ dy
+        dsT = vh @ dyh.transpose(0, 2, 1)                      # (H, Lk, Lq) dPᵀ
+        dsT -= xp.einsum("hqe,hqe->hq", dyh, yh)[:, None, :]   # D (H, 1, Lq)
+        dsT *= attT                                            # dSᵀ
+        dqh = dsT.transpose(0, 2, 1) @ kh                      # (H, Lq, hs)
+        dqh *= scale
+        dq[a:b] = dqh.transpose(1, 0, 2).reshape(L, d)
+        dk[a:b] = (dsT @ qh).transpose(1, 0, 2).reshape(L, d)  # qh already scaled
+    return dq, dk, dv
