@@ -2,7 +2,8 @@
 LoRA and PyTorch's full fine-tuning, each setup in its own process, interleaved.
 
 The recipe (lowrank's classification task): batches of 32 sentences of the shipped sentiment
-data, at most 64 tokens, padded to the batch's longest; LoRA r=8, alpha=16, dropout 0.1 on
+data, at most 64 tokens, padded to the batch's longest (lowrank's BERT computes the real
+tokens only, docs/performance.md#unpadding; PyTorch computes every padded row too); LoRA r=8, alpha=16, dropout 0.1 on
 the six encoder linears (query, key, value, attention.output.dense, intermediate.dense,
 output.dense); a linear head on the [CLS] state, cross-entropy, AdamW. The encoders' own
 dropout is off on both sides (lowrank's BERT applies none); PyTorch runs eager attention,
@@ -147,14 +148,17 @@ def worker(name: str, conn, n_batches: int, steps: int, threads) -> None:
         conn.send((seconds, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
 
 
-def step_gemm_flops(cfg, B: int, T: int) -> float:
+def step_gemm_flops(cfg, mask) -> float:
     """Matrix-product FLOPs a LoRA step cannot avoid: the forward and the input gradient of
-    every encoder product (linears: 2·N·(4d² + 2·d·d_ff) a layer; attention: QKᵀ and PV,
-    4·B·T²·d), the input gradient taken as one forward for the linears and two for
-    attention. The adapters' own products (rank 8) are left out."""
-    d, d_ff, L, N = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, B * T
-    linear = 2 * N * (4 * d * d + 2 * d * d_ff)
-    attention = 4 * B * T * T * d
+    every encoder product on the real tokens (lowrank skips the padded ones,
+    docs/performance.md#unpadding): linears 2·N·(4d² + 2·d·d_ff) a layer over the N real
+    tokens, attention QKᵀ and PV 4·Σ L²·d over the sequences' lengths L; the input gradient
+    taken as one forward for the linears and two for attention. The adapters' own products
+    (rank 8) are left out."""
+    d, d_ff, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    lengths = mask.sum(axis=1)
+    linear = 2 * int(lengths.sum()) * (4 * d * d + 2 * d * d_ff)
+    attention = 4 * int((lengths ** 2).sum()) * d
     return L * (2 * linear + 3 * attention)
 
 
@@ -213,7 +217,7 @@ def main(argv=None):
     import lowrank as lr
     cfg = lr.models.hf.bert_config(__import__("json").loads(
         (Path(resolve("minilm")) / "config.json").read_text()))
-    floor_s = statistics.mean(step_gemm_flops(cfg, *ids.shape) for ids, _, _ in data) / peak / 1e9
+    floor_s = statistics.mean(step_gemm_flops(cfg, mask) for _, mask, _ in data) / peak / 1e9
 
     print(f"all-MiniLM-L6-v2 sentiment recipe: batch {BATCH}, <= {MAX_LEN} tokens "
           f"(mean padded {tokens:.0f} tokens/step over {args.batches} batches), LoRA r={RANK} "
