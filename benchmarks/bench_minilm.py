@@ -6,7 +6,7 @@ data, at most 64 tokens, padded to the batch's longest (lowrank's BERT computes 
 tokens only, docs/performance.md#unpadding; PyTorch computes every padded row too); LoRA r=8, alpha=16, dropout 0.1 on
 the six encoder linears (query, key, value, attention.output.dense, intermediate.dense,
 output.dense); a linear head on the [CLS] state, cross-entropy, AdamW. The encoders' own
-dropout is off on both sides (lowrank's BERT applies none); PyTorch runs eager attention,
+dropout is off on both sides; PyTorch runs eager attention,
 float32. A step = forward, loss, backward, optimizer step. Every setup cycles over the same
 ``--batches`` batches; tokens = padded B·T, the same on both sides.
 

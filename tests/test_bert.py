@@ -346,3 +346,40 @@ def test_a_fully_padded_sequence_packs_to_nothing():
         hidden.append(model.forward(ids, attention_mask=mask, token_type_ids=types)[0])
     np.testing.assert_allclose(hidden[0][keep], hidden[1][keep], rtol=0, atol=1e-12)
     assert np.abs(hidden[0][2]).max() == 0.0
+
+
+@pytest.mark.parametrize("varlen", [True, False])
+def test_attention_dropout_backward_matches_fd(rng, varlen):
+    """Dropout on attention probabilities (docs/ops.md#attention-dropout), both layouts: the
+    analytic gradient against central differences with the masks held fixed (the stream
+    restored before every forward), and about p of the weights dropped."""
+    from lowrank.models.blocks import PackedRows
+    from lowrank.ops.attention import attention_varlen_backward, attention_varlen_forward
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    index = np.flatnonzero(mask.reshape(-1))
+    rows, starts = PackedRows(index, 2, 5), [0, 5, 8]
+    q, k, v = (rng.standard_normal((index.size, 8)) for _ in range(3))
+    R = rng.standard_normal((index.size, 8))
+    drop = backend.DeviceRNG(11, np)
+    state = drop.state
+
+    def forward(q, k, v):
+        drop.state = state
+        if varlen:
+            return attention_varlen_forward(q, k, v, 2, starts, 0.3, drop)
+        y, cache = attention_forward(rows.unpack(q), rows.unpack(k), rows.unpack(v), 2,
+                                     causal=False, key_mask=mask, dropout=0.3, rng=drop)
+        return rows.pack(y), cache
+
+    y, cache = forward(q, k, v)
+    if varlen:
+        grads = attention_varlen_backward(R, cache)
+        masks = [kept[3] for kept in cache[4]]
+    else:
+        grads = [rows.pack(g) for g in attention_backward(rows.unpack(R), cache)]
+        masks = [cache[6]]
+    dropped = np.concatenate([m.ravel() == 0 for m in masks]).mean()
+    assert 0.1 < dropped < 0.6                       # p = 0.3 of the weights (and padded keys)
+    arrays = {"q": q, "k": k, "v": v}
+    check_fd(arrays, lambda: float((forward(arrays["q"], arrays["k"], arrays["v"])[0]
+                                    * R).sum()), dict(zip("qkv", grads)))

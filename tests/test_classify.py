@@ -314,10 +314,11 @@ def _tiny_bert(dtype="float64"):
 
 
 def _rngs(module):
-    """Every dropout stream in ``module`` (the encoder's, each layer's, adapters', head's)."""
+    """Every dropout stream in ``module`` (the encoder's, each layer's hidden and attention
+    streams, adapters', head's)."""
     found = []
     for _, m in module.named_modules():
-        for attr in ("dropout_rng", "_dropout_rng"):
+        for attr in ("dropout_rng", "_dropout_rng", "attention_rng"):
             r = vars(m).get(attr)
             if r is not None:
                 found.append(r)
@@ -333,7 +334,7 @@ def test_bert_classifier_with_dropout_matches_finite_differences(pooling, rng):
     ids, mask, labels = _batch(rng, vocab=30)
     clf.train()
     streams = _rngs(clf)
-    assert len(streams) == 1 + 2 + 1 + 12        # encoder, 2 layers, head, 2 x 6 adapters
+    assert len(streams) == 1 + 2 * 2 + 1 + 12    # encoder, 2 layers x 2, head, 2 x 6 adapters
     states = [s.state for s in streams]
 
     def loss():

@@ -10,8 +10,8 @@ Parameter names are the Hugging Face checkpoint's own without the ``bert.`` pref
 ``encoder.layer.0.output.dense.weight``, ``pooler.dense.weight``, ...), so PEFT target names
 (``query``, ``value``, ``dense``) mean the same modules in both libraries. Dropout is off
 unless ``set_dropout(p)`` turns on BERT's hidden dropout (after the embeddings' LayerNorm and
-on each attention and MLP output before its residual; not on attention probabilities), and
-then only in ``train()`` mode (docs/classification.md#dropout).
+on each attention and MLP output before its residual) and its attention-probability dropout,
+and then only in ``train()`` mode (docs/classification.md#dropout).
 """
 from __future__ import annotations
 
@@ -154,17 +154,24 @@ class Bert(Module):
     # every padded row too, as transformers does
     pack_tokens = True
 
-    def set_dropout(self, p: float, seed: int = 0) -> None:
-        """BERT's hidden dropout (``hidden_dropout_prob``; 0.1 in training recipes), active in
-        ``train()`` mode; each layer draws its masks from its own seeded stream."""
-        if not 0.0 <= float(p) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {p!r}")
+    def set_dropout(self, p: float, seed: int = 0, attention: float | None = None) -> None:
+        """BERT's hidden dropout (``hidden_dropout_prob``) and attention-probability dropout
+        (``attention_probs_dropout_prob``, ``attention``; default ``p``, as BERT's configs
+        have both 0.1), active in ``train()`` mode; each layer draws its masks from its own
+        seeded streams."""
+        attention = p if attention is None else attention
+        for name, value in (("dropout", p), ("attention", attention)):
+            if not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
         rng = backend.host_rng(seed)
         self.dropout = float(p)
         self.dropout_rng = backend.DeviceRNG(int(rng.integers(2**31)), self.xp)
         for layer in self.encoder.layer:
             layer.dropout = float(p)
             layer.dropout_rng = backend.DeviceRNG(int(rng.integers(2**31)), self.xp)
+        for layer in self.encoder.layer:
+            layer.attention_dropout = float(attention)
+            layer.attention_rng = backend.DeviceRNG(int(rng.integers(2**31)), self.xp)
 
     @property
     def dtype(self):

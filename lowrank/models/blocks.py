@@ -196,6 +196,10 @@ class Block(Module):
     def parts(self) -> Parts:
         raise NotImplementedError
 
+    # dropout on attention probabilities, in train() mode (BERT's attention_probs_dropout_prob;
+    # set by Bert.set_dropout): p and the DeviceRNG its masks come from
+    attention_dropout, attention_rng = 0.0, None
+
     # --- attention sub-block ---------------------------------------------------------------
     def _attn_forward(self, p: Parts, x, key_mask, rows=None):
         """``x (B, T, d)``, or ``(N, d)`` packed rows with ``rows`` (PackedRows)."""
@@ -204,8 +208,10 @@ class Block(Module):
         q, cq = p.q.forward(x2)                        # (N, d)
         k, ck = p.k.forward(x2)
         v, cv = p.v.forward(x2)
+        drop = self.attention_dropout if self.training else 0.0
         if rows is not None and rows.starts is not None and not self.causal:
-            y2, ca = attention_varlen_forward(q, k, v, self.n_head, rows.starts)   # (N, d)
+            y2, ca = attention_varlen_forward(q, k, v, self.n_head, rows.starts, drop,
+                                              self.attention_rng)    # (N, d)
             out, co = p.o.forward(y2)
             return out.reshape(x.shape), AttnCache(cq, ck, cv, ca, co, rows)
         if rows is None:
@@ -215,7 +221,7 @@ class Block(Module):
             B, T = rows.B, rows.T
             q3, k3, v3 = (rows.unpack(t) for t in (q, k, v))   # (B, T, d), padded rows 0
         y, ca = attention_forward(q3, k3, v3, self.n_head, causal=self.causal,
-                                  key_mask=key_mask)
+                                  key_mask=key_mask, dropout=drop, rng=self.attention_rng)
         y2 = y.reshape(B * T, d) if rows is None else rows.pack(y)   # (N, d)
         out, co = p.o.forward(y2)                      # (N, d)
         return out.reshape(x.shape), AttnCache(cq, ck, cv, ca, co, rows)

@@ -11,6 +11,8 @@ the pre-softmax scores:
     dq = dS k / √hs,   dk = dSᵀ q / √hs
 
 (D from dy and y, as FlashAttention does: B·H·T·hs products instead of a (T, T) temporary.)
+With attention dropout, ``y = P_d v``, ``P_d = P ⊙ mask``: ``dv = P_dᵀ dy``, ``dP = (dy vᵀ) ⊙ mask``,
+and D = rowsum(dP ⊙ P) = rowsum(dy ⊙ y) still (docs/ops.md#attention-dropout).
 M is a constant, so it never appears in the backward: masked entries have P = 0 exactly
 (exp underflows), hence dS = 0 there and a padded key receives and gives no gradient.
 
@@ -41,9 +43,12 @@ def key_padding_bias(key_mask, dtype):
     return bias[:, None, None, :]                    # (B, 1, 1, T)
 
 
-def attention_forward(q, k, v, n_head: int, causal: bool = True, key_mask=None):
+def attention_forward(q, k, v, n_head: int, causal: bool = True, key_mask=None,
+                      dropout: float = 0.0, rng=None):
     """``q, k, v (B, T, d)``, optional ``key_mask (B, T)`` (1 keep, 0 pad) ->
-    ``(y (B, T, d), cache)``."""
+    ``(y (B, T, d), cache)``. ``dropout > 0`` drops attention probabilities (BERT's
+    ``attention_probs_dropout_prob``, docs/ops.md#attention-dropout): the mask comes from
+    ``rng`` (a ``backend.DeviceRNG``)."""
     xp = backend.get_namespace(q, k, v)
     B, T, d = q.shape
     if d % n_head:
@@ -66,20 +71,30 @@ def attention_forward(q, k, v, n_head: int, causal: bool = True, key_mask=None):
     attT -= attT.max(axis=-2, keepdims=True)        # stable softmax, per query column
     xp.exp(attT, out=attT)
     attT /= attT.sum(axis=-2, keepdims=True)        # (B, H, Tk, Tq) probabilities Pᵀ
-    yh = attT.transpose(0, 1, 3, 2) @ vh            # (B, H, Tq, hs) = P v
+    dropped, mask = _drop(attT, dropout, rng)       # (Pᵀ ⊙ maskᵀ), maskᵀ or None
+    yh = dropped.transpose(0, 1, 3, 2) @ vh         # (B, H, Tq, hs) = P_d v
     y = yh.transpose(0, 2, 1, 3).reshape(B, T, d)   # (B, T, H, hs) -> (B, T, d)
-    return y, (qh, kh, vh, attT, scale, yh)
+    return y, (qh, kh, vh, attT, scale, yh, mask)
+
+
+def _drop(attT, p: float, rng):
+    """``(Pᵀ ⊙ maskᵀ, maskᵀ)``, or ``(Pᵀ, None)`` without dropout."""
+    if p == 0.0:
+        return attT, None
+    return rng.dropout(attT, p)
 
 
 def attention_backward(dy, cache):
     """Returns ``(dq, dk, dv)``, each ``(B, T, d)``; every (T, T) array is transposed as in
     the forward (keys on the rows)."""
     xp = backend.get_namespace(dy)
-    qh, kh, vh, attT, scale, yh = cache
+    qh, kh, vh, attT, scale, yh, mask = cache
     B, H, T, hs = qh.shape
     dyh = dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3)      # (B, H, T, hs)
-    dvh = attT @ dyh                                         # (B, H, Tk, hs) = Pᵀ dy
-    dsT = vh @ dyh.transpose(0, 1, 3, 2)                     # (B, H, Tk, Tq) dPᵀ
+    dvh = (attT if mask is None else attT * mask) @ dyh      # (B, H, Tk, hs) = P_dᵀ dy
+    dsT = vh @ dyh.transpose(0, 1, 3, 2)                     # (B, H, Tk, Tq) dP_dᵀ
+    if mask is not None:
+        dsT *= mask                                          # dPᵀ
     ones = xp.ones((hs, 1), dtype=dy.dtype)
     D = (dyh * yh) @ ones                                    # (B, H, Tq, 1), a GEMV
     dsT -= D.transpose(0, 1, 3, 2)                           # (B, H, 1, Tq) broadcast
@@ -123,7 +138,7 @@ def attention_cached(q, k, v, n_head: int, kv, past: int):
     return yh.transpose(0, 2, 1, 3).reshape(B, t, d)   # (B, t, d)
 
 
-def attention_varlen_forward(q, k, v, n_head: int, starts):
+def attention_varlen_forward(q, k, v, n_head: int, starts, dropout: float = 0.0, rng=None):
     """Bidirectional attention within each sequence of packed rows
     (docs/performance.md#varlen-attention): ``q, k, v (N, d)`` hold the real tokens of every
     sequence one after another, sequence ``s`` in rows ``starts[s]:starts[s+1]`` (host ints).
@@ -147,9 +162,10 @@ def attention_varlen_forward(q, k, v, n_head: int, starts):
         attT -= attT.max(axis=-2, keepdims=True)
         xp.exp(attT, out=attT)
         attT /= attT.sum(axis=-2, keepdims=True)               # Pᵀ
-        yh = attT.transpose(0, 2, 1) @ vh                      # (H, Lq, hs)
+        dropped, mask = _drop(attT, dropout, rng)              # P_dᵀ, maskᵀ or None
+        yh = dropped.transpose(0, 2, 1) @ vh                   # (H, Lq, hs)
         y[a:b] = yh.transpose(1, 0, 2).reshape(L, d)           # (L, H, hs) -> (L, d)
-        kept.append((qh, attT, yh))
+        kept.append((qh, attT, yh, mask))
     return y, (k, v, starts, scale, kept)
 
 
@@ -163,13 +179,16 @@ def attention_varlen_backward(dy, cache):
     for (a, b), state in zip(zip(starts[:-1], starts[1:]), kept):
         if state is None:
             continue
-        qh, attT, yh = state
+        qh, attT, yh, mask = state
         H, L, hs = qh.shape
         dyh = dy[a:b].reshape(L, H, hs).transpose(1, 0, 2)     # (H, L, hs)
         kh = k[a:b].reshape(L, H, hs).transpose(1, 0, 2)
         vh = v[a:b].reshape(L, H, hs).transpose(1, 0, 2)
-        dv[a:b] = (attT @ dyh).transpose(1, 0, 2).reshape(L, d)        # Pᵀ dy
-        dsT = vh @ dyh.transpose(0, 2, 1)                      # (H, Lk, Lq) dPᵀ
+        dropped = attT if mask is None else attT * mask        # P_dᵀ
+        dv[a:b] = (dropped @ dyh).transpose(1, 0, 2).reshape(L, d)     # P_dᵀ dy
+        dsT = vh @ dyh.transpose(0, 2, 1)                      # (H, Lk, Lq) dP_dᵀ
+        if mask is not None:
+            dsT *= mask                                        # dPᵀ
         dsT -= xp.einsum("hqe,hqe->hq", dyh, yh)[:, None, :]   # D (H, 1, Lq)
         dsT *= attT                                            # dSᵀ
         dqh = dsT.transpose(0, 2, 1) @ kh                      # (H, Lq, hs)
