@@ -33,8 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-LR = {"lora": 5e-4, "dora": 5e-4, "full": 5e-5, "head": 1e-3}
-TORCH_SETUPS = ("lora", "dora", "full", "head")
+LR = {"lora": 5e-4, "dora": 5e-4, "vera": 5e-4, "full": 5e-5, "head": 1e-3}
+TORCH_SETUPS = ("lora", "dora", "vera", "full", "head")
 TARGET_REGEX = (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|"
                 r"attention\.output\.dense|intermediate\.dense|output\.dense)")
 
@@ -82,6 +82,10 @@ def run_torch(setup: str, epochs: int, threads: int, limit: int | None) -> dict:
         encoder = get_peft_model(encoder, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1,
                                                      target_modules=TARGET_REGEX,
                                                      use_dora=setup == "dora"))
+    elif setup == "vera":   # r = 8, vera_dropout 0.1, PEFT's defaults otherwise
+        from peft import VeraConfig, get_peft_model
+        encoder = get_peft_model(encoder, VeraConfig(r=8, vera_dropout=0.1,
+                                                     target_modules=TARGET_REGEX))
     elif setup == "head":
         encoder.requires_grad_(False)
     d = encoder.config.hidden_size
