@@ -83,16 +83,22 @@ def test_add_matmul_accumulates_in_place(dtype):
         np.testing.assert_allclose(c, want, rtol=tol, atol=tol)
 
 
-def test_add_matmul_reaches_blas_on_numpy():
-    """The gemm path exists where NumPy's BLAS exports cblas (the wheels do): a planted
-    failure of the symbol lookup would otherwise pass silently through the fallback."""
-    if blocked._cblas_gemm(np.float32) is None:
+def test_add_matmul_reaches_blas_on_numpy(monkeypatch):
+    """The gemm path runs where NumPy's BLAS exports cblas (the wheels do) and c has enough
+    rows; a one-row product keeps NumPy's own (gemv) form. A planted failure of the symbol
+    lookup would otherwise pass silently through the fallback."""
+    gemm = blocked._cblas_gemm(np.float32)
+    if gemm is None:
         pytest.skip("this NumPy's BLAS exports no cblas_sgemm: the plain form runs")
-    c = np.zeros((4, 3), np.float32)
-    a = np.ones((4, 2), np.float32)
-    b = np.ones((2, 3), np.float32)
-    assert blocked._gemm_layout(c, a, b) is not None
-    assert np.array_equal(blocked.add_matmul(c, a, b), np.full((4, 3), 2.0, np.float32))
+    calls = []
+    monkeypatch.setitem(blocked._GEMMS, "f", lambda *args: (calls.append(args[3]), gemm(*args)))
+    rows = blocked.GEMM_MIN_ROWS
+    c = np.zeros((rows, 3), np.float32)
+    a, b = np.ones((rows, 2), np.float32), np.ones((2, 3), np.float32)
+    assert np.array_equal(blocked.add_matmul(c, a, b), np.full((rows, 3), 2.0, np.float32))
+    assert calls == [rows]
+    blocked.add_matmul(c[:1], a[:1], b)                        # one row: plain
+    assert calls == [rows] and np.array_equal(c[0], np.full(3, 4.0, np.float32))
     assert blocked._gemm_layout(c, a, c[:2]) is None           # c may not be an operand
 
 

@@ -128,3 +128,23 @@ def test_finetune_eval_predict_round_trip(tmp_path, capsys, minilm, variant):
     assert code == 0 and len(lines) == 2
     probs = [float(x) for x in lines[0].split("\t")[1:2]]
     assert lines[0].split("\t")[0] in ("neg", "pos") and 0.5 <= probs[0] <= 1.0
+
+
+def test_sentiment_demo_writes_its_table_and_plot(tmp_path, minilm):
+    """``lowrank demo --task sentiment`` end to end, cut to two rows and 64 sentences: one row
+    per setup, accuracies that are accuracies, a loss that fell, the table and the plot."""
+    from lowrank.tasks import sentiment_demo
+    results = sentiment_demo.run_demo(tmp_path, variants=["head", "lora"], train_examples=64,
+                                      progress=False)
+    assert [r["label"] for r in results] == ["head", "lora"]
+    head, lora = results
+    assert head["trainable"] == 2 * 384 + 2 < lora["trainable"] < lora["total"]
+    for row in results:
+        assert 0.0 <= row["val_accuracy"] <= 1.0 and row["tokens_per_s"] > 0
+        assert len(row["curve"]) == 2 and all(np.isfinite(row["curve"]))
+    table = (tmp_path / "results.md").read_text()
+    assert "| head |" in table and "| lora |" in table
+    assert (tmp_path / "sentiment.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "results.json").read_text())[1]["label"] == "lora"
+    with pytest.raises(ValueError, match="unknown demo rows"):
+        sentiment_demo.run_demo(tmp_path, variants=["nope"], progress=False)

@@ -53,10 +53,11 @@ def add_matmul(c, a, b, alpha: float = 1.0):
     temporary. On NumPy float arrays this calls ``cblas_?gemm`` of NumPy's own BLAS with
     ``beta = 1`` instead (found in the library NumPy loaded; the same threads as ``@``), so
     the product lands in ``c`` directly: one memory pass fewer. Where no such symbol is found,
-    an operand is laid out so that BLAS cannot read it in place, or on CuPy and numpy-strict,
-    the plain expression runs: it is the reference the gemm form is tested against
+    an operand is laid out so that BLAS cannot read it in place, ``c`` has fewer than
+    ``GEMM_MIN_ROWS`` rows, or on CuPy and numpy-strict, the plain expression runs: it is the reference the gemm form is tested against
     (tests/test_blocked.py)."""
-    gemm = _cblas_gemm(c.dtype) if type(c) is np.ndarray else None
+    gemm = _cblas_gemm(c.dtype) if type(c) is np.ndarray and c.ndim == 2 \
+        and c.shape[0] >= GEMM_MIN_ROWS else None
     layout = None if gemm is None else _gemm_layout(c, a, b)
     if layout is None:
         product = a @ b
@@ -71,6 +72,9 @@ def add_matmul(c, a, b, alpha: float = 1.0):
     return c
 
 
+# Below this many rows the plain form runs: NumPy hands a one-row product to gemv, while
+# gemm packs the whole weight first (generation, one token at a time, ran 1.8x slower)
+GEMM_MIN_ROWS = 16
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112   # CBLAS enum values
 _GEMMS: dict = {}
 

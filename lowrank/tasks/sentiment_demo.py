@@ -65,8 +65,7 @@ def run_demo(out="lowrank-demo-sentiment", epochs: int = 1, variants=None,
                "tokens_per_s": result["tokens_per_s"], "peak_mb": peak[0] / 2**20,
                "seconds": result["train_seconds"],
                "curve": [h["loss"] for h in result["history"]]}
-        notes = {n: m.demo_report() for n, m in adapters.adapted_modules(clf)
-                 if hasattr(m, "demo_report")}
+        notes = {n: m.demo_report() for n, m in adapters.adapted_modules(clf)}
         if notes:
             row["notes"] = notes
         results.append(row)
