@@ -17,16 +17,14 @@ and into its own accumulator, never into W0's grad: W0 stays frozen — then the
 entries of the score (ties to the lower row-major index) become the support, for good.
 ``grad_acc_mode`` (the official option): "mean_squared" (default) scores Σ (Gᵀx)² per
 backward call, "mean" scores |Σ Gᵀx|. Until then S is empty and the layer is a LoRA.
-``support="random"`` picks a uniform random support at init instead (no collection; an
-ablation, and it lets the contract battery exercise S).
+``support="random"``: a random support at init (an ablation; the contract battery uses it).
 
-``restart`` (default True, the official two-run pipeline: a run that saves the masks, then a
-run from scratch with the masks loaded): once the support is chosen, A and B return to their
-initial values (what the second run, same seed, draws), every AdamW state restarts, and the
-learning-rate schedule starts again over the remaining steps. False continues from the
-warm-up state (lowrank's earlier behaviour). ``lora_lr`` (official ``rosa.lora_lr``): A and B
-get their own AdamW (the hook's), at the run's schedule times ``lora_lr / lr``, as a param
-group with its own initial lr under one LambdaLR.
+``restart`` (default True, the official two-run pipeline: masks saved, then a run from
+scratch with them loaded): once the support is chosen, A and B return to their initial values
+(the second run's draw, same seed), every AdamW state and the lr schedule restart over the
+remaining steps; False continues from the warm-up state. ``lora_lr`` (official
+``rosa.lora_lr``): A and B get their own AdamW (the hook's), at the run's schedule times
+``lora_lr / lr`` (a param group with its own initial lr under one LambdaLR).
 
 Storage: S is a CSR matrix (``lowrank.backend.sparse``) over ``rosa_values``: O(nnz) memory;
 the support is the non-trainable int64 ``rosa_indices (nnz,)`` (flat ``i·n + j``, −1 before

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from .blocked import map_rows
+from .blocked import map_rows, phi_float32
 from .strict import StrictArray, StrictMixingError, strict_numpy
 
 BACKENDS = ("numpy", "numpy-strict", "cupy")
@@ -280,6 +280,19 @@ def erf(x, out=None):
     return _erf(x) if out is None else _erf(x, out=out)
 
 
+def normal_cdf(x):
+    """``Φ(x) = ½ (1 + erf(x / √2))`` elementwise, a new array. Float32 NumPy arrays take the
+    rational form of ``blocked.phi_float32`` (docs/performance.md#erf-gelu); float64 (the
+    gradient checks), CuPy and numpy-strict the exact erf."""
+    if type(x) is np.ndarray and x.dtype == np.float32:
+        return phi_float32(x)
+    phi = get_namespace(x).multiply(x, 1.0 / math.sqrt(2.0))
+    phi = erf(phi, out=phi)
+    phi += 1.0
+    phi *= 0.5
+    return phi
+
+
 def keep_freed_host_memory(limit_bytes: int = 1 << 30) -> bool:
     """Let glibc keep freed blocks up to ``limit_bytes`` instead of returning them to the OS.
 
@@ -315,6 +328,6 @@ __all__ = [
     "namespace", "set_backend", "get_backend", "xp_default", "backend_of", "get_namespace",
     "asarray", "to_numpy", "synchronize", "check_dtype", "tolerance", "host_rng",
     "host_normal", "host_uniform", "DeviceRNG", "svd", "qr", "scatter_add", "is_finite",
-    "keep_freed_host_memory", "erf",
+    "keep_freed_host_memory", "erf", "normal_cdf",
     "cupy_available",
 ]

@@ -72,6 +72,20 @@ def add_matmul(c, a, b, alpha: float = 1.0):
     return c
 
 
+def affine(x2, weight, bias=None):
+    """``x2 Wᵀ + b``, ``x2 (N, n)``, ``W (m, n)``: with a bias on NumPy the output starts as the
+    broadcast bias and BLAS adds the product into it (``add_matmul``), no pass to add it."""
+    if bias is None:
+        return x2 @ weight.T                                             # (N, m)
+    if type(x2) is np.ndarray and x2.ndim == 2 and x2.shape[0] >= GEMM_MIN_ROWS:
+        y = np.empty((x2.shape[0], weight.shape[0]), dtype=x2.dtype)     # (N, m)
+        y[...] = bias
+        return add_matmul(y, x2, weight.T)
+    y = x2 @ weight.T
+    y += bias
+    return y
+
+
 # Below this many rows the plain form runs: NumPy hands a one-row product to gemv, while
 # gemm packs the whole weight first (generation, one token at a time, ran 1.8x slower)
 GEMM_MIN_ROWS = 16
@@ -131,3 +145,38 @@ def _load_gemm(key):
             function.restype = None
             return function
     return None
+
+
+# --- the normal CDF of float32 arrays (backend.normal_cdf; the erf GELU's Φ) --------------------
+
+# Φ(x) = ½ + z·P(z²)/Q(z²), z = x/√2 clipped to [-4, 4] (erf(±4) is ±1 in float32): the
+# rational form of erf that Eigen and XLA use for float32, with the ½ folded into P.
+# |Δerf| <= 4.5e-7 (<= 8 ulps); the GELU it gives is within 1.4e-6 of float64 on [-6, 6],
+# as PyTorch's float32 GELU is (docs/performance.md#erf-gelu).
+_ERF_P = tuple(np.float32(0.5 * c) for c in (
+    -2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+    -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02))
+_ERF_Q = tuple(np.float32(c) for c in (
+    -1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+    -7.37332916720468e-03, -1.42647390514189e-02))
+
+
+def _horner(z2, coefficients, out):
+    out = np.multiply(z2, coefficients[0], out=out)
+    for c in coefficients[1:-1]:
+        out += c
+        out *= z2
+    out += coefficients[-1]
+    return out
+
+
+def phi_float32(x):
+    """Φ(x) of a float32 NumPy array by the rational form above."""
+    z = np.multiply(x, np.float32(1.0 / math.sqrt(2.0)))
+    np.clip(z, np.float32(-4.0), np.float32(4.0), out=z)
+    z2 = np.multiply(z, z)
+    phi = _horner(z2, _ERF_P, None)
+    phi *= z
+    phi /= _horner(z2, _ERF_Q, z)       # z is not needed after the line above
+    phi += np.float32(0.5)
+    return np.clip(phi, np.float32(0.0), np.float32(1.0), out=phi)   # the fit overshoots 1 ulp

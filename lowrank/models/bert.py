@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import numpy as np
-
 from .. import backend
 from ..module import Module
 from ..ops.cross_entropy import check_targets
@@ -234,9 +232,9 @@ class Bert(Module):
         if index.shape[0] in (0, B * T):
             return None
         starts = None
-        if type(attention_mask) is np.ndarray:   # host ints: attention per sequence
-            lengths = (attention_mask != 0).sum(axis=1)
-            starts = [0, *np.cumsum(lengths).tolist()]
+        if backend.backend_of(attention_mask) == "numpy":   # host ints: attention per sequence
+            lengths = (attention_mask != 0).sum(axis=1)                # (B,)
+            starts = [0, *self.xp.cumsum(lengths).tolist()]
         return PackedRows(index, B, T, starts)
 
     def backward(self, dhidden, cache) -> None:
