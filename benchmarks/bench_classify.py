@@ -9,8 +9,9 @@ attention.output.dense, intermediate.dense and output.dense of every layer.
 
 Each setup runs in its own process (peak resident memory = that process's ru_maxrss),
 lowrank's and PyTorch's interleaved, every process limited to ``--threads`` BLAS/torch
-threads. Reported per setup: validation accuracy after each epoch, train tokens/s (padded
-tokens the encoder computed on / training wall time, evaluation excluded), tokens per CPU
+threads. Reported per setup: validation accuracy after each epoch, train tokens/s (the
+batches' padded tokens, B·T, on both sides — PyTorch computes every one, lowrank's BERT only
+the real ones — over training wall time, evaluation excluded), tokens per CPU
 second of the process (all threads; less sensitive to other load), peak MB.
 
     python benchmarks/bench_classify.py                       # lora, full, head; 3 epochs

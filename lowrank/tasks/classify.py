@@ -159,8 +159,9 @@ def train_classifier(clf, data, variant: str, config: ClassifyConfig, on_epoch=N
                      progress: bool = True, extra_hooks=()) -> dict:
     """Train ``clf`` (already ``prepare``d) for ``config.epochs`` epochs; after each epoch
     evaluate on "val" (when present) and call ``on_epoch(epoch, record)``. Returns a summary
-    with the per-epoch records, train tokens/s (padded tokens the encoder computed on, over
-    the training wall time; evaluation excluded), the training's process CPU seconds (all
+    with the per-epoch records, train tokens/s (the batches' padded tokens B·T, as the
+    benchmarks count them; the BERT computes only the real ones; over the training wall
+    time, evaluation excluded), the training's process CPU seconds (all
     threads: less sensitive to a loaded machine than wall time) and the trainer.
     ``extra_hooks`` run after the variant's own step hooks."""
     per_epoch = data.steps_per_epoch(config.batch_size)

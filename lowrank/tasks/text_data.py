@@ -97,7 +97,7 @@ def sentiment_split() -> tuple[list[Example], list[Example]]:
 
 class TextBatch:
     """One padded batch: ``ids, mask (B, T)`` int64 (T = the longest row), ``labels (B,)``.
-    ``size`` counts the padded tokens (what the encoder computes on)."""
+    ``size`` counts the padded tokens, B·T (what throughput figures count)."""
 
     def __init__(self, ids, mask, labels):
         self.ids, self.mask, self.labels = ids, mask, labels
