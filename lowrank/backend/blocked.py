@@ -77,7 +77,7 @@ def affine(x2, weight, bias=None):
     broadcast bias and BLAS adds the product into it (``add_matmul``), no pass to add it."""
     if bias is None:
         return x2 @ weight.T                                             # (N, m)
-    if type(x2) is np.ndarray and x2.ndim == 2 and x2.shape[0] >= GEMM_MIN_ROWS:
+    if type(x2) is np.ndarray:   # add_matmul keeps short products in NumPy's own form
         y = np.empty((x2.shape[0], weight.shape[0]), dtype=x2.dtype)     # (N, m)
         y[...] = bias
         return add_matmul(y, x2, weight.T)

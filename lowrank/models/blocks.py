@@ -209,28 +209,31 @@ class Block(Module):
         k, ck = p.k.forward(x2)
         v, cv = p.v.forward(x2)
         drop = self.attention_dropout if self.training else 0.0
-        if rows is not None and rows.starts is not None and not self.causal:
+        if self._per_sequence(rows):
             y2, ca = attention_varlen_forward(q, k, v, self.n_head, rows.starts, drop,
                                               self.attention_rng)    # (N, d)
-            out, co = p.o.forward(y2)
-            return out.reshape(x.shape), AttnCache(cq, ck, cv, ca, co, rows)
-        if rows is None:
-            B, T = x.shape[0], x.shape[1]
-            q3, k3, v3 = (t.reshape(B, T, d) for t in (q, k, v))
         else:
-            B, T = rows.B, rows.T
-            q3, k3, v3 = (rows.unpack(t) for t in (q, k, v))   # (B, T, d), padded rows 0
-        y, ca = attention_forward(q3, k3, v3, self.n_head, causal=self.causal,
-                                  key_mask=key_mask, dropout=drop, rng=self.attention_rng)
-        y2 = y.reshape(B * T, d) if rows is None else rows.pack(y)   # (N, d)
+            if rows is None:
+                B, T = x.shape[0], x.shape[1]
+                q3, k3, v3 = (t.reshape(B, T, d) for t in (q, k, v))
+            else:
+                B, T = rows.B, rows.T
+                q3, k3, v3 = (rows.unpack(t) for t in (q, k, v))   # (B, T, d), padded 0
+            y, ca = attention_forward(q3, k3, v3, self.n_head, causal=self.causal,
+                                      key_mask=key_mask, dropout=drop, rng=self.attention_rng)
+            y2 = y.reshape(B * T, d) if rows is None else rows.pack(y)   # (N, d)
         out, co = p.o.forward(y2)                      # (N, d)
         return out.reshape(x.shape), AttnCache(cq, ck, cv, ca, co, rows)
+
+    def _per_sequence(self, rows) -> bool:
+        """Whether attention runs sequence by sequence over packed rows (NumPy, bidirectional)."""
+        return rows is not None and rows.starts is not None and not self.causal
 
     def _attn_backward(self, p: Parts, dout, c: AttnCache, need_dx: bool):
         d = dout.shape[-1]
         dy = p.o.backward(dout.reshape(-1, d), c.o)                  # (N, d)
         rows = c.rows
-        if rows is not None and rows.starts is not None and not self.causal:
+        if self._per_sequence(rows):
             dq, dk, dv = attention_varlen_backward(dy, c.attention)  # each (N, d)
         elif rows is None:
             dy3 = dy.reshape(dout.shape[0], dout.shape[1], d)        # (B, T, d)

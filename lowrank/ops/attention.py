@@ -68,13 +68,18 @@ def attention_forward(q, k, v, n_head: int, causal: bool = True, key_mask=None,
         attT += xp.tril(xp.full((T, T), -math.inf, dtype=q.dtype), k=-1)   # (Tk, Tq)
     if key_mask is not None:
         attT += key_padding_bias(key_mask, q.dtype).transpose(0, 1, 3, 2)   # (B, 1, Tk, 1)
-    attT -= attT.max(axis=-2, keepdims=True)        # stable softmax, per query column
-    xp.exp(attT, out=attT)
-    attT /= attT.sum(axis=-2, keepdims=True)        # (B, H, Tk, Tq) probabilities Pᵀ
+    _softmax_over_keys(attT, xp)                    # (B, H, Tk, Tq) probabilities Pᵀ
     dropped, mask = _drop(attT, dropout, rng)       # (Pᵀ ⊙ maskᵀ), maskᵀ or None
     yh = dropped.transpose(0, 1, 3, 2) @ vh         # (B, H, Tq, hs) = P_d v
     y = yh.transpose(0, 2, 1, 3).reshape(B, T, d)   # (B, T, H, hs) -> (B, T, d)
     return y, (qh, kh, vh, attT, scale, yh, mask)
+
+
+def _softmax_over_keys(attT, xp) -> None:
+    """In place: a stable softmax over axis -2 (the keys) of transposed scores."""
+    attT -= attT.max(axis=-2, keepdims=True)
+    xp.exp(attT, out=attT)
+    attT /= attT.sum(axis=-2, keepdims=True)
 
 
 def _drop(attT, p: float, rng):
@@ -159,9 +164,7 @@ def attention_varlen_forward(q, k, v, n_head: int, starts, dropout: float = 0.0,
         kh = k[a:b].reshape(L, H, hs).transpose(1, 0, 2)       # (H, L, hs) views
         vh = v[a:b].reshape(L, H, hs).transpose(1, 0, 2)
         attT = kh @ qh.transpose(0, 2, 1)                      # (H, Lk, Lq) scores, transposed
-        attT -= attT.max(axis=-2, keepdims=True)
-        xp.exp(attT, out=attT)
-        attT /= attT.sum(axis=-2, keepdims=True)               # Pᵀ
+        _softmax_over_keys(attT, xp)                           # Pᵀ
         dropped, mask = _drop(attT, dropout, rng)              # P_dᵀ, maskᵀ or None
         yh = dropped.transpose(0, 2, 1) @ vh                   # (H, Lq, hs)
         y[a:b] = yh.transpose(1, 0, 2).reshape(L, d)           # (L, H, hs) -> (L, d)
