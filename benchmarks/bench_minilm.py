@@ -34,7 +34,7 @@ import numpy as np
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
            "output.dense"]
 RANK, ALPHA, DROPOUT, LR, BATCH, MAX_LEN = 8, 16.0, 0.1, 5e-4, 32, 64
-SETUPS = ("lowrank lora", "torch+peft lora", "torch full", "lowrank full")
+SETUPS = ("lowrank lora", "torch+peft lora", "torch full", "lowrank full", "lowrank lora x2 shards")
 
 
 def batches(n_batches: int):
@@ -58,7 +58,11 @@ def batches(n_batches: int):
     return out
 
 
-def lowrank_setup(lora: bool, data):
+def lowrank_setup(lora: bool, data, shards: int = 1):
+    """The step; ``shards > 1`` splits each batch's rows over that many threads
+    (``lowrank.parallel.BatchShards``, docs/performance.md#batch-shards) through
+    ``SequenceClassifier``'s loss (mean pooling into a linear head: one (B, d) pass more than
+    the [CLS] row, no more products)."""
     import lowrank as lr
     from lowrank import backend
     from lowrank.layers import Linear
@@ -75,6 +79,8 @@ def lowrank_setup(lora: bool, data):
     named = [(f"encoder.{n}", p) for n, p in model.named_parameters(trainable_only=True)]
     opt = AdamW(named + [(f"head.{n}", p) for n, p in head.named_parameters()], lr=LR)
     model.train()
+    if shards > 1:
+        return _sharded_step(model, shards), lambda batch: batch
 
     def step(ids, mask, labels):
         model.zero_grad()
@@ -89,6 +95,25 @@ def lowrank_setup(lora: bool, data):
         opt.step()
         return loss
     return step, lambda batch: batch
+
+
+def _sharded_step(model, shards: int):
+    from lowrank.models import SequenceClassifier
+    from lowrank.optim import AdamW
+    from lowrank.parallel import BatchShards
+    from lowrank.tasks.text_data import TextBatch
+    clf = SequenceClassifier(model, num_labels=2, pooling="mean", dropout=0.0)
+    opt = AdamW(clf.named_parameters(trainable_only=True), lr=LR)
+    sharded = BatchShards(clf, shards)
+
+    def step(ids, mask, labels):
+        clf.zero_grad()
+        batch = TextBatch(ids, mask, labels)
+        loss = sharded.loss_backward([(b - a, (batch.rows(a, b),))
+                                      for a, b in sharded.bounds(len(labels))])
+        opt.step()
+        return loss
+    return step
 
 
 def torch_setup(lora: bool, data):
@@ -132,7 +157,9 @@ def worker(name: str, conn, n_batches: int, steps: int, threads) -> None:
             torch.set_num_threads(threads)
     data = batches(n_batches)
     make = torch_setup if name.startswith("torch") else lowrank_setup
-    step, convert = make(name.endswith("lora"), data)
+    shards = int(name.split(" x")[1].split()[0]) if " x" in name else 1
+    step, convert = (make(name.endswith("lora"), data) if shards == 1
+                     else lowrank_setup(True, data, shards))
     data = [convert(b) for b in data]
     for b in data:   # warm-up: every shape once
         step(*b)
@@ -225,14 +252,14 @@ def main(argv=None):
           f"median of {args.rounds} interleaved rounds of {args.steps} steps; threads "
           f"{args.threads or 'default'}; each setup in its own process")
     speed, cpu_speed = {}, {}
-    print(f"  {'setup':<16} {'ms/step':>9} {'tokens/s':>9} {'spread':>15} {'peak RSS':>9} "
+    print(f"  {'setup':<22} {'ms/step':>9} {'tokens/s':>9} {'spread':>15} {'peak RSS':>9} "
           f"{'CPU ms/step':>11}")
     for name in names:
         med = statistics.median(times[name])
         speed[name] = tokens / med
         cpu_speed[name] = tokens / statistics.median(cpu[name])
         lo, hi = tokens / max(times[name]), tokens / min(times[name])
-        print(f"  {name:<16} {med * 1e3:9.1f} {speed[name]:9,.0f} {lo:7,.0f}-{hi:<7,.0f} "
+        print(f"  {name:<22} {med * 1e3:9.1f} {speed[name]:9,.0f} {lo:7,.0f}-{hi:<7,.0f} "
               f"{rss[name] / 2**20:7,.0f} MB {tokens / cpu_speed[name] * 1e3:11.1f}")
     print("  (CPU time: steadier on a shared machine; with one thread per setup it is the "
           "work done, with more it also counts threads spinning)")
@@ -249,6 +276,7 @@ def main(argv=None):
     ratio("lowrank lora", "torch full", "tokens/s", 1.2)
     ratio("lowrank lora", "torch+peft lora", "peak RSS", 0.6, higher=False)
     ratio("lowrank full", "torch full", "tokens/s", 1.0)
+    ratio("lowrank lora x2 shards", "torch+peft lora", "tokens/s", 2.0)
     if "torch+peft lora" in speed:
         peft = (cpu_speed if one_thread else speed)["torch+peft lora"]
         clock = "CPU time" if one_thread else "wall time"

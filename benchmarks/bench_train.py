@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # reference/ of this checkout
 
-from lowrank.bench import BATCH, BENCH, PAUSE_S, RANK, TARGETS, run_bench  # noqa: E402
+from lowrank.bench import (BATCH, BENCH, PAUSE_S, RANK, TARGETS, run_bench,  # noqa: E402
+                           shard_name)
 
 
 def _torch(lora: bool, seed=0):
@@ -80,6 +81,9 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--shards", type=int, default=None,
+                        help="batch shards of our second pair of setups (default: the cores; "
+                             "1: leave them out)")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads of both sides (default: each library's own)")
     args = parser.parse_args()
@@ -88,13 +92,17 @@ if __name__ == "__main__":
         from lowrank.backend import threads
         threads.set_threads(args.threads)
     baseline = functools.partial(torch_worker, threads=args.threads) if with_torch else None
-    result = run_bench(args.steps, args.rounds, baseline=baseline)
+    result = run_bench(args.steps, args.rounds, baseline=baseline, shards=args.shards)
     if with_torch:
         torch_ratio = result["torch+peft lora"]["ms"] / result["torch full"]["ms"]
-        vs = result["ours lora"]["tokens_per_s"] / result["torch+peft lora"]["tokens_per_s"]
-        vs_full = result["ours full"]["tokens_per_s"] / result["torch full"]["tokens_per_s"]
         print(f"torch: PEFT LoRA step / full step = {torch_ratio:.3f}")
-        cpu_vs = result["torch+peft lora"]["cpu_ms"] / result["ours lora"]["cpu_ms"]
-        print(f"LoRA tokens/s, ours / PyTorch+PEFT = {vs:.2f}x (target >= 1.5) "
-              f"{'met' if vs >= 1.5 else 'NOT met'}; in CPU time per step {cpu_vs:.2f}x; "
-              f"full fine-tuning, ours / PyTorch = {vs_full:.2f}x")
+        k = result["shards"]
+        for full, lora in (("ours full", "ours lora"), (shard_name("full", k), shard_name("lora", k))):
+            if lora not in result:
+                continue
+            vs = result[lora]["tokens_per_s"] / result["torch+peft lora"]["tokens_per_s"]
+            vs_full = result[full]["tokens_per_s"] / result["torch full"]["tokens_per_s"]
+            cpu_vs = result["torch+peft lora"]["cpu_ms"] / result[lora]["cpu_ms"]
+            print(f"{lora}: LoRA tokens/s / PyTorch+PEFT's = {vs:.2f}x (target >= 1.5) "
+                  f"{'met' if vs >= 1.5 else 'NOT met'}; in CPU time per step {cpu_vs:.2f}x; "
+                  f"full fine-tuning / PyTorch's = {vs_full:.2f}x")

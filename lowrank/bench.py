@@ -20,6 +20,7 @@ from . import adapters, backend
 from .backend import threads
 from .models import GPT, GPTConfig
 from .optim import AdamW
+from .parallel import BatchShards
 
 BENCH = GPTConfig(vocab_size=1024, context=128, n_layer=4, n_head=4, d_model=256)
 BATCH = 8
@@ -40,7 +41,9 @@ def step_flops(cfg: GPTConfig, tokens: int, lora: bool) -> float:
     return 2 * forward + adapter
 
 
-def _ours(lora: bool, seed=0):
+def _ours(lora: bool, seed=0, shards: int = 1):
+    """One optimizer step of the bench config; ``shards > 1`` splits the batch over that many
+    threads, one BLAS thread each (``parallel.BatchShards``, docs/performance.md#batch-shards)."""
     model = GPT(BENCH, seed=seed, dtype="float32")
     if lora:
         adapters.inject(model, adapters.config("lora", r=RANK, alpha=16.0), TARGETS, seed=seed)
@@ -50,10 +53,16 @@ def _ours(lora: bool, seed=0):
     idx = backend.asarray(rng.integers(0, BENCH.vocab_size, (BATCH, BENCH.context)), xp=xp)
     tgt = backend.asarray(rng.integers(0, BENCH.vocab_size, (BATCH, BENCH.context)), xp=xp)
     model.zero_grad()
+    sharded = BatchShards(model, shards)
+    parts = [(stop - start, (idx[start:stop], tgt[start:stop]))
+             for start, stop in sharded.bounds(BATCH)]
 
     def step():
-        loss, cache = model.loss(idx, tgt)
-        model.loss_backward(cache)
+        if shards > 1:
+            sharded.loss_backward(parts)
+        else:
+            loss, cache = model.loss(idx, tgt)
+            model.loss_backward(cache)
         opt.step()
         model.zero_grad()
         backend.synchronize(xp)
@@ -74,7 +83,7 @@ def matmul_gflops(size=2048, repeat=3, cpu: bool = False) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def run_bench(steps: int = 10, rounds: int = 5, baseline=None) -> dict:
+def run_bench(steps: int = 10, rounds: int = 5, baseline=None, shards: int | None = None) -> dict:
     """Time our full fine-tuning and LoRA steps; returns ``{setup: {"ms", "tokens_per_s",
     "gflops"}}`` and ``"matmul_gflops"``.
 
@@ -87,9 +96,16 @@ def run_bench(steps: int = 10, rounds: int = 5, baseline=None) -> dict:
     Wall time is the figure that counts; CPU time (``time.process_time``) is printed beside
     it because on a shared machine it is far steadier, and with one thread per side it is
     the work done (with more, it also counts threads spinning while they wait).
+
+    ``shards`` (default: the usable cores) adds our two setups once more with each batch
+    split over that many threads (``shard_name``); 1 leaves them out.
     """
     backend.keep_freed_host_memory()   # as `lowrank` does for every command
+    shards = threads.usable_cores() if shards is None else shards
     setups = {"ours full": _ours(False), "ours lora": _ours(True)}
+    if shards > 1:
+        setups[shard_name("full", shards)] = _ours(False, shards=shards)
+        setups[shard_name("lora", shards)] = _ours(True, shards=shards)
     trainables = {name: t for name, (_, t) in setups.items()}
     worker = None
     if baseline is not None:
@@ -133,7 +149,7 @@ def run_bench(steps: int = 10, rounds: int = 5, baseline=None) -> dict:
           + (" (the baseline in its own process, taking turns)" if worker else ""))
     print(f"large matmul (2048^3, float32, median over the rounds): {peak:.1f} GFLOP/s; "
           f"BLAS: {threads_text()}")
-    print(f"{'setup':<16} {'trainable':>10} {'ms/step':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
+    print(f"{'setup':<20} {'trainable':>10} {'ms/step':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
           f"{'% of matmul':>11} {'CPU ms/step':>11}")
     result = {"matmul_gflops": peak}
     for name, trainable in trainables.items():
@@ -143,24 +159,37 @@ def run_bench(steps: int = 10, rounds: int = 5, baseline=None) -> dict:
         cpu_ms = float(np.median(cpu[name])) * 1e3
         result[name] = {"ms": sec * 1e3, "tokens_per_s": tokens / sec, "cpu_ms": cpu_ms,
                         "gflops": flops / sec / 1e9, "spread": spread}
-        print(f"{name:<16} {trainable:>10,} {sec * 1e3:9.1f} {tokens / sec:10,.0f} "
+        print(f"{name:<20} {trainable:>10,} {sec * 1e3:9.1f} {tokens / sec:10,.0f} "
               f"{flops / sec / 1e9:8.1f} {100 * flops / sec / 1e9 / peak:10.1f}% "
               f"{cpu_ms:11.1f}   (rounds: {spread[0]:,.0f}-{spread[1]:,.0f} tokens/s)")
-    ours_ratio = result["ours lora"]["ms"] / result["ours full"]["ms"]
-    cpu_ratio = result["ours lora"]["cpu_ms"] / result["ours full"]["cpu_ms"]
-    share = result["ours lora"]["gflops"] / peak
-    print(f"\nours: LoRA step / full step = {ours_ratio:.3f} (target <= 0.70) "
-          f"{'met' if ours_ratio <= 0.70 else 'NOT met'}; in CPU time {cpu_ratio:.3f}")
-    print(f"ours: LoRA step FLOP/s / large matmul FLOP/s = {100 * share:.0f}% (target >= 60%) "
-          f"{'met' if share >= 0.60 else 'NOT met'}")
-    cpu_share = step_flops(BENCH, tokens, True) / (result["ours lora"]["cpu_ms"] / 1e3) \
-        / 1e9 / float(np.median(cpu_peaks))
-    print(f"   in CPU time (the work done, with 1 thread): {100 * cpu_share:.0f}% of the "
-          f"matmul's {float(np.median(cpu_peaks)):.0f} GFLOP per CPU-second")
+    result["shards"] = shards
+    cpu_peak = float(np.median(cpu_peaks))
+    for full, lora in (("ours full", "ours lora"),
+                       (shard_name("full", shards), shard_name("lora", shards))):
+        if lora in result:
+            _targets(result, full, lora, peak, cpu_peak, tokens)
     bound = step_flops(BENCH, tokens, True) / step_flops(BENCH, tokens, False)
     print(f"(the matrix products alone give LoRA / full = {bound:.2f}: the rest of the steps, "
           "elementwise work both share, pulls the ratio toward 1)")
     return result
+
+
+def shard_name(setup: str, shards: int) -> str:
+    """The bench's name of our ``setup`` ("full" or "lora") with ``shards`` batch shards."""
+    return f"ours {setup} x{shards} shards"
+
+
+def _targets(result: dict, full: str, lora: str, peak: float, cpu_peak: float, tokens: int):
+    ratio = result[lora]["ms"] / result[full]["ms"]
+    cpu_ratio = result[lora]["cpu_ms"] / result[full]["cpu_ms"]
+    share = result[lora]["gflops"] / peak
+    cpu_share = step_flops(BENCH, tokens, True) / (result[lora]["cpu_ms"] / 1e3) / 1e9 / cpu_peak
+    print(f"\n{lora}: LoRA step / full step = {ratio:.3f} (target <= 0.70) "
+          f"{'met' if ratio <= 0.70 else 'NOT met'}; in CPU time {cpu_ratio:.3f}")
+    print(f"{lora}: LoRA step FLOP/s / large matmul FLOP/s = {100 * share:.0f}% "
+          f"(target >= 60%) {'met' if share >= 0.60 else 'NOT met'}")
+    print(f"   in CPU time (the work done, with 1 thread): {100 * cpu_share:.0f}% of the "
+          f"matmul's {cpu_peak:.0f} GFLOP per CPU-second")
 
 
 def threads_text() -> str:

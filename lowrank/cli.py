@@ -32,7 +32,7 @@ def _train_config(args) -> TrainConfig:
                        min_lr=args.lr / 10, warmup=min(args.warmup, args.steps),
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                        accum_steps=args.accum_steps, eval_interval=args.eval_interval,
-                       seed=args.seed,
+                       seed=args.seed, shards=args.shards,
                        loraplus_lr_ratio=getattr(args, "loraplus_lr_ratio", None))
 
 

@@ -74,6 +74,9 @@ def _common(p, steps, lr, out=None):
     p.add_argument("--lr", type=real(), default=lr, help="peak learning rate")
     p.add_argument("--warmup", type=whole(0), default=10, help="linear warm-up steps")
     p.add_argument("--accum-steps", type=whole(1), default=1, help="gradient accumulation")
+    p.add_argument("--shards", type=whole(1, 256), default=1,
+                   help="split each batch's rows over this many threads, one BLAS thread "
+                        "each (NumPy; try the core count; docs/performance.md#batch-shards)")
     p.add_argument("--weight-decay", type=real(), default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=real(), default=1.0, help="max global grad norm (0: off)")
     p.add_argument("--eval-interval", type=whole(0), default=0,

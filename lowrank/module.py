@@ -93,6 +93,14 @@ class Module:
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(int(p.data.size) for p in self.parameters(trainable_only))
 
+    # --- batch shards (lowrank.parallel.shards): state a backward keeps besides gradients ---
+    def reset_replica_state(self) -> None:
+        """Called on a fresh replica (a shallow copy) of this module: drop any state its
+        backward accumulates other than gradients, so the replica starts from none."""
+
+    def absorb_replica(self, replica: "Module") -> None:
+        """Merge into this module what ``replica``'s backward kept besides gradients."""
+
     def extra_repr(self) -> str:
         return ""
 

@@ -34,7 +34,7 @@ from .adapters import adapted_modules
 from .hooks import StepHook
 from .models import Embedding
 from .optim import AdamW, clip_grad_norm, loraplus_scales, lr_at
-from .parallel import GradientAllReduce, SingleProcess
+from .parallel import BatchShards, GradientAllReduce, SingleProcess
 from .validate import check_number
 
 
@@ -57,9 +57,10 @@ class TrainConfig:
     seed: int = 0
     loraplus_lr_ratio: float | None = None   # LoRA+: B learns at this × lr (docs/variants.md#loraplus)
     loraplus_lr_embedding: float = 1e-6
+    shards: int = 1               # batch shards on threads (docs/performance.md#batch-shards)
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "accum_steps", "eval_batches"):
+        for name in ("steps", "batch_size", "accum_steps", "eval_batches", "shards"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -102,6 +103,7 @@ class Trainer:
         local = config.batch_size // size
         self.rows = slice(rank * local, (rank + 1) * local)   # this rank's share of a batch
         self.grad_sync = GradientAllReduce(model, self.comm) if size > 1 else None
+        self.shards = BatchShards(model, config.shards) if config.shards > 1 else None
         self.check_every = int(check_every)
         self.hooks = hooks_for(model) if hooks is None else list(hooks)
         for hook in self.hooks:
@@ -149,6 +151,11 @@ class Trainer:
             x, y = x[self.rows], y[self.rows]
         return backend.asarray(x, xp=self.xp), backend.asarray(y, xp=self.xp)
 
+    def split_batch(self, x, y) -> list:
+        """``[(rows, (x_k, y_k))]``: the batch's contiguous row shares, one per shard."""
+        return [(stop - start, (x[start:stop], y[start:stop]))
+                for start, stop in self.shards.bounds(int(x.shape[0]))]
+
     def _non_finite(self, loss) -> NonFiniteLossError:
         return NonFiniteLossError(f"loss is {loss} at step {self.step}; stopping (lower --lr, "
                                   "or use --dtype float64); the last good checkpoint is kept")
@@ -159,10 +166,16 @@ class Trainer:
         loss = 0.0
         for _ in range(c.accum_steps):
             x, y = self.batch("train", self.rng)
-            micro_loss, cache = model.loss(x, y)
-            if not math.isfinite(micro_loss) and self.grad_sync is None:
-                raise self._non_finite(micro_loss)   # parallel: after the all-reduce, on all
-            model.loss_backward(cache, dloss=1.0 / c.accum_steps)
+            if self.shards is None:
+                micro_loss, cache = model.loss(x, y)
+                if not math.isfinite(micro_loss) and self.grad_sync is None:
+                    raise self._non_finite(micro_loss)   # parallel: after the all-reduce
+                model.loss_backward(cache, dloss=1.0 / c.accum_steps)
+            else:
+                micro_loss = self.shards.loss_backward(self.split_batch(x, y),
+                                                       dloss=1.0 / c.accum_steps)
+                if not math.isfinite(micro_loss) and self.grad_sync is None:
+                    raise self._non_finite(micro_loss)   # before any update
             loss += micro_loss / c.accum_steps
             self.tokens_seen += int(x.size) * self.comm.size
         if self.grad_sync is not None:

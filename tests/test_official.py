@@ -13,7 +13,7 @@ import pytest
 
 import lowrank as lr
 from lowrank.adapters.relora import ReLoraHook
-from lowrank.adapters.rosa import RosaHook
+from lowrank.adapters.rosa import RosaHook, RosaLinear
 from lowrank.adapters.sora import SoraHook
 from lowrank.optim import AdamW, lr_at
 from lowrank.parallel import SingleProcess
@@ -174,7 +174,7 @@ def test_rosa_restart_run_matches_the_official_two_runs(mode, lora_lr):
     layer.initial_lora = (layer.lora_A.data.copy(), layer.lora_B.data.copy())   # B moved off 0
     rng = np.random.default_rng(4)
     batches = [(rng.standard_normal((7, 5)), rng.standard_normal((7, 6))) for _ in range(steps)]
-    hook = RosaHook(_model_of(layer))
+    hook = RosaHook(RosaLinear.layers_of(_model_of(layer)))
     trainer = _trainer(steps, lr_=0.05, warmup=2, min_lr=0.01, hooks=[hook])
     hook.bind(trainer)
     opt = AdamW([(n, p) for n, p in layer.named_parameters(trainable_only=True)

@@ -115,12 +115,14 @@ def attention_reference(q, k, v, H):
     return y
 
 
-@pytest.mark.parametrize("H", [1, 2])
-def test_attention_forward_and_fd(xp, rng, H):
+@pytest.mark.parametrize("H,chunk", [(1, None), (2, None), (2, 3), (1, 1)])
+def test_attention_forward_and_fd(xp, rng, H, chunk):
+    """Whole (chunk None) and in causal chunks of queries: T = 4 in chunks of 3 (uneven)
+    and of 1 (each query alone)."""
     B, T, d = 2, 4, 6
     q, k, v = (rng.standard_normal((B, T, d)) for _ in range(3))
     R = rng.standard_normal((B, T, d))
-    y, cache = attention_forward(on(xp, q), on(xp, k), on(xp, v), H)
+    y, cache = attention_forward(on(xp, q), on(xp, k), on(xp, v), H, chunk=chunk)
     assert rel_err(y, attention_reference(q, k, v, H)) < 1e-13
     grads = attention_backward(on(xp, R), cache)
     for i, got in enumerate(grads):
@@ -129,9 +131,24 @@ def test_attention_forward_and_fd(xp, rng, H):
         def f(h, i=i, args=args):
             a = list(args)
             a[i] = h
-            return float(np.sum(to_host(attention_forward(*(on(xp, t) for t in a), H)[0]) * R))
+            out = attention_forward(*(on(xp, t) for t in a), H, chunk=chunk)[0]
+            return float(np.sum(to_host(out) * R))
         err = rel_err(got, fd_grad(f, args[i].copy()))
         assert err < FD_TOL, ("qkv"[i], err)
+
+
+@pytest.mark.parametrize("T,chunk", [(130, 64), (128, 64), (64, 16), (9, 4)])
+def test_causal_chunks_equal_the_whole_product(xp, rng, T, chunk):
+    """The chunked causal path against the one (T, T) product it replaces: output and all
+    three gradients to 1e-13 (float64), uneven last chunks included."""
+    B, d, H = 2, 8, 2
+    q, k, v, R = (on(xp, rng.standard_normal((B, T, d))) for _ in range(4))
+    y0, c0 = attention_forward(q, k, v, H, chunk=None)
+    y1, c1 = attention_forward(q, k, v, H, chunk=chunk)
+    assert isinstance(c1[3], list) and len(c1[3]) == -(-T // chunk)   # it did run in chunks
+    assert rel_err(y1, y0) < 1e-13
+    for got, want in zip(attention_backward(R, c1), attention_backward(R, c0)):
+        assert rel_err(got, want) < 1e-13
 
 
 def test_attention_is_causal_and_stable(xp, rng):

@@ -187,7 +187,8 @@ def test_cli_pretrain_finetune_generate_eval(tmp_path, text_file, capsys):
                      "--batch-size", "2", "--no-progress", *corpus]) == 0
     assert cli.main(["finetune", "--base", str(tmp_path / "base"), "--out", str(tmp_path / "ft"),
                      "--variant", "lora", "--targets", "q,v", "--r", "2", "--alpha", "4",
-                     "--steps", "2", "--batch-size", "2", "--no-progress", *corpus]) == 0
+                     "--steps", "2", "--batch-size", "2", "--shards", "2", "--no-progress",
+                     *corpus]) == 0
     assert "lora: 128 trainable parameters" in capsys.readouterr().out
     assert cli.main(["generate", "--model", str(tmp_path / "base"), "--adapter",
                      str(tmp_path / "ft"), "--prompt", "def", "--max-new-tokens", "5"]) == 0

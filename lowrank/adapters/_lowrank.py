@@ -122,6 +122,14 @@ class LowRankMap:
     def delta_weight(self):
         return self.lowrank_delta()
 
+    def effective_weight(self):
+        """``W0 + c (B ⊙ g) P`` (m, n): the product accumulates into a copy of W0 (one pass
+        over W fewer than forming ΔW and adding it; ``blocked.add_matmul``)."""
+        parts = self.lowrank_parts()
+        Bg = parts.B.data if parts.g is None else parts.B.data * parts.g    # (m, r)
+        W_eff = self.weight.data.copy()                                     # (m, n)
+        return add_matmul(W_eff, Bg, parts.P, alpha=parts.c)
+
     def correction_forward(self, x2):
         parts = self.lowrank_parts()
         delta, u = lowrank_forward(x2, parts.P, parts.B.data, parts.c, parts.g)

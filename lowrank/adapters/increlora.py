@@ -145,6 +145,13 @@ class IncreLoraLinear(TripletMap, AdaptedLinear):
                 self.grad_dW += grad
         return super().correction_backward(dy2, cache, need_dx)
 
+    def reset_replica_state(self) -> None:
+        self.grad_dW = None   # a batch shard's replica sums only its own rows
+
+    def absorb_replica(self, replica) -> None:
+        if replica.grad_dW is not None:   # the shards' ∂L/∂ΔW add up to the batch's
+            self.grad_dW = replica.grad_dW if self.grad_dW is None else self.grad_dW + replica.grad_dW
+
     def step_score(self):
         """The official score Σ|ΔW ⊙ ∂L/∂ΔW| / √(mn) (0-d, no host sync); ΔW is the weight the
         step's gradients were taken at (the hook calls this before the optimizer step)."""

@@ -195,6 +195,10 @@ class DeviceRNG:
         if value is not None and getattr(self.xp, "__name__", "") != "cupy":
             self._gen.bit_generator.state = value
 
+    def spawn(self) -> "DeviceRNG":
+        """A new, independent stream seeded from this one (which advances by one draw)."""
+        return DeviceRNG(int(self._gen.integers(2**62)), self.xp)
+
     def keep_mask(self, shape, p: float, dtype):
         """Inverted-dropout multiplier: 1/(1-p) where kept, 0 where dropped."""
         if getattr(self.xp, "__name__", "") == "cupy":

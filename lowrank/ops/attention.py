@@ -43,12 +43,18 @@ def key_padding_bias(key_mask, dtype):
     return bias[:, None, None, :]                    # (B, 1, 1, T)
 
 
+# Causal attention in chunks of this many queries (docs/performance.md#causal-chunks); None:
+# one (T, T) product, the reference the chunks are tested against
+CAUSAL_CHUNK = 64
+
+
 def attention_forward(q, k, v, n_head: int, causal: bool = True, key_mask=None,
-                      dropout: float = 0.0, rng=None):
+                      dropout: float = 0.0, rng=None, chunk: int | None = CAUSAL_CHUNK):
     """``q, k, v (B, T, d)``, optional ``key_mask (B, T)`` (1 keep, 0 pad) ->
     ``(y (B, T, d), cache)``. ``dropout > 0`` drops attention probabilities (BERT's
     ``attention_probs_dropout_prob``, docs/ops.md#attention-dropout): the mask comes from
-    ``rng`` (a ``backend.DeviceRNG``)."""
+    ``rng`` (a ``backend.DeviceRNG``). Causal attention without a key mask or dropout runs
+    in chunks of ``chunk`` queries, each over the keys it can see (``None``: whole)."""
     xp = backend.get_namespace(q, k, v)
     B, T, d = q.shape
     if d % n_head:
@@ -59,6 +65,10 @@ def attention_forward(q, k, v, n_head: int, causal: bool = True, key_mask=None,
     qh = _heads(q * scale, n_head)                  # (B, H, T, hs), pre-scaled
     kh = _heads(k, n_head)                          # (B, H, T, hs)
     vh = _heads(v, n_head)                          # (B, H, T, hs)
+    if causal and key_mask is None and dropout == 0.0 and chunk is not None and T > chunk:
+        yh, chunks = _causal_chunks_forward(qh, kh, vh, chunk, xp)
+        y = yh.transpose(0, 2, 1, 3).reshape(B, T, d)   # (B, T, H, hs) -> (B, T, d)
+        return y, (qh, kh, vh, chunks, scale, yh, None)
     # Scores kept transposed, keys on the rows: attT[b, h, j, i] = q_i · k_j. The softmax over
     # keys then reduces over axis -2 as whole-row vector ops; a reduction along a short last
     # axis (T ~ 40) pays per row (docs/performance.md#attention-layout)
@@ -82,6 +92,44 @@ def _softmax_over_keys(attT, xp) -> None:
     attT /= attT.sum(axis=-2, keepdims=True)
 
 
+def _causal_chunks_forward(qh, kh, vh, chunk: int, xp):
+    """Queries ``a:b`` see keys ``0:b`` only: each chunk's scores are ``(B, H, b, b - a)``,
+    and the keys after the chunk, fully masked, are never computed (about half the (T, T)
+    products and passes for many chunks). Returns ``yh`` and ``[((a, b), Pᵀ)]``."""
+    T = qh.shape[2]
+    yh = xp.empty_like(qh)                                 # (B, H, T, hs)
+    chunks = []
+    for a in range(0, T, chunk):
+        b = min(T, a + chunk)
+        attT = kh[:, :, :b] @ qh[:, :, a:b].transpose(0, 1, 3, 2)   # (B, H, b, b-a)
+        # the diagonal block: key a+j after query a+i is masked (j > i)
+        attT[:, :, a:] += xp.tril(xp.full((b - a, b - a), -math.inf, dtype=qh.dtype), k=-1)
+        _softmax_over_keys(attT, xp)                       # Pᵀ of this chunk
+        yh[:, :, a:b] = attT.transpose(0, 1, 3, 2) @ vh[:, :, :b]   # (B, H, b-a, hs)
+        chunks.append(((a, b), attT))
+    return yh, chunks
+
+
+def _causal_chunks_backward(dyh, qh, kh, vh, D, chunks, xp):
+    """``(dqh, dkh, dvh)`` (each ``(B, H, T, hs)``, dq not yet scaled) from the chunks'
+    probabilities; the last chunk (every key) first, so it writes dk and dv whole and the
+    others add into their keys."""
+    dqh = xp.empty_like(qh)
+    dkh = dvh = None
+    for (a, b), attT in reversed(chunks):
+        dy_c = dyh[:, :, a:b]                              # (B, H, b-a, hs)
+        dsT = vh[:, :, :b] @ dy_c.transpose(0, 1, 3, 2)    # (B, H, b, b-a) dPᵀ
+        dsT -= D[:, :, a:b].transpose(0, 1, 3, 2)          # (B, H, 1, b-a) broadcast
+        dsT *= attT                                        # dSᵀ
+        dqh[:, :, a:b] = dsT.transpose(0, 1, 3, 2) @ kh[:, :, :b]
+        if dkh is None:                                    # b = T: every key
+            dvh, dkh = attT @ dy_c, dsT @ qh[:, :, a:b]
+        else:
+            dvh[:, :, :b] += attT @ dy_c                   # (B, H, b, hs)
+            dkh[:, :, :b] += dsT @ qh[:, :, a:b]
+    return dqh, dkh, dvh
+
+
 def _drop(attT, p: float, rng):
     """``(Pᵀ ⊙ maskᵀ, maskᵀ)``, or ``(Pᵀ, None)`` without dropout."""
     if p == 0.0:
@@ -96,6 +144,14 @@ def attention_backward(dy, cache):
     qh, kh, vh, attT, scale, yh, mask = cache
     B, H, T, hs = qh.shape
     dyh = dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3)      # (B, H, T, hs)
+
+    def merge(xh):                                           # (B, H, T, hs) -> (B, T, d)
+        return xh.transpose(0, 2, 1, 3).reshape(B, T, H * hs)
+    if isinstance(attT, list):                               # causal, in chunks
+        D = (dyh * yh) @ xp.ones((hs, 1), dtype=dy.dtype)    # (B, H, T, 1)
+        dqh, dkh, dvh = _causal_chunks_backward(dyh, qh, kh, vh, D, attT, xp)
+        dqh *= scale
+        return merge(dqh), merge(dkh), merge(dvh)
     dvh = (attT if mask is None else attT * mask) @ dyh      # (B, H, Tk, hs) = P_dᵀ dy
     dsT = vh @ dyh.transpose(0, 1, 3, 2)                     # (B, H, Tk, Tq) dP_dᵀ
     if mask is not None:
@@ -107,9 +163,6 @@ def attention_backward(dy, cache):
     dqh = dsT.transpose(0, 1, 3, 2) @ kh                     # (B, H, Tq, hs) = dS k
     dqh *= scale
     dkh = dsT @ qh                                           # (B, H, Tk, hs); qh already scaled
-
-    def merge(xh):                                           # (B, H, T, hs) -> (B, T, d)
-        return xh.transpose(0, 2, 1, 3).reshape(B, T, H * hs)
     return merge(dqh), merge(dkh), merge(dvh)
 
 

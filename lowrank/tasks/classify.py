@@ -116,6 +116,10 @@ class ClassifierTrainer(Trainer):
         self.real_tokens = getattr(self, "real_tokens", 0) + batch.real_tokens
         return batch.to(self.xp), None
 
+    def split_batch(self, x, y) -> list:
+        return [(stop - start, (x.rows(start, stop), None))
+                for start, stop in self.shards.bounds(int(x.ids.shape[0]))]
+
     def evaluate(self, data=None, split: str = "val") -> dict:
         """Loss, accuracy (and macro-F1) over every example of ``split``, dropout off."""
         return evaluate(self.model, self.data if data is None else data, split,
@@ -156,20 +160,21 @@ def metrics(preds, labels, num_labels: int) -> dict:
 
 
 def train_classifier(clf, data, variant: str, config: ClassifyConfig, on_epoch=None,
-                     progress: bool = True, extra_hooks=()) -> dict:
+                     progress: bool = True, extra_hooks=(), shards: int = 1) -> dict:
     """Train ``clf`` (already ``prepare``d) for ``config.epochs`` epochs; after each epoch
     evaluate on "val" (when present) and call ``on_epoch(epoch, record)``. Returns a summary
     with the per-epoch records, train tokens/s (the batches' padded tokens B·T, as the
     benchmarks count them; the BERT computes only the real ones; over the training wall
     time, evaluation excluded), the training's process CPU seconds (all
     threads: less sensitive to a loaded machine than wall time) and the trainer.
-    ``extra_hooks`` run after the variant's own step hooks."""
+    ``extra_hooks`` run after the variant's own step hooks; ``shards`` splits each batch
+    over threads (docs/performance.md#batch-shards)."""
     per_epoch = data.steps_per_epoch(config.batch_size)
     total = per_epoch * config.epochs
     lr = config.lr_for(mode_of(variant))
     train = TrainConfig(steps=total, batch_size=config.batch_size, lr=lr, min_lr=0.0,
                         warmup=0, weight_decay=config.weight_decay,
-                        grad_clip=config.grad_clip, seed=config.seed)
+                        grad_clip=config.grad_clip, seed=config.seed, shards=shards)
     hooks = [LinearWarmupDecay(lr, warmup_steps(total, config.warmup_ratio), total)]
     trainer = ClassifierTrainer(clf, data, train,
                                 hooks=hooks + hooks_for(clf) + list(extra_hooks))

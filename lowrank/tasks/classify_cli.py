@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any other field of the variant's config (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--shards", type=int, default=1, help="split each batch over this many "
+                   "threads, one BLAS thread each (docs/performance.md#batch-shards)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("eval", help="accuracy of a fine-tuned classifier on a labelled file")
@@ -128,7 +130,7 @@ def run(args) -> int:
         targets = [t for t in args.targets.split(",") if t]
         result = io.finetune(args.out, args.base, args.variant, config, train, val,
                              _options(args), targets, args.dtype, on_epoch,
-                             not args.no_progress)
+                             not args.no_progress, args.shards)
         info = result["info"]
         share = 100.0 * info["trainable"] / info["total"]
         best = result["best"]

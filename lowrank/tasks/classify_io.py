@@ -117,7 +117,7 @@ def load_examples(train_path=None, eval_path=None):
 
 def finetune(out, base, variant: str, config: classify.ClassifyConfig, train_examples,
              val_examples=None, options=None, targets=classify.TARGETS, dtype="float32",
-             on_epoch=None, progress: bool = True) -> dict:
+             on_epoch=None, progress: bool = True, shards: int = 1) -> dict:
     """Fine-tune on ``train_examples``; after each epoch score ``val_examples`` and save
     ``out/last`` (and ``out`` when the accuracy is the best so far). Every input is checked
     (labels, tokenization) before anything is written."""
@@ -146,7 +146,8 @@ def finetune(out, base, variant: str, config: classify.ClassifyConfig, train_exa
         if on_epoch is not None:
             on_epoch(epoch, row)
 
-    result = classify.train_classifier(clf, data, variant, config, after_epoch, progress)
+    result = classify.train_classifier(clf, data, variant, config, after_epoch, progress,
+                                       shards=shards)
     result.update(info=info, best=best, model=clf, data=data)
     return result
 

@@ -110,6 +110,13 @@ class TextBatch:
     def real_tokens(self) -> int:
         return int(self.mask.sum())
 
+    def rows(self, start: int, stop: int) -> "TextBatch":
+        """Rows ``start:stop`` (views), cut to their own longest row."""
+        mask = self.mask[start:stop]
+        longest = max(1, int(mask.sum(axis=1).max())) if mask.shape[0] else 1
+        return TextBatch(self.ids[start:stop, :longest], mask[:, :longest],
+                         self.labels[start:stop])
+
     def to(self, xp) -> "TextBatch":
         """The same batch on ``xp`` (an explicit host -> device move)."""
         return TextBatch(*(backend.asarray(a, xp=xp) for a in (self.ids, self.mask, self.labels)))
