@@ -204,3 +204,31 @@ def test_rosa_score_squares_the_batch_gradient_not_each_shard():
     assert support and all(np.array_equal(one[n], two[n]) for n in support)
     assert all((one[n] >= 0).all() for n in support)          # selected at step 1
     assert max(rel_err(two[n], one[n]) for n in one) < 1e-10
+
+
+def test_accumulation_and_errors_with_shards():
+    """Two micro-batches of 3 rows, each over 2 shards, against one thread; a shard whose
+    forward raises surfaces in the caller after every shard has stopped; several adapters
+    at once refuse shards."""
+    def run(shards):
+        model = tiny_gpt("lora")
+        trainer = Trainer(model, FakeData(TINY), TrainConfig(steps=2, batch_size=3, lr=1e-2,
+                                                             warmup=1, accum_steps=2,
+                                                             shards=shards))
+        trainer.train_step()
+        return {n: p.data.copy() for n, p in model.named_parameters()}
+    one, two = run(1), run(2)
+    assert max(rel_err(two[n], one[n]) for n in one) < 1e-10
+    model = tiny_gpt("lora")
+    x, y = tokens()
+    shards = BatchShards(model, 2)
+    bad = y.copy()
+    bad[3, 0] = TINY.vocab_size                    # out of range, in the second shard's rows
+    with pytest.raises(ValueError, match="targets"):
+        shards.loss_backward([(b - a, (x[a:b], bad[a:b])) for a, b in shards.bounds(5)])
+    from lowrank.multi import MultiTrainer
+    from lowrank.multi.modules import inject_multi
+    base = tiny_gpt(None)
+    inject_multi(base, [(lr.adapters.config("lora", r=2), ["q"], 0)] * 2)
+    with pytest.raises(ValueError, match="shards"):
+        MultiTrainer(base, [(FakeData(TINY), TrainConfig(shards=2))] * 2)

@@ -47,6 +47,10 @@ class MultiTrainer:
         self.views, self.trainers = [], []
         for k, run in enumerate(runs):
             data, config, *hooks = run
+            if config.shards > 1:
+                raise ValueError(f"shards={config.shards}: several adapters at once share one "
+                                 "forward over their joined batches; batch shards split one "
+                                 "adapter's batch (train them one at a time, or use shards=1)")
             view = AdapterView(model, k)
             self.views.append(view)
             self.trainers.append(Trainer(view, data, config, hooks=hooks[0] if hooks else None))

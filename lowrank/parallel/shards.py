@@ -23,7 +23,7 @@ NumPy only: a GPU runs one batch at full width already (CuPy and numpy-strict re
 from __future__ import annotations
 
 import copy
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from threadpoolctl import threadpool_limits
 
@@ -51,6 +51,8 @@ class BatchShards:
         """``parts``: per shard ``(rows_k, args)`` with ``model.loss(*args)``; runs every
         shard's loss and backward (weighted ``dloss · rows_k / rows``), adds the replicas'
         gradients into the model's, returns the batch's mean loss."""
+        if not 1 <= len(parts) <= self.shards:
+            raise ValueError(f"{len(parts)} parts for {self.shards} shards")
         rows = sum(n for n, _ in parts)
         weights = [n / rows for n, _ in parts]
         replicas = [replicate(self.model) for _ in parts[1:]]
@@ -63,13 +65,15 @@ class BatchShards:
 
         if len(parts) == 1:
             return run(0)
-        if len(parts) > self.shards:
-            raise ValueError(f"{len(parts)} parts for {self.shards} shards")
         if self._pool is None:   # shards - 1 workers; the calling thread runs shard 0
             self._pool = ThreadPoolExecutor(self.shards - 1, thread_name_prefix="lowrank-shard")
         with threadpool_limits(1, user_api="blas"):   # K threads, each one core of BLAS
             futures = [self._pool.submit(run, i) for i in range(1, len(parts))]
-            losses = [run(0)] + [f.result() for f in futures]
+            try:
+                first = run(0)
+            finally:   # no shard may still run when this returns or raises
+                wait(futures)
+            losses = [first] + [f.result() for f in futures]
         for replica in replicas:
             absorb(self.model, replica)
         return sum(w * loss for w, loss in zip(weights, losses))
