@@ -20,6 +20,10 @@ same numbers one process would. A hook that collects statistics of its own from 
 activations must sum them with ``trainer.comm.allreduce_sum``. Evaluation shards the eval
 batches round-robin over the ranks and averages. Every ``check_every`` steps the ranks
 compare parameter checksums and stop with ``ParameterDriftError`` if they differ.
+
+Batch shards (``shards`` K > 1, ``lowrank.parallel.BatchShards``): each micro-batch's rows are
+split over K threads of this process, and the shards' gradients are summed right after the
+backward, where data parallel averages its ranks' (docs/performance.md#batch-shards).
 """
 from __future__ import annotations
 

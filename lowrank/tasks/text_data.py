@@ -111,7 +111,8 @@ class TextBatch:
         return int(self.mask.sum())
 
     def rows(self, start: int, stop: int) -> "TextBatch":
-        """Rows ``start:stop`` (views), cut to their own longest row."""
+        """Rows ``start:stop`` (views), cut to their own longest row (rows are padded on
+        the right, as ``encode_batch`` pads them)."""
         mask = self.mask[start:stop]
         longest = max(1, int(mask.sum(axis=1).max())) if mask.shape[0] else 1
         return TextBatch(self.ids[start:stop, :longest], mask[:, :longest],
