@@ -303,8 +303,12 @@ def keep_freed_host_memory(limit_bytes: int = 1 << 30) -> bool:
     A training step allocates and frees the same large activation arrays every step; by
     default glibc serves blocks over its mmap threshold with fresh pages (a page fault per
     4 KiB, zero-filled) and trims freed heap, which measured 20–30% of a CPU step here. This
-    is the host-side analogue of PyTorch's caching allocator. Process-wide, so the CLI and
-    benchmarks call it, not the library at import. Returns False where it does not apply.
+    is the host-side analogue of PyTorch's caching allocator. Every thread allocates from
+    that one heap (one arena): a thread's own arena gives its heaps back to the OS as they
+    empty, and batch shards' worker threads then faulted about 3,800 pages a step (10 ms of a
+    110 ms bench step; docs/performance.md#batch-shards). Process-wide, so the CLI, the
+    benchmarks and ``parallel.BatchShards`` call it, not the library at import. Call it
+    before other threads allocate. Returns False where it does not apply.
     """
     import ctypes
     import ctypes.util
@@ -316,10 +320,10 @@ def keep_freed_host_memory(limit_bytes: int = 1 << 30) -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):   # not glibc (e.g. musl)
         return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
     limit = int(min(limit_bytes, 2**31 - 1))
     return bool(mallopt(M_MMAP_THRESHOLD, min(limit, 32 << 20))) and \
-        bool(mallopt(M_TRIM_THRESHOLD, limit))
+        bool(mallopt(M_TRIM_THRESHOLD, limit)) and bool(mallopt(M_ARENA_MAX, 1))
 
 
 def is_finite(a) -> bool:
