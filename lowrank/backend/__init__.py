@@ -297,33 +297,46 @@ def normal_cdf(x):
     return phi
 
 
+def _glibc_mallopt():
+    """glibc's ``mallopt`` through ctypes, or None (not Linux, not glibc)."""
+    import ctypes
+    import ctypes.util
+    import sys
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):   # not glibc (e.g. musl)
+        return None
+
+
 def keep_freed_host_memory(limit_bytes: int = 1 << 30) -> bool:
     """Let glibc keep freed blocks up to ``limit_bytes`` instead of returning them to the OS.
 
     A training step allocates and frees the same large activation arrays every step; by
     default glibc serves blocks over its mmap threshold with fresh pages (a page fault per
     4 KiB, zero-filled) and trims freed heap, which measured 20–30% of a CPU step here. This
-    is the host-side analogue of PyTorch's caching allocator. Every thread allocates from
-    that one heap (one arena): a thread's own arena gives its heaps back to the OS as they
-    empty, and batch shards' worker threads then faulted about 3,800 pages a step (10 ms of a
-    110 ms bench step; docs/performance.md#batch-shards). Process-wide, so the CLI, the
-    benchmarks and ``parallel.BatchShards`` call it, not the library at import. Call it
-    before other threads allocate. Returns False where it does not apply.
+    is the host-side analogue of PyTorch's caching allocator. Process-wide, so the CLI and
+    benchmarks call it, not the library at import. Returns False where it does not apply.
     """
-    import ctypes
-    import ctypes.util
-    import sys
-    if not sys.platform.startswith("linux"):
+    mallopt = _glibc_mallopt()
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):   # not glibc (e.g. musl)
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     limit = int(min(limit_bytes, 2**31 - 1))
     return bool(mallopt(M_MMAP_THRESHOLD, min(limit, 32 << 20))) and \
-        bool(mallopt(M_TRIM_THRESHOLD, limit)) and bool(mallopt(M_ARENA_MAX, 1))
+        bool(mallopt(M_TRIM_THRESHOLD, limit))
+
+
+def one_malloc_arena() -> bool:
+    """Threads started from now on allocate from the main heap, whose freed blocks
+    ``keep_freed_host_memory`` keeps. A thread's own glibc arena hands its heaps back to the
+    OS as they empty: batch shards' worker threads faulted 2,600–3,900 pages a step, 7–11 ms
+    of system time (docs/performance.md#batch-shards). ``parallel.BatchShards`` calls this
+    before its workers start; not at import, because many allocating threads (the tokenizer's)
+    would then share one lock. Returns False where it does not apply."""
+    mallopt = _glibc_mallopt()
+    return mallopt is not None and bool(mallopt(-8, 1))   # M_ARENA_MAX
 
 
 def is_finite(a) -> bool:
@@ -336,6 +349,6 @@ __all__ = [
     "namespace", "set_backend", "get_backend", "xp_default", "backend_of", "get_namespace",
     "asarray", "to_numpy", "synchronize", "check_dtype", "tolerance", "host_rng",
     "host_normal", "host_uniform", "DeviceRNG", "svd", "qr", "scatter_add", "is_finite",
-    "keep_freed_host_memory", "erf", "normal_cdf",
+    "keep_freed_host_memory", "one_malloc_arena", "erf", "normal_cdf",
     "cupy_available",
 ]

@@ -19,9 +19,10 @@ whose backward keeps state besides gradients (IncreLoRA's ∂L/∂ΔW) says how 
 ``Module.reset_replica_state()`` and ``Module.absorb_replica(replica)``.
 
 NumPy only: a GPU runs one batch at full width already (CuPy and numpy-strict refuse).
-With K > 1 the constructor calls ``backend.keep_freed_host_memory()`` (process-wide, as the
-CLI does anyway): a worker thread's own malloc arena would hand its memory back to the OS
-after every step and fault it in again, about 10 ms of a 110 ms bench step.
+With K > 1 the constructor calls ``backend.keep_freed_host_memory()`` and
+``backend.one_malloc_arena()`` (process-wide): a worker thread's own malloc arena would hand
+its memory back to the OS after every step and fault it in again (7–11 ms of system time a
+bench step).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class BatchShards:
         self._pool = None
         if shards > 1:   # before the workers exist: their blocks then come from the kept heap
             backend.keep_freed_host_memory()
+            backend.one_malloc_arena()
 
     def bounds(self, rows: int) -> list[tuple[int, int]]:
         """Contiguous ``(start, stop)`` row ranges, as even as possible, none empty."""
