@@ -122,13 +122,17 @@ def test_resume_continues_bit_identically(tmp_path, text_file):
         assert np.array_equal(p.data, q.data), name
 
 
-def test_finetune_adapter_round_trip_and_resume(tmp_path, text_file):
+@pytest.mark.parametrize("shards", [1, 2])
+def test_finetune_adapter_round_trip_and_resume(tmp_path, text_file, shards):
+    """Resume is bit-identical, batch shards (their dropout streams spawned from the
+    model's, which the checkpoint holds) included."""
     _pretrain(tmp_path / "base", 2, text_file)
     data = wf.DataSpec([str(text_file)], val_fraction=0.2)
 
     def run(out, steps, resume=False):
         return wf.finetune(out, tmp_path / "base", "lora", ["q", "fc1"], {"r": 2, "alpha": 4.0,
-                           "dropout": 0.1}, data, TrainConfig(steps=steps, batch_size=4, lr=1e-2),
+                           "dropout": 0.1}, data, TrainConfig(steps=steps, batch_size=4, lr=1e-2,
+                                                              shards=shards),
                            resume=resume, progress=False)
     straight = run(tmp_path / "one", 4)
     run(tmp_path / "two", 2)
