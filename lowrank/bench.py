@@ -54,8 +54,7 @@ def _ours(lora: bool, seed=0, shards: int = 1):
     tgt = backend.asarray(rng.integers(0, BENCH.vocab_size, (BATCH, BENCH.context)), xp=xp)
     model.zero_grad()
     sharded = BatchShards(model, shards)
-    parts = [(stop - start, (idx[start:stop], tgt[start:stop]))
-             for start, stop in sharded.bounds(BATCH)]
+    parts = sharded.split(idx, tgt)
 
     def step():
         if shards > 1:

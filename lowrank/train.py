@@ -157,8 +157,7 @@ class Trainer:
 
     def split_batch(self, x, y) -> list:
         """``[(rows, (x_k, y_k))]``: the batch's contiguous row shares, one per shard."""
-        return [(stop - start, (x[start:stop], y[start:stop]))
-                for start, stop in self.shards.bounds(int(x.shape[0]))]
+        return self.shards.split(x, y)
 
     def _non_finite(self, loss) -> NonFiniteLossError:
         return NonFiniteLossError(f"loss is {loss} at step {self.step}; stopping (lower --lr, "

@@ -421,7 +421,9 @@ def test_killed_rank_stops_the_job_and_keeps_the_checkpoint(victim, base, tmp_pa
             job.kill()
     text = stderr.read_text()
     assert job.returncode != 0 and stopped < 20
-    assert f"PID {pids[victim]}" in text and "signal 9" in text, text
+    # the launcher reports a rank killed by signal 9: the victim, or the other rank when
+    # Hydra's clean-up SIGKILL of it is processed first (seen about once in 15 runs)
+    assert any(f"PID {pid}" in text for pid in pids) and "signal 9" in text, text
     model, _ = wf.load_finetuned(root / "base", out)       # the last checkpoint is intact
     assert checkpoint.load_training_state(out)["step"] >= 1
     assert model.blocks[0].attn.q.lora_B.data.shape == (16, 8)

@@ -54,7 +54,8 @@ def plain(model, x, y):
 def sharded(model, x, y, k):
     model.zero_grad()
     shards = BatchShards(model, k)
-    parts = [(b - a, (x[a:b], y[a:b])) for a, b in shards.bounds(x.shape[0])]
+    parts = shards.split(x, y)
+    assert [n for n, _ in parts] == [b - a for a, b in shards.bounds(x.shape[0])]
     loss = shards.loss_backward(parts)
     return loss, grads(model)
 
@@ -225,7 +226,7 @@ def test_accumulation_and_errors_with_shards():
     bad = y.copy()
     bad[3, 0] = TINY.vocab_size                    # out of range, in the second shard's rows
     with pytest.raises(ValueError, match="targets"):
-        shards.loss_backward([(b - a, (x[a:b], bad[a:b])) for a, b in shards.bounds(5)])
+        shards.loss_backward(shards.split(x, bad))
     from lowrank.multi import MultiTrainer
     from lowrank.multi.modules import inject_multi
     base = tiny_gpt(None)

@@ -54,6 +54,12 @@ class BatchShards:
         cuts = [rows * i // k for i in range(k + 1)]
         return list(zip(cuts[:-1], cuts[1:]))
 
+    def split(self, *arrays) -> list:
+        """``[(rows_k, (a[start:stop] for a in arrays))]``: the parts ``loss_backward`` takes,
+        for ``model.loss`` over row-major arrays (token ids and targets)."""
+        return [(stop - start, tuple(a[start:stop] for a in arrays))
+                for start, stop in self.bounds(int(arrays[0].shape[0]))]
+
     def loss_backward(self, parts, dloss: float = 1.0) -> float:
         """``parts``: per shard ``(rows_k, args)`` with ``model.loss(*args)``; runs every
         shard's loss and backward (weighted ``dloss · rows_k / rows``), adds the replicas'
