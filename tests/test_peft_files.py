@@ -137,6 +137,17 @@ def _label(kind, variant, fields):
     return f"{kind} {variant}{'(' + extra + ')' if extra else ''}"
 
 
+def saved_by_peft_loaded_here(bases, kind, model, tmp_path, effect=EFFECT):
+    """``(lowrank's outputs, PEFT's)``: ``model`` (a PEFT model) saved, then loaded back by PEFT
+    and by lowrank onto fresh bases; asserts the adapter moves the output by over ``effect``."""
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = peft.PeftModel.from_pretrained(hf_model(bases, kind), tmp_path / "adapter").eval()
+    back = lr.adapters.load_pretrained(lowrank_model(bases, kind), tmp_path / "adapter")
+    mine, ref = outputs(kind, back, reloaded)
+    assert rel(outputs(kind, lowrank_model(bases, kind))[0], ref) > effect   # the adapter matters
+    return mine, ref
+
+
 @pytest.mark.parametrize("kind,variant,fields,targets", TO_PEFT,
                          ids=[_label(*c[:3]) for c in TO_PEFT])
 def test_lowrank_to_peft_and_back(bases, tmp_path, kind, variant, fields, targets):
@@ -192,11 +203,7 @@ def test_peft_to_lowrank(bases, tmp_path, kind, cfg):
         if cfg.pop("adalora", False) else peft.LoraConfig(**cfg)
     model = peft.get_peft_model(hf_model(bases, kind), config)
     perturb_peft(model, seed=2, prune=isinstance(config, peft.AdaLoraConfig), scale=0.3)
-    model.save_pretrained(tmp_path / "adapter")
-    reloaded = peft.PeftModel.from_pretrained(hf_model(bases, kind), tmp_path / "adapter").eval()
-    back = lr.adapters.load_pretrained(lowrank_model(bases, kind), tmp_path / "adapter")
-    mine, ref = outputs(kind, back, reloaded)
-    assert rel(outputs(kind, lowrank_model(bases, kind))[0], ref) > EFFECT   # the adapter matters
+    mine, ref = saved_by_peft_loaded_here(bases, kind, model, tmp_path)
     note(f"{label}: PEFT -> lowrank", rel(mine, ref))
 
 

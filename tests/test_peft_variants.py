@@ -20,7 +20,7 @@ from reference.peft_files import rel  # noqa: E402
 from tests.peft_helpers import host  # noqa: E402
 # the figures print with test_peft_files' (its ``_report``, ``note``: float32, limit 1e-5)
 from tests.test_peft_files import (_report, bases, hf_model, lowrank_model,  # noqa: E402,F401
-                                   note, outputs)
+                                   note, outputs, saved_by_peft_loaded_here)
 
 EFFECT = 1e-3   # the adapter moves the output by more than this (relative): the check can fail
 PEFT_CONFIGS = {"vera": peft.VeraConfig, "loha": peft.LoHaConfig, "lokr": peft.LoKrConfig}
@@ -114,11 +114,7 @@ def test_peft_to_lowrank(bases, tmp_path, kind, variant, cfg):  # noqa: F811
     torch.manual_seed(0)
     model = peft.get_peft_model(hf_model(bases, kind), PEFT_CONFIGS[variant](**cfg))
     perturb_peft(model, seed=2)
-    model.save_pretrained(tmp_path / "adapter")
-    reloaded = peft.PeftModel.from_pretrained(hf_model(bases, kind), tmp_path / "adapter").eval()
-    back = lr.adapters.load_pretrained(lowrank_model(bases, kind), tmp_path / "adapter")
-    mine, ref = outputs(kind, back, reloaded)
-    assert rel(outputs(kind, lowrank_model(bases, kind))[0], ref) > EFFECT   # the adapter matters
+    mine, ref = saved_by_peft_loaded_here(bases, kind, model, tmp_path, EFFECT)
     note(f"{_peft_label(kind, variant, cfg)}: PEFT -> lowrank", rel(mine, ref))
 
 
