@@ -150,7 +150,8 @@ class IncreLoraLinear(TripletMap, AdaptedLinear):
 
     def absorb_replica(self, replica) -> None:
         if replica.grad_dW is not None:   # the shards' ∂L/∂ΔW add up to the batch's
-            self.grad_dW = replica.grad_dW if self.grad_dW is None else self.grad_dW + replica.grad_dW
+            mine = self.grad_dW
+            self.grad_dW = replica.grad_dW if mine is None else mine + replica.grad_dW
 
     def step_score(self):
         """The official score Σ|ΔW ⊙ ∂L/∂ΔW| / √(mn) (0-d, no host sync); ΔW is the weight the

@@ -54,8 +54,8 @@ def add_matmul(c, a, b, alpha: float = 1.0):
     ``beta = 1`` instead (found in the library NumPy loaded; the same threads as ``@``), so
     the product lands in ``c`` directly: one memory pass fewer. Where no such symbol is found,
     an operand is laid out so that BLAS cannot read it in place, ``c`` has fewer than
-    ``GEMM_MIN_ROWS`` rows, or on CuPy and numpy-strict, the plain expression runs: it is the reference the gemm form is tested against
-    (tests/test_blocked.py)."""
+    ``GEMM_MIN_ROWS`` rows, or on CuPy and numpy-strict, the plain expression runs: it is the
+    reference the gemm form is tested against (tests/test_blocked.py)."""
     gemm = _cblas_gemm(c.dtype) if type(c) is np.ndarray and c.ndim == 2 \
         and c.shape[0] >= GEMM_MIN_ROWS else None
     layout = None if gemm is None else _gemm_layout(c, a, b)
