@@ -33,7 +33,7 @@ class RandomTokens:
 
 
 def train_config(k, steps):
-    from lowrank.train import TrainConfig
+    from lowrank.training.trainer import TrainConfig
     return TrainConfig(steps=steps, batch_size=BATCH, lr=1e-3 * LR_FACTORS[k % 6],
                        min_lr=1e-5, warmup=1, seed=k)
 
@@ -45,7 +45,8 @@ def lora(k):
 
 def together(K, steps, fast=True):
     import lowrank as lr
-    from lowrank.multi import MultiTrainer, inject_multi, multi_modules
+    from lowrank.app.multi_run import MultiTrainer
+    from lowrank.multi import inject_multi, multi_modules
     model = lr.GPT(lr.GPTConfig(**CONFIG), seed=0, dtype="float32")
     inject_multi(model, [(lora(k), TARGETS, k) for k in range(K)])
     for _, m in multi_modules(model):
@@ -55,7 +56,7 @@ def together(K, steps, fast=True):
 
 def alone(K, steps):
     import lowrank as lr
-    from lowrank.train import Trainer
+    from lowrank.training.trainer import Trainer
     trainers = []
     for k in range(K):
         model = lr.GPT(lr.GPTConfig(**CONFIG), seed=0, dtype="float32")

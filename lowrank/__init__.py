@@ -1,17 +1,20 @@
-"""lowrank — LoRA and its variants with hand-derived, verified gradients, on NumPy or CuPy."""
-from . import adapters, backend, decompose, models, ops
-from ._version import __version__
-from .checkpoint import load_model, save_model
-from .layers import Linear
-from .models import GPT, GPTConfig
-from .module import Module, Parameter
-from .peft_files import load_pretrained, save_pretrained
-from .pretrained import from_pretrained
-from .quant import quantize_base
-from .tokenizer import Tokenizer
+"""lowrank — LoRA and its variants with hand-derived, verified gradients, on NumPy or CuPy.
 
-# PEFT-format adapter directories (docs/peft.md): the module reads lowrank's adapter files as
-# well, so it sits above the adapters package; its two functions are the package's API.
+``lr.*`` is the public API (docs/api.md); where each part lives: docs/README.md#where-things-are.
+"""
+from . import adapters, backend, models, ops
+from ._version import __version__
+from .formats.checkpoint import save_model
+from .formats.model_dir import from_pretrained, open_model
+from .formats.peft_dir import load_pretrained, save_pretrained
+from .models import GPT, GPTConfig
+from .nn import decompose
+from .nn.layers import Linear
+from .nn.module import Module, Parameter
+from .quant import quantize_base
+from .text.tokenizer import Tokenizer
+from .training.trainer import TrainConfig, Trainer
+
 adapters.save_pretrained = save_pretrained
 adapters.load_pretrained = load_pretrained
 
@@ -22,9 +25,12 @@ def save(model, path, train_state=None):
 
 
 def load(path, backend=None):
-    """The model saved in directory ``path`` (on ``backend``, default: the active one)."""
-    return load_model(path, backend)
+    """The model in directory ``path`` (lowrank's or Hugging Face's) on ``backend`` (default:
+    the active one), in the dtype it was saved in."""
+    return open_model(path, backend=backend)
 
 
-__all__ = ["adapters", "backend", "decompose", "models", "ops", "from_pretrained", "Tokenizer", "Linear", "Module", "Parameter",
-           "GPT", "GPTConfig", "save", "load", "quantize_base"]
+__all__ = ["adapters", "backend", "decompose", "models", "ops", "from_pretrained", "open_model",
+           "save_pretrained", "load_pretrained", "Tokenizer", "Linear", "Module", "Parameter",
+           "GPT", "GPTConfig", "Trainer", "TrainConfig", "save", "load", "quantize_base",
+           "__version__"]

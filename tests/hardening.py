@@ -112,10 +112,10 @@ class Worker:
 
 def make_runs(root: Path) -> tuple[Path, Path, Path]:
     """A tiny base (pretrain) and a LoRA fine-tune of it with training state; the corpus."""
-    from lowrank import workflows as wf
-    from lowrank.train import TrainConfig
+    from lowrank.app import workflows as wf
+    from lowrank.training.trainer import TrainConfig
     corpus = root / "corpus.txt"
-    corpus.write_text((ROOT / "lowrank" / "storage.py").read_text() * 2)
+    corpus.write_text((ROOT / "lowrank" / "files" / "storage.py").read_text() * 2)
     data = wf.DataSpec([str(corpus)], max_bytes=60_000)
     spec = wf.ModelSpec(vocab_size=300, context=16, n_layer=1, n_head=2, d_model=16)
     train = TrainConfig(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup=0)

@@ -15,8 +15,9 @@ import numpy as np
 
 
 def fingerprint(base, adapter) -> str:
-    from lowrank import backend, checkpoint
-    from lowrank import workflows as wf
+    from lowrank import backend
+    from lowrank.formats import checkpoint
+    from lowrank.app import workflows as wf
     h = hashlib.sha256()
     model, tok = wf.load_finetuned(base, adapter)
     for name, p in model.named_parameters():

@@ -121,8 +121,8 @@ def pretrain_tiny_base(root, **train):
     import inspect
     import json as json_module
 
-    from lowrank import workflows as wf
-    from lowrank.train import TrainConfig
+    from lowrank.app import workflows as wf
+    from lowrank.training.trainer import TrainConfig
     text = root / "corpus.txt"
     text.write_text(inspect.getsource(json_module.decoder) * 2)
     data = wf.DataSpec([str(text)], val_fraction=0.2)

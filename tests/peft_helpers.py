@@ -4,8 +4,8 @@ import numpy as np
 import lowrank as lr
 from lowrank import backend
 from lowrank.adapters import adapted_modules
-from lowrank.layers import Linear
-from lowrank.module import Module
+from lowrank.nn.layers import Linear
+from lowrank.nn.module import Module
 
 
 class StandInClassifier(Module):
@@ -30,7 +30,7 @@ class StandInClassifier(Module):
 def classifier_from(encoder, hf_dir):
     """A classifier over ``encoder`` with the head of the transformers checkpoint ``hf_dir``
     (``lr.models.SequenceClassifier`` when it exists)."""
-    saved = lr.storage.read_safetensors(hf_dir / "model.safetensors")
+    saved = lr.files.storage.read_safetensors(hf_dir / "model.safetensors")
     W, b = saved["classifier.weight"], saved["classifier.bias"]
     cls = getattr(lr.models, "SequenceClassifier", None)
     if cls is None:

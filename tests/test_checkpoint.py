@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import safetensors.numpy as stn
 
-import lowrank.checkpoint as ckpt
-from lowrank import storage
+import lowrank.formats.checkpoint as ckpt
+from lowrank.files import storage
 from lowrank import adapters, backend
-from lowrank.layers import Linear
-from lowrank.module import Module, Parameter
+from lowrank.nn.layers import Linear
+from lowrank.nn.module import Module, Parameter
 
 from .helpers import to_host
 
@@ -292,7 +292,7 @@ def test_save_model_with_train_state_and_stale_optimizer_file(tmp_path):
 
 
 def test_adamw_resume_is_bit_identical(tmp_path, xp):
-    from lowrank import optim
+    from lowrank.nn import optim
 
     def run(model, opt, steps, seed):
         rng = np.random.default_rng(seed)

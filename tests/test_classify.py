@@ -9,10 +9,10 @@ import pytest
 
 import lowrank as lr
 from lowrank import backend
-from lowrank.layers import Linear
+from lowrank.nn.layers import Linear
 from lowrank.models.classifier import SequenceClassifier, mean_pool_backward, mean_pool_forward
 from lowrank.ops.dropout import dropout_backward, dropout_forward
-from lowrank.module import Module, Parameter
+from lowrank.nn.module import Module, Parameter
 from lowrank.tasks import classify
 from lowrank.tasks.text_data import TextData
 from tests.helpers import rel_err, to_host

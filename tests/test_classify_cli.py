@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from lowrank.cli import main
-from lowrank.datasets import SENTIMENT_FILES
+from lowrank.app.cli import main
+from lowrank.text.datasets import SENTIMENT_FILES
 from lowrank.tasks.text_data import (encode_labels, label_names, read_tsv, sentiment_split)
 
 
@@ -134,7 +134,7 @@ def test_finetune_eval_predict_round_trip(tmp_path, capsys, minilm, variant):
 def test_sentiment_demo_writes_its_table_and_plot(tmp_path, minilm):
     """``lowrank demo --task sentiment`` end to end, cut to two rows and 64 sentences: one row
     per setup, accuracies that are accuracies, a loss that fell, the table and the plot."""
-    from lowrank.tasks import sentiment_demo
+    from lowrank.app import sentiment_demo
     results = sentiment_demo.run_demo(tmp_path, variants=["head", "lora"], train_examples=64,
                                       progress=False)
     assert [r["label"] for r in results] == ["head", "lora"]

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowrank import data, tokenizer
-from lowrank.data import TokenData
-from lowrank.tokenizer import Tokenizer, train_tokenizer
+from lowrank.text import corpus as data, tokenizer
+from lowrank.text.corpus import TokenData
+from lowrank.text.tokenizer import Tokenizer, train_tokenizer
 
 # --- corpora ---------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from lowrank.decompose import svd_split
+from lowrank.nn.decompose import svd_split
 
 from .helpers import to_host
 

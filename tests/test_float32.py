@@ -5,7 +5,7 @@ import numpy as np
 
 import lowrank as lr
 from lowrank import backend
-from lowrank.optim import AdamW
+from lowrank.nn.optim import AdamW
 
 
 def arrays_in(obj, seen=None):

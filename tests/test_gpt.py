@@ -7,7 +7,7 @@ import pytest
 
 import lowrank
 from lowrank import GPT, GPTConfig, backend
-from lowrank.optim import AdamW, clip_grad_norm, lr_at
+from lowrank.nn.optim import AdamW, clip_grad_norm, lr_at
 
 from .helpers import rel_err, to_host
 
@@ -273,7 +273,7 @@ def test_adamw_resume_is_bit_identical_and_skips_frozen(xp):
 
 
 def test_adamw_add_param_starts_fresh(xp):
-    from lowrank.module import Parameter
+    from lowrank.nn.module import Parameter
     p = Parameter(backend.asarray(np.ones(3), xp=xp))
     opt = AdamW([("a", p)], lr=0.1, weight_decay=0.0)
     for _ in range(3):
@@ -297,7 +297,7 @@ def test_lr_schedule_and_clip():
     assert abs(lr_at(12, 1.0, 4, 20, min_lr=0.1) - 0.55) < 1e-12
     assert lr_at(20, 1.0, 4, 20, min_lr=0.1) == pytest.approx(0.1)
     assert lr_at(50, 1.0, 4, 20, min_lr=0.1) == pytest.approx(0.1)
-    from lowrank.module import Parameter
+    from lowrank.nn.module import Parameter
     p = Parameter(np.array([3.0, 4.0]))
     p.grad = np.array([3.0, 4.0])
     assert clip_grad_norm([("p", p)], 10.0) == 5.0 and p.grad[1] == 4.0
@@ -330,7 +330,7 @@ def test_bad_input_raises(xp):
 # --- (f) frozen parameters compute nothing ----------------------------------------------------
 
 def test_frozen_parameters_get_no_gradient(xp, monkeypatch):
-    import lowrank.layers
+    import lowrank.nn.layers
     import lowrank.models.gpt
     calls = []
 
@@ -353,7 +353,7 @@ def test_frozen_parameters_get_no_gradient(xp, monkeypatch):
     _, cache = ref.loss(idx, tgt)
     ref.loss_backward(cache)
 
-    monkeypatch.setattr(lowrank.layers, "linear_backward", spy(lowrank.layers.linear_backward))
+    monkeypatch.setattr(lowrank.nn.layers, "linear_backward", spy(lowrank.nn.layers.linear_backward))
     monkeypatch.setattr(lowrank.models.gpt, "linear_backward", spy(lowrank.models.gpt.linear_backward))
     # only blocks.0.ln1 trains: backward must traverse every block, yet form no dW
     model.freeze()

@@ -9,8 +9,8 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 import lowrank as lr
-from lowrank.decompose import svd_split
-from lowrank.train import TrainConfig
+from lowrank.nn.decompose import svd_split
+from lowrank.training.trainer import TrainConfig
 
 from .hardening import CaseTimeout, examples, record, time_cap
 

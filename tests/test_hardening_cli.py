@@ -9,7 +9,7 @@ import shutil
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from lowrank import cli
+from lowrank.app import cli
 
 from .hardening import CaseTimeout, examples, make_runs, record, time_cap
 

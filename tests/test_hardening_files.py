@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from lowrank.untrusted import DTYPE_CODES, _digest
+from lowrank.files.untrusted import DTYPE_CODES, _digest
 
 from .hardening import Worker, examples, make_runs, record
 
@@ -72,7 +72,7 @@ def _json_set(path, choices, value, reseal, delete):
 def _st_rewrite(path, kind, pick):
     """Rewrite a safetensors file's tensors (a dtype cast, two swapped, a shape that lies),
     with the file's own checksum recomputed."""
-    from lowrank import storage
+    from lowrank.files import storage
     tensors, meta = storage.read_safetensors_with_metadata(path)
     keys = sorted(tensors)
     if kind == "cast":

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lowrank import checkpoint, cli, storage
-from lowrank import workflows as wf
-from lowrank.train import NonFiniteLossError, TrainConfig
+from lowrank.formats import checkpoint
+from lowrank.app import cli
+from lowrank.files import storage
+from lowrank.app import workflows as wf
+from lowrank.training.trainer import NonFiniteLossError, TrainConfig
 
 from .hardening import ROOT, make_runs
 
@@ -46,7 +48,7 @@ def test_runaway_learning_rate_stops_before_saving_and_leaves_a_finite_save(runs
 
 
 def test_update_check_names_the_tensor(runs):
-    from lowrank.update_check import NonFiniteUpdateError, check_update
+    from lowrank.training.update_check import NonFiniteUpdateError, check_update
     model, _, _ = wf.load_base(runs[0])
 
     class Stub:
@@ -135,7 +137,7 @@ def test_a_tokenizer_that_makes_the_library_panic_is_one_line(runs, tmp_path):
                           "direction": "Right"}
     (base / "tokenizer.json").write_text(json.dumps(spec))
     os.unlink(base / "run.json")   # so that no recorded SHA-256 catches it first
-    proc = subprocess.run([sys.executable, "-m", "lowrank.cli", "generate", "--model",
+    proc = subprocess.run([sys.executable, "-m", "lowrank.app.cli", "generate", "--model",
                            str(base), "--max-new-tokens", "2"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

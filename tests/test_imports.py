@@ -13,36 +13,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "lowrank"
 
-# Bottom to top: a module may import modules of its own layer or of the layers before it.
-# A name covers the module and everything under it (``lowrank.adapters`` covers
-# ``lowrank.adapters.lora``); the longest name that matches decides. The package itself
-# (``lowrank``, its __init__) is matched exactly. A new module must be placed here (some
-# names are placed ahead of the modules, e.g. ``lowrank.pretrained``, ``lowrank.tasks``).
-LAYERS = [
-    ["lowrank._version", "lowrank.backend", "lowrank.validate"],   # where arrays live
-    ["lowrank.storage", "lowrank.untrusted", "lowrank.schema", "lowrank.json_arrays",
-     "lowrank.data", "lowrank.tokenizer", "lowrank.locate",
-     "lowrank.datasets"],                                      # host-side files and text
-    ["lowrank.module", "lowrank.ops", "lowrank.decompose", "lowrank.optim",
-     "lowrank.hooks"],
-    ["lowrank.layers", "lowrank.models"],
-    ["lowrank.adapters"],
-    ["lowrank.parallel"],                                      # data parallel only
-    ["lowrank.train", "lowrank.update_check", "lowrank.quant"],   # quant: NF4 frozen bases
-    ["lowrank.adapter_files", "lowrank.checkpoint", "lowrank.pretrained", "lowrank.peft_format",
-     "lowrank.peft_lycoris", "lowrank.peft_files"],            # PEFT-format adapter dirs
-    ["lowrank.run_dir", "lowrank.workflows", "lowrank.tasks", "lowrank.classify"],
-    ["lowrank.multi"],                                         # many adapters, one base
-    ["lowrank.cli", "lowrank.cli_parser", "lowrank.demo", "lowrank.bench", "lowrank",
-     "lowrank.tasks.sentiment_demo", "lowrank.tasks.classify_cli"],   # front ends
-]
+# The layers are declared once, in lowrank/architecture.py, read here without importing lowrank.
+LAYERS = ast.literal_eval(next(
+    node.value for node in ast.parse((ROOT / "architecture.py").read_text(encoding="utf-8")).body
+    if isinstance(node, ast.Assign) and node.targets[0].id == "LAYERS"))
 
 # Test oracles and the frameworks they use: the library never imports them.
 FORBIDDEN = {"reference", "tests", "torch", "peft", "transformers"}
 
-# Violations fixed on other branches of this round (remove an entry once it is merged; the
-# test fails while an entry is listed that no longer occurs, so none outlives its fix).
-PENDING: set[str] = set()   # violations accepted while their fix is on its way (none now)
 
 
 @dataclass
@@ -220,7 +198,7 @@ def layering(graph) -> list:
     for source, imps in sorted(graph.items()):
         mine = layer_of(source)
         if mine is None:
-            found.append(f"no layer: {source} is not in LAYERS (tests/test_imports.py)")
+            found.append(f"no layer: {source} is not in LAYERS (lowrank/architecture.py)")
             continue
         for imp in imps:
             for target in imp.targets:
@@ -236,22 +214,14 @@ def graph():
     return import_graph()[1]
 
 
-def _check(found):
-    pending = {v for v in found if v in PENDING}
-    new = [v for v in found if v not in PENDING]
-    assert not new, "\n".join(new)
-    return pending
-
-
 def test_no_cycles_no_oracles_no_function_level_imports(graph):
     found = violations(graph)
-    pending = _check(found)
-    stale = sorted(p for p in PENDING if p not in pending)
-    assert not stale, "fixed, remove from PENDING:\n" + "\n".join(stale)
+    assert not found, "\n".join(found)
 
 
 def test_every_import_points_down_the_layers(graph):
-    _check(layering(graph))
+    found = layering(graph)
+    assert not found, "\n".join(found)
 
 
 def test_the_checker_sees_what_it_is_meant_to():
@@ -260,15 +230,15 @@ def test_the_checker_sees_what_it_is_meant_to():
     graph = {m: list(imps) for m, imps in graph.items()}
     node = ast.parse("def f():\n    import os, reference\n").body[0].body[0]
     src = "lowrank.backend"
-    graph[src].append(Import(src, modules[src], node, ["lowrank.cli"], {"lowrank"}, True, True))
-    graph["lowrank.cli"].append(Import("lowrank.cli", modules["lowrank.cli"], node,
+    graph[src].append(Import(src, modules[src], node, ["lowrank.app.cli"], {"lowrank"}, True, True))
+    graph["lowrank.app.cli"].append(Import("lowrank.app.cli", modules["lowrank.app.cli"], node,
                                        ["lowrank.backend"], {"os", "reference"}, False, False))
     found = violations(graph) + layering(graph)
-    assert any(v.startswith("cycle:") and "lowrank.backend" in v and "lowrank.cli" in v
+    assert any(v.startswith("cycle:") and "lowrank.backend" in v and "lowrank.app.cli" in v
                for v in found), found
-    assert any(v.startswith("upward import: lowrank.backend (layer 0) -> lowrank.cli")
+    assert any(v.startswith("upward import: lowrank.backend (layer 0) -> lowrank.app.cli")
                for v in found), found
-    assert any(v.startswith("forbidden import: lowrank/cli.py") for v in found), found
+    assert any(v.startswith("forbidden import: lowrank/app/cli.py") for v in found), found
     assert any(v.startswith("function-level import: lowrank/backend/__init__.py:2")
                for v in found), found
     assert layer_of("lowrank.adapters.lora") == layer_of("lowrank.adapters")

@@ -11,7 +11,7 @@ from lowrank import backend
 from lowrank.adapters._increlora_hook import IncreLoraHook
 from lowrank.adapters.increlora import IncreLoraLinear
 from lowrank.models import GPT, GPTConfig
-from lowrank.train import Trainer, TrainConfig
+from lowrank.training.trainer import Trainer, TrainConfig
 
 from .helpers import FakeData, gradient_errors, make_layer, perturb, pretrain_tiny_base, problem, rel_err
 
@@ -168,7 +168,7 @@ def test_growth_state_per_triplet_as_the_official_param_groups(xp):
 def test_resume_is_bit_identical(xp, dropout, tmp_path):
     """9 steps straight, or 5 + (fresh model and trainer, the adapter loaded from a checkpoint
     as workflows.finetune --resume does, then the trainer state) + 4."""
-    from lowrank import checkpoint
+    from lowrank.formats import checkpoint
 
     def fresh():
         model = tiny_model(xp, dropout=dropout)
@@ -203,7 +203,7 @@ def test_resume_before_the_weights_raises(xp):
 
 
 def test_save_and_load_adopt_the_grown_rank(tmp_path):
-    from lowrank import checkpoint
+    from lowrank.formats import checkpoint
     model = tiny_model()
     tr = trainer_for(model, 7)
     tr.fit(progress=False)
@@ -219,7 +219,7 @@ def test_save_and_load_adopt_the_grown_rank(tmp_path):
 
 def test_finetune_resume_and_load_finetuned(tmp_path):
     """workflows.finetune --resume and load_finetuned with grown ranks (float64, CPU)."""
-    from lowrank import workflows as wf
+    from lowrank.app import workflows as wf
     data = pretrain_tiny_base(tmp_path)
     options = {"r": 3, "alpha": 4.0, "init_r": 1, "add_r": 2, "top_h": 1, "init_warmup": 1,
                "incre_interval": 2, "dropout": 0.1}

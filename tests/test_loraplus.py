@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank.cli import main
+from lowrank.app.cli import main
 from lowrank.models import GPT, GPTConfig
-from lowrank.optim import AdamW, loraplus_scales
-from lowrank.train import TrainConfig, Trainer
+from lowrank.nn.optim import AdamW, loraplus_scales
+from lowrank.training.trainer import TrainConfig, Trainer
 
 from .helpers import FakeData, make_layer, perturb, pretrain_tiny_base, problem
 
@@ -71,7 +71,7 @@ def test_cli_finetune_takes_the_ratio(tmp_path):
 
 
 def test_demo_rows_include_the_new_variants_loraplus_and_qlora():
-    from lowrank import demo
+    from lowrank.app import demo
     labels = {label: (variant, options) for label, variant, options in demo.rows()}
     assert {"vera", "loha", "lokr"} <= set(labels)
     assert set(demo.RUN_OPTIONS) <= set(labels)   # every special run is a row the demo trains

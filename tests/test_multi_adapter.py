@@ -7,14 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from lowrank import checkpoint, workflows as wf
+from lowrank.formats import checkpoint
+from lowrank.app import workflows as wf
 from lowrank.adapters import adapted_modules, config, inject
-from lowrank.data import TokenData
+from lowrank.text.corpus import TokenData
 from lowrank.models import GPT, GPTConfig
 from lowrank.multi import modules as multi
-from lowrank.multi import (AdapterView, MultiTrainer, inject_multi, multi_loss,
-                           multi_loss_backward, multi_modules, parse_variants, subdir_names)
-from lowrank.train import Trainer, TrainConfig
+from lowrank.app.multi_run import MultiTrainer, parse_variants, subdir_names
+from lowrank.multi import (AdapterView, inject_multi, multi_loss, multi_loss_backward,
+                           multi_modules)
+from lowrank.training.trainer import Trainer, TrainConfig
 
 from .helpers import rel_err
 
@@ -251,7 +253,7 @@ def test_parse_variants():
 
 
 def test_cli_trains_several_adapters_into_loadable_directories(tmp_path, capsys):
-    from lowrank import cli
+    from lowrank.app import cli
     corpus = tmp_path / "text.txt"
     corpus.write_text("def f(x):\n    return x + 1\n" * 300)
     base = tmp_path / "base"
@@ -278,7 +280,7 @@ def test_cli_trains_several_adapters_into_loadable_directories(tmp_path, capsys)
 
 
 def test_finetune_many_resumes_and_matches_single_finetunes(tmp_path):
-    from lowrank.multi import finetune_many
+    from lowrank.app.multi_run import finetune_many
     text = tmp_path / "text.txt"
     text.write_text("".join(f"def f{i}(x):\n    return x * {i} + 1\n" for i in range(400)))
     spec = wf.ModelSpec(vocab_size=300, context=16, n_layer=1, n_head=2, d_model=16)
@@ -319,7 +321,7 @@ def test_finetune_many_resumes_and_matches_single_finetunes(tmp_path):
 def test_one_adapter_and_several_reject_unknown_options_alike(tmp_path, options):
     """An option none of the requested variants has is one ValueError on both paths (lora
     and dora have no ``init_r``), raised before the base is read; full takes no options."""
-    from lowrank.multi import finetune_many
+    from lowrank.app.multi_run import finetune_many
     base = tmp_path / "never-read"
     with pytest.raises(ValueError) as one:
         wf.finetune(tmp_path / "one", base, "lora", options=options)

@@ -1,6 +1,6 @@
 """AdaLoRA's allocator and IncreLoRA's growth against naive NumPy oracles, without torch.
 
-A tiny GPT is trained by ``lowrank.train.Trainer`` for a few steps; the test records, through
+A tiny GPT is trained by ``lowrank.training.trainer.Trainer`` for a few steps; the test records, through
 public surfaces only (the optimizer's ``step``, each adapted layer's ``forward``/``backward``,
 the exported ``rank_pattern`` and the layers' ranks), what the oracle in ``reference/naive.py``
 needs, and compares its decisions with lowrank's step by step:
@@ -17,7 +17,7 @@ import pytest
 
 import lowrank as lr
 from lowrank.adapters import adalora
-from lowrank.train import Trainer, TrainConfig
+from lowrank.training.trainer import Trainer, TrainConfig
 from reference import naive
 
 from .helpers import FakeData

@@ -145,9 +145,9 @@ def test_quantize_base_on_a_model_with_adapters(xp):
 def test_finetune_quantize_nf4_from_the_cli_and_reload(tmp_path, variant):
     """``finetune --quantize nf4``: the adapter trains on the NF4 base, the run records it, and
     ``load_finetuned`` rebuilds the same quantized base under the loaded adapter."""
-    from lowrank import workflows as wf
-    from lowrank.cli import main
-    from lowrank.train import TrainConfig
+    from lowrank.app import workflows as wf
+    from lowrank.app.cli import main
+    from lowrank.training.trainer import TrainConfig
 
     from .helpers import pretrain_tiny_base
     data = pretrain_tiny_base(tmp_path)

@@ -15,9 +15,9 @@ import lowrank as lr
 from lowrank.adapters.relora import ReLoraHook
 from lowrank.adapters.rosa import RosaHook, RosaLinear
 from lowrank.adapters.sora import SoraHook
-from lowrank.optim import AdamW, lr_at
+from lowrank.nn.optim import AdamW, lr_at
 from lowrank.parallel import SingleProcess
-from lowrank.train import TrainConfig
+from lowrank.training.trainer import TrainConfig
 from reference import official
 
 from .helpers import to_host

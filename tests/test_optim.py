@@ -2,8 +2,8 @@
 a fresh start, addressed by the Parameter itself."""
 import numpy as np
 
-from lowrank.module import Parameter
-from lowrank.optim import AdamW
+from lowrank.nn.module import Parameter
+from lowrank.nn.optim import AdamW
 
 
 def _stepped(steps=2):

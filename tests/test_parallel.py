@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank import checkpoint, cli, workflows as wf
-from lowrank.hooks import StepHook
+from lowrank.formats import checkpoint
+from lowrank.app import cli, workflows as wf
+from lowrank.nn.hooks import StepHook
 from lowrank.models import GPT, GPTConfig
 from lowrank.parallel import (FakeWorld, GradientAllReduce, NCCLComm, ParameterDriftError,
                               SingleProcess, get_comm)
-from lowrank.train import Trainer, TrainConfig
+from lowrank.training.trainer import Trainer, TrainConfig
 
 from .helpers import FakeData, rel_err
 
@@ -274,7 +275,7 @@ def test_dropout_streams_differ_between_ranks_and_replicas_stay_identical():
 
 
 def test_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step():
-    from lowrank.train import NonFiniteLossError
+    from lowrank.training.trainer import NonFiniteLossError
 
     def work(comm):
         model = lora_model()
@@ -311,7 +312,7 @@ def _mpiexec():
     return [path, "-n", "2"]
 
 
-LOWRANK = [sys.executable, "-m", "lowrank.cli"]
+LOWRANK = [sys.executable, "-m", "lowrank.app.cli"]
 SMALL = ["--dtype", "float64", "--batch-size", "4", "--no-progress"]
 
 
@@ -353,7 +354,7 @@ def test_mpiexec_two_processes_save_the_same_adapter_as_one(variant, base):
     assert run.returncode == 0, run.stderr
     assert "data parallel over 2 processes (mpi)" in run.stderr
     assert run.stdout.count(f"{variant}:") == 1                      # rank 0 prints, alone
-    a, b = (checkpoint._read_safetensors(d / checkpoint.ADAPTER_FILE) for d in (one, two))
+    a, b = (read_safetensors(d / checkpoint.ADAPTER_FILE) for d in (one, two))
     assert set(a) == set(b)
     worst = max(rel_err(a[k], b[k]) for k in a)
     assert worst < 1e-10, worst
@@ -367,7 +368,7 @@ def test_mpiexec_resume_with_dropout_continues_bit_identically(base):
     mpiexec = _mpiexec()
     root, args = base
     script = ("import sys\nfrom lowrank import workflows as wf\n"
-              "from lowrank.parallel import get_comm\nfrom lowrank.train import TrainConfig\n"
+              "from lowrank.parallel import get_comm\nfrom lowrank.training.trainer import TrainConfig\n"
               "out, steps, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == '1'\n"
               f"wf.finetune(out, {args[1]!r}, 'lora', ['q', 'fc1'], {{'r': 2, 'dropout': 0.2}}, "
               f"wf.DataSpec([{args[3]!r}]), TrainConfig(steps=steps, batch_size=4, lr=1e-2), "
@@ -381,7 +382,7 @@ def test_mpiexec_resume_with_dropout_continues_bit_identically(base):
     run("straight", 6, False)
     run("resumed", 3, False)
     run("resumed", 6, True)
-    a, b = (checkpoint._read_safetensors(root / d / checkpoint.ADAPTER_FILE)
+    a, b = (read_safetensors(root / d / checkpoint.ADAPTER_FILE)
             for d in ("straight", "resumed"))
     assert all(np.array_equal(a[k], b[k]) for k in a)
 

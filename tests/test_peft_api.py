@@ -11,7 +11,7 @@ import pytest
 
 import lowrank as lr
 from lowrank.adapters import adapted_modules
-from lowrank.layers import Linear
+from lowrank.nn.layers import Linear
 from tests.peft_helpers import bert_out, gpt_out, host, randomize_adapters
 
 TINY = dict(vocab_size=50, context=16, n_layer=2, n_head=2, d_model=16)
@@ -160,9 +160,9 @@ def test_round_trip_of_the_fixture(saved):
 
 def test_peft_variant_lowrank_lacks(saved, tmp_path):
     root, _ = saved
-    info = lr.storage.read_json(root / "adapter" / "adapter_config.json")
+    info = lr.files.storage.read_json(root / "adapter" / "adapter_config.json")
     (tmp_path / "ia3").mkdir()
-    lr.storage.write_json(tmp_path / "ia3" / "adapter_config.json",
+    lr.files.storage.write_json(tmp_path / "ia3" / "adapter_config.json",
                           {**info, "peft_type": "IA3"})
     message = refused(lr.load(root / "base"), tmp_path / "ia3", "PEFT IA3 adapter")
     assert "lowrank reads LORA" in message
@@ -190,17 +190,17 @@ def test_missing_tensor_in_the_last_module(saved):
     """The first modules would load; the last lacks lora_B: nothing is loaded at all."""
     root, _ = saved
     path = root / "adapter" / "adapter_model.safetensors"
-    tensors = lr.storage.read_safetensors(path)
+    tensors = lr.files.storage.read_safetensors(path)
     last = sorted(k for k in tensors if k.endswith("lora_B.weight"))[-1]
     del tensors[last]
-    lr.storage.write_safetensors(path, tensors)
+    lr.files.storage.write_safetensors(path, tensors)
     refused(lr.load(root / "base"), root / "adapter", "has no 'lora_B.weight' tensor")
 
 
 def test_not_an_adapter_directory(saved, tmp_path):
     root, _ = saved
     refused(lr.load(root / "base"), tmp_path, "has no adapter_config.json")
-    lr.storage.write_json(tmp_path / "adapter_config.json", {"r": 4})
+    lr.files.storage.write_json(tmp_path / "adapter_config.json", {"r": 4})
     refused(lr.load(root / "base"), tmp_path, "no 'peft_type'")
 
 
@@ -220,8 +220,8 @@ def test_lowrank_format_truncated(tmp_path):
 def test_cli_adapter_reads_a_peft_directory(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
-    from lowrank import workflows as wf
-    from lowrank.cli import main
+    from lowrank.app import workflows as wf
+    from lowrank.app.cli import main
     from reference.peft_files import perturb_peft, twin_of
     from tests.helpers import pretrain_tiny_base
     from tests.peft_helpers import own_weights

@@ -233,7 +233,7 @@ def test_peft_converted_pissa_to_lowrank(bases, tmp_path, init):
 def minilm():
     """(lowrank MiniLM, transformers MiniLM): copies are taken per test (loading is slow)."""
     try:
-        path = lr.pretrained.resolve("minilm")
+        path = lr.files.locate.resolve("minilm")
     except ValueError as exc:
         pytest.skip(f"the MiniLM weights are not installed: {exc}")
     return lr.from_pretrained("minilm"), transformers.BertModel.from_pretrained(path).eval()
@@ -272,7 +272,7 @@ def test_variant_peft_lacks_saves_in_lowrank_format(bases, tmp_path):
     lr.adapters.inject(model, lr.adapters.config("sora", r=4), ["value"])
     randomize_adapters(model, seed=6, scale=0.3)
     lr.adapters.save_pretrained(model, tmp_path / "a")
-    info = lr.storage.read_json(tmp_path / "a" / "adapter_config.json")
+    info = lr.files.storage.read_json(tmp_path / "a" / "adapter_config.json")
     assert "peft_type" not in info and "PEFT has no sora" in (tmp_path / "a" / "README.md").read_text()
     with pytest.raises(Exception, match="peft_type"):   # PEFT refuses it
         peft.PeftModel.from_pretrained(hf_model(bases, "bert"), tmp_path / "a")

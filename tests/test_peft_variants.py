@@ -135,7 +135,7 @@ def test_vera_projections_saved_are_the_layers(bases, tmp_path):  # noqa: F811
     model = lowrank_model(bases, "bert")
     lr.adapters.inject(model, lr.adapters.config("vera", r=4), ["query", "intermediate.dense"])
     lr.adapters.save_pretrained(model, tmp_path / "adapter")
-    saved = lr.storage.read_safetensors(tmp_path / "adapter" / "adapter_model.safetensors")
+    saved = lr.files.storage.read_safetensors(tmp_path / "adapter" / "adapter_model.safetensors")
     layer = dict(lr.adapters.adapted_modules(model))["encoder.layer.0.intermediate.dense"]
     A, B = (host(a) for a in layer.shared_projections())
     assert np.array_equal(saved["base_model.vera_A"], A) and A.shape == (4, 16)
@@ -175,9 +175,9 @@ def test_vera_file_with_half_the_projections_is_refused(bases, tmp_path):  # noq
     lr.adapters.inject(model, lr.adapters.config("vera", r=4), ["query"])
     lr.adapters.save_pretrained(model, tmp_path / "adapter")
     path = tmp_path / "adapter" / "adapter_model.safetensors"
-    saved = lr.storage.read_safetensors(path)
+    saved = lr.files.storage.read_safetensors(path)
     del saved["base_model.vera_B"]
-    path.write_bytes(lr.storage.safetensors_bytes(saved, {}))
+    path.write_bytes(lr.files.storage.safetensors_bytes(saved, {}))
     ours = lowrank_model(bases, "bert")
     with pytest.raises(ValueError, match="vera_A / vera_B only"):
         lr.adapters.load_pretrained(ours, tmp_path / "adapter")

@@ -7,7 +7,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import lowrank as lr
-from lowrank import cli
+from lowrank.app import cli
 
 from .test_pretrained import save_bert, save_gpt2
 
@@ -91,9 +91,12 @@ def test_shard_missing_from_index(tmp_path):
         lr.from_pretrained(tmp_path)
 
 
-def test_lr_load_points_a_hugging_face_directory_to_from_pretrained(bert_dir):
-    with pytest.raises(ValueError, match="lr.from_pretrained"):
-        lr.load(bert_dir)
+def test_lr_load_and_from_pretrained_are_one_way_in(bert_dir):
+    """A Hugging Face directory opens the same through lr.load and lr.from_pretrained."""
+    loaded, pretrained = lr.load(bert_dir), lr.from_pretrained(bert_dir)
+    assert type(loaded) is type(pretrained)
+    for (name, a), (_, b) in zip(loaded.named_parameters(), pretrained.named_parameters()):
+        assert a.data.dtype == b.data.dtype and (a.data == b.data).all(), name
 
 
 def test_not_a_directory(tmp_path):
@@ -102,7 +105,7 @@ def test_not_a_directory(tmp_path):
 
 
 def gpt2_with_tokenizer(path):
-    tok = lr.tokenizer.train_tokenizer("def f(x):\n    return x + 1\n" * 40, 260)
+    tok = lr.text.tokenizer.train_tokenizer("def f(x):\n    return x + 1\n" * 40, 260)
     cfg = transformers.GPT2Config(vocab_size=tok.vocab_size, n_positions=16, n_embd=16,
                                   n_layer=1, n_head=2)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(path)

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank import backend, optim
+from lowrank import backend
+from lowrank.nn import optim
 from lowrank.adapters.relora import ReLoraHook, ReLoraLinear, restart_lr_factor
 from lowrank.models import GPT, GPTConfig
-from lowrank.train import Trainer, TrainConfig
+from lowrank.training.trainer import Trainer, TrainConfig
 
 from .helpers import FakeData, gradient_errors, make_layer, perturb, pretrain_tiny_base, problem, rel_err, to_host
 
@@ -168,8 +169,8 @@ def test_the_file_keeps_the_merged_base_and_a_foreign_base_raises(tmp_path):
     a load into a pristine base reproduces the model exactly; a layer whose W0 is not the
     saved one refuses the metadata of a restarted adapter instead of silently giving
     another model."""
-    from lowrank import checkpoint
-    from lowrank.storage import read_safetensors
+    from lowrank.formats import checkpoint
+    from lowrank.files.storage import read_safetensors
     model = tiny_model()
     trainer_for(model, 5).fit(progress=False)                # one restart
     checkpoint.save_adapter(model, tmp_path)
@@ -195,7 +196,7 @@ def test_hook_is_picked_by_the_trainer():
 
 def test_finetune_resume_and_load_finetuned(tmp_path):
     """workflows.finetune --resume and load_finetuned after restarts (float64, CPU)."""
-    from lowrank import workflows as wf
+    from lowrank.app import workflows as wf
     data = pretrain_tiny_base(tmp_path)
     options = {"r": 2, "alpha": 4.0, "reset_interval": 3, "restart_warmup": 1, "dropout": 0.1}
 

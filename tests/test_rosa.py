@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank import backend, checkpoint, workflows as wf
+from lowrank import backend
+from lowrank.formats import checkpoint
+from lowrank.app import workflows as wf
 from lowrank.adapters.rosa import RosaLinear, support_size
 from lowrank.backend import sparse as bsparse
 from lowrank.models import GPT, GPTConfig
-from lowrank.train import Trainer, TrainConfig
+from lowrank.training.trainer import Trainer, TrainConfig
 
 from .helpers import FakeData, gradient_errors, make_layer, perturb, problem, rel_err, to_host
 

@@ -11,7 +11,7 @@ from lowrank.parallel import BatchShards
 from lowrank.parallel.shards import replicate
 from lowrank.tasks import classify
 from lowrank.tasks.text_data import TextBatch, TextData
-from lowrank.train import Trainer, TrainConfig
+from lowrank.training.trainer import Trainer, TrainConfig
 
 from .helpers import FakeData, rel_err
 
@@ -227,7 +227,7 @@ def test_accumulation_and_errors_with_shards():
     bad[3, 0] = TINY.vocab_size                    # out of range, in the second shard's rows
     with pytest.raises(ValueError, match="targets"):
         shards.loss_backward(shards.split(x, bad))
-    from lowrank.multi import MultiTrainer
+    from lowrank.app.multi_run import MultiTrainer
     from lowrank.multi.modules import inject_multi
     base = tiny_gpt(None)
     inject_multi(base, [(lr.adapters.config("lora", r=2), ["q"], 0)] * 2)

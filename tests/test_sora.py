@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank import backend, checkpoint, workflows as wf
+from lowrank import backend
+from lowrank.formats import checkpoint
+from lowrank.app import workflows as wf
 from lowrank.adapters.lora import LoraLinear
 from lowrank.adapters.sora import SoraHook, SoraLinear, lambda_at, prune_sora, soft_threshold
 from lowrank.models import GPT, GPTConfig
-from lowrank.train import Trainer, TrainConfig
+from lowrank.training.trainer import Trainer, TrainConfig
 
 from .helpers import FakeData, gradient_errors, make_layer, problem, rel_err, to_host
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank.decompose import svd_split
+from lowrank.nn.decompose import svd_split
 
 from .helpers import error_log, gradient_errors, make_layer, perturb, problem, rel_err, to_host
 

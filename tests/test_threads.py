@@ -2,7 +2,7 @@
 share of the cores; ``--threads`` reaches the BLAS pool; bad counts are refused."""
 import pytest
 
-from lowrank import cli, cli_parser
+from lowrank.app import cli, cli_parser
 from lowrank.backend import threads
 
 

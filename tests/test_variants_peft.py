@@ -16,8 +16,8 @@ pytest.importorskip("peft")
 
 import lowrank as lr  # noqa: E402
 from lowrank import backend  # noqa: E402
-from lowrank.layers import Linear  # noqa: E402
-from lowrank.module import Module  # noqa: E402
+from lowrank.nn.layers import Linear  # noqa: E402
+from lowrank.nn.module import Module  # noqa: E402
 from reference import finite_diff, peft_variants  # noqa: E402
 
 from .helpers import error_log  # noqa: E402

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank import checkpoint, cli, workflows as wf
-from lowrank.hooks import StepHook
+from lowrank.formats import checkpoint
+from lowrank.app import cli, workflows as wf
+from lowrank.nn.hooks import StepHook
 from lowrank.models import GPT, GPTConfig
-from lowrank.train import NonFiniteLossError, Trainer, TrainConfig
+from lowrank.training.trainer import NonFiniteLossError, Trainer, TrainConfig
 
 from .helpers import FakeData
 
@@ -206,7 +207,7 @@ def test_cli_pretrain_finetune_generate_eval(tmp_path, text_file, capsys):
 
 
 def test_demo_runs_and_writes_table_and_plot(tmp_path, monkeypatch):
-    from lowrank import demo
+    from lowrank.app import demo
     monkeypatch.setattr(demo, "BASE", wf.ModelSpec(vocab_size=300, context=16, n_layer=1,
                                                    n_head=2, d_model=16))
     monkeypatch.setattr(demo, "CODE", wf.DataSpec("code", max_bytes=100_000))

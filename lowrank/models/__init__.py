@@ -34,7 +34,6 @@ class ModelEntry:
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
-DEFAULT_MODEL_TYPE = "gpt"   # lowrank checkpoints written before the registry hold a GPT
 
 
 def register(entry: ModelEntry) -> ModelEntry:
@@ -54,12 +53,20 @@ def entry(model_type) -> ModelEntry:
     return _REGISTRY[model_type]
 
 
+def type_of(config) -> str | None:
+    """The registered name of ``config``'s family (the first entry taking its class), or None
+    for a config no registered model takes."""
+    return next((e.name for e in _REGISTRY.values() if type(config) is e.config_cls), None)
+
+
 def config_from_dict(data: dict, where: str = "config"):
-    """A lowrank config from its saved dict (``model_type`` names the family; default GPT)."""
+    """A lowrank config from its saved dict (``model_type`` names the family)."""
     if not isinstance(data, dict):
         raise ValueError(f"{where}: model config must be a JSON object, got {type(data).__name__}")
     data = dict(data)
-    e = entry(data.pop("model_type", DEFAULT_MODEL_TYPE))
+    if "model_type" not in data:
+        raise ValueError(f"{where}: model config has no 'model_type'; registered: {names()}")
+    e = entry(data.pop("model_type"))
     try:
         return e.config_cls(**data)
     except TypeError as exc:
@@ -91,7 +98,7 @@ register(ModelEntry("gpt2", GPTConfig, GPT, _gpt2_config, hf.gpt2_key_map, hf.gp
 register(ModelEntry("bert", BertConfig, Bert, _bert_config, hf.bert_key_map, hf.bert_ignored,
                     prefix="bert."))
 
-__all__ = ["ModelEntry", "register", "entry", "names", "build", "config_from_dict",
+__all__ = ["ModelEntry", "register", "entry", "names", "type_of", "build", "config_from_dict",
            "GPT", "GPTConfig", "Bert", "BertConfig", "BertLayer", "SequenceClassifier",
            "Block", "GPTBlock",
            "Embedding", "LayerNorm", "Parts"]

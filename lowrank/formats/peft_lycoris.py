@@ -23,8 +23,8 @@ from collections import Counter
 
 import numpy as np
 
-from . import backend
-from .peft_format import PEFT_PREFIX, pattern_value, short_targets
+from .. import backend
+from .peft_names import PEFT_PREFIX, pattern_value, short_targets
 
 PEFT_TYPE = {"vera": "VERA", "loha": "LOHA", "lokr": "LOKR"}
 VARIANT = {v: k for k, v in PEFT_TYPE.items()}
@@ -54,7 +54,7 @@ def check_layers(layers: list, peft_name, kind: str) -> None:
     if kind == "gpt2" and variant != "vera":
         raise ValueError(f"{variant} adapter on GPT-2: PEFT's {PEFT_TYPE[variant]} does not wrap "
                          "GPT-2's Conv1D layers (it takes Linear, Conv1d and Conv2d only); save "
-                         "in lowrank's format (lowrank.checkpoint.save_adapter)")
+                         "in lowrank's format (lowrank.formats.checkpoint.save_adapter)")
     for name, layer in layers:
         mapped = peft_name(name)
         if mapped is None:
@@ -64,7 +64,7 @@ def check_layers(layers: list, peft_name, kind: str) -> None:
             raise ValueError(f"{layer.variant} adapter on {name!r}: GPT-2's fused c_attn has no "
                              f"exact {PEFT_TYPE[layer.variant]} counterpart for q/k/v adapters "
                              "(docs/peft.md#vera-loha-lokr); target attn.o, mlp.fc1, mlp.fc2, "
-                             "or save in lowrank's format (lowrank.checkpoint.save_adapter)")
+                             "or save in lowrank's format (lowrank.formats.checkpoint.save_adapter)")
     first = layers[0][1]
     if first.variant == "vera":
         shared = {id(layer.shared_projections()[0]) for _, layer in layers}

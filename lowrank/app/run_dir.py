@@ -14,10 +14,10 @@ import os
 import sys
 from pathlib import Path
 
-from .schema import RUN_FILE as RUN_SCHEMA, check
-from .storage import read_sealed_json, write_sealed_json
-from .tokenizer import Tokenizer
-from .untrusted import parse_json, read_bytes, sha256
+from ..files.schema import RUN_SCHEMA, check
+from ..files.storage import read_sealed_json, write_sealed_json
+from ..text.tokenizer import Tokenizer
+from ..files.untrusted import parse_json, read_bytes, sha256
 
 RUN_FILE = "run.json"
 TOKENIZER_FILE = "tokenizer.json"

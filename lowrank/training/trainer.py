@@ -6,7 +6,7 @@ on it):
     forward/backward (× accum_steps) → hooks.extra_loss (regularisers add their gradients)
     → clip → optimizer step → hooks.after_step (masks, rank growth, restarts) → zero-grad
 
-Hooks are ``lowrank.hooks.StepHook`` instances (``bind``, ``owns``, ``extra_loss``, ``lr_at``,
+Hooks are ``lowrank.nn.hooks.StepHook`` instances (``bind``, ``owns``, ``extra_loss``, ``lr_at``,
 ``after_step``, ``state_dict``/``load_state_dict``, each with a no-op default). An adapter
 class that needs one returns it from ``step_hook(model)``; ``hooks_for`` hands it to the
 trainer, so no user has to remember to call it.
@@ -33,13 +33,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import backend
-from .adapters import adapted_modules
-from .hooks import StepHook
-from .models import Embedding
-from .optim import AdamW, clip_grad_norm, loraplus_scales, lr_at
-from .parallel import BatchShards, GradientAllReduce, SingleProcess
-from .validate import check_number
+from .. import backend
+from ..adapters import adapted_modules
+from ..nn.hooks import StepHook
+from ..models import Embedding
+from ..nn.optim import AdamW, clip_grad_norm, loraplus_scales, lr_at
+from ..parallel import BatchShards, GradientAllReduce, SingleProcess
+from ..nn.validate import check_number
 
 
 class NonFiniteLossError(RuntimeError):
@@ -112,7 +112,7 @@ class Trainer:
         self.hooks = hooks_for(model) if hooks is None else list(hooks)
         for hook in self.hooks:
             if not isinstance(hook, StepHook):
-                raise ValueError(f"hooks must be lowrank.hooks.StepHook instances, got "
+                raise ValueError(f"hooks must be lowrank.nn.hooks.StepHook instances, got "
                                  f"{type(hook).__name__}")
             hook.bind(self)   # a hook that needs the trainer (its comm) before step 1
         self.optimizer = AdamW([(n, p) for n, p in model.named_parameters(trainable_only=True)
@@ -188,7 +188,7 @@ class Trainer:
         return self.finish_step(loss, start)
 
     def finish_step(self, loss: float, start: float) -> dict:
-        """The rest of a step once the gradients are in (``lowrank.multi.train`` runs
+        """The rest of a step once the gradients are in (``lowrank.app.multi_run`` runs
         the forward/backward of several adapters at once, then this for each): extra_loss →
         clip → AdamW → after_step → zero-grad; returns the step's record."""
         c, model = self.config, self.model

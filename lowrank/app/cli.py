@@ -14,17 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend, workflows as wf
-from .adapters import field_from_text
-from .backend import threads
+from .. import backend
+from . import workflows as wf
+from ..adapters import field_from_text
+from ..backend import threads
 from .bench import run_bench
 from .demo import run_demo
 from .cli_parser import parse
-from .multi import finetune_many, parse_variants
-from .parallel import ParameterDriftError, get_comm
+from .multi_run import finetune_many, parse_variants
+from ..parallel import ParameterDriftError, get_comm
 from .run_dir import read_run
-from .tasks import classify_cli
-from .train import NonFiniteLossError, TrainConfig
+from . import classify_cli
+from ..training.trainer import NonFiniteLossError, TrainConfig
 
 
 def _train_config(args) -> TrainConfig:

@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy as st
 
-from . import backend
-from ._version import __version__
+from .. import backend
+from .._version import __version__
 from .json_arrays import encode_train_state
-from .untrusted import (INTEGRITY_KEY, MAX_HEADER_BYTES, load_json_file,
-                        parse_safetensors_header, read_safetensors_file, regular_file, seal,
-                        sha256, verify_seal)
+from .untrusted import (INTEGRITY_KEY, MAX_HEADER_BYTES, load_json_file, parse_safetensors_header,
+                        read_safetensors_file, regular_file, seal, sha256, verify_seal)
 
 CHECKSUM_KEY = "lowrank.sha256"
 SAVE_ID_KEY = "lowrank.save_id"

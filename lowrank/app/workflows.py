@@ -23,21 +23,22 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend, checkpoint, peft_files
-from .adapters import adapted_modules, config as adapter_config, config_from_dict, inject
-from .adapters.inject import SEED_STRIDE
-from .data import TokenData, corpus
-from .models import GPT, GPTConfig
-from .models.generate import generate as generate_ids
-from .parallel import SingleProcess
-from .pretrained import from_pretrained, is_foreign
+from .. import backend
+from ..formats import checkpoint, peft_dir as peft_files
+from ..adapters import adapted_modules, config as adapter_config, config_from_dict, inject
+from ..adapters.inject import SEED_STRIDE
+from ..text.corpus import TokenData, corpus
+from ..models import GPT, Bert, GPTConfig
+from ..models.generate import generate as generate_ids
+from ..parallel import SingleProcess
+from ..formats.model_dir import HUGGING_FACE, inspect, open_model
 from .run_dir import (RUN_FILE, TOKENIZER_FILE, load_tokenizer, prepare_out, read_run,
                       remove_if_unsaved, say, write_run)
-from .storage import cap_for
-from .quant import quantize_base
-from .tokenizer import Tokenizer, train_tokenizer
-from .train import Trainer, TrainConfig
-from .update_check import check_update
+from ..files.storage import cap_for
+from ..quant import quantize_base
+from ..text.tokenizer import Tokenizer, train_tokenizer
+from ..training.trainer import Trainer, TrainConfig
+from ..training.update_check import check_update
 DEFAULT_TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
 
 
@@ -174,23 +175,20 @@ def _pretrain(out, model_spec, data_spec, train, dtype, resume, save_every, prog
 
 
 def load_base(base, dtype=None, backend_name=None):
-    """``(model, tokenizer, run info)`` of a pretrained directory (lowrank's or, for a GPT-2,
-    Hugging Face's)."""
-    base = Path(base)
-    if not base.is_dir():
+    """``(model, tokenizer, run info)`` of a language model: a lowrank directory, a Hugging Face
+    one, or a name (``model_dir.open_model``, the one way in)."""
+    if not isinstance(base, str) and not Path(base).exists():
         raise FileNotFoundError(f"model directory not found: {base}")
-    if is_foreign(base):
-        model = from_pretrained(base, dtype or backend.DEFAULT_DTYPE, backend_name)
-        if not isinstance(model, GPT):
-            raise ValueError(f"{base} holds a {type(model).__name__}, which has no language-model "
-                             "head: this command needs a GPT (e.g. a gpt2 directory)")
-        return model, Tokenizer.from_pretrained(base), {}
-    run = read_run(base)
-    model = checkpoint.load_model(base, backend_name)
-    if dtype is not None and backend.check_dtype(dtype) != model.dtype.name:
-        for p in model.parameters():
-            p.data = p.data.astype(dtype)
-    return model, load_tokenizer(base, run), run
+    source = inspect(base)
+    model = open_model(source, dtype, backend_name)
+    if isinstance(model, Bert):
+        raise ValueError(f"{source.path} holds a {type(model).__name__}, which has no "
+                         "language-model head: this command needs a causal language model "
+                         "(e.g. a gpt2 directory); classify with --task classify")
+    if source.kind == HUGGING_FACE:
+        return model, Tokenizer.from_pretrained(source.path), {}
+    run = read_run(source.path)
+    return model, load_tokenizer(source.path, run), run
 
 
 def check_options(variants, options) -> None:

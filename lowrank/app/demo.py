@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import adapters, workflows as wf
-from .train import Trainer, TrainConfig
+from .. import adapters
+from . import workflows as wf
+from ..training.trainer import Trainer, TrainConfig
 
 # the base: small enough to pretrain in well under a minute on 2 cores
 BASE = wf.ModelSpec(vocab_size=1024, context=64, n_layer=2, n_head=4, d_model=128)

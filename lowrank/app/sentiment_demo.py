@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import adapters
-from ..hooks import StepHook
-from ..demo import curves_figure, save_figure, summary
-from . import classify, classify_io
-from .text_data import TextData, label_names
+from ..nn.hooks import StepHook
+from .demo import curves_figure, save_figure, summary
+from ..tasks import classify, classify_io
+from ..tasks.text_data import TextData, label_names
 
 TRAIN_EXAMPLES = 1800
 MEMORY_STEPS = 3   # steps traced for peak memory (later steps allocate alike)

@@ -6,7 +6,7 @@ parameters only, and every ``backward`` *accumulates* into them. A frozen parame
 """
 from __future__ import annotations
 
-from . import backend
+from .. import backend
 
 
 class Parameter:

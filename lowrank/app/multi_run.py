@@ -27,13 +27,14 @@ import time
 from itertools import zip_longest
 from pathlib import Path
 
-from .. import backend, checkpoint
-from .. import workflows as wf
+from .. import backend
+from ..formats import checkpoint
+from . import workflows as wf
 from ..adapters import config as adapter_config, field_from_text
-from ..run_dir import prepare_out
-from ..train import NonFiniteLossError, Trainer, TrainConfig
-from ..update_check import check_update
-from .modules import AdapterView, inject_multi, multi_loss, multi_loss_backward
+from .run_dir import prepare_out
+from ..training.trainer import NonFiniteLossError, Trainer, TrainConfig
+from ..training.update_check import check_update
+from ..multi.modules import AdapterView, inject_multi, multi_loss, multi_loss_backward
 
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 

@@ -1,9 +1,9 @@
 """Modules built from the functional ops: the plain ``Linear`` that adapters wrap."""
 from __future__ import annotations
 
-from . import backend
+from .. import backend
 from .module import Module, Parameter
-from .ops.linear import check_input, linear_backward, linear_forward
+from ..ops.linear import check_input, linear_backward, linear_forward
 
 
 class Linear(Module):

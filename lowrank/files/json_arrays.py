@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import backend
+from .. import backend
 
 TENSOR_REF = "__tensor__"
 

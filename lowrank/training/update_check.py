@@ -5,8 +5,8 @@ after a blown-up update could already have been written over the last good save.
 """
 from __future__ import annotations
 
-from . import backend
-from .train import NonFiniteLossError
+from .. import backend
+from .trainer import NonFiniteLossError
 
 
 class NonFiniteUpdateError(NonFiniteLossError):

@@ -1,4 +1,4 @@
-"""The command line of the classification task (``lowrank.cli`` hands these over):
+"""The command line of the classification task (``lowrank.app.cli`` hands these over):
 
     lowrank finetune --base minilm --task classify [--data train.tsv] [--eval-data val.tsv]
                      --variant lora --out DIR          # prints validation accuracy per epoch
@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from ..adapters import available, field_from_text
-from . import classify, classify_io as io
+from ..tasks import classify, classify_io as io
 from .sentiment_demo import run_demo
 
 COMMANDS = ("finetune", "eval", "predict", "demo")

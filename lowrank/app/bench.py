@@ -16,11 +16,11 @@ import time
 
 import numpy as np
 
-from . import adapters, backend
-from .backend import threads
-from .models import GPT, GPTConfig
-from .optim import AdamW
-from .parallel import BatchShards
+from .. import adapters, backend
+from ..backend import threads
+from ..models import GPT, GPTConfig
+from ..nn.optim import AdamW
+from ..parallel import BatchShards
 
 BENCH = GPTConfig(vocab_size=1024, context=128, n_layer=4, n_head=4, d_model=256)
 BATCH = 8

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from . import backend
+from .. import backend
 
 
 class AdamW:

@@ -94,17 +94,17 @@ TRAIN_STATE = {"step": int_in(0, 1 << 62), "tokens_seen?": int_in(0, 1 << 62),
 _SAVE = {"format": str, "lowrank_version?": str, "train_state?": (dict, None),
          "files?": {str: hex32}, "integrity": dict}
 
-MODEL_CONFIG_FILE = {**_SAVE, "model?": dict, "dtype?": (str, None)}
+MODEL_CONFIG_SCHEMA = {**_SAVE, "model?": dict, "dtype?": (str, None)}
 
 ADAPTER_MODULE = {"variant": str, "config": dict, "in_features": int_in(1, 1 << 20),
                   "out_features": int_in(1, 1 << 20), "dtype?": str, "merged?": bool,
                   "params?": {str: [int_in(0, 1 << 31)]}, "extra?": dict}
 
-ADAPTER_CONFIG_FILE = {**_SAVE, "variant": str, "config": (dict, None),
+ADAPTER_CONFIG_SCHEMA = {**_SAVE, "variant": str, "config": (dict, None),
                        "targets": [module_name], "modules": {str: ADAPTER_MODULE}}
 
 RUN_KINDS = ("base", "full", "adapter", "multi")
-RUN_FILE = {"kind?": lambda v: None if v in RUN_KINDS else f"must be one of {RUN_KINDS}, got {v!r}",
+RUN_SCHEMA = {"kind?": lambda v: None if v in RUN_KINDS else f"must be one of {RUN_KINDS}, got {v!r}",
             "base?": str, "base_path?": str, "variant?": str, "targets?": (list, str),
             "config?": (dict, None),
             "data?": dict, "train?": {"seed?": int_in(0, 1 << 63)}, "history?": [dict],

@@ -3,7 +3,7 @@
 Only what an adapter adds is saved — every parameter of each ``AdaptedLinear`` except its
 frozen base — under PEFT's key names (``blocks.0.attn.q.lora_A.weight``), with the variant's
 config and per-module metadata. Loading expects the same adapters injected into the same base
-(``workflows.load_finetuned`` re-injects from the saved config). ``lowrank.checkpoint``
+(``workflows.load_finetuned`` re-injects from the saved config). ``lowrank.formats.checkpoint``
 re-exports these functions; the format: docs/training.md#adapter-files.
 """
 from __future__ import annotations
@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ._version import __version__
-from .adapters import AdaptedLinear
-from .json_arrays import split_arrays
-from .module import Module
-from .schema import ADAPTER_CONFIG_FILE as ADAPTER_CONFIG_SCHEMA, check
-from .storage import (StagedFiles, cap_for, check_and_assign, read_saved_tensors,
-                      read_sealed_json, stage, stage_state)
+from .._version import __version__
+from ..adapters import AdaptedLinear
+from ..files.json_arrays import split_arrays
+from ..nn.module import Module
+from ..files.schema import ADAPTER_CONFIG_SCHEMA, check
+from ..files.storage import (StagedFiles, cap_for, check_and_assign, read_saved_tensors,
+                             read_sealed_json, stage, stage_state)
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"

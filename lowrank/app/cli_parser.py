@@ -11,7 +11,7 @@ import difflib
 import math
 import sys
 
-from .adapters import available, config as adapter_config, field_from_text
+from ..adapters import available, config as adapter_config, field_from_text
 
 BACKENDS = ("numpy", "numpy-strict", "cupy")
 VARIANT_FLAGS = {"r", "alpha", "dropout", "init", "rslora"}   # fields with their own flag

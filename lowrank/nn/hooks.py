@@ -1,13 +1,13 @@
 """``StepHook``: what the training loop calls around each optimizer step
 (docs/training.md#step-order).
 
-One step of ``lowrank.train.Trainer``, always in this order:
+One step of ``lowrank.training.trainer.Trainer``, always in this order:
 
     forward/backward (× accum_steps) → extra_loss → clip → optimizer step → after_step → zero-grad
 
 A hook overrides the methods it needs; every default does nothing, so the trainer calls all
 of them on every hook. An adapter class that needs a hook returns one from
-``AdaptedLinear.step_hook(model)``; ``lowrank.train.hooks_for`` collects them.
+``AdaptedLinear.step_hook(model)``; ``lowrank.training.trainer.hooks_for`` collects them.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Host-side I/O (docs/conventions.md#host-io): arrays leave the device with
 ``backend.to_numpy`` and come back with ``backend.asarray``; numpy is used here for host
-arrays only. What model and adapter files share lives in ``lowrank.storage``.
+arrays only. What model and adapter files share lives in ``lowrank.files.storage``.
 
 A model directory holds
 
@@ -15,9 +15,9 @@ A model directory holds
   ``exp_avg.<param name>``, ``exp_avg_sq.<param name>``), stored bit for bit.
 
 An adapter directory holds ``adapter_model.safetensors`` (PEFT keys, e.g.
-``blocks.0.attn.q.lora_A.weight``) and ``adapter_config.json`` (``lowrank.adapter_files``).
+``blocks.0.attn.q.lora_A.weight``) and ``adapter_config.json`` (``lowrank.formats.adapter_dir``).
 
-Atomicity (``lowrank.storage.StagedFiles``): a save writes its data files under versioned
+Atomicity (``lowrank.files.storage.StagedFiles``): a save writes its data files under versioned
 names, then replaces the JSON that records their save ids — the one commit point — then moves
 them onto their canonical names; loading follows the JSON, so a process killed at any moment
 leaves one whole save. An adapter directory keeps its training state in adapter_config.json
@@ -31,22 +31,21 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend as _backend   # load_model's argument is called backend
-from . import models
-from .adapter_files import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, load_adapter,  # noqa: F401
-                            read_adapter_config, save_adapter)
-from .json_arrays import join_arrays
-from .module import Module
-from .schema import MODEL_CONFIG_FILE, MODEL_SIZE, TRAIN_STATE, check
-from .storage import (OPTIMIZER_FILE, StagedFiles, atomic_write, check_and_assign,
-                      cap_for, read_json, read_safetensors, read_saved_tensors, read_sealed_json,
-                      resolve_weights_file, stage, stage_state)
-from .untrusted import regular_file
-
-_read_safetensors = read_safetensors   # older name, used by tests and tools
+from .. import backend as _backend  # load_model's argument is called backend
+from .. import models
+from .adapter_dir import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, load_adapter,  # noqa: F401
+                          read_adapter_config, save_adapter)
+from ..files.json_arrays import join_arrays
+from ..files.locate import CONFIG_FILE
+from ..nn.module import Module
+from ..files.schema import MODEL_CONFIG_SCHEMA, MODEL_SIZE, TRAIN_STATE, check
+from ..files.storage import (OPTIMIZER_FILE, StagedFiles, atomic_write, check_and_assign, cap_for,
+                             read_json, read_safetensors, read_saved_tensors, read_sealed_json,
+                             resolve_weights_file, stage, stage_state)
+from ..files.untrusted import regular_file, verify_seal
+from .._version import __version__
 
 MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 FORMAT = "lowrank"
 
 
@@ -57,12 +56,13 @@ def _model_config_dict(model) -> dict:
     if cfg is None:
         raise ValueError(f"{type(model).__name__} has no .config to save")
     if hasattr(cfg, "to_dict"):
-        return cfg.to_dict()
-    if dataclasses.is_dataclass(cfg):
-        return dataclasses.asdict(cfg)
-    if isinstance(cfg, dict):
-        return dict(cfg)
-    raise ValueError(f"model.config ({type(cfg).__name__}) has no to_dict()")
+        data = cfg.to_dict()
+    elif dataclasses.is_dataclass(cfg):
+        data = dataclasses.asdict(cfg)
+    else:
+        raise ValueError(f"model.config ({type(cfg).__name__}) has no to_dict()")
+    model_type = models.type_of(cfg)   # None: a module of the caller's own, not rebuildable
+    return data if model_type is None else {"model_type": model_type, **data}
 
 
 def _model_dtype(model) -> str | None:
@@ -151,24 +151,33 @@ def load_training_state(directory, expected_shapes: dict | None = None,
     return join_arrays(skeleton, tensors, source)   # references carry the exact keys
 
 
-def load_weights(model: Module, directory_or_file, strict: bool = True):
+def load_weights(model: Module, directory_or_file, strict: bool = True,
+                 config: dict | None = None):
     """Load ``model.safetensors`` (or the given file) into ``model`` by parameter name.
 
     Arrays are cast to each parameter's dtype and moved to its backend. Missing keys,
     unexpected keys (both only with ``strict``) and shape mismatches raise ValueError naming
     the key and shapes; nothing is assigned then. Returns ``(missing, unexpected)`` keys.
+    ``config``: the directory's checked ``config.json`` when the caller has it already.
     """
     path = Path(directory_or_file)
     expected = dict(model.named_parameters())
     shapes = {k: p.shape for k, p in expected.items()}
     if path.is_dir() and (path / CONFIG_FILE).exists():
-        path, tensors = read_saved_tensors(path, read_config(path), MODEL_FILE,
+        config = read_config(path) if config is None else config
+        path, tensors = read_saved_tensors(path, config, MODEL_FILE,
                                            path / CONFIG_FILE, shapes,
                                            cap_for(expected.values()))
     else:   # a bare weights file (another tool's): no save record to check it against
         path = resolve_weights_file(path, MODEL_FILE)
         tensors = read_safetensors(path, expected_shapes=shapes)
     return check_and_assign(expected, tensors, path, strict)
+
+
+def check_config(raw: dict, path) -> dict:
+    """A lowrank model ``config.json`` already read from ``path``: its integrity record and
+    schema checked."""
+    return check(verify_seal(raw, path, __version__), MODEL_CONFIG_SCHEMA, str(path))
 
 
 def read_config(directory) -> dict:
@@ -178,37 +187,37 @@ def read_config(directory) -> dict:
     if "format" not in raw and "model_type" in raw:
         raise ValueError(f"{path} is a Hugging Face model config (no 'format' entry): load "
                          "it with lr.from_pretrained")
-    return check(read_sealed_json(path), MODEL_CONFIG_FILE, str(path))
+    return check_config(raw, path)
 
 
-def load_model(directory, backend: str | None = None):
-    """Rebuild the model saved in ``directory`` (its family from the models registry, a GPT
-    when the config names none) and load its weights.
+def load_model(directory, backend: str | None = None, dtype: str | None = None,
+               config: dict | None = None):
+    """Rebuild the model saved in ``directory`` (its family from the models registry) and load
+    its weights, cast on the host to ``dtype`` (default: the saved dtype).
 
     ``backend`` ('numpy', 'numpy-strict', 'cupy'; default: the active one) says where the
-    parameters live.
+    parameters live; ``config`` is the directory's ``config.json`` when the caller has read
+    and checked it already (``model_dir.inspect``).
     """
-    name = backend
     directory = Path(directory)
-    config = read_config(directory)
+    config = read_config(directory) if config is None else config
+    where = str(directory / CONFIG_FILE)
     if "model" not in config:
-        hint = ("a Hugging Face model directory: load it with lr.from_pretrained"
-                if "model_type" in config else "a training-state-only directory?")
-        raise ValueError(f"{directory / CONFIG_FILE} has no 'model' entry ({hint})")
-    dtype = config.get("dtype") or _backend.DEFAULT_DTYPE
-    if dtype not in ("float32", "float64"):
-        raise ValueError(f"{directory / CONFIG_FILE}: field 'dtype' must be float32 or "
-                         f"float64, got {dtype!r}")
-    check(config["model"], {str: MODEL_SIZE}, f"{directory / CONFIG_FILE}: model")
+        raise ValueError(f"{where} has no 'model' entry (a training-state-only directory?)")
+    saved_dtype = config.get("dtype") or _backend.DEFAULT_DTYPE
+    if saved_dtype not in ("float32", "float64"):
+        raise ValueError(f"{where}: field 'dtype' must be float32 or float64, got "
+                         f"{saved_dtype!r}")
+    dtype = dtype or saved_dtype
+    check(config["model"], {str: MODEL_SIZE}, f"{where}: model")
     try:
-        model_config = models.config_from_dict(config["model"], str(directory / CONFIG_FILE))
+        model_config = models.config_from_dict(config["model"], where)
     except ValueError as exc:   # the config class's own check names the field, not the file
-        where = str(directory / CONFIG_FILE)
         raise (exc if where in str(exc) else ValueError(f"{where}: model: {exc}")) from None
-    _check_fits_file(model_config, dtype, directory)
-    xp = None if name is None else _backend.namespace(name)
+    _check_fits_file(model_config, saved_dtype, directory)
+    xp = None if backend is None else _backend.namespace(backend)
     model = models.build(model_config, dtype=dtype, xp=xp)
-    load_weights(model, directory, strict=True)
+    load_weights(model, directory, strict=True, config=config)
     return model
 
 
