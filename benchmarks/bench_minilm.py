@@ -16,7 +16,7 @@ machine load hits all alike; the median round is reported.
 
     python benchmarks/bench_minilm.py [--steps 3] [--rounds 3] [--threads N]
 
-Targets (issue 16): LoRA tokens/s >= 2x PyTorch+PEFT's LoRA and >= 1.2x PyTorch's full
+Targets: LoRA tokens/s >= 2x PyTorch+PEFT's LoRA and >= 1.2x PyTorch's full
 fine-tuning; lowrank LoRA peak RSS <= 0.6x PyTorch+PEFT's.
 """
 from __future__ import annotations

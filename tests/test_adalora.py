@@ -12,6 +12,7 @@ import pytest
 import lowrank as lr
 from lowrank import backend
 from lowrank.formats import checkpoint
+from lowrank.files.storage import read_safetensors
 from lowrank.app import cli, workflows as wf
 from lowrank.adapters import adalora
 from lowrank.adapters._adalora_allocator import budget_schedule, orth_regularizer

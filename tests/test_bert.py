@@ -273,8 +273,9 @@ def test_registry_names_and_errors():
     assert models.config_from_dict(cfg.to_dict()) == cfg
     assert isinstance(models.build(cfg, dtype="float64"), Bert)
     gpt = lr.GPTConfig(vocab_size=5, context=4, n_layer=1, n_head=1, d_model=4)
-    assert "layer_norm_eps" not in gpt.to_dict()            # old checkpoints' configs unchanged
-    assert models.config_from_dict(gpt.to_dict()) == gpt    # no model_type: a GPT
+    assert models.config_from_dict({"model_type": "gpt", **gpt.to_dict()}) == gpt
+    with pytest.raises(ValueError, match="no 'model_type'"):
+        models.config_from_dict(gpt.to_dict())              # the family is never guessed
 
 
 # --- real weights: all-MiniLM-L6-v2 --------------------------------------------------------------

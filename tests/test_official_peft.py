@@ -1,4 +1,4 @@
-"""PEFT parity for the inits issue 14 made official (docs/variants.md#pissa-niter-q, #dora).
+"""PEFT parity for the official inits (docs/variants.md#pissa-niter-q, #dora).
 
 * ``pissa_niter_q``: PEFT calls ``torch.svd_lowrank(W, r, niter=q)``, whose Gaussian test
   matrix is drawn inside torch. The test wraps PEFT's ``svd_lowrank`` so that torch is seeded

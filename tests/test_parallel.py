@@ -16,6 +16,7 @@ import pytest
 
 import lowrank as lr
 from lowrank.formats import checkpoint
+from lowrank.files.storage import read_safetensors
 from lowrank.app import cli, workflows as wf
 from lowrank.nn.hooks import StepHook
 from lowrank.models import GPT, GPTConfig
@@ -367,7 +368,7 @@ def test_mpiexec_resume_with_dropout_continues_bit_identically(base):
     (Through the API: the CLI's warm-up, min(--warmup, --steps), changes with --steps.)"""
     mpiexec = _mpiexec()
     root, args = base
-    script = ("import sys\nfrom lowrank import workflows as wf\n"
+    script = ("import sys\nfrom lowrank.app import workflows as wf\n"
               "from lowrank.parallel import get_comm\nfrom lowrank.training.trainer import TrainConfig\n"
               "out, steps, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == '1'\n"
               f"wf.finetune(out, {args[1]!r}, 'lora', ['q', 'fc1'], {{'r': 2, 'dropout': 0.2}}, "

@@ -1,32 +1,12 @@
 """Many adapters over one frozen base in one process (PEFT's mixed-batch ``adapter_names=``,
-S-LoRA): the model, modules and views that ``lowrank.app.multi_run.MultiTrainer`` drives.
+S-LoRA; docs/training.md#multi-adapter): the model, modules and views that
+``lowrank.app.multi_run.MultiTrainer`` drives.
 
-K independent adapters train side by side. A batch is the concatenation of K row groups
-(adapter k's sequences); the frozen model runs once over all of it; every adapted Linear is a
-``MultiAdapterLinear``: the frozen base ``(W0, b0)`` once plus one ``AdaptedLinear`` per
-adapter (built by the registry from the same W0, b0 with that adapter's config and seed, so
-it is the very layer ``inject`` would build alone). With flattened input rows R_k of group k:
-
-* fast path (``has_delta_path()``: ``delta_forward``/``delta_backward``, adapters/base.py,
-  and its base is still the shared W0):
-      Y = X W0ᵀ + b0 over all rows (one GEMM),    Y[R_k] += Δy_k(X[R_k])
-      dX = G W0 over all rows (one GEMM),         dX[R_k] += dx_Δk(G[R_k])
-* fallback (DoRA, svd, RoSA, PiSSA/OLoRA/MiLoRA inits, ReLoRA after a restart, a merged
-  adapter): ``Y[R_k], dX[R_k]`` = the adapter's own forward/backward on its rows.
-
-Consecutive fast groups share one GEMM, so with every group fast it is one ``x W0ᵀ`` and
-one ``G W0`` per layer and step. "Its base is still the shared W0" is an identity test: at
-build time a layer whose copied W0 is bit-identical to the base gets the shared array itself
-(``a.weight.data is W0``); every variant that rewrites its base assigns a *new* array (PiSSA
-at init, ReLoRA's restart, merge, loading a saved base), which ends the sharing for that
-adapter only. Frozen bases are never written in place (AdamW touches trainable ones only).
-
-Each adapter's gradient is exactly its gradient alone: the loss is Σ_k (mean cross-entropy
-over group k), adapter k's parameters see only rows R_k, and row-wise ops (LayerNorm, GELU,
-attention within a sequence) do not mix groups. ``AdapterView(model, k)`` presents adapter k
-as a model holding only it (``named_modules``/``named_parameters`` with the names of a
-single-adapter model), so a ``Trainer``, the step hooks (AdaLoRA's allocator, SoRA's gate
-step, ...) and ``checkpoint.save_adapter``/``load_adapter`` work on it unchanged.
+A batch is K row groups; the frozen model runs once over all of it. Sharing the base GEMM is
+decided by identity (``a.weight.data is W0``): every variant that rewrites its base assigns a
+new array (PiSSA at init, ReLoRA's restart, merge, a loaded base), which ends the sharing for
+that adapter only. ``AdapterView(model, k)`` presents adapter k as a single-adapter model, so
+the Trainer, the step hooks and the adapter files work on it unchanged.
 """
 from __future__ import annotations
 

@@ -20,9 +20,6 @@ class SVDSplit:
     Vt: Any         # (r, n), orthonormal rows
     residual: Any   # (m, n) = W - U diag(S) Vt
 
-    def low_rank(self):
-        return (self.U * self.S) @ self.Vt              # (m, n)
-
 
 def check_rank(r, shape, field: str = "r") -> None:
     m, n = shape

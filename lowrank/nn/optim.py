@@ -47,11 +47,6 @@ class AdamW:
         self.params[name] = p
         self.state.pop(name, None)
 
-    def remove_param(self, name: str) -> None:
-        self.params.pop(name, None)
-        self.state.pop(name, None)
-        self.lr_scale.pop(name, None)
-
     def set_lr_scale(self, p, factor: float) -> None:
         """``p`` learns at ``factor`` × the step's lr (and decays with it, as a torch param
         group's lr does): LoRA+'s B group (docs/variants.md#loraplus)."""

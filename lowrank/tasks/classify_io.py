@@ -15,7 +15,6 @@ Host-side I/O (docs/classification.md#files).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -43,17 +42,11 @@ def load_encoder(base, dtype: str = "float32"):
 
 def build(base, num_labels: int, config: classify.ClassifyConfig, dtype="float32"):
     encoder, tok = load_encoder(base, dtype)
-    set_model_dropout(encoder, config.model_dropout)
+    if hasattr(encoder, "set_dropout"):   # BERT's hidden and attention dropout
+        encoder.set_dropout(config.model_dropout)
     clf = SequenceClassifier(encoder, num_labels, pooling=config.pooling, seed=config.seed,
                              dropout=config.model_dropout)
     return clf, tok
-
-
-def set_model_dropout(encoder, p: float) -> None:
-    """BERT's hidden/attention dropout, when the encoder supports it (``dropout`` attribute
-    of the encoder's config or a ``set_dropout`` method)."""
-    if hasattr(encoder, "set_dropout"):
-        encoder.set_dropout(p)
 
 
 # --- files ---------------------------------------------------------------------------------
@@ -175,6 +168,3 @@ def predict(directory, texts, base=None) -> list[dict]:
     return [{"label": names[int(row.argmax())],
              "probabilities": {n: float(p) for n, p in zip(names, row)}} for row in probs]
 
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=1, default=float)
