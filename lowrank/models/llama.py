@@ -150,6 +150,8 @@ class Llama(Module):
     """``Llama(config, seed=0, dtype="float32", xp=None)``: N(0, 0.02²) weights, zero biases,
     unit norms, drawn on the host (``lr.from_pretrained`` then assigns a checkpoint's)."""
 
+    peft_task_type = "CAUSAL_LM"   # what PEFT adapter files saved from it declare
+
     def __init__(self, config: LlamaConfig, seed=0, dtype=backend.DEFAULT_DTYPE, xp=None):
         if not isinstance(config, LlamaConfig):
             raise ValueError(f"config must be a LlamaConfig, got {type(config).__name__}")
