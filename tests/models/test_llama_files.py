@@ -120,6 +120,23 @@ def test_mistral_with_a_window_covering_the_context_loads(tmp_path):
     assert np.array_equal(loaded.forward(IDS)[0], source(seed=1).forward(IDS)[0])
 
 
+def test_sizes_the_files_cannot_hold_are_refused_before_allocating(tmp_path):
+    hf = {**HF, "num_hidden_layers": 10**6, "intermediate_size": 10**6}
+    with pytest.raises(ValueError, match="needs at least .* parameters, the weights hold"):
+        lr.from_pretrained(write_hf(tmp_path / "hf", hf, source()))
+
+
+def test_trainer_interface_loss(xp):
+    model = Llama(LlamaConfig(**SIZES), seed=1, dtype="float64", xp=xp)
+    ids = xp.asarray(IDS)
+    targets = xp.asarray(np.roll(IDS, -1, axis=1))
+    loss, cache = model.loss(ids, targets)
+    assert 2.0 < loss < 5.0                                     # about log(30) at init
+    model.zero_grad()
+    model.loss_backward(cache)
+    assert float(abs(model.model.norm.weight.grad).sum()) > 0
+
+
 def test_qwen2_needs_its_biases(tmp_path):
     directory = write_hf(tmp_path / "hf", {**HF, "model_type": "qwen2"}, source())
     with pytest.raises(ValueError, match=r"missing key 'model\.layers\.0\.self_attn\.q_proj\.bias'"):
