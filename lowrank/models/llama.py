@@ -2,7 +2,7 @@
 
     x = embed_tokens[ids]                                                (B, T, d)
     per layer:  h = x + o_proj(GQA(RoPE(q_proj(n)), RoPE(k_proj(n)), v_proj(n))),  n = RMSNorm₁(x)
-                x = h + down_proj(SiLU(gate_proj(m)) ⊙ up_proj(m)),                   m = RMSNorm₂(h)
+                x = h + down_proj(SiLU(gate_proj(m)) ⊙ up_proj(m)),                m = RMSNorm₂(h)
     hidden = norm(x);   logits = hidden W_headᵀ   (W_head = embed_tokens.weight when tied)
 
 Parameter names are the checkpoint's (``model.layers.0.self_attn.q_proj.weight``, ...,

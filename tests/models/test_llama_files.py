@@ -139,7 +139,8 @@ def test_trainer_interface_loss(xp):
 
 def test_qwen2_needs_its_biases(tmp_path):
     directory = write_hf(tmp_path / "hf", {**HF, "model_type": "qwen2"}, source())
-    with pytest.raises(ValueError, match=r"missing key 'model\.layers\.0\.self_attn\.q_proj\.bias'"):
+    with pytest.raises(ValueError, match=r"missing key 'model\.layers\.0\.self_attn\.q_proj"
+                                         r"\.bias'"):
         lr.from_pretrained(directory)
 
 

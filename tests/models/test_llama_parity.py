@@ -14,7 +14,8 @@ pytest.importorskip("transformers")
 import lowrank as lr  # noqa: E402
 from tests.helpers import error_log, rel_err, to_host  # noqa: E402
 
-from tests.models.llama_oracle import float64_oracle, load, logits_and_grads, tiny_checkpoint  # noqa: E402
+from tests.models.llama_oracle import (float64_oracle, load, logits_and_grads,  # noqa: E402
+                                       tiny_checkpoint)
 
 ERRORS, _report_errors = error_log("Llama family vs transformers (max relative error)")
 
