@@ -169,6 +169,11 @@ def test_bad_inputs_are_refused():
         model.forward(np.array([[1, 30]]))
     with pytest.raises(ValueError, match="attention_mask must have shape"):
         model.forward(IDS, attention_mask=np.ones((2, 3), dtype=np.int64))
+    mask = np.array([[0, 1, 1, 1], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(model.forward(IDS, attention_mask=mask.astype(bool))[0],
+                                  model.forward(IDS, attention_mask=mask)[0])
+    with pytest.raises(ValueError, match="attention_mask must lie in"):
+        model.forward(IDS, attention_mask=2 * mask)
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
         model.forward(np.zeros((1, 33), dtype=np.int64))
 
