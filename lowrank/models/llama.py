@@ -177,8 +177,10 @@ class Llama(Module):
         self.model = LlamaModel(Embedding(init.normal((c.vocab_size, d))), layers, norm())
         if not c.tie_word_embeddings:
             self.lm_head = linear(d, c.vocab_size)          # no bias: "lm_head.weight"
-        self.rope_freq = backend.asarray(                   # (hs/2,) float64, a constant
-            inv_freq(hs, c.rope_theta, c.rope_type, c.rope_scaling), xp=init.xp)
+        # (hs/2,) a constant in the model's dtype: its rope tables are formed in that dtype
+        # (float32 as transformers forms them; docs/llama.md#rope)
+        freq = inv_freq(hs, c.rope_theta, c.rope_type, c.rope_scaling)
+        self.rope_freq = backend.asarray(freq.astype(init.dtype), xp=init.xp)
 
     # --- helpers -------------------------------------------------------------------------------
     @property
