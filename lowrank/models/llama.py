@@ -177,10 +177,8 @@ class Llama(Module):
         self.model = LlamaModel(Embedding(init.normal((c.vocab_size, d))), layers, norm())
         if not c.tie_word_embeddings:
             self.lm_head = linear(d, c.vocab_size)          # no bias: "lm_head.weight"
-        # (hs/2,) a constant in the model's dtype: its rope tables are formed in that dtype
-        # (float32 as transformers forms them; docs/llama.md#rope)
-        freq = inv_freq(hs, c.rope_theta, c.rope_type, c.rope_scaling)
-        self.rope_freq = backend.asarray(freq.astype(init.dtype), xp=init.xp)
+        self.rope_freq = backend.asarray(                   # (hs/2,) float64, a constant
+            inv_freq(hs, c.rope_theta, c.rope_type, c.rope_scaling), xp=init.xp)
 
     # --- helpers -------------------------------------------------------------------------------
     @property
@@ -216,7 +214,9 @@ class Llama(Module):
         else:
             self._check_ids(position_ids, "position_ids", self.config.max_position_embeddings,
                             (B, T))
-        return rope_tables(self.rope_freq, position_ids, self.dtype)
+        # the tables are formed in the model's dtype (a float32 model's as transformers
+        # forms them, docs/llama.md#rope), whatever dtype it was built in
+        return rope_tables(self.rope_freq.astype(self.dtype), position_ids, self.dtype)
 
     # --- forward / backward ----------------------------------------------------------------------
     def forward(self, ids, attention_mask=None, position_ids=None, logits: bool = True):
