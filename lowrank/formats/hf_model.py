@@ -99,6 +99,17 @@ def assign(model, host: dict, dtype: str) -> None:
         p.data = _backend.asarray(np.ascontiguousarray(host[name], dtype=dtype), xp=xp)
 
 
+def _check_fits_tensors(config, tensors: dict, config_path) -> None:
+    """Refuse sizes the files cannot hold before the model is allocated (configs that say
+    how many numbers their parameters hold at least: ``parameter_floor``)."""
+    if not hasattr(config, "parameter_floor"):
+        return
+    held = sum(int(a.size) for a in tensors.values())
+    if config.parameter_floor() > held:
+        raise ValueError(f"{config_path}: the config needs at least "
+                         f"{config.parameter_floor():,} parameters, the weights hold {held:,}")
+
+
 def load_hf(directory: Path, hf_config: dict, dtype: str, backend: str | None = None):
     """The lowrank model of the Hugging Face directory ``directory`` whose ``config.json``
     holds ``hf_config`` (read by ``model_dir.inspect``), its weights cast to ``dtype`` on the
@@ -106,7 +117,9 @@ def load_hf(directory: Path, hf_config: dict, dtype: str, backend: str | None = 
     xp = None if backend is None else _backend.namespace(backend)
     entry = models.entry(hf_config["model_type"])
     tensors, where = _strip(*read_tensors(directory), entry)
-    config = entry.config_from_hf(hf_config, set(tensors), str(directory / CONFIG_FILE))
+    config_path = directory / CONFIG_FILE
+    config = entry.config_from_hf(hf_config, set(tensors), str(config_path))
+    _check_fits_tensors(config, tensors, config_path)
     model = models.build(config, dtype=dtype, xp=xp)
     assign(model, map_tensors(model, tensors, where, entry, directory), dtype)
     return model
