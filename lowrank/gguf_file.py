@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,12 @@ def _open(path: Path):
     """The ``gguf`` reader over the file (memory-mapped: nothing is read into memory yet)."""
     if not path.is_file():
         raise ValueError(f"GGUF file not found: {path}")
+    stat = path.stat()
+    return _reader(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=1)   # the model, its tokenizer and its chat template read one header
+def _reader(path: str, size: int, mtime_ns: int):
     from gguf import GGUFReader
     try:
         return GGUFReader(path, "r")
@@ -299,15 +306,25 @@ def _check_tensors(path, reader, config) -> dict:
     return names
 
 
+def gguf_metadata(path) -> dict:
+    """``{key: value}`` of a GGUF file's metadata (its tensors untouched)."""
+    path = Path(path)
+    return _metadata(path, _open(path))
+
+
+def _metadata(path, reader) -> dict:
+    try:
+        return read_metadata(reader)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path}: a metadata field cannot be read ({exc})") from None
+
+
 def open_gguf(path) -> GGUFModel:
     """Check ``path`` (header, metadata, every tensor's type, shape and bytes) and return
     what it says; tensors are dequantised only by ``GGUFModel.tensors()``."""
     path = Path(path)
     reader = _open(path)
-    try:
-        metadata = read_metadata(reader)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"{path}: a metadata field cannot be read ({exc})") from None
+    metadata = _metadata(path, reader)
     arch = _architecture(path, metadata)
     tensor_names = {t.name for t in reader.tensors}
     config = _config(path, metadata, arch, tensor_names)
@@ -321,5 +338,5 @@ def open_gguf(path) -> GGUFModel:
     return GGUFModel(path, arch, config, metadata, names, reader)
 
 
-__all__ = ["open_gguf", "GGUFModel", "is_gguf", "permute_qk", "unpermute_qk", "read_metadata",
+__all__ = ["open_gguf", "gguf_metadata", "GGUFModel", "is_gguf", "permute_qk", "unpermute_qk", "read_metadata",
            "SUPPORTED_TYPES", "ARCHITECTURES", "GGUF_SUFFIX"]
