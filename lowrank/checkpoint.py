@@ -222,8 +222,9 @@ def _check_fits_file(cfg, dtype: str, directory: Path) -> None:
                                                                         int)), 0)
     d = field("d_model", "hidden_size")
     rows = field("vocab_size") + field("context", "max_position_embeddings")
-    floor = (rows * d + field("n_layer", "num_hidden_layers") * 4 * d * d) \
-        * np.dtype(dtype).itemsize
+    count = (cfg.parameter_floor() if hasattr(cfg, "parameter_floor")   # the config knows
+             else rows * d + field("n_layer", "num_hidden_layers") * 4 * d * d)
+    floor = count * np.dtype(dtype).itemsize
     size = regular_file(directory / MODEL_FILE, 1 << 62, "safetensors file")
     if floor > size:
         raise ValueError(f"{directory / CONFIG_FILE}: the model config needs at least "

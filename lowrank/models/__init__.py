@@ -15,6 +15,9 @@ from .bert import Bert, BertConfig, BertLayer
 from .classifier import SequenceClassifier
 from .blocks import Block, Embedding, GPTBlock, LayerNorm, Parts
 from .gpt import GPT, GPTConfig
+from .llama import Llama
+from .llama_config import LlamaConfig
+from . import llama_hf
 from . import hf
 
 
@@ -90,8 +93,13 @@ register(ModelEntry("gpt2", GPTConfig, GPT, _gpt2_config, hf.gpt2_key_map, hf.gp
                     prefix="transformer."))
 register(ModelEntry("bert", BertConfig, Bert, _bert_config, hf.bert_key_map, hf.bert_ignored,
                     prefix="bert."))
+register(ModelEntry("llama", LlamaConfig, Llama, llama_hf.config_reader("llama"),
+                    llama_hf.llama_key_map, llama_hf.llama_ignored))
+for _name in ("qwen2", "mistral"):   # the same module; build() finds "llama" by config class
+    register(ModelEntry(_name, LlamaConfig, Llama, llama_hf.config_reader(_name),
+                        llama_hf.llama_key_map, llama_hf.llama_ignored))
 
 __all__ = ["ModelEntry", "register", "entry", "names", "build", "config_from_dict",
            "GPT", "GPTConfig", "Bert", "BertConfig", "BertLayer", "SequenceClassifier",
-           "Block", "GPTBlock",
+           "Llama", "LlamaConfig", "Block", "GPTBlock",
            "Embedding", "LayerNorm", "Parts"]
