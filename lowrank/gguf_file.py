@@ -101,22 +101,27 @@ class GGUFModel:
     names: dict
     _reader: object
 
-    def tensors(self) -> dict:
-        """``{Hugging Face name: float32 host array}``, dequantised with
+    def shapes(self) -> dict:
+        """``{Hugging Face name: shape}`` from the header (nothing dequantised)."""
+        return {self.names[t.name]: _hf_shape(t) for t in self._reader.tensors}
+
+    def iter_tensors(self):
+        """``(Hugging Face name, float32 host array)`` one tensor at a time, dequantised with
         ``gguf.quants.dequantize``, q/k rows back in the Hugging Face order."""
         from gguf.quants import dequantize
         heads = {"attn_q": self.config["num_attention_heads"],
                  "attn_k": self.config["num_key_value_heads"]}
-        out = {}
         for t in self._reader.tensors:
-            shape = _hf_shape(t)
             array = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # own copy
-            array = array.reshape(shape)
+            array = array.reshape(_hf_shape(t))
             kind = t.name.split(".")[-2]
             if self.architecture in PERMUTED_ARCHITECTURES and kind in heads:
                 array = unpermute_qk(array, heads[kind])
-            out[self.names[t.name]] = array
-        return out
+            yield self.names[t.name], array
+
+    def tensors(self) -> dict:
+        """``{Hugging Face name: float32 host array}`` (every ``iter_tensors`` item)."""
+        return dict(self.iter_tensors())
 
 
 def _hf_shape(t) -> tuple:

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import backend as _backend
 from . import checkpoint, models
-from .locate import MINILM, MINILM_INSTALL, MINILM_PACKAGE, resolve  # noqa: F401
+from .locate import MINILM, MINILM_INSTALL, MINILM_PACKAGE, gguf_file, resolve  # noqa: F401
 from .storage import read_json, read_safetensors
 from .untrusted import load_json_file
 
@@ -118,6 +118,10 @@ def assign(model, host: dict, dtype: str) -> None:
 def from_pretrained(path, dtype: str = "float32", backend: str | None = None):
     """The model stored in ``path``: a Hugging Face directory (config.json ``model_type``
     gpt2 -> ``lr.GPT``, bert -> ``lr.models.Bert``), a lowrank checkpoint, or ``"minilm"``."""
+    file = gguf_file(path)
+    if file is not None:   # a GGUF file, or "smollm2" (docs/pretrained.md#gguf)
+        from .pretrained_gguf import from_gguf
+        return from_gguf(file, dtype, backend)
     dtype = _backend.check_dtype(dtype)
     xp = None if backend is None else _backend.namespace(backend)
     directory = resolve(path)
