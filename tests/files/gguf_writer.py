@@ -66,10 +66,11 @@ def tiny_vocab(size: int):
 
 
 def write_tiny_gguf(path, *, arch="llama", types=None, tied=False, seed=0, shape=None,
-                    tokenizer=True, merges=True, extra=None, name="tiny", meta=None):
+                    tokenizer=True, extra=None, name="tiny", meta=None):
     """Write a tiny ``arch`` model to ``path``; returns ``{llama.cpp name: (qtype, bytes or
     array written, the Hugging Face array it came from)}``. ``types``: {name suffix: qtype}
-    (default F32); ``shape``: overrides of TINY; ``meta``: overrides of TINY in the metadata
+    (default F32); ``tokenizer``: False for none, or {field: value or None} changing the
+    tiny tokenizer's fields; ``shape``: overrides of TINY; ``meta``: overrides of TINY in the metadata
     only (a file whose metadata and tensors disagree); ``extra``: metadata to add."""
     s = {**TINY, **(shape or {})}
     m = {**s, **(meta or {})}
@@ -90,17 +91,22 @@ def write_tiny_gguf(path, *, arch="llama", types=None, tied=False, seed=0, shape
     w.add_vocab_size(m["vocab"])
     if tokenizer:
         tokens, merge_list, token_types = tiny_vocab(s["vocab"])
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("smollm")
-        w.add_token_list(tokens)
-        w.add_token_types(token_types)
-        if merges:
-            w.add_token_merges(merge_list)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_pad_token_id(2)
-        w.add_unk_token_id(0)
-        w.add_chat_template(CHATML)
+        fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
+                  "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": token_types,
+                  "tokenizer.ggml.merges": merge_list,
+                  "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+                  "tokenizer.ggml.padding_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
+                  "tokenizer.chat_template": CHATML}
+        fields.update(tokenizer if isinstance(tokenizer, dict) else {})
+        for key, value in fields.items():
+            if value is None:
+                continue
+            if isinstance(value, list):
+                w.add_array(key, value)
+            elif isinstance(value, str):
+                w.add_string(key, value)
+            else:
+                w.add_uint32(key, value)
     for key, value in (extra or {}).items():
         if isinstance(value, str):
             w.add_string(key, value)

@@ -192,7 +192,7 @@ def test_truncated_file_and_not_a_gguf(tmp_path):
 
 def test_tokenizer_without_merges(tmp_path):
     path = tmp_path / "nm.gguf"
-    write_tiny_gguf(path, merges=False)
+    write_tiny_gguf(path, tokenizer={"tokenizer.ggml.merges": None})
     with pytest.raises(ValueError, match="'tokenizer.ggml.merges' is missing") as info:
         lr.Tokenizer.from_pretrained(path)
     assert "\n" not in str(info.value)
