@@ -1,6 +1,6 @@
 """``lowrank chat`` and ``lowrank generate --chat``: talk to a chat model (a GGUF file, the name
 ``smollm2``, or a Hugging Face Llama-family directory) through its own chat template
-(docs/pretrained.md#chat).
+(docs/gguf.md#chat).
 
     lowrank generate --model smollm2 --chat "What is LoRA?"
     printf 'Hi!\\nAnd what is DoRA?\\n' | lowrank chat --model smollm2 [--adapter DIR]

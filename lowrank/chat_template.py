@@ -1,5 +1,5 @@
 """Chat templates: the Jinja template a model's files carry, rendered as transformers renders it
-(``apply_chat_template``) and tokenised the same way (docs/pretrained.md#chat-template).
+(``apply_chat_template``) and tokenised the same way (docs/gguf.md#chat-template).
 
 The template comes from a GGUF file's ``tokenizer.chat_template``, a directory's
 ``chat_template.jinja``, or its ``tokenizer_config.json`` (``chat_template``). It runs in

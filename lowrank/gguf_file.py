@@ -1,6 +1,6 @@
 """GGUF files (llama.cpp's format) in: a Llama-family model's hyper-parameters as a Hugging
 Face config dict, and its tensors under the Hugging Face names, dequantised to float32
-(docs/pretrained.md#gguf).
+(docs/gguf.md#files).
 
 Read with the ``gguf`` package, the GGUF project's own reader; blocks are dequantised by its
 ``gguf.quants.dequantize``, so the numbers equal what transformers loads from the same file bit
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-GGUF_SUFFIX = ".gguf"
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 ARCHITECTURES = ("llama", "qwen2")     # a Mistral file says ``llama`` (and its name says mistral)
 PERMUTED_ARCHITECTURES = ("llama",)   # llama.cpp reorders q/k rows for these only
@@ -51,11 +50,6 @@ _LAYER_NAMES = {
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 _BIASES = ("attn_q.bias", "attn_k.bias", "attn_v.bias")
-
-
-def is_gguf(path) -> bool:
-    """Whether ``path`` names a GGUF file (by its suffix)."""
-    return isinstance(path, (str, Path)) and str(path).lower().endswith(GGUF_SUFFIX)
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -343,5 +337,5 @@ def open_gguf(path) -> GGUFModel:
     return GGUFModel(path, arch, config, metadata, names, reader)
 
 
-__all__ = ["open_gguf", "gguf_metadata", "GGUFModel", "is_gguf", "permute_qk", "unpermute_qk", "read_metadata",
-           "SUPPORTED_TYPES", "ARCHITECTURES", "GGUF_SUFFIX"]
+__all__ = ["open_gguf", "gguf_metadata", "GGUFModel", "permute_qk", "unpermute_qk",
+           "read_metadata", "SUPPORTED_TYPES", "ARCHITECTURES"]

@@ -119,7 +119,7 @@ def from_pretrained(path, dtype: str = "float32", backend: str | None = None):
     """The model stored in ``path``: a Hugging Face directory (config.json ``model_type``
     gpt2 -> ``lr.GPT``, bert -> ``lr.models.Bert``), a lowrank checkpoint, or ``"minilm"``."""
     file = gguf_file(path)
-    if file is not None:   # a GGUF file, or "smollm2" (docs/pretrained.md#gguf)
+    if file is not None:   # a GGUF file, or "smollm2" (docs/gguf.md#files)
         from .pretrained_gguf import from_gguf
         return from_gguf(file, dtype, backend)
     dtype = _backend.check_dtype(dtype)

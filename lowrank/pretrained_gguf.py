@@ -1,5 +1,5 @@
 """``lr.from_pretrained`` of a GGUF file: the Llama-family model it holds, dequantised to the
-asked dtype on load (docs/pretrained.md#gguf).
+asked dtype on load (docs/gguf.md#files).
 
 Names and shapes are checked against the model before any tensor is dequantised; then the
 tensors are dequantised one at a time straight into the model's parameters, so the peak is the

@@ -220,7 +220,7 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path) -> "Tokenizer":
         """The byte-level BPE tokenizer a GGUF file's ``tokenizer.ggml.*`` metadata describes
-        (docs/pretrained.md#gguf)."""
+        (docs/gguf.md#tokenizer)."""
         from .gguf_file import gguf_metadata
         from .tokenizer_files import tokenizer_from_metadata
         return cls(*tokenizer_from_metadata(gguf_metadata(path), path))

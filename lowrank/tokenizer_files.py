@@ -1,6 +1,6 @@
 """Tokenizers that files describe without a ``tokenizer.json`` of lowrank's own: a GGUF file's
 ``tokenizer.ggml.*`` metadata (byte-level BPE), and the special tokens a Hugging Face
-directory's ``tokenizer_config.json`` names (docs/pretrained.md#gguf).
+directory's ``tokenizer_config.json`` names (docs/gguf.md#tokenizer).
 
 A GGUF ``gpt2`` tokenizer is rebuilt as transformers rebuilds it from the same metadata, so both
 give the same ids: the vocabulary (tokens the file spells outside the byte alphabet are spelled

@@ -70,8 +70,8 @@ def write_tiny_gguf(path, *, arch="llama", types=None, tied=False, seed=0, shape
     """Write a tiny ``arch`` model to ``path``; returns ``{llama.cpp name: (qtype, bytes or
     array written, the Hugging Face array it came from)}``. ``types``: {name suffix: qtype}
     (default F32); ``tokenizer``: False for none, or {field: value or None} changing the
-    tiny tokenizer's fields; ``shape``: overrides of TINY; ``meta``: overrides of TINY in the metadata
-    only (a file whose metadata and tensors disagree); ``extra``: metadata to add."""
+    tiny tokenizer's fields; ``shape``: overrides of TINY; ``meta``: overrides of TINY in the
+    metadata only (a file whose metadata and tensors disagree); ``extra``: metadata to add."""
     s = {**TINY, **(shape or {})}
     m = {**s, **(meta or {})}
     rng = np.random.default_rng(seed)

@@ -10,8 +10,9 @@ from gguf_writer import CONTROL_TOKENS, write_tiny_gguf  # noqa: E402
 
 import lowrank as lr  # noqa: E402
 
-TEXTS = ["the hat is in the shoe", "  two  spaces\n\nand\ttabs ", "<|im_start|>user\nhi<|im_end|>",
-         "émoji 😀 中文 ☃", "<|endoftext|><|endoftext|>tail", "", "x" * 300, "it's 12345 o'clock"]
+TEXTS = ["the hat is in the shoe", "  two  spaces\n\nand\ttabs ",
+         "<|im_start|>user\nhi<|im_end|>", "émoji 😀 中文 ☃",
+         "<|endoftext|><|endoftext|>tail", "", "x" * 300, "it's 12345 o'clock"]
 
 
 @pytest.fixture(scope="module")
