@@ -59,3 +59,23 @@ def test_chat_refuses_a_missing_model_in_one_line(tmp_path, capsys):
     assert main(["chat", "--model", str(tmp_path / "none.gguf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "GGUF file not found" in err[0]
+
+
+def test_chat_with_an_adapter(tiny, tmp_path, monkeypatch, capsys):
+    import numpy as np
+    model = lr.from_pretrained(tiny)
+    lr.adapters.inject(model, lr.adapters.config("lora", r=4, alpha=8), ["q_proj", "v_proj"])
+    rng = np.random.default_rng(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:   # B starts at zero: make the adapter matter
+            p.data = rng.standard_normal(p.shape).astype(p.data.dtype) * 0.5
+    lr.adapters.save_pretrained(model, tmp_path / "adapter")
+    tok, template = lr.Tokenizer.from_pretrained(tiny), ChatTemplate.from_pretrained(tiny)
+    ids = template.encode(tok, [{"role": "user", "content": "the hat"}], True).tolist()
+    stop = template.stop_ids(tok)
+    answer = tok.decode([t for t in stream(model, ids, NEW, stop_ids=stop) if t not in stop])
+    assert answer != _expected(tiny, ["the hat"])[0]   # the adapter changes the answer
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the hat\n"))
+    assert main(["chat", "--model", str(tiny), "--adapter", str(tmp_path / "adapter"),
+                 "--max-new-tokens", str(NEW)]) == 0
+    assert capsys.readouterr().out == answer + "\n"
