@@ -229,7 +229,7 @@ def _rope_scaling(f: _Fields):
     return {"rope_type": "linear", "factor": float(f.get("rope.scaling.factor", float))}
 
 
-def _expected(config, names) -> dict:
+def _expected(config) -> dict:
     """``{llama.cpp name: (Hugging Face shape, the metadata that implies it)}``."""
     a = config["model_type"] if config["model_type"] != "mistral" else "llama"
     d, v, ff = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
@@ -275,7 +275,7 @@ def _hf_name(name: str):
 def _check_tensors(path, reader, config) -> dict:
     """Every tensor's type, name, shape and extent; ``{llama.cpp name: Hugging Face name}``."""
     size = path.stat().st_size
-    expected = _expected(config, None)
+    expected = _expected(config)
     names, layers = {}, config["num_hidden_layers"]
     for t in reader.tensors:
         kind = t.tensor_type.name
