@@ -17,6 +17,15 @@ import argparse
 import os
 import sys
 
+from . import backend
+from .backend import threads
+from .chat_template import ChatTemplate
+from .models.decode import stream
+from .models.llama import Llama
+from .peft_files import load_pretrained
+from .pretrained import from_pretrained
+from .tokenizer import Tokenizer
+
 COMMANDS = ("chat", "generate")
 
 
@@ -63,10 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load(model_path, adapter=None, dtype="float32", backend_name=None):
     """``(model, tokenizer)`` of a generating model, with ``adapter`` applied."""
-    from .models.llama import Llama
-    from .peft_files import load_pretrained
-    from .pretrained import from_pretrained
-    from .tokenizer import Tokenizer
     model = from_pretrained(model_path, dtype, backend_name)
     if not isinstance(model, Llama):
         raise ValueError(f"{model_path} holds a {type(model).__name__}: chat needs a "
@@ -83,13 +88,11 @@ class Answerer:
     split across tokens waits for its last byte)."""
 
     def __init__(self, model, tok, args, out=None):
-        import numpy as np
         self.model, self.tok, self.args = model, tok, args
         self.out = out or sys.stdout
-        self.rng = np.random.default_rng(args.seed)
+        self.rng = backend.host_rng(args.seed)
 
     def answer(self, prompt_ids, stop_ids) -> list[int]:
-        from .models.decode import stream
         a, reply, shown = self.args, [], ""
         for token in stream(self.model, [int(i) for i in prompt_ids], a.max_new_tokens,
                             a.temperature, a.top_k, a.top_p, stop_ids, self.rng):
@@ -108,12 +111,9 @@ class Answerer:
 
 
 def run(args) -> int:
-    from .backend import threads
-    from .chat_template import ChatTemplate
     if args.threads is not None:
         threads.set_threads(threads.check_threads(args.threads))
     if args.backend:
-        from . import backend
         try:
             backend.set_backend(args.backend)
         except RuntimeError as exc:

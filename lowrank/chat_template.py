@@ -18,7 +18,10 @@ from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
+from .gguf_file import gguf_metadata
 from .locate import gguf_file, resolve
+from .tokenizer_files import (read_tokenizer_config, special_tokens_of_config,
+                              special_tokens_of_metadata)
 
 TEMPLATE_FILE = "chat_template.jinja"
 # end-of-turn tokens of the usual templates: generation stops at these as at eos
@@ -168,8 +171,6 @@ class ChatTemplate:
     @classmethod
     def from_gguf(cls, path) -> "ChatTemplate":
         """``tokenizer.chat_template`` of a GGUF file, with its special tokens."""
-        from .gguf_file import gguf_metadata
-        from .tokenizer_files import special_tokens_of_metadata
         metadata = gguf_metadata(path)
         source = metadata.get("tokenizer.chat_template")
         if not isinstance(source, str):
@@ -180,7 +181,6 @@ class ChatTemplate:
     def from_directory(cls, directory) -> "ChatTemplate":
         """``chat_template.jinja`` of a Hugging Face directory, else the ``chat_template``
         of its ``tokenizer_config.json`` (a string, or the entry named ``default``)."""
-        from .tokenizer_files import read_tokenizer_config, special_tokens_of_config
         directory = Path(directory)
         config = read_tokenizer_config(directory)
         special = special_tokens_of_config(config)

@@ -15,6 +15,7 @@ import numpy as np
 from . import backend as _backend
 from . import checkpoint, models
 from .locate import MINILM, MINILM_INSTALL, MINILM_PACKAGE, gguf_file, resolve  # noqa: F401
+from .pretrained_gguf import from_gguf
 from .storage import read_json, read_safetensors
 from .untrusted import load_json_file
 
@@ -120,7 +121,6 @@ def from_pretrained(path, dtype: str = "float32", backend: str | None = None):
     gpt2 -> ``lr.GPT``, bert -> ``lr.models.Bert``), a lowrank checkpoint, or ``"minilm"``."""
     file = gguf_file(path)
     if file is not None:   # a GGUF file, or "smollm2" (docs/gguf.md#files)
-        from .pretrained_gguf import from_gguf
         return from_gguf(file, dtype, backend)
     dtype = _backend.check_dtype(dtype)
     xp = None if backend is None else _backend.namespace(backend)

@@ -19,8 +19,11 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from .backend import to_numpy
+from .gguf_file import gguf_metadata
 from .locate import gguf_file, resolve
 from .storage import atomic_write
+from .tokenizer_files import (read_tokenizer_config, special_tokens_of_config,
+                              tokenizer_from_metadata)
 
 TOKENIZER_FILE = "tokenizer.json"
 MIN_VOCAB_SIZE = 256          # the byte alphabet; merges come on top of it
@@ -212,7 +215,6 @@ class Tokenizer:
             raise ValueError(f"no {TOKENIZER_FILE} in {file.parent} (a directory with only "
                              "vocab.txt / merges.txt: write one with transformers' "
                              "AutoTokenizer.from_pretrained(d).save_pretrained(d))")
-        from .tokenizer_files import read_tokenizer_config, special_tokens_of_config
         tok = cls.load(file)
         tok.special_tokens = special_tokens_of_config(read_tokenizer_config(file.parent))
         return tok
@@ -221,8 +223,6 @@ class Tokenizer:
     def from_gguf(cls, path) -> "Tokenizer":
         """The byte-level BPE tokenizer a GGUF file's ``tokenizer.ggml.*`` metadata describes
         (docs/gguf.md#tokenizer)."""
-        from .gguf_file import gguf_metadata
-        from .tokenizer_files import tokenizer_from_metadata
         return cls(*tokenizer_from_metadata(gguf_metadata(path), path))
 
 

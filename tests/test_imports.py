@@ -22,7 +22,8 @@ LAYERS = [
     ["lowrank._version", "lowrank.backend", "lowrank.validate"],   # where arrays live
     ["lowrank.storage", "lowrank.untrusted", "lowrank.schema", "lowrank.json_arrays",
      "lowrank.data", "lowrank.tokenizer", "lowrank.locate",
-     "lowrank.datasets"],                                      # host-side files and text
+     "lowrank.datasets", "lowrank.gguf_file", "lowrank.tokenizer_files",
+     "lowrank.chat_template"],                                      # host-side files and text
     ["lowrank.module", "lowrank.ops", "lowrank.decompose", "lowrank.optim",
      "lowrank.hooks"],
     ["lowrank.layers", "lowrank.models"],
@@ -30,11 +31,11 @@ LAYERS = [
     ["lowrank.parallel"],                                      # data parallel only
     ["lowrank.train", "lowrank.update_check", "lowrank.quant"],   # quant: NF4 frozen bases
     ["lowrank.adapter_files", "lowrank.checkpoint", "lowrank.pretrained", "lowrank.peft_format",
-     "lowrank.peft_lycoris", "lowrank.peft_files"],            # PEFT-format adapter dirs
+     "lowrank.peft_lycoris", "lowrank.peft_files", "lowrank.pretrained_gguf"],            # PEFT-format adapter dirs
     ["lowrank.run_dir", "lowrank.workflows", "lowrank.tasks", "lowrank.classify"],
     ["lowrank.multi"],                                         # many adapters, one base
     ["lowrank.cli", "lowrank.cli_parser", "lowrank.demo", "lowrank.bench", "lowrank",
-     "lowrank.tasks.sentiment_demo", "lowrank.tasks.classify_cli"],   # front ends
+     "lowrank.tasks.sentiment_demo", "lowrank.tasks.classify_cli", "lowrank.chat_cli"],   # front ends
 ]
 
 # Test oracles and the frameworks they use: the library never imports them.
