@@ -2,14 +2,16 @@
 loading the same file (``from_pretrained(folder, gguf_file=name, dtype=float32)``), on 20 chat
 prompts rendered with the file's chat template:
 
-- logits over each whole prompt: max |ours - theirs| / max |theirs| per prompt (the largest
-  over the prompts is reported);
-- greedy continuations of 32 tokens (lowrank's KV-cache ``generate`` against transformers'
-  ``generate``, no stopping): how many of the prompts give identical tokens.
+- greedy continuations of 32 tokens, no stopping: lowrank's KV-cache ``generate`` against
+  transformers' greedy choice at every one of the 32 steps. By default transformers' choice is
+  read from one forward over the prompt and lowrank's continuation (teacher forcing: its argmax
+  at each step must be lowrank's next token, which is exactly "transformers' greedy decoding
+  gives the same 32 tokens" up to its cache's rounding); ``--hf-generate`` runs transformers'
+  ``generate`` instead (twice the time);
+- logits over each prompt and its continuation: max |ours - theirs| / max |theirs| per
+  prompt (the largest over the prompts is reported).
 
-    python benchmarks/smollm2_parity.py [--prompts 20] [--new 32] [--threads N]
-
-Takes a few minutes on a CPU (both sides generate 20 x 32 tokens).
+    python benchmarks/smollm2_parity.py [--prompts 20] [--new 32] [--hf-generate] [--threads N]
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--hf-generate", action="store_true",
+                        help="transformers' generate, not its teacher-forced greedy choice")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
 
@@ -60,30 +64,35 @@ def main(argv=None):
         str(path.parent), gguf_file=path.name, dtype=torch.float32)
     tok, template = lr.Tokenizer.from_pretrained("smollm2"), ChatTemplate.from_pretrained(
         "smollm2")
-    errors, equal, first_diff = [], 0, {}
+    errors, equal = [], 0
     start = time.perf_counter()
     for i, text in enumerate(PROMPTS[:args.prompts]):
         ids = template.encode(tok, [{"role": "user", "content": text}],
                               add_generation_prompt=True).tolist()
-        logits, _ = ours.forward(np.asarray([ids]))
-        with torch.no_grad():
-            ref = theirs(torch.tensor([ids])).logits.numpy()
-        errors.append(float(np.abs(np.asarray(logits) - ref).max() / np.abs(ref).max()))
         mine = generate(ours, ids, args.new)[len(ids):]
+        whole = ids + mine
+        logits, _ = ours.forward(np.asarray([whole]))
         with torch.no_grad():
-            gen = theirs.generate(torch.tensor([ids]), max_new_tokens=args.new,
-                                  min_new_tokens=args.new, do_sample=False)
-        ref_ids = gen[0, len(ids):].tolist()
-        equal += mine == ref_ids
-        if mine != ref_ids:
-            first_diff[i] = next(j for j, (a, b) in enumerate(zip(mine, ref_ids)) if a != b)
-        print(f"prompt {i:2d}: {len(ids)} tokens, logits max rel error {errors[-1]:.2e}, "
-              f"greedy {'equal' if mine == ref_ids else 'differs at ' + str(first_diff[i])}"
-              f" | {tok.decode(mine)[:60]!r}", flush=True)
+            ref = theirs(torch.tensor([whole])).logits.numpy()
+            if args.hf_generate:
+                gen = theirs.generate(torch.tensor([ids]), max_new_tokens=args.new,
+                                      min_new_tokens=args.new, do_sample=False)
+                ref_ids = gen[0, len(ids):].tolist()
+            else:   # transformers' greedy choice after each prefix of the continuation
+                ref_ids = ref[0, len(ids) - 1:-1].argmax(-1).tolist()
+        errors.append(float(np.abs(np.asarray(logits) - ref).max() / np.abs(ref).max()))
+        same = mine == ref_ids
+        equal += same
+        where = "" if same else \
+            f" at {next(j for j, (a, b) in enumerate(zip(mine, ref_ids)) if a != b)}"
+        print(f"prompt {i:2d}: {len(ids)} + {args.new} tokens, logits max rel error "
+              f"{errors[-1]:.2e}, greedy {'equal' if same else 'differs' + where} | "
+              f"{tok.decode(mine)[:60]!r}", flush=True)
     n = min(args.prompts, len(PROMPTS))
     print(f"SmolLM2 vs transformers (same GGUF, float32), {n} chat prompts: logits max relative "
           f"error {max(errors):.2e} (median {float(np.median(errors)):.2e}); greedy "
-          f"{args.new}-token continuations identical on {equal}/{n}; "
+          f"{args.new}-token continuations identical on {equal}/{n} "
+          f"({'generate' if args.hf_generate else 'teacher-forced'} on transformers' side); "
           f"{time.perf_counter() - start:.0f} s")
 
 
