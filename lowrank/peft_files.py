@@ -168,7 +168,8 @@ def _wrapping(model, layout) -> tuple:
     """``(modules_to_save, their PEFT names, task_type, fan_in_fan_out)``."""
     saving = _modules_to_save(model)
     to_save = [layout.peft_name(n)[0] for n in saving]
-    task = "SEQ_CLS" if to_save else "CAUSAL_LM" if layout.kind == "gpt2" else None
+    task = "SEQ_CLS" if to_save else "CAUSAL_LM" if layout.kind == "gpt2" else \
+        getattr(model, "peft_task_type", None)   # a model may say what it is (Llama)
     return saving, to_save, task, layout.kind == "gpt2"
 
 

@@ -116,6 +116,17 @@ def assign(model, host: dict, dtype: str) -> None:
         p.data = _backend.asarray(np.ascontiguousarray(host[name], dtype=dtype), xp=xp)
 
 
+def _check_fits_tensors(config, tensors: dict, config_path) -> None:
+    """Refuse sizes the files cannot hold before the model is allocated (configs that say
+    how many numbers their parameters hold at least: ``parameter_floor``)."""
+    if not hasattr(config, "parameter_floor"):
+        return
+    held = sum(int(a.size) for a in tensors.values())
+    if config.parameter_floor() > held:
+        raise ValueError(f"{config_path}: the config needs at least "
+                         f"{config.parameter_floor():,} parameters, the weights hold {held:,}")
+
+
 def from_pretrained(path, dtype: str = "float32", backend: str | None = None):
     """The model stored in ``path``: a Hugging Face directory (config.json ``model_type``
     gpt2 -> ``lr.GPT``, bert -> ``lr.models.Bert``), a lowrank checkpoint, or ``"minilm"``."""
@@ -144,6 +155,7 @@ def from_pretrained(path, dtype: str = "float32", backend: str | None = None):
         raise ValueError(f"{config_path}: model_type {entry.name!r} has no foreign key map")
     tensors, where = _strip(*read_tensors(directory), entry)
     config = entry.config_from_hf(hf_config, set(tensors), str(config_path))
+    _check_fits_tensors(config, tensors, config_path)
     model = models.build(config, dtype=dtype, xp=xp)
     assign(model, map_tensors(model, tensors, where, entry, directory), dtype)
     # where the weights came from: PEFT-format adapter files name the transformers modules

@@ -265,8 +265,8 @@ def test_config_validates_fields():
 def test_registry_names_and_errors():
     from lowrank import models
     assert {"gpt", "gpt2", "bert"} <= set(models.names())
-    with pytest.raises(ValueError, match="unknown model_type 'llama'"):
-        models.entry("llama")
+    with pytest.raises(ValueError, match="unknown model_type 'falcon'"):
+        models.entry("falcon")
     with pytest.raises(ValueError, match="does not fit BertConfig"):
         models.config_from_dict({"model_type": "bert", "hidden": 3})
     cfg = BertConfig(**TINY)

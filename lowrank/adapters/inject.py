@@ -3,7 +3,8 @@ and take them out again: ``merge_and_unload``, ``disable_adapter``, named adapte
 ``add_adapter``/``set_adapter``, and PEFT's parameter summary (docs/peft.md#api).
 
 ``targets`` is a list of name suffixes (``"q"`` matches ``blocks.0.attn.q``; ``"attn.q"`` works
-too) or a single regex string that must match the whole module name, as in PEFT. Every matching
+too) or a single regex string that must match the whole module name, as in PEFT, or PEFT's
+``"all-linear"`` (every Linear but the output head). Every matching
 ``Linear`` is replaced by an ``AdaptedLinear`` over its weight; the rest of the model is frozen,
 so only adapter parameters (and biases, with ``bias="all"``) train.
 """
@@ -16,6 +17,10 @@ from ..layers import Linear
 from ..validate import check_seed
 from .base import AdaptedLinear, AdapterConfig, config
 
+# PEFT's shorthand for every Linear but the output head (its output embedding, or a
+# classification head's usual names); the heads are top-level modules
+ALL_LINEAR = "all-linear"
+OUTPUT_HEADS = ("lm_head", "classifier", "score")
 SEED_STRIDE = 7919   # layer i of an injection gets seed + SEED_STRIDE·i (reproducible per layer)
 
 
@@ -31,6 +36,8 @@ def select_targets(model, targets, who: str = "") -> list:
     if not targets:
         raise ValueError(f"{who}targets must name at least one module")
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear)]
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        targets = [name for name, _ in linears if name not in OUTPUT_HEADS]
     chosen = [(name, m) for name, m in linears if _matches(name, targets)]
     unmatched = [] if isinstance(targets, str) else \
         [t for t in targets if not any(_matches(name, [t]) for name, _ in linears)]

@@ -2,7 +2,7 @@
 
     x = embed_tokens[ids]                                                (B, T, d)
     per layer:  h = x + o_proj(GQA(RoPE(q_proj(n)), RoPE(k_proj(n)), v_proj(n))),  n = RMSNorm₁(x)
-                x = h + down_proj(SiLU(gate_proj(m)) ⊙ up_proj(m)),                   m = RMSNorm₂(h)
+                x = h + down_proj(SiLU(gate_proj(m)) ⊙ up_proj(m)),                m = RMSNorm₂(h)
     hidden = norm(x);   logits = hidden W_headᵀ   (W_head = embed_tokens.weight when tied)
 
 Parameter names are the checkpoint's (``model.layers.0.self_attn.q_proj.weight``, ...,
@@ -15,7 +15,7 @@ from __future__ import annotations
 from .. import backend
 from ..layers import Linear
 from ..module import Module, Parameter
-from ..ops.cross_entropy import check_targets
+from ..ops.cross_entropy import check_targets, cross_entropy_backward, cross_entropy_forward
 from ..ops.gqa import gqa_backward, gqa_cached, gqa_forward
 from ..ops.linear import linear_backward, linear_forward
 from ..ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
@@ -150,6 +150,8 @@ class Llama(Module):
     """``Llama(config, seed=0, dtype="float32", xp=None)``: N(0, 0.02²) weights, zero biases,
     unit norms, drawn on the host (``lr.from_pretrained`` then assigns a checkpoint's)."""
 
+    peft_task_type = "CAUSAL_LM"   # what PEFT adapter files saved from it declare
+
     def __init__(self, config: LlamaConfig, seed=0, dtype=backend.DEFAULT_DTYPE, xp=None):
         if not isinstance(config, LlamaConfig):
             raise ValueError(f"config must be a LlamaConfig, got {type(config).__name__}")
@@ -276,6 +278,17 @@ class Llama(Module):
             dx = layers[i].backward(dx, c_layers[i], need_dx=below)
         if any_trainable(emb):
             emb.backward(dx, c_emb)
+
+    def loss(self, ids, targets, attention_mask=None):
+        """``(mean cross-entropy over every position: float, cache)`` for ``targets (B, T)``
+        (the trainer's interface, as the GPT's)."""
+        logits, cache = self.forward(ids, attention_mask)
+        loss, c_ce = cross_entropy_forward(logits, targets)
+        return loss, (cache, c_ce)
+
+    def loss_backward(self, cache, dloss: float = 1.0) -> None:
+        model_cache, c_ce = cache
+        self.backward(cross_entropy_backward(c_ce, dloss), model_cache)
 
     # --- generation with a KV cache (docs/llama.md#kv-cache) -------------------------------
     def new_kv_cache(self, batch: int, length: int | None = None):

@@ -2,8 +2,9 @@
 
 One config serves ``llama``, ``qwen2`` (``attention_bias``: biases on q/k/v) and ``mistral``
 (a Llama whose sliding window, where it has one, covers the whole context). The fields are
-transformers' names; the rope fields are its ``rope_parameters`` split in two
-(``rope_theta`` and the scaling dict of ``rope_type``).
+transformers' names; its ``rope_parameters`` dict is spread over ``rope_theta``,
+``rope_type`` and the scaling fields (``rope_factor`` is its ``factor``), so the saved config
+stays flat.
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from dataclasses import asdict, dataclass
 from ..ops.rope import LLAMA3_FIELDS, ROPE_TYPES
 
 SCALING_FIELDS = {"default": (), "linear": ("factor",), "llama3": LLAMA3_FIELDS}
+FIELD_OF = {"factor": "rope_factor", "low_freq_factor": "low_freq_factor",
+            "high_freq_factor": "high_freq_factor",
+            "original_max_position_embeddings": "original_max_position_embeddings"}
 
 
 def _positive_int(name: str, value) -> None:
@@ -39,7 +43,11 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_type: str = "default"
-    rope_scaling: dict | None = None         # the fields rope_type needs (factor, ...)
+    # the scaling fields of rope_parameters (None where rope_type has no use for one)
+    rope_factor: float | None = None         # "factor": linear, llama3
+    low_freq_factor: float | None = None     # llama3
+    high_freq_factor: float | None = None    # llama3
+    original_max_position_embeddings: int | None = None   # llama3
     tie_word_embeddings: bool = False
     attention_bias: bool = False             # biases on q_proj, k_proj, v_proj (Qwen2)
 
@@ -74,21 +82,22 @@ class LlamaConfig:
             raise ValueError(f"rope_type {self.rope_type!r} is not supported (lowrank "
                              f"implements {list(ROPE_TYPES)})")
         needed = SCALING_FIELDS[self.rope_type]
-        scaling = dict(self.rope_scaling or {})
-        if not isinstance(self.rope_scaling or {}, dict):
-            raise ValueError(f"rope_scaling must be a dict, got {self.rope_scaling!r}")
-        extra = sorted(set(scaling) - set(needed))
-        missing = [k for k in needed if k not in scaling]
-        if extra or missing:
-            raise ValueError(f"rope_scaling for rope_type {self.rope_type!r} needs exactly "
-                             f"{list(needed)}; {'unknown' if extra else 'missing'} field "
-                             f"{(extra or missing)[0]!r}")
-        for key in needed:
-            scaling[key] = _positive_number(f"rope_scaling.{key}", scaling[key])
-        if self.rope_type == "llama3" and \
-                scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
-            raise ValueError("rope_scaling.high_freq_factor must exceed low_freq_factor")
-        self.rope_scaling = scaling or None
+        for key, field in FIELD_OF.items():
+            value = getattr(self, field)
+            if key in needed:
+                if value is None:
+                    raise ValueError(f"rope_type {self.rope_type!r} needs {field}")
+                setattr(self, field, _positive_number(field, value))
+            elif value is not None:
+                raise ValueError(f"{field} has no use with rope_type {self.rope_type!r}; "
+                                 "leave it None")
+        if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError("high_freq_factor must exceed low_freq_factor")
+
+    @property
+    def rope_scaling(self) -> dict:
+        """The scaling fields under transformers' names (``factor``, ...)."""
+        return {key: getattr(self, FIELD_OF[key]) for key in SCALING_FIELDS[self.rope_type]}
 
     @property
     def context(self) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from .llama_config import LlamaConfig
+from .llama_config import FIELD_OF, SCALING_FIELDS, LlamaConfig
 
 # transformers' class defaults where a config.json omits a field
 DEFAULTS = {
@@ -70,6 +70,16 @@ def llama_config(hf: dict, model_type: str, where: str) -> LlamaConfig:
                          f"{sorted(set(layer_types) - {'full_attention'})[0]!r}: lowrank "
                          "implements full_attention only")
     theta, rope_type, scaling = _rope(hf, where)
+    unknown = sorted(set(scaling or {}) - set(FIELD_OF))
+    if unknown:
+        raise ValueError(f"{where}: config.json rope field {unknown[0]!r} is not supported "
+                         f"with rope_type {rope_type!r}")
+    scaling = {FIELD_OF[k]: v for k, v in (scaling or {}).items()
+               if k in SCALING_FIELDS[rope_type]}
+    missing = [k for k in SCALING_FIELDS[rope_type] if FIELD_OF[k] not in scaling]
+    if missing:
+        raise ValueError(f"{where}: config.json rope_type {rope_type!r} is missing field "
+                         f"{missing[0]!r}")
     try:
         return LlamaConfig(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
@@ -79,7 +89,7 @@ def llama_config(hf: dict, model_type: str, where: str) -> LlamaConfig:
             num_key_value_heads=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"),
             max_position_embeddings=context,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_type=rope_type,
-            rope_scaling=scaling,
+            **scaling,
             tie_word_embeddings=hf.get("tie_word_embeddings", defaults["tie_word_embeddings"]),
             attention_bias=model_type == "qwen2")
     except ValueError as exc:

@@ -39,7 +39,7 @@ def _unstack_groups(yg, T: int):
 
 
 def _heads(x):
-    return x.transpose(0, 2, 1, 3)                                  # (B, T, h, hs) <-> (B, h, T, hs)
+    return x.transpose(0, 2, 1, 3)                       # (B, T, h, hs) <-> (B, h, T, hs)
 
 
 def _check(q, k, v):

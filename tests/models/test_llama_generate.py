@@ -122,3 +122,12 @@ def test_greedy_matches_transformers_generate(tmp_path):
             theirs = ref.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)[0].tolist()
         assert decode.generate(ours, prompt, 10) == theirs
+
+
+def test_generation_on_every_backend(xp):
+    """The cache path under numpy-strict (and CuPy): the same greedy tokens as NumPy."""
+    host = tiny()
+    model = Llama(LlamaConfig(**TINY), seed=3, dtype="float64", xp=xp)
+    for (_, p), (_, q) in zip(model.named_parameters(), host.named_parameters()):
+        p.data = xp.asarray(q.data)
+    assert decode.generate(model, [5, 1], 6) == decode.generate(host, [5, 1], 6)

@@ -14,7 +14,8 @@ pytest.importorskip("transformers")
 import lowrank as lr  # noqa: E402
 from tests.helpers import error_log, rel_err, to_host  # noqa: E402
 
-from tests.models.llama_oracle import float64_oracle, load, logits_and_grads, tiny_checkpoint  # noqa: E402
+from tests.models.llama_oracle import (float64_oracle, load, logits_and_grads,  # noqa: E402
+                                       tiny_checkpoint)
 
 ERRORS, _report_errors = error_log("Llama family vs transformers (max relative error)")
 
@@ -180,8 +181,5 @@ def test_peft_target_names_mean_the_same_modules(checkpoints):
                             for n, m in wrapped.named_modules() if hasattr(m, "lora_A")
                             and not n.endswith(("lora_A", "lora_B")))
             model = lr.from_pretrained(checkpoints[label], dtype="float32")
-            ours_targets = targets if targets != "all-linear" else \
-                [n for n, m in model.named_modules()
-                 if isinstance(m, lr.layers.Linear) and n != "lm_head"]
-            names = lr.adapters.inject(model, lr.adapters.config("lora", r=2), ours_targets)
+            names = lr.adapters.inject(model, lr.adapters.config("lora", r=2), targets)
             assert sorted(names) == theirs, (label, targets)
