@@ -106,7 +106,10 @@ class GGUFModel:
         heads = {"attn_q": self.config["num_attention_heads"],
                  "attn_k": self.config["num_key_value_heads"]}
         for t in self._reader.tensors:
-            array = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # own copy
+            array = dequantize(t.data, t.tensor_type)
+            # F32 comes back as a view of the memory-mapped file: copy it; the others are new
+            array = np.array(array, dtype=np.float32) if t.tensor_type.name == "F32" else \
+                np.asarray(array, dtype=np.float32)
             array = array.reshape(_hf_shape(t))
             kind = t.name.split(".")[-2]
             if self.architecture in PERMUTED_ARCHITECTURES and kind in heads:

@@ -37,7 +37,8 @@ def test_every_supported_type_reads_back_bit_for_bit(every_type):
         if kind in ("attn_q", "attn_k"):
             expected = unpermute_qk(expected, TINY["heads" if kind == "attn_q" else "kv_heads"])
         array = tensors[got.names[name]]
-        assert array.dtype == np.float32 and array.shape == hf.shape
+        assert type(array) is np.ndarray and array.dtype == np.float32
+        assert array.shape == hf.shape and array.flags.writeable   # not the mapped file
         assert np.array_equal(array, expected.astype(np.float32)), name
         seen.add(qtype.name)
     assert seen == {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"}
