@@ -23,7 +23,7 @@ from ..text.chat_template import ChatTemplate
 from ..models.decode import stream
 from ..models.llama import Llama
 from ..formats.peft_dir import load_pretrained
-from ..formats.hf_model import from_pretrained
+from ..formats.model_dir import from_pretrained
 from ..text.tokenizer import Tokenizer
 
 COMMANDS = ("chat", "generate")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("gguf")
-from gguf_writer import T, TINY, write_tiny_gguf  # noqa: E402
+from tests.helpers.gguf_writer import T, TINY, write_tiny_gguf  # noqa: E402
 
 import lowrank as lr  # noqa: E402
 from lowrank.files.gguf_file import open_gguf, permute_qk, unpermute_qk  # noqa: E402

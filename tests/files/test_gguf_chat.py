@@ -6,7 +6,7 @@ import sys
 import pytest
 
 pytest.importorskip("gguf")
-from gguf_writer import write_tiny_gguf  # noqa: E402
+from tests.helpers.gguf_writer import write_tiny_gguf  # noqa: E402
 
 import lowrank as lr  # noqa: E402
 from lowrank.text.chat_template import ChatTemplate  # noqa: E402

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("gguf")
-from gguf_writer import CONTROL_TOKENS, write_tiny_gguf  # noqa: E402
+from tests.helpers.gguf_writer import CONTROL_TOKENS, write_tiny_gguf  # noqa: E402
 
 import lowrank as lr  # noqa: E402
 

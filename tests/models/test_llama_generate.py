@@ -113,7 +113,7 @@ def test_warpers_match_transformers():
 def test_greedy_matches_transformers_generate(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from tests.models.llama_oracle import load, tiny_checkpoint
+    from tests.helpers.llama_oracle import load, tiny_checkpoint
     tiny_checkpoint(tmp_path, "llama", seed=5, num_attention_heads=4, num_key_value_heads=2)
     ref = load(tmp_path, "llama", "float32")
     ours = lr.from_pretrained(tmp_path, dtype="float32")

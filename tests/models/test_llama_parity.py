@@ -1,4 +1,4 @@
-"""lowrank's Llama, Qwen2 and Mistral against transformers' (tests/models/llama_oracle.py) on
+"""lowrank's Llama, Qwen2 and Mistral against transformers' (tests/helpers/llama_oracle.py) on
 tiny random checkpoints written with ``save_pretrained``: grouped-query attention with two
 and more groups, tied and untied heads, every rope type lowrank builds; logits and the
 gradient of every parameter, float64 within 1e-9 relative, float32 within 1e-4 of the float64
@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 import lowrank as lr  # noqa: E402
 from tests.helpers.common import error_log, rel_err, to_host  # noqa: E402
 
-from tests.models.llama_oracle import (float64_oracle, load, logits_and_grads,  # noqa: E402
+from tests.helpers.llama_oracle import (float64_oracle, load, logits_and_grads,  # noqa: E402
                                        tiny_checkpoint)
 
 ERRORS, _report_errors = error_log("Llama family vs transformers (max relative error)")
