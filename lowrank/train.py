@@ -37,8 +37,9 @@ from . import backend
 from .adapters import adapted_modules
 from .hooks import StepHook
 from .models import Embedding
-from .optim import AdamW, clip_grad_norm, loraplus_scales, lr_at
+from .optim import AdamW, check_adamw_form, clip_grad_norm, loraplus_scales
 from .parallel import BatchShards, GradientAllReduce, SingleProcess
+from .schedules import Schedule, check_schedule
 from .validate import check_number
 
 
@@ -62,6 +63,8 @@ class TrainConfig:
     loraplus_lr_ratio: float | None = None   # LoRA+: B learns at this × lr (docs/variants.md#loraplus)
     loraplus_lr_embedding: float = 1e-6
     shards: int = 1               # batch shards on threads (docs/performance.md#batch-shards)
+    schedule: str | None = None   # SCHEDULES; None: the variant's official one (lowrank_cosine)
+    adamw: str | None = None      # ADAMW_FORMS; None: the variant's official one (torch)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "accum_steps", "eval_batches", "shards"):
@@ -75,11 +78,26 @@ class TrainConfig:
             check_number(name, getattr(self, name), 0.0)
         if self.loraplus_lr_ratio is not None:
             check_number("loraplus_lr_ratio", self.loraplus_lr_ratio, 0.0, low_open=True)
+        if self.schedule is not None:
+            check_schedule(self.schedule)
+        if self.adamw is not None:
+            check_adamw_form(self.adamw)
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def official_training(model, config: TrainConfig) -> tuple[str, str]:
+    """``(schedule, adamw)`` of a run: the config's, else the first adapter class's official
+    ``official_schedule`` / ``official_adamw`` (docs/variants.md#official-training), else
+    lowrank's ``lowrank_cosine`` and torch's AdamW."""
+    schedule, adamw = config.schedule, config.adamw
+    for _, module in adapted_modules(model):
+        schedule = schedule or getattr(type(module), "official_schedule", None)
+        adamw = adamw or getattr(type(module), "official_adamw", None)
+    return schedule or "lowrank_cosine", adamw or "torch"
 
 
 def hooks_for(model) -> list:
@@ -109,6 +127,9 @@ class Trainer:
         self.grad_sync = GradientAllReduce(model, self.comm) if size > 1 else None
         self.shards = BatchShards(model, config.shards) if config.shards > 1 else None
         self.check_every = int(check_every)
+        self.schedule_name, self.adamw_form = official_training(model, config)
+        self.schedule = Schedule(self.schedule_name, config.lr, config.warmup, config.steps,
+                                 config.min_lr)
         self.hooks = hooks_for(model) if hooks is None else list(hooks)
         for hook in self.hooks:
             if not isinstance(hook, StepHook):
@@ -117,7 +138,8 @@ class Trainer:
             hook.bind(self)   # a hook that needs the trainer (its comm) before step 1
         self.optimizer = AdamW([(n, p) for n, p in model.named_parameters(trainable_only=True)
                                 if not any(h.owns(n, p) for h in self.hooks)],
-                               lr=config.lr, weight_decay=config.weight_decay)
+                               lr=config.lr, weight_decay=config.weight_decay,
+                               form=self.adamw_form)
         if not any(True for _ in model.named_parameters(trainable_only=True)):
             raise ValueError("the model has no trainable parameters")   # hooks may own all
         if config.loraplus_lr_ratio is not None:
@@ -143,8 +165,7 @@ class Trainer:
         return self.model.xp
 
     def lr_at(self, step: int) -> float:
-        c = self.config
-        lr = lr_at(step, c.lr, c.warmup, c.steps, c.min_lr)
+        lr = self.schedule.lr_at(step)
         for hook in self.hooks:
             lr = hook.lr_at(self, step, lr)
         return lr
@@ -262,6 +283,17 @@ class Trainer:
                 on_step(self, record)
         bar.close()
         return history
+
+    def dropout_states(self) -> dict:
+        """The adapters' dropout streams now (host states)."""
+        return _dropout_states(self.model)
+
+    def restart_streams(self, dropout_states: dict) -> None:
+        """Batch sampling from the seed again and the dropout streams at ``dropout_states``
+        (a second run in the same process: RoSA's restart)."""
+        self.rng = np.random.Generator(np.random.PCG64(self.config.seed))
+        _set_dropout_states(self.model, dropout_states)
+        _jump_dropout_streams(self.model, self.comm.rank)
 
     # --- resume ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
