@@ -31,9 +31,9 @@ def warmup_factor(step: int, warmup: int, total: int, kind: str = "linear") -> f
         return float(step) / float(max(1, warmup))
     if kind == "constant":
         return 1.0
-    progress = float(step - warmup) / float(max(1, total - warmup))
     if kind == "linear":
-        return max(0.0, 1.0 - progress)
+        return max(0.0, float(total - step) / float(max(1, total - warmup)))
+    progress = float(step - warmup) / float(max(1, total - warmup))
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
