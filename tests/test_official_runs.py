@@ -283,6 +283,10 @@ def test_rosa_restart_run_matches_the_official_two_runs(mode, lora_lr, micro):
                                       lr_warmup=2, steps=steps, grad_acc_mode=mode,
                                       lora_lr=lora_lr)
     assert hook.restarted_at == k and len(got) == len(want) == steps - k
+    rates = [0.05 * official.composer_linear_with_warmup(t, 2, steps - k) for t in range(k)]
+    rates += [0.05 * official.composer_linear_with_warmup(t, 2, steps - k)
+              for t in range(steps - k)]
+    np.testing.assert_allclose([trainer.lr_at(t) for t in range(steps)], rates, rtol=1e-15)
     worst = 0.0
     for (A, B, S), (wA, wB, wS) in zip(got, want):
         for a, w in ((A, wA), (B, wB), (S, wS)):
