@@ -35,6 +35,7 @@ import numpy as np
 
 from . import backend
 from .adapters import adapted_modules
+from .batches import as_batch
 from .hooks import StepHook
 from .models import Embedding
 from .optim import AdamW, check_adamw_form, clip_grad_norm, loraplus_scales
@@ -171,14 +172,16 @@ class Trainer:
         return lr
 
     def batch(self, split: str, rng):
-        x, y = self.data.batch(split, self.config.batch_size, rng)
+        """The next batch (lowrank.batches: the contract), this rank's rows, on the device."""
+        batch = as_batch(self.data.batch(split, self.config.batch_size, rng))
         if self.comm.size > 1:
-            x, y = x[self.rows], y[self.rows]
-        return backend.asarray(x, xp=self.xp), backend.asarray(y, xp=self.xp)
+            batch = batch.take(self.rows.start, self.rows.stop)
+        return batch.to(self.xp)
 
-    def split_batch(self, x, y) -> list:
-        """``[(rows, (x_k, y_k))]``: the batch's contiguous row shares, one per shard."""
-        return self.shards.split(x, y)
+    def split_batch(self, batch) -> list:
+        """``[(rows_k, args_k)]``: the batch's contiguous row shares, one per shard."""
+        return [(stop - start, batch.take(start, stop).args)
+                for start, stop in self.shards.bounds(batch.num_rows)]
 
     def _non_finite(self, loss) -> NonFiniteLossError:
         return NonFiniteLossError(f"loss is {loss} at step {self.step}; stopping (lower --lr, "
@@ -187,28 +190,29 @@ class Trainer:
     def train_step(self) -> dict:
         c, model = self.config, self.model
         start = time.perf_counter()
-        loss = 0.0
+        loss, tokens = 0.0, 0
         for _ in range(c.accum_steps):
-            x, y = self.batch("train", self.rng)
+            batch = self.batch("train", self.rng)
             if self.shards is None:
-                micro_loss, cache = model.loss(x, y)
+                micro_loss, cache = model.loss(*batch.args)
                 if not math.isfinite(micro_loss) and self.grad_sync is None:
                     raise self._non_finite(micro_loss)   # parallel: after the all-reduce
                 model.loss_backward(cache, dloss=1.0 / c.accum_steps)
             else:
-                micro_loss = self.shards.loss_backward(self.split_batch(x, y),
+                micro_loss = self.shards.loss_backward(self.split_batch(batch),
                                                        dloss=1.0 / c.accum_steps)
                 if not math.isfinite(micro_loss) and self.grad_sync is None:
                     raise self._non_finite(micro_loss)   # before any update
             loss += micro_loss / c.accum_steps
-            self.tokens_seen += int(x.size) * self.comm.size
+            tokens += batch.tokens * self.comm.size
+        self.tokens_seen += tokens
         if self.grad_sync is not None:
             (loss,) = self.grad_sync.allreduce([loss], self.step)   # the global mean gradient
             if not math.isfinite(loss):
                 raise self._non_finite(loss)
-        return self.finish_step(loss, start)
+        return self.finish_step(loss, start, tokens)
 
-    def finish_step(self, loss: float, start: float) -> dict:
+    def finish_step(self, loss: float, start: float, tokens: int | None = None) -> dict:
         """The rest of a step once the gradients are in (``lowrank.multi.train`` runs
         the forward/backward of several adapters at once, then this for each): extra_loss →
         clip → AdamW → after_step → zero-grad; returns the step's record."""
@@ -226,7 +230,8 @@ class Trainer:
         backend.synchronize(self.xp)
         seconds = time.perf_counter() - start
         self.step += 1
-        tokens = c.accum_steps * c.batch_size * self.data.context
+        if tokens is None:   # a caller that ran the forward itself reports its own
+            tokens = c.accum_steps * c.batch_size * getattr(self.data, "context", 0)
         record = {"step": self.step, "loss": loss, "extra_loss": extra, "lr": lr,
                   "grad_norm": grad_norm,
                   "tokens_per_s": tokens / seconds, "seconds": seconds}
@@ -253,10 +258,9 @@ class Trainer:
         self.model.eval()
         losses = []
         batches = data.eval_batches(split, self.config.batch_size, self.config.eval_batches)
-        for i, (x, y) in enumerate(batches):
+        for i, batch in enumerate(batches):
             if i % self.comm.size == self.comm.rank:
-                loss, _ = self.model.loss(backend.asarray(x, xp=self.xp),
-                                          backend.asarray(y, xp=self.xp))
+                loss, _ = self.model.loss(*as_batch(batch).to(self.xp).args)
                 losses.append(loss)
         self.model.train()
         if self.comm.size == 1:
