@@ -1,4 +1,4 @@
-"""The training loop: AdamW (torch or HF form), clipping, the schedules, accumulation, evaluation, hooks.
+"""The training loop: AdamW (torch or HF form), clipping, schedules, accumulation, hooks.
 
 One step, always in this order (docs/training.md#step-order; schedule-driven variants depend
 on it):
