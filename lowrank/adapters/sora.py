@@ -271,7 +271,7 @@ class SoraHook(StepHook):
 
     @staticmethod
     def gate_lr(trainer, cfg: SoraConfig) -> float:
-        """The run's learning-rate schedule (warm-up, cosine, any hook's reshaping), rescaled
+        """The run's learning-rate schedule (warm-up and decay, any hook's reshaping), rescaled
         to start from ``gate_lr`` when one is given (official: ``sparse_lr``, own scheduler
         of the same warm-up + decay shape)."""
         c = trainer.config
