@@ -24,7 +24,7 @@ LAYERS = [
      "lowrank.data", "lowrank.tokenizer", "lowrank.locate",
      "lowrank.datasets"],                                      # host-side files and text
     ["lowrank.module", "lowrank.ops", "lowrank.decompose", "lowrank.optim",
-     "lowrank.hooks"],
+     "lowrank.schedules", "lowrank.batches", "lowrank.hooks"],
     ["lowrank.layers", "lowrank.models"],
     ["lowrank.adapters"],
     ["lowrank.parallel"],                                      # data parallel only
