@@ -44,7 +44,8 @@ class RosaHook(StepHook):
             self.lora_opt = AdamW([(f"{n}.{k}", getattr(m, k)) for n, m in self.layers
                                    for k in ("lora_A", "lora_B") if getattr(m, k).trainable],
                                   lr=self.layers[0][1].config.lora_lr,
-                                  weight_decay=trainer.config.weight_decay)
+                                  weight_decay=trainer.config.weight_decay,
+                                  form=getattr(trainer, "adamw_form", "torch"))
 
     def owns(self, name, p) -> bool:
         return self.lora_opt is not None and self.lora_opt.name_of(p) is not None
