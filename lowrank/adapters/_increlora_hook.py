@@ -34,8 +34,8 @@ before clipping.
 from __future__ import annotations
 
 from .. import backend
-from ..hooks import StepHook
-from ..optim import hf_adamw_update
+from ..nn.hooks import StepHook
+from ..nn.optim import hf_adamw_update
 
 _BETAS, _EPS = (0.9, 0.999), 1e-8      # torch/HF AdamW defaults, as the official trainer
 
@@ -64,7 +64,7 @@ def orth_value_and_grad(T, rows: bool):
 
 
 class IncreLoraHook(StepHook):
-    """Reserves, scores, growth, the regulariser and the triplets' AdamW (see lowrank.train).
+    """Reserves, scores, growth, the regulariser and the triplets' AdamW (see lowrank.training.trainer).
     ``layers``: ``[(module name, IncreLoraLinear)]``."""
 
     def __init__(self, layers):

@@ -3,9 +3,9 @@ support selection and the optional restart, driven by the Trainer (``RosaLinear.
 from __future__ import annotations
 
 from .. import backend
-from ..hooks import StepHook
-from ..optim import AdamW
-from ..schedules import Schedule
+from ..nn.hooks import StepHook
+from ..nn.optim import AdamW
+from ..training.schedules import Schedule
 
 
 class RosaHook(StepHook):

@@ -6,9 +6,9 @@ warm-up then linear decay to 0 (transformers' ``get_linear_schedule_with_warmup`
 clipping at 1.0, seed 0, max 64 tokens, mean pooling, model dropout 0.1; adapters r=8, α=16,
 dropout 0.1 on the six linears of every encoder layer.
 
-Training is ``lowrank.train.Trainer`` itself — AdamW, clipping, every variant's step hook and
+Training is ``lowrank.training.trainer.Trainer`` itself — AdamW, clipping, every variant's step hook and
 the "linear" schedule — over ``TextData``, whose ``TextBatch``es keep the trainer's batch
-contract (lowrank.batches); a subclass only scores whole splits (accuracy, macro-F1).
+contract (lowrank.training.batches); a subclass only scores whole splits (accuracy, macro-F1).
 """
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ import numpy as np
 
 from .. import backend
 from ..adapters import config as adapter_config, inject
-from ..optim import check_adamw_form
-from ..schedules import check_schedule
+from ..nn.optim import check_adamw_form
+from ..training.schedules import check_schedule
 from ..ops.cross_entropy import cross_entropy_forward
-from ..train import Trainer, TrainConfig, hooks_for
+from ..training.trainer import Trainer, TrainConfig, hooks_for
 
 MODES = ("adapter", "full", "head")
 DEFAULT_LR = {"adapter": 5e-4, "full": 5e-5, "head": 1e-3}

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
-from ..datasets import SENTIMENT_FILES
+from ..text.datasets import SENTIMENT_FILES
 
 VAL_SIZE = 200
 
@@ -98,7 +98,7 @@ def sentiment_split() -> tuple[list[Example], list[Example]]:
 class TextBatch:
     """One padded batch: ``ids, mask (B, T)`` int64 (T = the longest row), ``labels (B,)``.
     ``size`` and ``tokens`` count the padded tokens, B·T (what throughput figures count). It
-    keeps the trainer's batch contract (lowrank.batches): the classifier's loss takes it
+    keeps the trainer's batch contract (lowrank.training.batches): the classifier's loss takes it
     whole."""
 
     def __init__(self, ids, mask, labels):
