@@ -13,24 +13,29 @@ before the optimizer step):
   E is set to 0 and scoring stops.
 
 The hook steps A, E, B itself (the trainer's AdamW leaves them out) because the official
-triplets are separate tensors, each with its own torch-AdamW state: one state per triplet
-here (block 0, the ``init_r`` first triplets, shares one step counter as the official first
-tensor does). A triplet's tensors step only when they take part in the backward: A, B of
-active triplets and, with advance learning, of reserves; E of active triplets only (a
-reserve's E is frozen, and an activated E first steps at the next step). Triplets added
-after the start are official ``add_param_group`` groups, which the LambdaLR built before
-them never reaches: ``reserve_lr="constant"`` runs them at the base lr, "schedule" at the
-trainer's scheduled lr.
+triplets are separate tensors, each with its own AdamW state (the trainer's form: the official
+runs use ``transformers.AdamW``): one state per triplet here (block 0, the ``init_r`` first
+triplets, shares one step counter as the official first tensor does). A triplet's tensors step
+only when they take part in the backward: A, B of active triplets and, with advance learning,
+of reserves; E of active triplets only (a reserve's E is frozen, and an activated E first steps
+at the next step). Triplets added after the start are official ``add_param_group`` groups:
+with ``reserve_lr="multi"`` (the official ``multi_lr``, ``Multi_LambdaLR``) a group added at
+step g runs the trainer's schedule begun again at step g + 1 over the steps left (its first
+step at lr 0 under a warm-up); "constant" (``multi_lr`` False: a LambdaLR built before them
+never reaches them) runs them at the base lr, "schedule" at the trainer's scheduled lr.
 
-Orthogonality (``reg_orth_coef`` w, the official ``compute_orth_regu`` over the per-triplet
-tensors): R = w/K Σ_T ‖M_T‖_F over every A and B tensor T of every module (K of them), with
-M = T Tᵀ - I for A's, Tᵀ T - I for B's; a one-triplet tensor gives |‖a‖² - 1|. Gradient
-(2/‖M‖) M T on the trainable tensors, added before clipping.
+Orthogonality (``reg_orth_coef`` w). ``orth_form="svd"`` (default), the official trainers'
+``compute_svd_orth_regu``: R = w/(2L) Σ_layers ‖cat(A) cat(A)ᵀ - I‖_F + ‖cat(B)ᵀ cat(B) - I‖_F
+over all of a layer's triplets, reserves included (L layers). "per_tensor", the README's
+``compute_orth_regu``: R = w/K Σ_T ‖M_T‖_F over every A and B tensor T (K of them), with
+M = T Tᵀ - I for A's, Tᵀ T - I for B's. Gradient (2/‖M‖) M T on the trainable rows, added
+before clipping.
 """
 from __future__ import annotations
 
 from .. import backend
 from ..nn.hooks import StepHook
+from ..nn.optim import hf_adamw_update
 
 _BETAS, _EPS = (0.9, 0.999), 1e-8      # torch/HF AdamW defaults, as the official trainer
 
@@ -80,7 +85,7 @@ class IncreLoraHook(StepHook):
         self.ipt = {n: zero(m) for n, m in self.layers}  # Ī, smoothed sensitivity
         self.unc = {n: zero(m) for n, m in self.layers}  # Ū, smoothed uncertainty
         self.history: list = []                          # [step g, module, k] per growth
-        self.opt: dict = {n: self._fresh_state(m, 0, m.rows, True) for n, m in self.layers}
+        self.opt: dict = {n: self._fresh_state(m, 0, m.rows, -1) for n, m in self.layers}
         self._track(self.total_rank() < self.budget)
         self.beta1, self.beta2 = cfg.beta1, cfg.beta2
 
@@ -101,20 +106,21 @@ class IncreLoraHook(StepHook):
         return {n: float(self.ipt[n] * self.unc[n]) for n, _ in self.layers}
 
     @staticmethod
-    def _fresh_state(m, lo: int, hi: int, scheduled: bool) -> dict:
-        """AdamW state of rows lo..hi: moments 0, step 0 (A: rows, E: entries, B: columns)."""
+    def _fresh_state(m, lo: int, hi: int, born: int) -> dict:
+        """AdamW state of rows lo..hi: moments 0, step 0 (A: rows, E: entries, B: columns);
+        ``bAB``/``bE``: the step their parameter group was added at (-1: the first group)."""
         xp, k, (rows_m, n) = m.xp, hi - lo, m.weight.shape
         zeros = lambda *shape: xp.zeros(shape, dtype=m.dtype)   # noqa: E731
         return {"A": [zeros(k, n), zeros(k, n)], "E": [zeros(k), zeros(k)],
                 "B": [zeros(rows_m, k), zeros(rows_m, k)],
-                "tA": [0] * k, "tE": [0] * k, "tB": [0] * k, "scheduled": [scheduled] * k}
+                "tA": [0] * k, "tE": [0] * k, "tB": [0] * k, "bAB": [born] * k, "bE": [born] * k}
 
-    def _extend_state(self, name, m, k: int) -> None:
-        st, new = self.opt[name], self._fresh_state(m, 0, k, False)
+    def _extend_state(self, name, m, k: int, born: int) -> None:
+        st, new = self.opt[name], self._fresh_state(m, 0, k, born)
         xp = m.xp
         for key, axis in (("A", 0), ("E", 0), ("B", 1)):
             st[key] = [xp.concatenate([a, b], axis=axis) for a, b in zip(st[key], new[key])]
-        for key in ("tA", "tE", "tB", "scheduled"):
+        for key in ("tA", "tE", "tB", "bAB", "bE"):
             st[key] = st[key] + new[key]
 
     # --- the step ----------------------------------------------------------------------------
@@ -141,29 +147,39 @@ class IncreLoraHook(StepHook):
         w = self.config.reg_orth_coef
         if w == 0.0:
             return 0.0
-        terms = []
+        svd = self.config.orth_form == "svd"
+        terms = []   # (parameter, index, A-like, trainable rows lo..hi or None)
         for _, m in self.layers:
             train_reserve = m.config.advance_learning
+            if svd:   # one term per factor over every triplet, reserves included
+                live = m.rows if train_reserve else m.ranknum
+                terms.append((m.lora_A, (slice(None), slice(None)), True, live))
+                terms.append((m.lora_B, (slice(None), slice(None)), False, live))
+                continue
             for lo, hi in _blocks(m):
-                trainable = hi <= m.ranknum or train_reserve
-                terms.append((m.lora_A, (slice(lo, hi), slice(None)), True, trainable))
-                terms.append((m.lora_B, (slice(None), slice(lo, hi)), False, trainable))
+                live = hi - lo if hi <= m.ranknum or train_reserve else 0
+                terms.append((m.lora_A, (slice(lo, hi), slice(None)), True, live))
+                terms.append((m.lora_B, (slice(None), slice(lo, hi)), False, live))
         total, K = 0.0, len(terms)
-        for p, index, rows, trainable in terms:
+        for p, index, rows, live in terms:
             value, grad = orth_value_and_grad(p.data[index], rows)
             total += value
-            if trainable and p.trainable:
+            if live and p.trainable:
                 if p.grad is None:
                     p.grad = backend.get_namespace(p.data).zeros_like(p.data)
-                p.grad[index] += (w / K) * grad
+                if rows:   # only the first ``live`` triplets require a gradient
+                    p.grad[index][:live] += (w / K) * grad[:live]
+                else:
+                    p.grad[index][:, :live] += (w / K) * grad[:, :live]
         return w * total / K
 
     def after_step(self, trainer) -> None:
         g = trainer.step                  # 0-based index of the step that just ran
         self.step_triplets(trainer)
         if g == 0 and all(m.reserve == 0 for _, m in self.layers):
-            for name, m in self.layers:
-                self._extend_state(name, m, m.config.add_r)
+            for name, m in self.layers:   # a group only when they train (advance learning)
+                self._extend_state(name, m, m.config.add_r, 0 if m.config.advance_learning
+                                   else -2)
                 m.add_reserve(m.config.add_r)
         if self.total_rank() >= self.budget:
             return
@@ -177,12 +193,20 @@ class IncreLoraHook(StepHook):
         if g > cfg.init_warmup and g % cfg.incre_interval == 0:
             self.grow(trainer, g)
 
+    def group_lr(self, trainer, born: int) -> float:
+        """The lr of a parameter group added at step ``born`` (-1: the first group)."""
+        if born < 0 or self.config.reserve_lr == "schedule":
+            return trainer.lr_at(trainer.step)
+        if self.config.reserve_lr == "constant":
+            return trainer.config.lr
+        return trainer.schedule.restarted(born + 1).lr_at(trainer.step)   # Multi_LambdaLR
+
     def step_triplets(self, trainer) -> None:
-        """torch-AdamW on every triplet tensor that took part in the backward."""
+        """AdamW (the trainer's form) on every triplet tensor that took part in the backward."""
         c = trainer.config
-        lr_sched = trainer.lr_at(trainer.step)
-        lr_added = c.lr if self.config.reserve_lr == "constant" else lr_sched
+        hf = getattr(trainer, "adamw_form", "torch") == "hf"
         b1, b2 = _BETAS
+        rates: dict = {}
         for name, m in self.layers:
             st, xp = self.opt[name], m.xp
             live_AB = m.rows if m.config.advance_learning else m.ranknum
@@ -193,14 +217,20 @@ class IncreLoraHook(StepHook):
                 steps = st["t" + key]
                 for i in range(live):
                     steps[i] += 1
+                born = st["bE" if key == "E" else "bAB"][:live]
+                for b in born:
+                    if b not in rates:
+                        rates[b] = self.group_lr(trainer, b)
                 t = xp.asarray(steps[:live], dtype=p.dtype)             # (live,)
-                lr = xp.asarray([lr_sched if s else lr_added for s in st["scheduled"][:live]],
-                                dtype=p.dtype)                          # (live,)
+                lr = xp.asarray([rates[b] for b in born], dtype=p.dtype)   # (live,)
                 if axis == 0 and key == "A":
                     t, lr = t[:, None], lr[:, None]                     # (live, 1)
                 rows = (slice(None), slice(0, live)) if axis == 1 else slice(0, live)
                 data, grad = p.data[rows], p.grad[rows]
                 m1, v1 = st[key][0][rows], st[key][1][rows]
+                if hf:
+                    hf_adamw_update(data, grad, m1, v1, t, lr, b1, b2, _EPS, c.weight_decay)
+                    continue
                 if c.weight_decay:
                     data *= 1.0 - lr * c.weight_decay
                 m1 += (grad - m1) * (1.0 - b1)
@@ -222,16 +252,19 @@ class IncreLoraHook(StepHook):
             if k < 1:
                 continue
             if m.reserve < k:
-                self._extend_state(name, m, k - m.reserve)
+                self._extend_state(name, m, k - m.reserve, step)
             lo = m.ranknum
             m.grow(k)
             st = self.opt[name]
             for j in range(lo, lo + k):      # the activated E: a new param group
                 st["tE"][j] = 0
+                st["bE"][j] = step
                 st["E"][0][j] = st["E"][1][j] = 0.0
                 if not m.config.advance_learning:   # A, B enter the optimizer now
                     st["tA"][j] = st["tB"][j] = 0
-            self._extend_state(name, m, k)   # k new reserves
+                    st["bAB"][j] = step
+            advance = m.config.advance_learning   # k new reserves (a group if they train)
+            self._extend_state(name, m, k, step if advance else -2)
             m.add_reserve(k)
             remaining -= k
             grown.append((name, k))
@@ -269,6 +302,10 @@ class IncreLoraHook(StepHook):
             saved = state["opt"][name]
             self.opt[name] = {k: ([backend.asarray(a, dtype=m.dtype, xp=m.xp) for a in v]
                                   if k in "AEB" else list(v)) for k, v in saved.items()}
+            if "bAB" not in self.opt[name]:   # a state saved before the group births
+                flags = self.opt[name].pop("scheduled")
+                self.opt[name]["bAB"] = [-1 if f else 0 for f in flags]
+                self.opt[name]["bE"] = list(self.opt[name]["bAB"])
         self.history = [list(h) for h in state["history"]]
         self._track(self.total_rank() < self.budget)
 

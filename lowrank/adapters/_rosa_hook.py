@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .. import backend
 from ..nn.hooks import StepHook
-from ..nn.optim import AdamW, lr_at
+from ..nn.optim import AdamW
+from ..nn.schedules import Schedule
 
 
 class RosaHook(StepHook):
@@ -19,32 +20,47 @@ class RosaHook(StepHook):
         self.lora_opt = None       # A and B's own AdamW with lora_lr (set by bind)
         self.steps_done = 0
         self.restarted_at = None   # completed steps when the run restarted (restart=True)
+        self.initial, self.initial_dropout = {}, {}   # the run's start, for the second run
         self._arm()
 
     def bind(self, trainer) -> None:
-        """Under data parallel each rank sees a slice of the batch: square the rank-averaged
-        Gᵀx (what one process computes), not each rank's own. With ``lora_lr`` the LoRA
-        factors get their own AdamW."""
+        """Each micro-batch's Gᵀx is squared (the official hook squares each backward's): under
+        batch shards once the shards' parts are summed, under data parallel on each rank, the
+        squares then averaged over the ranks (so every rank selects the same support). With
+        ``lora_lr`` the LoRA factors get their own AdamW. With ``restart`` the run's start is
+        kept for the second run: every other trainable parameter and the dropout streams."""
         self.comm = trainer.comm
-        for _, m in self.layers:   # batch shards split the batch the same way
-            m.defer_square = trainer.comm.size > 1 or trainer.config.shards > 1
+        for _, m in self.layers:
+            m.defer_square = trainer.config.shards > 1
+            m.across_ranks = trainer.comm.size > 1
+        if self.layers and self.layers[0][1].config.restart and self.restarted_at is None:
+            own = {id(p) for _, m in self.layers for p in m.parameters()}
+            self.initial = {n: backend.to_numpy(p.data).copy()
+                            for n, p in trainer.model.named_parameters(trainable_only=True)
+                            if id(p) not in own}
+            self.initial_dropout = trainer.dropout_states()
         self.lora_opt = None
         if self.layers and self.layers[0][1].config.lora_lr is not None:
             self.lora_opt = AdamW([(f"{n}.{k}", getattr(m, k)) for n, m in self.layers
                                    for k in ("lora_A", "lora_B") if getattr(m, k).trainable],
                                   lr=self.layers[0][1].config.lora_lr,
-                                  weight_decay=trainer.config.weight_decay)
+                                  weight_decay=trainer.config.weight_decay,
+                                  form=getattr(trainer, "adamw_form", "torch"))
 
     def owns(self, name, p) -> bool:
         return self.lora_opt is not None and self.lora_opt.name_of(p) is not None
 
     def extra_loss(self, trainer) -> float:
         for _, m in self.layers:
-            if m.pending_dW0 is not None:
+            m.flush_micro()
+            if m.pending_dW0 is not None:   # Σ of the step's squares, averaged over ranks
                 pending, m.pending_dW0 = m.pending_dW0, None
                 trainer.comm.allreduce_sum(pending)
                 pending *= 1.0 / trainer.comm.size
-                m.add_score(pending)
+                if m.score is None:
+                    m.score = pending
+                else:
+                    m.score += pending
         return 0.0
 
     def _arm(self) -> None:
@@ -56,13 +72,20 @@ class RosaHook(StepHook):
                             and cfg.warmup_steps < k <= cfg.warmup_steps + cfg.collect_steps)
 
     def lr_at(self, trainer, step: int, lr: float) -> float:
-        """After a restart the schedule starts again: warm-up and cosine over the steps
-        left, as the official second run's own schedule."""
-        k = self.restarted_at
-        if k is None or step < k:
+        """With ``restart`` both official runs have the same schedule (the same
+        ``max_duration``): the trainer's over the second run's steps (``steps`` less the
+        first run's k), from 0 in the first run, begun again at k in the second."""
+        if not self.layers or not self.layers[0][1].config.restart:
+            return lr
+        cfg = self.layers[0][1].config
+        k = cfg.warmup_steps + cfg.collect_steps if cfg.support == "gradient" else 0
+        if k == 0:
             return lr
         c = trainer.config
-        return lr_at(step - k, c.lr, c.warmup, max(1, c.steps - k), c.min_lr)
+        second = Schedule(trainer.schedule_name, c.lr, c.warmup, max(1, c.steps - k), c.min_lr)
+        if self.restarted_at is None or step < self.restarted_at:
+            return second.lr_at(step)
+        return second.lr_at(step - self.restarted_at)
 
     def after_step(self, trainer) -> None:
         if self.lora_opt is not None:
@@ -81,14 +104,22 @@ class RosaHook(StepHook):
                 # correction from t = 1), whatever zero-gradient steps it counted before
                 trainer.optimizer.reset_state(m.rosa_values)
         if selected and selected[0].config.restart:
-            self.restart(trainer.optimizer)
+            self.restart(trainer.optimizer, trainer)
         self._arm()
 
-    def restart(self, optimizer) -> None:
-        """The official second run: initial LoRA, every optimizer state fresh, the schedule
-        from its start (``lr_at``); the supports stay."""
+    def restart(self, optimizer, trainer=None) -> None:
+        """The official second run, a fresh process from the pretrained model with the masks
+        loaded: initial LoRA, every other trainable parameter (a head, biases) back to its
+        start, every optimizer state fresh, the data order and the dropout streams from the
+        seed (with a trainer), the schedule from its start (``lr_at``); the supports stay."""
         for _, m in self.layers:
             m.restart_lora()
+        if trainer is not None:
+            for name, p in trainer.model.named_parameters(trainable_only=True):
+                if name in self.initial:
+                    p.data = backend.asarray(self.initial[name], dtype=p.dtype,
+                                             xp=backend.get_namespace(p.data))
+            trainer.restart_streams(self.initial_dropout)
         for opt in (optimizer, self.lora_opt):
             for p in list(opt.params.values()) if opt is not None else ():
                 opt.reset_state(p)
@@ -96,6 +127,8 @@ class RosaHook(StepHook):
 
     def state_dict(self) -> dict:
         return {"steps_done": self.steps_done, "restarted_at": self.restarted_at,
+                "initial": {n: a.copy() for n, a in self.initial.items()},
+                "initial_dropout": self.initial_dropout,
                 "lora_opt": None if self.lora_opt is None else self.lora_opt.state_dict(),
                 "scores": {name: backend.to_numpy(m.score).copy()
                            for name, m in self.layers if m.score is not None}}
@@ -106,6 +139,8 @@ class RosaHook(StepHook):
         if unknown:
             raise ValueError(f"RoSA score state for unknown modules: {unknown}")
         self.steps_done = int(state["steps_done"])
+        self.initial = {n: a.copy() for n, a in state.get("initial", {}).items()}
+        self.initial_dropout = state.get("initial_dropout", {})
         at = state.get("restarted_at")
         self.restarted_at = None if at is None else int(at)
         if self.lora_opt is not None and state.get("lora_opt") is not None:

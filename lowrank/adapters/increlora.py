@@ -47,7 +47,8 @@ INIT_STD = 0.02         # A, B ~ N(0, 0.02²) for the first and every reserve tr
 RESERVE_E = 1e-5        # official add_reserve_param: e = 1e-5 with advance learning
 GROWTHS = ("official", "rescale")
 SCORE_BATCHES = ("last", "sum")
-RESERVE_LRS = ("constant", "schedule")
+RESERVE_LRS = ("multi", "constant", "schedule")
+ORTH_FORMS = ("svd", "per_tensor")
 
 
 @dataclass
@@ -65,8 +66,9 @@ class IncreLoraConfig(AdapterConfig):
     advance_learning: bool = True      # reserves pre-trained with E = 1e-5 (official default)
     growth: str = "official"           # GROWTHS: E left alone, or rescaled (output kept)
     score_batches: str = "last"        # SCORE_BATCHES: the last micro-batch's ∂L/∂ΔW, or Σ
-    reg_orth_coef: float = 0.1         # official compute_orth_regu weight; 0: off
-    reserve_lr: str = "constant"       # RESERVE_LRS: added triplets at the base lr (official)
+    reg_orth_coef: float = 0.1         # the orthogonality regulariser's weight; 0: off
+    orth_form: str = "svd"             # ORTH_FORMS: the trainers' compute_svd_orth_regu
+    reserve_lr: str = "multi"          # RESERVE_LRS: added groups warm up anew (Multi_LambdaLR)
 
     def __post_init__(self):
         super().__post_init__()
@@ -93,7 +95,7 @@ class IncreLoraConfig(AdapterConfig):
         if not isinstance(self.advance_learning, bool):
             raise ValueError(f"advance_learning must be a bool, got {self.advance_learning!r}")
         for name, allowed in (("growth", GROWTHS), ("score_batches", SCORE_BATCHES),
-                              ("reserve_lr", RESERVE_LRS)):
+                              ("reserve_lr", RESERVE_LRS), ("orth_form", ORTH_FORMS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         c = self.reg_orth_coef
@@ -104,6 +106,9 @@ class IncreLoraConfig(AdapterConfig):
 
 @register("increlora", IncreLoraConfig)
 class IncreLoraLinear(TripletMap, AdaptedLinear):
+    official_schedule = "linear"   # the official runs: Hugging Face Trainer, linear warm-up
+    official_adamw = "hf"          # and decay, transformers.AdamW (docs/variants.md#increlora)
+
     def init_adapter(self, rng) -> None:
         cfg = self.config
         check_rank(cfg.r, self.weight.shape)

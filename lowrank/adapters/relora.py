@@ -18,21 +18,29 @@ Every ``reset_interval`` (K) completed steps ``ReLoraHook`` restarts every ReLoR
   ``reset_ratio`` quantile of |v| (linear interpolation, torch.quantile's), so below 1.0 the
   largest entry survives (31 of 32 zeroed at 0.999). The step counters are kept (official).
   ``reset_ratio`` 0.999 is the paper's default; 1.0 zeroes everything, 0.0 nothing;
-* learning rate, "jagged cosine" (``schedule``). "official" (default), the official
+* learning rate, "jagged cosine" (``schedule``). "official" (default), the current official
   ``_get_cosine_schedule_with_multiple_warmups_lambda`` times the trainer's lr, with
   T = steps, W0 = the trainer's warm-up, K = reset_interval, W = restart_warmup, ρ =
   ``min_lr_ratio`` (None: the trainer's min_lr / lr), cos(p) = ρ + (1-ρ)·½(1 + cos πp):
-      t < W0:                t / W0                       (step 0 runs at lr 0)
-      i = t mod K < W:       i / W · cos(⌊t/K⌋·K / (T - W0))   (each restart's step i = 0: lr 0)
-      otherwise:             cos((t - W0) / (T - W0))
-  "ramp" (lowrank's earlier rule): the trainer's schedule times ``(i+1)/W`` for the i-th
+      t < W0:                       t / W0                       (step 0 runs at lr 0)
+      t >= K and i = t mod K < W:   i / W · cos((⌊t/K⌋·K + W - W0) / (T - W0))
+      otherwise:                    cos((t - W0) / (T - W0))
+  so each restart warms up to the cosine's value at the end of its warm-up (no jump), and
+  the first cycle has no restart warm-up. "official_2023" is the code of May 2023 (the
+  restart warm-up also in the first cycle, towards the cosine at the cycle's start);
+  "ramp" (lowrank's earliest rule): the trainer's schedule times ``(i+1)/W`` for the i-th
   step after a restart (no step spent at lr 0).
+* when: with "official" the layers restart after 0-based step t = K, 2K, … (the official loop
+  merges at ``update_step % K == 1``, after the lr-0 step that still ran on the old LoRA, so
+  the pruned moments hold that step's gradient); the other schedules restart after K, 2K, …
+  completed steps (the lr-0 step then runs on the fresh LoRA). As the official code, K = 1
+  never restarts under "official".
 * ``trainable_scaling`` (official ``--trainable_scaling``): the scale is ``tanh(θ)`` of a
   trainable ``lora_scaling (1,)``, θ = 1 at init (α/r unused), and a restart sets θ = 0 as
   the official ``merge_and_reinit`` does (``nn.init.zeros_(self.scaling)``). It runs as the
   low-rank product's gate: g = tanh(θ)·1_r, c = 1, so dθ = (1 - tanh²θ) Σ_q dg_q.
 
-No restart follows the last step, so ``delta_weight()`` (s·BA of the current cycle; the merged
+Under the legacy schedules no restart follows the last step, so ``delta_weight()`` (s·BA of the current cycle; the merged
 history lives in W0) stays the final cycle's. After k restarts ``rank(W - W_init)`` can reach
 (k+1)·r. The hook keeps ``W - W_init`` of the first ReLoRA module (float64) for ``report``.
 
@@ -57,7 +65,7 @@ from .base import AdapterConfig, register
 from .lora import LoraLinear, lora_factors
 
 RESETS = ("random", "magnitude")
-SCHEDULES = ("official", "ramp")
+SCHEDULES = ("official", "official_2023", "ramp")
 RANK_RTOL = 1e-8     # report: singular values > 1e-8 · σ_max count towards rank(W - W_init)
 
 
@@ -106,7 +114,24 @@ def restart_lr_factor(step: int, reset_interval: int, restart_warmup: int) -> fl
 
 def official_lr_lambda(step: int, total: int, first_warmup: int, restart_warmup: int,
                        reset_interval: int, min_lr_ratio: float) -> float:
-    """The official jagged-cosine multiplier of 0-based ``step`` (docs/variants.md#relora)."""
+    """The current official jagged-cosine multiplier of 0-based ``step``
+    (docs/variants.md#relora)."""
+    if step < first_warmup:
+        return step / max(1, first_warmup)
+    span = max(1, total - first_warmup)
+    i, cycle = step % reset_interval, step // reset_interval
+    if i < restart_warmup and step >= reset_interval:
+        end = (cycle * reset_interval + restart_warmup - first_warmup) / span
+        top = min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * end))
+        return i / max(1, restart_warmup) * top
+    progress = (step - first_warmup) / span
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def official_2023_lr_lambda(step: int, total: int, first_warmup: int, restart_warmup: int,
+                            reset_interval: int, min_lr_ratio: float) -> float:
+    """The May 2023 official multiplier ("official_2023"): restart warm-ups in every cycle,
+    towards the cosine at the cycle's start."""
     if step < first_warmup:
         return step / max(1, first_warmup)
     span = max(1, total - first_warmup)
@@ -250,12 +275,19 @@ class ReLoraHook(StepHook):
         c = trainer.config
         rho = cfg.min_lr_ratio if cfg.min_lr_ratio is not None else \
             (c.min_lr / c.lr if c.lr > 0 else 1.0)
-        return c.lr * official_lr_lambda(step, c.steps, c.warmup, cfg.restart_warmup,
-                                         cfg.reset_interval, rho)
+        rule = official_lr_lambda if cfg.schedule == "official" else official_2023_lr_lambda
+        return c.lr * rule(step, c.steps, c.warmup, cfg.restart_warmup, cfg.reset_interval, rho)
+
+    def restarts_after(self, done: int, total: int) -> bool:
+        """Whether the layers restart once ``done`` steps have completed."""
+        K = self.config.reset_interval
+        if self.config.schedule == "official":   # official: update_step % K == 1, the last
+            return done > K and done % K == 1     # step included (a run resumed past it too)
+        return done % K == 0 and done < total     # delta_weight() keeps the last cycle
 
     def after_step(self, trainer) -> None:
         done = trainer.step + 1    # trainer.step counts completed steps before this one
-        if done % self.config.reset_interval == 0 and done < trainer.config.steps:
+        if self.restarts_after(done, trainer.config.steps):
             self.restart(trainer.optimizer)
 
     def restart(self, optimizer=None) -> None:
@@ -285,4 +317,4 @@ class ReLoraHook(StepHook):
 
 
 __all__ = ["ReLoraConfig", "ReLoraLinear", "ReLoraHook", "restart_lr_factor",
-           "official_lr_lambda", "prune_moment"]
+           "official_lr_lambda", "official_2023_lr_lambda", "prune_moment"]

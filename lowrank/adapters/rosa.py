@@ -16,13 +16,19 @@ steps, then ``collect_steps`` steps during which each layer forms ``dW0 = Gᵀ x
 and into its own accumulator, never into W0's grad: W0 stays frozen — then the top nnz
 entries of the score (ties to the lower row-major index) become the support, for good.
 ``grad_acc_mode`` (the official option): "mean_squared" (default) scores Σ (Gᵀx)² per
-backward call, "mean" scores |Σ Gᵀx|. Until then S is empty and the layer is a LoRA.
+backward call — per micro-batch under accumulation; under batch shards the shards' Gᵀx are
+summed first (one micro-batch), under data parallel each rank squares its own and the squares
+are averaged over the ranks — "mean" scores |Σ Gᵀx|. Until then S is empty and the layer is a LoRA.
 ``support="random"``: a random support at init (an ablation; the contract battery uses it).
 
 ``restart`` (default True, the official two-run pipeline: masks saved, then a run from
-scratch with them loaded): once the support is chosen, A and B return to their initial values
-(the second run's draw, same seed), every AdamW state and the lr schedule restart over the
-remaining steps; False continues from the warm-up state. ``lora_lr`` (official
+scratch with them loaded): once the support is chosen (after k steps), A and B return to their
+initial values (the second run's draw, same seed), so does every other trainable parameter (a
+head, biases: the second run loads the pretrained model), every AdamW state is fresh, the
+batches and the dropout masks start again from the seed, and the schedule (official
+``linear_decay_with_warmup``, the default here) starts again; both runs schedule over the
+second run's ``steps - k`` steps (the official runs share ``max_duration``). False continues
+from the warm-up state. ``lora_lr`` (official
 ``rosa.lora_lr``): A and B get their own AdamW (the hook's), at the run's schedule times
 ``lora_lr / lr`` (a param group with its own initial lr under one LambdaLR).
 
@@ -95,6 +101,8 @@ def support_size(density: float, m: int, n: int) -> int:
 
 @register("rosa", RosaConfig)
 class RosaLinear(LowRankMap, AdaptedLinear):
+    official_schedule = "linear"   # the official config: linear_decay_with_warmup, alpha_f 0
+
     def init_adapter(self, rng) -> None:
         cfg, xp = self.config, self.xp
         check_rank(cfg.r, self.weight.shape)
@@ -115,8 +123,10 @@ class RosaLinear(LowRankMap, AdaptedLinear):
         self.collecting = False      # set by the hook for the collection steps only
         self.score = None            # (m, n) Σ (Gᵀx)² while collecting
         self.w0_grad_products = 0    # how many times Gᵀx was formed (instrumentation)
-        self.defer_square = False    # data parallel: keep Gᵀx raw until it is all-reduced
-        self.pending_dW0 = None      # (m, n) this step's raw Gᵀx, when deferred
+        self.defer_square = False    # batch shards: a micro-batch's Gᵀx is the shards' sum
+        self.micro_dW0 = None        # (m, n) the micro-batch's raw Gᵀx while shards add up
+        self.pending_dW0 = None      # (m, n) this step's Σ over micro-batches of (Gᵀx)²
+        self.across_ranks = False    # data parallel: the hook averages pending over ranks
         self._pattern, self._pattern_src = None, None
 
     # --- the support -----------------------------------------------------------------------
@@ -230,30 +240,45 @@ class RosaLinear(LowRankMap, AdaptedLinear):
         return dx
 
     def reset_replica_state(self) -> None:
-        """A batch shard keeps its raw Gᵀx apart: the batch's is the sum over the shards,
-        squared once (as data parallel does, ``defer_square``)."""
-        self.pending_dW0, self.w0_grad_products, self.defer_square = None, 0, True
+        """A batch shard keeps its raw Gᵀx apart: the micro-batch's is the sum over the
+        shards, squared once, as the official hook squares each backward's."""
+        self.pending_dW0, self.micro_dW0, self.w0_grad_products = None, None, 0
+        self.defer_square = True
 
     def absorb_replica(self, replica) -> None:
         self.w0_grad_products += replica.w0_grad_products
-        if replica.pending_dW0 is None:
+        if replica.micro_dW0 is None:
             return
-        if not self.defer_square:
+        if self.micro_dW0 is None:
             raise RuntimeError("RoSA collects its score over batch shards only with "
                                "defer_square set (the Trainer sets it for shards > 1)")
-        if self.pending_dW0 is None:
-            self.pending_dW0 = replica.pending_dW0
-        else:
-            self.pending_dW0 += replica.pending_dW0
+        self.micro_dW0 += replica.micro_dW0
 
     def _collect(self, dW0) -> None:
+        """One backward's Gᵀx: squared ("mean_squared") and added to the step's pending sum,
+        or, under batch shards, kept raw until the micro-batch's shards are summed."""
         self.w0_grad_products += 1
-        if not self.defer_square:
+        if self.defer_square:
+            self.flush_micro()   # the previous micro-batch, now complete
+            self.micro_dW0 = dW0
+        else:
+            self._pend(dW0)
+
+    def _pend(self, dW0) -> None:
+        if not self.across_ranks:
             self.add_score(dW0)
-        elif self.pending_dW0 is None:   # data parallel: the hook averages over ranks first
+            return
+        if self.config.grad_acc_mode == "mean_squared":
+            dW0 *= dW0
+        if self.pending_dW0 is None:
             self.pending_dW0 = dW0
         else:
             self.pending_dW0 += dW0
+
+    def flush_micro(self) -> None:
+        if self.micro_dW0 is not None:
+            micro, self.micro_dW0 = self.micro_dW0, None
+            self._pend(micro)
 
     def effective_weight(self):
         """``W0 + s·BA + S`` (m, n); S's values are added on its support, O(nnz)."""

@@ -45,7 +45,7 @@ from .. import backend
 from ..nn.decompose import check_rank
 from ..nn.hooks import StepHook
 from ..nn.module import Parameter
-from ..nn.optim import lr_at
+from ..nn.schedules import scheduled_lr
 from ._lowrank import LowRankMap, LowRankParts
 from .base import AdaptedLinear, AdapterConfig, config, register
 from .inject import _set_child
@@ -138,6 +138,9 @@ def threshold(g, xi: float, kind: str):
 
 @register("sora", SoraConfig)
 class SoraLinear(LowRankMap, AdaptedLinear):
+    official_schedule = "linear"   # the official runs: Hugging Face Trainer, linear warm-up
+    official_adamw = "hf"          # and decay, transformers.AdamW (docs/variants.md#sora)
+
     def init_adapter(self, rng) -> None:
         cfg = self.config
         check_rank(cfg.r, self.weight.shape)
@@ -268,7 +271,7 @@ class SoraHook(StepHook):
 
     @staticmethod
     def gate_lr(trainer, cfg: SoraConfig) -> float:
-        """The run's learning-rate schedule (warm-up, cosine, any hook's reshaping), rescaled
+        """The run's learning-rate schedule (warm-up and decay, any hook's reshaping), rescaled
         to start from ``gate_lr`` when one is given (official: ``sparse_lr``, own scheduler
         of the same warm-up + decay shape)."""
         c = trainer.config
@@ -277,7 +280,7 @@ class SoraHook(StepHook):
             return lr
         if c.lr > 0:
             return lr * (cfg.gate_lr / c.lr)
-        return lr_at(trainer.step, cfg.gate_lr, c.warmup, c.steps, 0.0)
+        return scheduled_lr(trainer.schedule_name, trainer.step, cfg.gate_lr, c.warmup, c.steps)
 
     def _adam(self, name, g, lr: float) -> None:
         xp = backend.get_namespace(g.data)

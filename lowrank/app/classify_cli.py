@@ -15,6 +15,8 @@ import argparse
 import sys
 
 from ..adapters import available, field_from_text
+from ..nn.optim import ADAMW_FORMS
+from ..nn.schedules import SCHEDULES
 from ..tasks import classify, classify_io as io
 from .sentiment_demo import run_demo
 
@@ -49,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None,
                    help="default 5e-4 (adapters), 5e-5 (full), 1e-3 (head)")
     p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--lr-schedule", choices=SCHEDULES, default="linear",
+                   help="learning-rate schedule (the recipe: linear warm-up and decay)")
+    p.add_argument("--adamw", choices=ADAMW_FORMS, default=None,
+                   help="AdamW form (default: the variant's official one, else torch)")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--pooling", choices=("mean", "cls"), default="mean")
     p.add_argument("--model-dropout", type=float, default=0.1)
@@ -114,7 +120,8 @@ def run(args) -> int:
         config = classify.ClassifyConfig(
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             weight_decay=args.weight_decay, max_length=args.max_length, pooling=args.pooling,
-            model_dropout=args.model_dropout, seed=args.seed)
+            model_dropout=args.model_dropout, seed=args.seed, schedule=args.lr_schedule,
+            adamw=args.adamw)
         print(f"{args.variant}: {len(train):,} training examples"
               + (f", {len(val):,} validation" if val is not None else ""), flush=True)
 

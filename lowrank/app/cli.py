@@ -35,7 +35,9 @@ def _train_config(args) -> TrainConfig:
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                        accum_steps=args.accum_steps, eval_interval=args.eval_interval,
                        seed=args.seed, shards=args.shards,
-                       loraplus_lr_ratio=getattr(args, "loraplus_lr_ratio", None))
+                       loraplus_lr_ratio=getattr(args, "loraplus_lr_ratio", None),
+                       schedule=getattr(args, "lr_schedule", None),
+                       adamw=getattr(args, "adamw", None))
 
 
 def _corpus(values, default):

@@ -12,6 +12,8 @@ import math
 import sys
 
 from ..adapters import available, config as adapter_config, field_from_text
+from ..nn.optim import ADAMW_FORMS
+from ..nn.schedules import SCHEDULES
 
 BACKENDS = ("numpy", "numpy-strict", "cupy")
 VARIANT_FLAGS = {"r", "alpha", "dropout", "init", "rslora"}   # fields with their own flag
@@ -79,6 +81,12 @@ def _common(p, steps, lr, out=None):
                         "each (NumPy; try the core count; docs/performance.md#batch-shards)")
     p.add_argument("--weight-decay", type=real(), default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=real(), default=1.0, help="max global grad norm (0: off)")
+    p.add_argument("--lr-schedule", choices=SCHEDULES, default=None,
+                   help="learning-rate schedule (default: the variant's official one, else "
+                        "lowrank_cosine; docs/training.md#schedules)")
+    p.add_argument("--adamw", choices=ADAMW_FORMS, default=None,
+                   help="AdamW form: torch's or Hugging Face's (default: the variant's "
+                        "official one, else torch)")
     p.add_argument("--eval-interval", type=whole(0), default=0,
                    help="print the validation loss every N steps (0: at the end only)")
     p.add_argument("--dtype", choices=("float32", "float64"), default=None,

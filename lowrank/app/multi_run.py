@@ -76,8 +76,8 @@ class MultiTrainer:
             for k in active:
                 tr = self.trainers[k]
                 if micro < tr.config.accum_steps:
-                    x, y = tr.batch("train", tr.rng)
-                    batches.append((k, x, y))
+                    batch = tr.batch("train", tr.rng)   # a TokenBatch: one LM context
+                    batches.append((k, batch.x, batch.y))
                     scale.append(1.0 / tr.config.accum_steps)
             micro_losses, cache = multi_loss(self.model, batches)
             for (k, x, _), loss, s in zip(batches, micro_losses, scale):

@@ -1,4 +1,4 @@
-"""AdamW with ``torch.optim.AdamW`` semantics, global-norm clipping, and the LR schedule.
+"""AdamW in torch's or Hugging Face's form, global-norm clipping, and the LR schedule.
 
 Per trainable parameter p with gradient g, at its own step t (torch keeps a step per tensor,
 so a parameter added later starts its bias correction at t = 1):
@@ -8,6 +8,13 @@ so a parameter added later starts its bias correction at t = 1):
     v ← β2 v + (1 - β2) g²
     p ← p - (lr / (1 - β1ᵗ)) · m / (√v / √(1 - β2ᵗ) + eps)
 
+``form="hf"`` is ``transformers.AdamW`` (the optimizer of the Hugging Face Trainer runs behind
+SoRA's and IncreLoRA's official numbers): ε is added to √v before the bias correction and the
+weight decay comes after the update, on the updated weights:
+
+    p ← p - lr (√(1 - β2ᵗ) / (1 - β1ᵗ)) · m / (√v + eps)
+    p ← p (1 - lr·wd)
+
 Frozen parameters (``trainable`` False) and parameters without a gradient get no state and
 no update, as in torch where ``p.grad is None`` is skipped.
 """
@@ -16,11 +23,14 @@ from __future__ import annotations
 import math
 
 from .. import backend
+from .schedules import lowrank_cosine
 
 
 class AdamW:
     def __init__(self, named_params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01):
+                 weight_decay: float = 0.01, form: str = "torch"):
+        check_adamw_form(form)
+        self.form = form
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr!r}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -101,6 +111,10 @@ class AdamW:
             t = st["step"]
             g, m, v = p.grad, st["exp_avg"], st["exp_avg_sq"]
             lr_p = lr * self.lr_scale.get(name, 1.0)
+            if self.form == "hf":
+                hf_adamw_update(p.data, g, m, v, t, lr_p, beta1, beta2, self.eps,
+                                self.weight_decay)
+                continue
             if self.weight_decay:
                 p.data *= 1.0 - lr_p * self.weight_decay
             m += (g - m) * (1.0 - beta1)
@@ -120,6 +134,7 @@ class AdamW:
         return {
             "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
             "weight_decay": self.weight_decay, "step_count": self.step_count,
+            "form": self.form,
             "state": {name: {"step": st["step"],
                              "exp_avg": backend.to_numpy(st["exp_avg"]).copy(),
                              "exp_avg_sq": backend.to_numpy(st["exp_avg_sq"]).copy()}
@@ -136,6 +151,8 @@ class AdamW:
         self.eps = float(sd["eps"])
         self.weight_decay = float(sd["weight_decay"])
         self.step_count = int(sd["step_count"])
+        self.form = sd.get("form", "torch")
+        check_adamw_form(self.form)
         self.state = {}
         for name, st in sd["state"].items():
             p = self.params[name]
@@ -147,6 +164,31 @@ class AdamW:
                                      f"parameter has {tuple(p.shape)}")
                 moments[key] = backend.asarray(st[key], dtype=p.dtype, xp=xp)
             self.state[name] = {"step": int(st["step"]), **moments}
+
+
+ADAMW_FORMS = ("torch", "hf")
+
+
+def check_adamw_form(form) -> None:
+    if form not in ADAMW_FORMS:
+        raise ValueError(f"adamw must be one of {ADAMW_FORMS}, got {form!r}")
+
+
+def hf_adamw_update(data, g, m, v, t, lr: float, beta1: float, beta2: float, eps: float,
+                    weight_decay: float) -> None:
+    """One ``transformers.AdamW`` update of ``data`` in place (moments m, v in place; ``t``:
+    the step count after this update, an int or an array broadcasting against ``data``, as
+    ``lr`` may be)."""
+    xp = backend.get_namespace(data)
+    m *= beta1
+    m += g * (1.0 - beta1)
+    v *= beta2
+    v += (g * g) * (1.0 - beta2)
+    denom = xp.sqrt(v) + eps
+    step_size = lr * (1.0 - beta2 ** t) ** 0.5 / (1.0 - beta1 ** t)
+    data -= step_size * (m / denom)
+    if weight_decay:
+        data -= data * (lr * weight_decay)
 
 
 def clip_grad_norm(params, max_norm: float) -> float:
@@ -175,16 +217,8 @@ def clip_grad_norm(params, max_norm: float) -> float:
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
-    """Linear warm-up over ``warmup`` steps (step 0 gets base_lr/warmup), then a cosine from
-    ``base_lr`` down to ``min_lr`` reached at ``total``; constant ``min_lr`` afterwards."""
-    if warmup < 0 or total < 1:
-        raise ValueError(f"need warmup >= 0 and total >= 1, got warmup={warmup}, total={total}")
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    if total <= warmup:
-        return float(base_lr)
-    progress = min(1.0, (step - warmup) / (total - warmup))
-    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+    """lowrank's earlier warm-up + cosine (``lowrank.nn.schedules.lowrank_cosine``)."""
+    return lowrank_cosine(step, base_lr, warmup, total, min_lr)
 
 
 def loraplus_scales(named_params, ratio: float, lr: float, embedding_names=(),

@@ -6,9 +6,9 @@ warm-up then linear decay to 0 (transformers' ``get_linear_schedule_with_warmup`
 clipping at 1.0, seed 0, max 64 tokens, mean pooling, model dropout 0.1; adapters r=8, α=16,
 dropout 0.1 on the six linears of every encoder layer.
 
-Training reuses ``lowrank.training.trainer.Trainer`` — AdamW, clipping and every variant's step hook —
-through a subclass that serves ``TextBatch``es (moved to the model's backend here) and scores
-whole splits; the schedule is one more hook (``LinearWarmupDecay.lr_at``).
+Training is ``lowrank.training.trainer.Trainer`` itself — AdamW, clipping, every variant's step hook and
+the "linear" schedule — over ``TextData``, whose ``TextBatch``es keep the trainer's batch
+contract (lowrank.training.batches); a subclass only scores whole splits (accuracy, macro-F1).
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import numpy as np
 
 from .. import backend
 from ..adapters import config as adapter_config, inject
-from ..nn.hooks import StepHook
+from ..nn.optim import check_adamw_form
+from ..nn.schedules import check_schedule
 from ..ops.cross_entropy import cross_entropy_forward
 from ..training.trainer import Trainer, TrainConfig, hooks_for
 
@@ -44,6 +45,8 @@ class ClassifyConfig:
     pooling: str = "mean"
     model_dropout: float = 0.1
     seed: int = 0
+    schedule: str = "linear"         # SCHEDULES: the recipe's warm-up from 0 + linear decay
+    adamw: str | None = None         # ADAMW_FORMS; None: the variant's official one, else torch
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "max_length"):
@@ -58,6 +61,9 @@ class ClassifyConfig:
         for name in ("warmup_ratio", "model_dropout"):
             if not 0.0 <= float(getattr(self, name)) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        check_schedule(self.schedule)
+        if self.adamw is not None:
+            check_adamw_form(self.adamw)
         if self.pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {self.pooling!r}")
 
@@ -89,36 +95,12 @@ def prepare(clf, variant: str, options: dict | None = None, targets=TARGETS, see
     return cfg
 
 
-class LinearWarmupDecay(StepHook):
-    """A step hook: lr rises linearly from 0 over ``warmup`` steps, then falls linearly to 0 at
-    ``total`` (step k uses factor k/warmup, then (total-k)/(total-warmup))."""
-
-    def __init__(self, base_lr: float, warmup: int, total: int):
-        self.base_lr, self.warmup, self.total = float(base_lr), int(warmup), int(total)
-
-    def lr_at(self, trainer, step: int, lr: float) -> float:
-        if step < self.warmup:
-            return self.base_lr * step / self.warmup
-        return self.base_lr * max(0.0, (self.total - step) / max(1, self.total - self.warmup))
-
-
 def warmup_steps(total: int, ratio: float) -> int:
     return math.ceil(total * ratio)   # transformers' TrainingArguments.get_warmup_steps
 
 
 class ClassifierTrainer(Trainer):
-    """``Trainer`` over ``TextData``: batches are ``TextBatch``es (ids, mask, labels)."""
-
-    def batch(self, split: str, rng):
-        batch = self.data.batch(split, self.config.batch_size, rng)
-        if self.comm.size > 1:
-            raise ValueError("classification training runs in one process")
-        self.real_tokens = getattr(self, "real_tokens", 0) + batch.real_tokens
-        return batch.to(self.xp), None
-
-    def split_batch(self, x, y) -> list:
-        return [(stop - start, (x.rows(start, stop), None))
-                for start, stop in self.shards.bounds(int(x.ids.shape[0]))]
+    """``Trainer`` whose evaluation scores whole splits (loss, accuracy, macro-F1)."""
 
     def evaluate(self, data=None, split: str = "val") -> dict:
         """Loss, accuracy (and macro-F1) over every example of ``split``, dropout off."""
@@ -173,11 +155,11 @@ def train_classifier(clf, data, variant: str, config: ClassifyConfig, on_epoch=N
     total = per_epoch * config.epochs
     lr = config.lr_for(mode_of(variant))
     train = TrainConfig(steps=total, batch_size=config.batch_size, lr=lr, min_lr=0.0,
-                        warmup=0, weight_decay=config.weight_decay,
-                        grad_clip=config.grad_clip, seed=config.seed, shards=shards)
-    hooks = [LinearWarmupDecay(lr, warmup_steps(total, config.warmup_ratio), total)]
-    trainer = ClassifierTrainer(clf, data, train,
-                                hooks=hooks + hooks_for(clf) + list(extra_hooks))
+                        warmup=warmup_steps(total, config.warmup_ratio),
+                        weight_decay=config.weight_decay, grad_clip=config.grad_clip,
+                        seed=config.seed, shards=shards, schedule=config.schedule,
+                        adamw=config.adamw)
+    trainer = ClassifierTrainer(clf, data, train, hooks=hooks_for(clf) + list(extra_hooks))
     records, history, train_seconds, cpu_seconds = [], [], 0.0, 0.0
     epoch_start = {"t": time.perf_counter(), "cpu": time.process_time()}
 

@@ -97,7 +97,9 @@ def sentiment_split() -> tuple[list[Example], list[Example]]:
 
 class TextBatch:
     """One padded batch: ``ids, mask (B, T)`` int64 (T = the longest row), ``labels (B,)``.
-    ``size`` counts the padded tokens, B·T (what throughput figures count)."""
+    ``size`` and ``tokens`` count the padded tokens, B·T (what throughput figures count). It
+    keeps the trainer's batch contract (lowrank.training.batches): the classifier's loss takes it
+    whole."""
 
     def __init__(self, ids, mask, labels):
         self.ids, self.mask, self.labels = ids, mask, labels
@@ -109,6 +111,21 @@ class TextBatch:
     @property
     def real_tokens(self) -> int:
         return int(self.mask.sum())
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def tokens(self) -> int:
+        return self.size
+
+    @property
+    def args(self) -> tuple:
+        return (self,)   # SequenceClassifier.loss(batch)
+
+    def take(self, start: int, stop: int) -> "TextBatch":
+        return self.rows(start, stop)
 
     def rows(self, start: int, stop: int) -> "TextBatch":
         """Rows ``start:stop`` (views), cut to their own longest row (rows are padded on
@@ -135,7 +152,6 @@ class TextData:
         if not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
         self.names, self.max_length = list(names), max_length
-        self.context = max_length    # the Trainer's token count per row (an upper bound)
         self.splits = {split: tuple(np.asarray(a, np.int64) for a in arrays[split])
                        for split in arrays}
         self._order, self._pos = None, 0

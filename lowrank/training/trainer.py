@@ -1,4 +1,4 @@
-"""The training loop: AdamW, clipping, warm-up + cosine, accumulation, evaluation, hooks.
+"""The training loop: AdamW (torch or HF form), clipping, schedules, accumulation, hooks.
 
 One step, always in this order (docs/training.md#step-order; schedule-driven variants depend
 on it):
@@ -35,10 +35,12 @@ import numpy as np
 
 from .. import backend
 from ..adapters import adapted_modules
+from .batches import as_batch
 from ..nn.hooks import StepHook
 from ..models import Embedding
-from ..nn.optim import AdamW, clip_grad_norm, loraplus_scales, lr_at
+from ..nn.optim import AdamW, check_adamw_form, clip_grad_norm, loraplus_scales
 from ..parallel import BatchShards, GradientAllReduce, SingleProcess
+from ..nn.schedules import Schedule, check_schedule
 from ..nn.validate import check_number
 
 
@@ -62,6 +64,8 @@ class TrainConfig:
     loraplus_lr_ratio: float | None = None   # LoRA+: B learns at this × lr (docs/variants.md#loraplus)
     loraplus_lr_embedding: float = 1e-6
     shards: int = 1               # batch shards on threads (docs/performance.md#batch-shards)
+    schedule: str | None = None   # SCHEDULES; None: the variant's official one (lowrank_cosine)
+    adamw: str | None = None      # ADAMW_FORMS; None: the variant's official one (torch)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "accum_steps", "eval_batches", "shards"):
@@ -75,11 +79,26 @@ class TrainConfig:
             check_number(name, getattr(self, name), 0.0)
         if self.loraplus_lr_ratio is not None:
             check_number("loraplus_lr_ratio", self.loraplus_lr_ratio, 0.0, low_open=True)
+        if self.schedule is not None:
+            check_schedule(self.schedule)
+        if self.adamw is not None:
+            check_adamw_form(self.adamw)
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def official_training(model, config: TrainConfig) -> tuple[str, str]:
+    """``(schedule, adamw)`` of a run: the config's, else the first adapter class's official
+    ``official_schedule`` / ``official_adamw`` (docs/variants.md#official-training), else
+    lowrank's ``lowrank_cosine`` and torch's AdamW."""
+    schedule, adamw = config.schedule, config.adamw
+    for _, module in adapted_modules(model):
+        schedule = schedule or getattr(type(module), "official_schedule", None)
+        adamw = adamw or getattr(type(module), "official_adamw", None)
+    return schedule or "lowrank_cosine", adamw or "torch"
 
 
 def hooks_for(model) -> list:
@@ -109,6 +128,9 @@ class Trainer:
         self.grad_sync = GradientAllReduce(model, self.comm) if size > 1 else None
         self.shards = BatchShards(model, config.shards) if config.shards > 1 else None
         self.check_every = int(check_every)
+        self.schedule_name, self.adamw_form = official_training(model, config)
+        self.schedule = Schedule(self.schedule_name, config.lr, config.warmup, config.steps,
+                                 config.min_lr)
         self.hooks = hooks_for(model) if hooks is None else list(hooks)
         for hook in self.hooks:
             if not isinstance(hook, StepHook):
@@ -117,7 +139,8 @@ class Trainer:
             hook.bind(self)   # a hook that needs the trainer (its comm) before step 1
         self.optimizer = AdamW([(n, p) for n, p in model.named_parameters(trainable_only=True)
                                 if not any(h.owns(n, p) for h in self.hooks)],
-                               lr=config.lr, weight_decay=config.weight_decay)
+                               lr=config.lr, weight_decay=config.weight_decay,
+                               form=self.adamw_form)
         if not any(True for _ in model.named_parameters(trainable_only=True)):
             raise ValueError("the model has no trainable parameters")   # hooks may own all
         if config.loraplus_lr_ratio is not None:
@@ -143,21 +166,22 @@ class Trainer:
         return self.model.xp
 
     def lr_at(self, step: int) -> float:
-        c = self.config
-        lr = lr_at(step, c.lr, c.warmup, c.steps, c.min_lr)
+        lr = self.schedule.lr_at(step)
         for hook in self.hooks:
             lr = hook.lr_at(self, step, lr)
         return lr
 
     def batch(self, split: str, rng):
-        x, y = self.data.batch(split, self.config.batch_size, rng)
+        """The next batch (lowrank.training.batches: the contract), this rank's rows, on the device."""
+        batch = as_batch(self.data.batch(split, self.config.batch_size, rng))
         if self.comm.size > 1:
-            x, y = x[self.rows], y[self.rows]
-        return backend.asarray(x, xp=self.xp), backend.asarray(y, xp=self.xp)
+            batch = batch.take(self.rows.start, self.rows.stop)
+        return batch.to(self.xp)
 
-    def split_batch(self, x, y) -> list:
-        """``[(rows, (x_k, y_k))]``: the batch's contiguous row shares, one per shard."""
-        return self.shards.split(x, y)
+    def split_batch(self, batch) -> list:
+        """``[(rows_k, args_k)]``: the batch's contiguous row shares, one per shard."""
+        return [(stop - start, batch.take(start, stop).args)
+                for start, stop in self.shards.bounds(batch.num_rows)]
 
     def _non_finite(self, loss) -> NonFiniteLossError:
         return NonFiniteLossError(f"loss is {loss} at step {self.step}; stopping (lower --lr, "
@@ -166,28 +190,29 @@ class Trainer:
     def train_step(self) -> dict:
         c, model = self.config, self.model
         start = time.perf_counter()
-        loss = 0.0
+        loss, tokens = 0.0, 0
         for _ in range(c.accum_steps):
-            x, y = self.batch("train", self.rng)
+            batch = self.batch("train", self.rng)
             if self.shards is None:
-                micro_loss, cache = model.loss(x, y)
+                micro_loss, cache = model.loss(*batch.args)
                 if not math.isfinite(micro_loss) and self.grad_sync is None:
                     raise self._non_finite(micro_loss)   # parallel: after the all-reduce
                 model.loss_backward(cache, dloss=1.0 / c.accum_steps)
             else:
-                micro_loss = self.shards.loss_backward(self.split_batch(x, y),
+                micro_loss = self.shards.loss_backward(self.split_batch(batch),
                                                        dloss=1.0 / c.accum_steps)
                 if not math.isfinite(micro_loss) and self.grad_sync is None:
                     raise self._non_finite(micro_loss)   # before any update
             loss += micro_loss / c.accum_steps
-            self.tokens_seen += int(x.size) * self.comm.size
+            tokens += batch.tokens * self.comm.size
+        self.tokens_seen += tokens
         if self.grad_sync is not None:
             (loss,) = self.grad_sync.allreduce([loss], self.step)   # the global mean gradient
             if not math.isfinite(loss):
                 raise self._non_finite(loss)
-        return self.finish_step(loss, start)
+        return self.finish_step(loss, start, tokens)
 
-    def finish_step(self, loss: float, start: float) -> dict:
+    def finish_step(self, loss: float, start: float, tokens: int | None = None) -> dict:
         """The rest of a step once the gradients are in (``lowrank.app.multi_run`` runs
         the forward/backward of several adapters at once, then this for each): extra_loss →
         clip → AdamW → after_step → zero-grad; returns the step's record."""
@@ -205,7 +230,8 @@ class Trainer:
         backend.synchronize(self.xp)
         seconds = time.perf_counter() - start
         self.step += 1
-        tokens = c.accum_steps * c.batch_size * self.data.context
+        if tokens is None:   # a caller that ran the forward itself reports its own
+            tokens = c.accum_steps * c.batch_size * getattr(self.data, "context", 0)
         record = {"step": self.step, "loss": loss, "extra_loss": extra, "lr": lr,
                   "grad_norm": grad_norm,
                   "tokens_per_s": tokens / seconds, "seconds": seconds}
@@ -232,10 +258,9 @@ class Trainer:
         self.model.eval()
         losses = []
         batches = data.eval_batches(split, self.config.batch_size, self.config.eval_batches)
-        for i, (x, y) in enumerate(batches):
+        for i, batch in enumerate(batches):
             if i % self.comm.size == self.comm.rank:
-                loss, _ = self.model.loss(backend.asarray(x, xp=self.xp),
-                                          backend.asarray(y, xp=self.xp))
+                loss, _ = self.model.loss(*as_batch(batch).to(self.xp).args)
                 losses.append(loss)
         self.model.train()
         if self.comm.size == 1:
@@ -262,6 +287,17 @@ class Trainer:
                 on_step(self, record)
         bar.close()
         return history
+
+    def dropout_states(self) -> dict:
+        """The adapters' dropout streams now (host states)."""
+        return _dropout_states(self.model)
+
+    def restart_streams(self, dropout_states: dict) -> None:
+        """Batch sampling from the seed again and the dropout streams at ``dropout_states``
+        (a second run in the same process: RoSA's restart)."""
+        self.rng = np.random.Generator(np.random.PCG64(self.config.seed))
+        _set_dropout_states(self.model, dropout_states)
+        _jump_dropout_streams(self.model, self.comm.rank)
 
     # --- resume ----------------------------------------------------------------------------
     def state_dict(self) -> dict:

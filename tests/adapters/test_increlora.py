@@ -159,7 +159,7 @@ def test_growth_state_per_triplet_as_the_official_param_groups(xp):
         if name in grown:
             assert m.ranknum == 3 and m.rows == 5
             assert st["tE"] == [4, 1, 1, 0, 0] and st["tA"] == [4, 3, 3, 1, 1]
-            assert st["scheduled"] == [True, False, False, False, False]
+            assert st["bAB"] == [-1, 0, 0, 3, 3] and st["bE"] == [-1, 3, 3, 3, 3]
         else:
             assert m.ranknum == 1 and st["tE"] == [4, 0, 0] and st["tA"] == [4, 3, 3]
 

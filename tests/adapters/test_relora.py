@@ -140,7 +140,7 @@ def test_invalid_config_raises():
 
 @pytest.mark.parametrize("method", ["random", "magnitude"])
 def test_resume_is_bit_identical(xp, method):
-    """10 steps straight (restarts after 3, 6, 9), or 5 + (fresh model: weights, W0
+    """10 steps straight (restarts after 4, 7 and 10, the official update_step % K == 1), or 5 + (fresh model: weights, W0
     included, and the trainer state restored) + 5."""
     def fresh():
         model = tiny_model(xp, dropout=0.1, optimizer_reset=method, reset_ratio=0.5)
@@ -200,7 +200,7 @@ def test_finetune_resume_and_load_finetuned(tmp_path):
     data = pretrain_tiny_base(tmp_path)
     options = {"r": 2, "alpha": 4.0, "reset_interval": 3, "restart_warmup": 1, "dropout": 0.1}
 
-    def run(out, steps, resume=False):   # restarts after steps 3 and 6 either way
+    def run(out, steps, resume=False):   # restarts after steps 4 and 7 either way
         return wf.finetune(out, tmp_path / "base", "relora", ["q", "v"], options, data,
                            TrainConfig(steps=steps, batch_size=4, lr=1e-2), resume=resume,
                            progress=False)

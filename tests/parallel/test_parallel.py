@@ -335,9 +335,11 @@ def _env():
 
 
 # options that make each variant's schedule act within the 6 steps (masks, support choice)
+# RoSA with "mean": its score is linear in Gᵀx, so two ranks' equals one process's ("mean_squared"
+# squares each rank's micro-batch, as the official per-device hook, which one process cannot match)
 PARALLEL_CASES = {"lora": [], "adalora": ["--tinit", "1", "--tfinal", "2", "--deltaT", "1"],
                   "sora": [], "rosa": ["--warmup-steps", "1", "--collect-steps", "2",
-                                       "--density", "0.05"],
+                                       "--density", "0.05", "--grad-acc-mode", "mean"],
                   "increlora": ["--init-r", "1", "--add-r", "1", "--init-warmup", "1",
                                 "--incre-interval", "2"]}
 

@@ -291,8 +291,9 @@ def test_every_variant_trains_the_classifier(variant, head_only_loss):
 
 
 def test_schedule_is_linear_warmup_then_decay():
-    hook = classify.LinearWarmupDecay(1.0, 4, 20)
-    lrs = [hook.lr_at(None, k, 123.0) for k in range(21)]
+    from lowrank.nn.schedules import scheduled_lr
+    assert classify.ClassifyConfig().schedule == "linear"
+    lrs = [scheduled_lr("linear", k, 1.0, 4, 20) for k in range(21)]
     assert lrs[0] == 0.0 and lrs[2] == 0.5 and lrs[4] == 1.0 and lrs[12] == 0.5
     assert lrs[20] == 0.0 and classify.warmup_steps(171, 0.1) == 18
 
