@@ -22,6 +22,7 @@ from ..ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from ..ops.rope import inv_freq, rope_backward, rope_forward, rope_tables
 from ..ops.swiglu import swiglu_backward, swiglu_forward
 from .blocks import Embedding, HostInit, any_trainable
+from .labelled_loss import labelled_loss_backward, labelled_loss_forward
 from .llama_config import LlamaConfig
 
 
@@ -290,13 +291,18 @@ class Llama(Module):
             emb.backward(dx, c_emb)
 
     def loss(self, ids, targets, attention_mask=None):
-        """``(mean cross-entropy over every position: float, cache)`` for ``targets (B, T)``
-        (the trainer's interface, as the GPT's)."""
+        """``(mean cross-entropy: float, cache)`` for ``targets (B, T)`` (the trainer's
+        interface, as the GPT's). A negative target (``labelled_loss.IGNORE``) is ignored:
+        then the head runs only on the labelled rows (docs/chat.md#loss)."""
+        if getattr(targets, "size", 0) and int(targets.min()) < 0:
+            return labelled_loss_forward(self, ids, targets, attention_mask)
         logits, cache = self.forward(ids, attention_mask)
         loss, c_ce = cross_entropy_forward(logits, targets)
         return loss, (cache, c_ce)
 
     def loss_backward(self, cache, dloss: float = 1.0) -> None:
+        if len(cache) != 2:
+            return labelled_loss_backward(self, cache, dloss)
         model_cache, c_ce = cache
         self.backward(cross_entropy_backward(c_ce, dloss), model_cache)
 
