@@ -61,6 +61,7 @@ def _save(model, out: Path, info: dict, trainer=None, data=None) -> None:
 
 
 def _resume(model, out: Path, trainer, data) -> list:
+    read_info(out)   # a chat directory, else one line saying so
     params = trainer.optimizer.params
     shapes = {f"{m}.{n}": p.shape for n, p in params.items() for m in ("exp_avg", "exp_avg_sq")}
     state = checkpoint.load_training_state(out, shapes, cap_for(model.parameters(), copies=4))
