@@ -154,9 +154,13 @@ def split_for_answer(messages) -> tuple[list, str]:
 
 
 def greedy_answer(model, tokenizer, template, messages, max_new_tokens: int = 32) -> str:
-    """The model's greedy reply to ``messages`` (KV cache; the end-of-turn token dropped)."""
+    """The model's greedy reply to ``messages`` (KV cache; the end-of-turn token dropped). A
+    prompt longer than the context allows keeps its last tokens (the question and the
+    assistant's header)."""
     stop = template.stop_ids(tokenizer)
     ids = template.encode(tokenizer, messages, add_generation_prompt=True).tolist()
+    room = model.config.max_position_embeddings - max_new_tokens + 1
+    ids = ids[-room:]
     out = [t for t in stream(model, ids, max_new_tokens, stop_ids=stop) if t not in stop]
     return tokenizer.decode(np.asarray(out, dtype=np.int64)) if out else ""
 

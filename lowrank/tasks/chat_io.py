@@ -81,7 +81,8 @@ def finetune(out, base, variant: str, config: chat.ChatConfig, train_path, eval_
     """Fine-tune ``base`` on the conversations of ``train_path``; after each epoch score
     ``eval_path`` (loss, perplexity; exact match with ``accuracy``) and save ``out``."""
     model, tok, template = load_base(base, dtype)
-    data, conversations = load_data(tok, template, train_path, eval_path, config.max_length)
+    data, conversations = load_data(tok, template, train_path, eval_path, min(
+        config.max_length, model.config.max_position_embeddings))
     for split, report in data.reports.items():
         say(report.line(split))
     out = Path(out)
@@ -151,7 +152,8 @@ def evaluate_file(path, directory=None, base=None, accuracy: bool = False,
         model, tok, template = load_base(base, dtype)
         model.eval()
         recipe = {}
-    max_length = max_length or recipe.get("max_length", 512)
+    max_length = min(max_length or recipe.get("max_length", 512),
+                     model.config.max_position_embeddings)
     max_new_tokens = max_new_tokens or recipe.get("max_new_tokens", 32)
     data = ChatData.from_conversations(template, tok, {"test": conversations}, max_length)
     out = chat.evaluate_loss(model, data, "test", batch_size)
