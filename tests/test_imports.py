@@ -30,7 +30,7 @@ LAYERS = [
     ["lowrank.parallel"],                                      # data parallel only
     ["lowrank.train", "lowrank.update_check", "lowrank.quant"],   # quant: NF4 frozen bases
     ["lowrank.adapter_files", "lowrank.checkpoint", "lowrank.pretrained", "lowrank.peft_format",
-     "lowrank.peft_lycoris", "lowrank.peft_files"],            # PEFT-format adapter dirs
+     "lowrank.saved_adapters", "lowrank.peft_files"],          # PEFT-format adapter dirs
     ["lowrank.run_dir", "lowrank.workflows", "lowrank.tasks", "lowrank.classify"],
     ["lowrank.multi"],                                         # many adapters, one base
     ["lowrank.cli", "lowrank.cli_parser", "lowrank.demo", "lowrank.bench", "lowrank",

@@ -372,6 +372,8 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
         return {}
 
     # --- adapter files (lowrank.adapter_files, docs/training.md#adapter-files) -------------------
+    peft_codec: ClassVar[object] = None   # its PEFT format (adapters/_peft.py); None: PEFT lacks it
+
     def saves_base_weight(self) -> bool:
         """Whether the file must keep W0 (``base_layer.weight``) because training rewrites it
         (ReLoRA's restarts). Default False: the base is the base model's."""
