@@ -1,19 +1,20 @@
 """lowrank — LoRA and its variants with hand-derived, verified gradients, on NumPy or CuPy."""
+from pathlib import Path
+
 from . import adapters, backend, decompose, models, ops
 from ._version import __version__
 from .checkpoint import load_model, save_model
 from .layers import Linear
 from .models import GPT, GPTConfig
 from .module import Module, Parameter
-from .peft_files import load_pretrained, save_pretrained
+from .peft_files import inject_saved, is_peft_dir, load_pretrained, save_pretrained
 from .pretrained import from_pretrained
 from .quant import quantize_base
+from .run_dir import read_run
+from .storage import read_json
+from .tasks import classify_io
 from .tokenizer import Tokenizer
-
-# PEFT-format adapter directories (docs/peft.md): the module reads lowrank's adapter files as
-# well, so it sits above the adapters package; its two functions are the package's API.
-adapters.save_pretrained = save_pretrained
-adapters.load_pretrained = load_pretrained
+from .workflows import load_finetuned
 
 
 def save(model, path, train_state=None):
@@ -26,5 +27,19 @@ def load(path, backend=None):
     return load_model(path, backend)
 
 
-__all__ = ["adapters", "backend", "decompose", "models", "ops", "from_pretrained", "Tokenizer", "Linear", "Module", "Parameter",
-           "GPT", "GPTConfig", "save", "load", "quantize_base"]
+def load_adapter(directory, base=None, dtype=None):
+    """``(model, tokenizer)`` of any directory ``lowrank finetune`` writes: an adapter in
+    lowrank's or PEFT's format (over ``base``, default: the base its run.json names), a full
+    fine-tune, or a classifier (``--task classify``; in eval mode)."""
+    if (Path(directory) / classify_io.TASK_FILE).is_file():
+        clf, tok, _ = classify_io.load(directory, base, dtype or "float32")
+        return clf, tok
+    if base is None:   # a PEFT folder names its base in its config, lowrank's in run.json
+        base = read_run(directory).get("base") if not is_peft_dir(directory) else \
+            read_json(Path(directory) / "adapter_config.json").get("base_model_name_or_path")
+    return load_finetuned(base, directory, dtype)
+
+
+__all__ = ["adapters", "backend", "decompose", "models", "ops", "from_pretrained", "Tokenizer",
+           "Linear", "Module", "Parameter", "GPT", "GPTConfig", "save", "load", "quantize_base",
+           "save_pretrained", "load_pretrained", "inject_saved", "load_adapter"]

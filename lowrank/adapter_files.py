@@ -14,6 +14,7 @@ import numpy as np
 
 from ._version import __version__
 from .adapters import AdaptedLinear
+from .adapters._peft import check_tensors
 from .json_arrays import split_arrays
 from .module import Module
 from .schema import ADAPTER_CONFIG_FILE as ADAPTER_CONFIG_SCHEMA, check
@@ -155,6 +156,7 @@ def load_adapter(model: Module, directory) -> dict:
     path, tensors = read_saved_tensors(directory, info, ADAPTER_FILE,
                                        directory / ADAPTER_CONFIG_FILE,
                                        max_bytes=cap_for(params.values()))
+    check_tensors(tensors, path)   # floating, finite, bounded: before anything is assigned
     modules = dict(_adapter_modules(model))
     saved_modules = info.get("modules") or {}
     for mname, m in modules.items():

@@ -22,17 +22,18 @@ from . import peft_format as pf
 from ._version import __version__
 from .adapters import AdaptedLinear, config, peft_codecs, validate_config
 from .adapters._peft import check_tensors
-from .adapters.inject import SEED_STRIDE, adapted_modules, adapter_names, set_adapter, stash_active
+from .adapters.inject import (SEED_STRIDE, adapted_modules, adapter_names, set_adapter,
+                              stash_active)
 from .layers import Linear
 from .module import Module
 from .saved_adapters import (attach, build, inject_saved, lowrank_specs,  # noqa: F401
                              new_layer, read_config)
-from .storage import (SAVE_ID_KEY, StagedFiles, atomic_write, check_and_assign, host_copy, json_bytes,
-                      read_json, read_safetensors, safetensors_bytes)
+from .storage import (SAVE_ID_KEY, StagedFiles, atomic_write, check_and_assign, host_copy,
+                      json_bytes, read_json, read_safetensors, safetensors_bytes)
 
 CONFIG_FILE = adapter_files.ADAPTER_CONFIG_FILE
 WEIGHTS_FILE = adapter_files.ADAPTER_FILE
-HEAD_FILE = "classifier.safetensors"   # a mean-pooled classifier's head (docs/peft.md#classifiers)
+HEAD_FILE = "classifier.safetensors"   # a mean-pooled classifier's head (docs/peft.md#heads)
 NOT_IN_PEFT = ("{variant} adapter saved in lowrank's format: PEFT has no {variant}. Load it "
                "with lowrank.load_pretrained(model, directory).\n")
 MEAN_POOLED = """Mean-pooled classifier, saved as PEFT's FEATURE_EXTRACTION adapter over the

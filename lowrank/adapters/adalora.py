@@ -36,8 +36,9 @@ from ._adalora_allocator import RankAllocator, budget_schedule, orth_regularizer
 from ._triplets import TripletMap
 from ..storage import host_copy
 from ..validate import MAX_ALPHA
-from ._peft import (MAX_RANK, PEFT_PREFIX, Field, PeftCodec, Piece, bools, integer, kept, missing_tensor, number,
-                    optional, pattern_dict, pattern_value, row_blocks, scatter)
+from ._peft import (MAX_RANK, PEFT_PREFIX, Field, PeftCodec, Piece, bools, integer, kept,
+                    missing_tensor, number, optional, pattern_dict, pattern_value, row_blocks,
+                    scatter)
 from .base import AdaptedLinear, AdapterConfig, check_int, register
 from .lora import LORA_FIELDS, lora_pair
 
@@ -314,7 +315,7 @@ def plot_ranks(ranks: dict, path) -> Path:
     return path
 
 
-# --- PEFT's format (docs/peft.md#codecs) ----------------------------------------------------------
+# --- PEFT's format (docs/peft.md#codecs) -----------------------------------------------------
 
 ADALORA_FIELDS = {**LORA_FIELDS,
                   "rank_pattern": Field(optional(pattern_dict(bools))),

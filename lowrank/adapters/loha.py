@@ -94,7 +94,7 @@ class LohaLinear(AdaptedLinear):
         return dy2 @ delta if need_dx else None                          # (N, n)
 
 
-# --- PEFT's format (docs/peft.md#vera-loha-lokr) ---------------------------------------------------
+# --- PEFT's format (docs/peft.md#vera-loha-lokr) ---------------------------------------------
 
 # LoHa's and LoKr's common fields; rank/module dropout are not implemented (PEFT's default 0)
 LYCORIS_FIELDS = {

@@ -168,7 +168,7 @@ class LokrLinear(AdaptedLinear):
         return dX.reshape(dy2.shape[0], self.in_features)                # (N, n)
 
 
-# --- PEFT's format (docs/peft.md#vera-loha-lokr) ---------------------------------------------------
+# --- PEFT's format (docs/peft.md#vera-loha-lokr) ---------------------------------------------
 
 def _factor(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or \

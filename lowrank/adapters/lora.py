@@ -24,9 +24,9 @@ from ..decompose import check_rank, svd_split
 from ..module import Parameter
 from ..storage import host_copy
 from ..validate import MAX_ALPHA
-from ._peft import (MAX_RANK, PEFT_PREFIX, Field, PeftCodec, Piece, boolean, data_driven_piece, integer,
-                    missing_tensor, number, one_of, optional, pattern_dict, pattern_value,
-                    row_blocks, text)
+from ._peft import (MAX_RANK, PEFT_PREFIX, Field, PeftCodec, Piece, boolean, data_driven_piece,
+                    integer, missing_tensor, number, one_of, optional, pattern_dict,
+                    pattern_value, row_blocks, text)
 from ._lowrank import LowRankMap, LowRankParts
 from .base import AdaptedLinear, AdapterConfig, check_int, register
 

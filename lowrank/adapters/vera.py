@@ -146,7 +146,7 @@ class VeraLinear(AdaptedLinear):
                              "inject the same targets")
 
 
-# --- PEFT's format (docs/peft.md#vera-loha-lokr) ---------------------------------------------------
+# --- PEFT's format (docs/peft.md#vera-loha-lokr) ---------------------------------------------
 
 class VeraCodec(ParamCodec):
     """PEFT's VERA: the λ's per module; the shared pair once, whole, as ``base_model.vera_A``
