@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ["tests/test_hardening_api.py", "tests/test_hardening_cli.py",
          "tests/test_hardening_files.py"]
+FILES += ["tests/test_hardening_peft.py"]   # PEFT configs and tensors
 
 
 def main():

@@ -45,7 +45,7 @@ class Field(NamedTuple):
     field); ``noop``: a field lowrank does not implement, accepted only at this value."""
 
     check: object
-    noop: object = _NO_DEFAULT
+    noop: object = _NO_DEFAULT   # a tuple: any of these values
 
 
 class PeftCodec:
@@ -350,11 +350,11 @@ def validate_config(info, where, codecs) -> PeftCodec:
             field.check(name, value)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
-        empty = (None, [], {})
-        if field.noop is not _NO_DEFAULT and value != field.noop and \
-                not (value in empty and field.noop in empty):
+        allowed = field.noop if isinstance(field.noop, tuple) else (field.noop,)
+        if field.noop is not _NO_DEFAULT and \
+                not any(type(value) is type(a) and value == a for a in allowed):
             raise ValueError(f"{where}: PEFT field {name!r} = {value!r} is not supported: it "
-                             f"changes PEFT's outputs (lowrank reads {field.noop!r} only)")
+                             f"changes PEFT's outputs (lowrank reads {allowed[0]!r} only)")
     codec = codec_for(info, typed)
     codec.check_config(info, where)
     return codec

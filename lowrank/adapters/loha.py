@@ -24,7 +24,7 @@ from .. import backend
 from ..decompose import check_rank
 from ..module import Parameter
 from ..validate import MAX_ALPHA
-from ._peft import (MAX_RANK, Field, ParamCodec, boolean, common_ranks, integer, names, number,
+from ._peft import (MAX_RANK, Field, ParamCodec, anything, boolean, common_ranks, integer, number,
                     one_of, optional, pattern_dict, pattern_value)
 from .base import AdaptedLinear, AdapterConfig, register
 
@@ -103,7 +103,7 @@ LYCORIS_FIELDS = {
     "alpha_pattern": Field(optional(pattern_dict(number(0.0, MAX_ALPHA, low_open=True)))),
     "rank_dropout": Field(number(0.0, 1.0), 0.0), "module_dropout": Field(number(0.0, 1.0), 0.0),
     "use_effective_conv2d": Field(boolean, False), "init_weights": Field(boolean),
-    "exclude_modules": Field(optional(names), None),
+    "exclude_modules": Field(anything, (None, [])),
     "bias": Field(one_of("none"), "none"),   # not PEFT's: lowrank's earlier saves wrote it
 }
 

@@ -139,11 +139,12 @@ LORA_FIELDS = {
     "megatron_core": Field(optional(text)),             # read only with megatron_config
     "qalora_group_size": Field(integer(1, MAX_RANK)),   # read only with use_qalora
     "runtime_config": Field(_unset),                    # where PEFT runs, not what it computes
+    "loftq_config": Field(_unset, ({}, None)), "exclude_modules": Field(_unset, (None, [])),
     **{name: Field(_unset, None) for name in (
-        "exclude_modules", "megatron_config", "trainable_token_indices", "eva_config",
+        "megatron_config", "trainable_token_indices", "eva_config",
         "corda_config", "lora_ga_config", "velora_config", "alora_invocation_tokens",
         "monteclora_config", "layer_replication", "target_parameters", "use_bdlora",
-        "arrow_config", "kasa_config", "loftq_config")},
+        "arrow_config", "kasa_config")},
     **{name: Field(boolean, False) for name in ("use_qalora", "lora_bias",
                                                 "ensure_weight_tying")},
 }
