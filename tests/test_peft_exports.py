@@ -1,0 +1,152 @@
+"""Exports that cannot mislead (docs/peft.md#heads, #named): classifiers through transformers +
+PEFT with equal logits ([CLS]-pooled as SEQ_CLS, mean-pooled as FEATURE_EXTRACTION plus its
+head file), named adapters in PEFT's sub-folders, repeated saves leaving one file, and the
+CLI's ``--save-format peft`` read by ``PeftModel.from_pretrained``. ``-s`` prints the figures.
+"""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+import lowrank as lr  # noqa: E402
+from tests.peft_helpers import randomize_adapters  # noqa: E402
+
+BERT = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+            vocab_size=50, max_position_embeddings=32)
+IDS = np.random.default_rng(0).integers(1, 50, size=(3, 7))
+MASK = np.ones_like(IDS)
+MASK[1, 4:] = 0
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bert")
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(**BERT)).save_pretrained(root)
+    return root
+
+
+def classifier(bert_dir, pooling):
+    clf = lr.models.SequenceClassifier(lr.from_pretrained(bert_dir), num_labels=3,
+                                       pooling=pooling, seed=1, dropout=0.0)
+    lr.adapters.inject(clf.encoder, lr.adapters.config("lora", r=4, alpha=8),
+                       ["query", "value"])
+    clf.freeze()
+    randomize_adapters(clf, seed=3, scale=0.3)
+    W = clf.classifier.weight
+    W.data = np.random.default_rng(4).standard_normal(W.shape).astype(W.dtype)   # logits ~ 1
+    return clf.eval()
+
+
+def logits(clf):
+    return np.asarray(clf.forward(IDS, attention_mask=MASK)[0])
+
+
+def rel(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def test_cls_pooled_classifier_round_trips_through_peft(bert_dir, tmp_path):
+    clf = classifier(bert_dir, "cls")
+    lr.save_pretrained(clf, tmp_path / "a")
+    info = lr.storage.read_json(tmp_path / "a" / "adapter_config.json")
+    assert info["task_type"] == "SEQ_CLS" and info["modules_to_save"] == ["classifier"]
+    hf = transformers.BertForSequenceClassification.from_pretrained(bert_dir, num_labels=3)
+    model = peft.PeftModel.from_pretrained(hf, tmp_path / "a").eval()
+    with torch.no_grad():
+        ref = model(input_ids=torch.as_tensor(IDS), attention_mask=torch.as_tensor(MASK)).logits
+    err = rel(logits(clf), ref.numpy())
+    print(f"\n[CLS]-pooled classifier, lowrank vs transformers + PEFT: {err:.2e}")
+    assert err < 1e-5 and np.abs(ref.numpy()).max() > 0.1   # logits not ~0: the head loaded
+
+
+def test_mean_pooled_classifier_exports_what_reproduces_it(bert_dir, tmp_path):
+    clf = classifier(bert_dir, "mean")
+    lr.save_pretrained(clf, tmp_path / "a")
+    info = lr.storage.read_json(tmp_path / "a" / "adapter_config.json")
+    assert info["task_type"] == "FEATURE_EXTRACTION" and info["modules_to_save"] is None
+    assert "mean" in (tmp_path / "a" / "README.md").read_text()
+    # the README's recipe, in transformers + PEFT
+    enc = peft.PeftModel.from_pretrained(transformers.BertModel.from_pretrained(bert_dir),
+                                         tmp_path / "a").eval()
+    head = lr.storage.read_safetensors(tmp_path / "a" / "classifier.safetensors")
+    mask = torch.as_tensor(MASK, dtype=torch.float32)
+    with torch.no_grad():
+        h = enc(input_ids=torch.as_tensor(IDS), attention_mask=torch.as_tensor(MASK))
+        z = (h.last_hidden_state * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        ref = (z @ torch.as_tensor(head["weight"]).T + torch.as_tensor(head["bias"])).numpy()
+    err = rel(logits(clf), ref)
+    print(f"\nmean-pooled classifier, lowrank vs transformers + PEFT (README recipe): {err:.2e}")
+    assert err < 1e-5
+    # and back into lowrank: adapter and head
+    fresh = lr.models.SequenceClassifier(lr.from_pretrained(bert_dir), num_labels=3,
+                                         pooling="mean", seed=9, dropout=0.0)
+    lr.load_pretrained(fresh, tmp_path / "a")
+    assert rel(logits(fresh.eval()), logits(clf)) < 1e-6
+
+
+def test_seq_cls_adapter_refused_by_a_mean_pooled_classifier(bert_dir, tmp_path):
+    lr.save_pretrained(classifier(bert_dir, "cls"), tmp_path / "a")
+    fresh = lr.models.SequenceClassifier(lr.from_pretrained(bert_dir), num_labels=3,
+                                         pooling="mean", dropout=0.0)
+    with pytest.raises(ValueError, match="SEQ_CLS.*pooler.*mean") as info:
+        lr.load_pretrained(fresh, tmp_path / "a")
+    assert "\n" not in str(info.value)
+    assert not lr.adapters.adapted_modules(fresh)
+
+
+def test_three_saves_leave_one_weight_file(bert_dir, tmp_path):
+    clf = classifier(bert_dir, "cls")
+    for _ in range(3):
+        lr.save_pretrained(clf, tmp_path / "a")
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == ["adapter_config.json", "adapter_model.safetensors"], names
+
+
+def test_named_adapters_save_as_peft_does(bert_dir, tmp_path):
+    encoder = lr.from_pretrained(bert_dir)
+    lr.adapters.inject(encoder, lr.adapters.config("lora", r=2, alpha=4), ["query"])
+    randomize_adapters(encoder, seed=1)
+    lr.adapters.add_adapter(encoder, "other", lr.adapters.config("lora", r=3, alpha=3),
+                            ["value"])
+    randomize_adapters(encoder, seed=2)
+    outs = {}
+    for name in ("default", "other"):
+        lr.adapters.set_adapter(encoder, name)
+        outs[name] = np.asarray(encoder.forward(IDS, attention_mask=MASK)[0])[MASK == 1]
+    lr.save_pretrained(encoder, tmp_path / "a")
+    assert encoder.active_adapter == "other"   # the save put the active adapter back
+    assert (tmp_path / "a" / "adapter_config.json").is_file()
+    assert (tmp_path / "a" / "other" / "adapter_config.json").is_file()
+    model = peft.PeftModel.from_pretrained(transformers.BertModel.from_pretrained(bert_dir),
+                                           tmp_path / "a").eval()
+    model.load_adapter(tmp_path / "a" / "other", adapter_name="other")
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        with torch.no_grad():
+            ref = model(input_ids=torch.as_tensor(IDS),
+                        attention_mask=torch.as_tensor(MASK)).last_hidden_state.numpy()
+        assert rel(outs[name], ref[MASK == 1]) < 1e-5, name   # padded rows: lowrank zeroes them
+
+
+def test_finetune_save_format_peft(tmp_path):
+    from lowrank.cli import main
+    from tests.helpers import pretrain_tiny_base
+    from reference.peft_files import twin_of
+    from tests.peft_helpers import own_weights
+    pretrain_tiny_base(tmp_path)
+    assert main(["finetune", "--base", str(tmp_path / "base"), "--out", str(tmp_path / "ft"),
+                 "--steps", "2", "--targets", "q,v", "--save-format", "peft",
+                 "--no-progress"]) in (0, None)
+    model, _ = lr.load_adapter(tmp_path / "ft")   # lowrank's folder, its base from run.json
+    base = lr.load(tmp_path / "base")
+    twin = twin_of(base.config.to_dict(), own_weights(base))
+    twin = peft.PeftModel.from_pretrained(twin, tmp_path / "ft" / "peft").eval()
+    ids = IDS % base.config.vocab_size
+    with torch.no_grad():
+        ref = twin(torch.as_tensor(ids)).numpy()
+    assert rel(np.asarray(model.forward(ids)[0]), ref) < 1e-5
+    peft_model, _ = lr.load_adapter(tmp_path / "ft" / "peft", base=tmp_path / "base")
+    assert rel(np.asarray(peft_model.forward(ids)[0]), ref) < 1e-5
