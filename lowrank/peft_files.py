@@ -297,12 +297,9 @@ def _load_peft(model, tensors, info, codec, where, seed, extra):
     for peft_name, found in sorted(by_module.items()):
         for name, variant, fields, arrays, meta in codec.load_module(
                 peft_name, dict(found), info, names[peft_name], where):
-            linear = mods[name]
-            if fields["r"] > min(linear.weight.shape) and variant != "adalora":
-                raise ValueError(f"{where}: module {peft_name!r} has rank {fields['r']}, more "
-                                 f"than {name!r} {tuple(linear.weight.shape)} allows")
-            layer = new_layer(linear, _config(variant, fields, where),
-                               seed + SEED_STRIDE * len(new), where)
+            here = f"{where}: module {peft_name!r}"   # a rank the Linear cannot hold, ...
+            layer = new_layer(mods[name], _config(variant, fields, here),
+                              seed + SEED_STRIDE * len(new), here)
             new[name], metas[name] = layer, meta
             for pname, p in layer.named_parameters():
                 if pname in arrays or (p.trainable and pname not in ("weight", "bias")):

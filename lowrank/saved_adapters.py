@@ -34,6 +34,10 @@ def inject_saved(model: Module, source, seed: int = 0) -> list[str]:
         specs = lowrank_specs(info)
     else:
         validate_config(info, where, peft_codecs())
+        if info.get("rank_pattern") or info.get("alpha_pattern"):
+            raise ValueError(f"{where}: a config with rank_pattern / alpha_pattern gives each "
+                             "module its rank through the names in its directory; load the "
+                             "directory (lowrank.load_pretrained)")
         try:
             cfg, targets = config_from_peft(info)
             specs = [(name, cfg) for name, _ in select_targets(model, targets)]

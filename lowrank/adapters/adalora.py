@@ -39,11 +39,10 @@ from ..validate import MAX_ALPHA
 from ._peft import (MAX_RANK, PEFT_PREFIX, Field, PeftCodec, Piece, bools, integer, kept,
                     missing_tensor, number, optional, pattern_dict, pattern_value, row_blocks,
                     scatter)
-from .base import AdaptedLinear, AdapterConfig, check_int, register
+from .base import AdaptedLinear, AdapterConfig, Report, check_int, register
 from .lora import LORA_FIELDS, lora_pair
 
-RANKNUM_EPS = 1e-5          # PEFT: scaling / (ranknum + 1e-5)
-MATRIX_ORDER = ("q", "k", "v", "o", "fc1", "fc2")
+RANKNUM_EPS, MATRIX_ORDER = 1e-5, ("q", "k", "v", "o", "fc1", "fc2")   # PEFT: α/(ranknum + ε)
 
 
 @dataclass
@@ -194,10 +193,10 @@ class AdaLoraLinear(TripletMap, AdaptedLinear):
         return AdaLoraHook(model)
 
     @classmethod
-    def report(cls, model, out) -> list[str]:
+    def report(cls, model, out) -> Report:
         ranks = realised_ranks(model)
         if not ranks:
-            return []
+            return Report()
         layers = [m for _, m in cls.layers_of(model)]
         init = sum(m.r for m in layers)
         target = sum(m.config.target_r for m in layers)
@@ -219,9 +218,10 @@ class AdaLoraLinear(TripletMap, AdaptedLinear):
         uniform = len(targets) == 1 and all(v == next(iter(targets)) for v in values)
         lines.append(f"  {'uniform' if uniform else 'not uniform'}: ranks {min(values)}.."
                      f"{max(values)} (target_r = {', '.join(map(str, sorted(targets)))} each)")
-        png = plot_ranks(ranks, Path(out) / "adalora_ranks.png")
-        lines.append(f"  heatmap: {png}")
-        return lines
+        if out is not None:
+            lines.append(f"  heatmap: {plot_ranks(ranks, Path(out) / 'adalora_ranks.png')}")
+        return Report(lines, {n: {"rank": m.realised_rank, "init_r": m.r,
+                                  "target_r": m.config.target_r} for n, m in cls.layers_of(model)})
 
 
 class AdaLoraHook(StepHook):
@@ -329,14 +329,13 @@ SCHEDULE = ("tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "t
 
 
 class AdaLoraCodec(PeftCodec):
-    """PEFT's ADALORA: ``lora_A`` (r, n), ``lora_E`` (r, 1), ``lora_B`` (m, r) of the kept
-    triplets; ``rank_pattern`` ``{module.lora_E: [bool] * init_r}`` says which."""
+    """PEFT's ADALORA: the kept triplets; ``rank_pattern {module.lora_E: [bool]}`` says which."""
 
     peft_type, fused, fields = "ADALORA", True, ADALORA_FIELDS
     module_keys = ("lora_A", "lora_B", "lora_E")
 
-    def check_config(self, info, where):
-        try:   # the schedule's own cross-field checks (target_r <= init_r, ...)
+    def check_config(self, info, where):   # the schedule's own cross-field checks
+        try:
             AdaLoraConfig(r=info.get("init_r") or 12, target_r=info.get("target_r"),
                           **{k: info[k] for k in SCHEDULE if info.get(k) is not None})
         except ValueError as exc:
@@ -349,8 +348,8 @@ class AdaLoraCodec(PeftCodec):
                      pattern=tuple(layer.saved_rows()))
 
     def save(self, items, cfg):
-        """PEFT scales by α over the config's one init_r: B absorbs the ratio where a module's
-        differs. PEFT refuses ``total_step`` None: an open schedule saves the smallest valid."""
+        """PEFT scales by α over one init_r (B absorbs a module's other ratio) and refuses
+        ``total_step`` None (an open schedule saves the smallest valid one)."""
         init_r = max(len(p.pattern) for p in items.values())
         scale = cfg.alpha / (init_r + RANKNUM_EPS)
         tensors, patterns = {}, {}
