@@ -201,9 +201,9 @@ class LoraCodec(PeftCodec):
                   "dropout": float(info.get("lora_dropout") or 0.0), "bias": "none"}
         mag = found.get("lora_magnitude_vector")
         if (mag is not None) != (self.variant == "dora"):
-            raise (missing_tensor(where, peft_name, "lora_magnitude_vector") if mag is None
-                   else ValueError(f"{where}: module {peft_name!r} holds a "
-                                   "lora_magnitude_vector but use_dora is false"))
+            raise ValueError(f"{where}: module {peft_name!r}: use_dora is "
+                             f"{self.variant == 'dora'} but the module "
+                             f"{'has no' if mag is None else 'holds a'} lora_magnitude_vector")
         out = []
         for name, rows in row_blocks(parts, B.shape[0]):
             params = {"lora_A": A, "lora_B": B[rows]}
