@@ -123,7 +123,7 @@ def _variant_report(model) -> dict:
 
 
 def summary(notes: dict | None) -> str:
-    """One cell from the per-module facts of the variants' ``report``: ranks kept, sparsity, restarts."""
+    """One cell from the per-module facts of the variants' reports: ranks kept, sparsity."""
     if not notes:
         return ""
     rows = list(notes.values())

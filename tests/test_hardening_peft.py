@@ -1,10 +1,11 @@
 """PEFT-format adapter directories, hostile: configs edited field by field (every field of the
 schema, wrong types and ranges, unknown fields, real PEFT fields lowrank does not implement)
 and tensors replaced (NaN, Inf, 3e38, integer and boolean arrays). Each case ends refused with
-one line naming the file and the field or key, or loaded with exactly the saved outputs (a valid new alpha or rank: loaded as edited).
+one line naming the file and the field or key, or loaded with exactly the saved outputs (a
+valid new alpha or rank: loaded as edited).
 
-The generators are ``config_cases`` / ``tensor_cases`` (fixed lists) and ``random_configs``
-(junk values for random fields, ``$HARDENING_EXAMPLES`` of them).
+The generators are ``BAD_CONFIGS`` / ``NOOP_CONFIGS`` / ``TENSOR_CASES`` (fixed lists) and
+``test_random_config_junk`` (junk values for random fields, ``$HARDENING_EXAMPLES`` of them).
 """
 import json
 import random
@@ -177,6 +178,7 @@ def test_lowrank_format_tensor_checked(tmp_path):
     info.pop("integrity", None)
     sealed = seal(info, {"adapter_model.safetensors": sha256(data)})
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(sealed))
-    with pytest.raises(ValueError, match=f"adapter_model.safetensors: tensor {key!r} holds NaN") as info_:
+    message = f"adapter_model.safetensors: tensor {key!r} holds NaN"
+    with pytest.raises(ValueError, match=message) as info_:
         load_adapter(model, tmp_path / "a")
     assert "\n" not in str(info_.value)
