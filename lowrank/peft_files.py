@@ -314,7 +314,13 @@ def _load_peft(model, tensors, info, codec, where, seed, extra):
             raise ValueError(f"{where}: {HEAD_FILE} holds {name!r}, the model has no such "
                              "parameter")
         expected[name], host[name] = params[name], array
-    check_and_assign(expected, host, where, strict=True)   # all or nothing
+    try:
+        check_and_assign(expected, host, where, strict=True)   # all or nothing
+    except ValueError as exc:   # the config decides an adapter module's shapes and tensors
+        if not any(f"'{name}." in str(exc) for name in new):
+            raise
+        raise ValueError(f"{exc}; the rank fields of {CONFIG_FILE} (r, rank_pattern, ...) do "
+                         "not fit the tensors") from None
     attach(model, new, metas, [n for n in host if n in params])
 
 

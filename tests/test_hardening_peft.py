@@ -182,3 +182,35 @@ def test_lowrank_format_tensor_checked(tmp_path):
     with pytest.raises(ValueError, match=message) as info_:
         load_adapter(model, tmp_path / "a")
     assert "\n" not in str(info_.value)
+
+
+OTHER_TYPES = {"adalora": (dict(r=4, target_r=2, total_step=10), ["q", "v"]),
+               "vera": (dict(r=4), ["o", "fc1"]), "loha": (dict(r=2, alpha=4), ["o", "fc1"]),
+               "lokr": (dict(r=2, alpha=4), ["o", "fc1"]),
+               "dora": (dict(r=4, alpha=8), ["q", "v"])}
+MATH_ALL = MATH | {"alpha", "init_r", "decompose_both", "decompose_factor", "use_dora"}
+
+
+@pytest.mark.parametrize("variant", sorted(OTHER_TYPES))
+def test_random_junk_other_types(tmp_path, variant):
+    """Every PEFT type lowrank reads: junk in each of its schema's fields (and unknown ones)."""
+    from lowrank.adapters import peft_codecs
+    from lowrank.adapters._peft import COMMON_FIELDS
+    fields, targets = OTHER_TYPES[variant]
+    lr.save(lr.GPT(lr.GPTConfig(**TINY)), tmp_path / "base")
+    model = lr.load(tmp_path / "base")
+    lr.adapters.inject(model, lr.adapters.config(variant, **fields), targets)
+    for name, p in model.named_parameters(trainable_only=True):
+        p.data = (np.random.default_rng(len(name)).standard_normal(p.shape) * 0.1 + 0.1
+                  ).astype(p.dtype)
+    lr.save_pretrained(model, tmp_path / "adapter")
+    expected = model.forward(IDS)[0]
+    info = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    codec = next(c for c in peft_codecs() if c.peft_type == info["peft_type"])
+    names = sorted({*COMMON_FIELDS, *codec.fields, "nonsense"} - {"peft_type"})
+    rng = random.Random(variant)
+    for i in range(examples(60)):
+        field, value = rng.choice(names), rng.choice(JUNK)
+        directory = edited(tmp_path, tmp_path, f"r{i}", field, value)
+        outcome(f"peft-config-{variant}", tmp_path, directory, expected, [field, "PEFT", "rank"],
+                edits_math=field in MATH_ALL)
