@@ -188,3 +188,23 @@ def test_cli_classifier_loads_publicly_and_exports_to_transformers(tmp_path):
     print(f"\nCLI classifier (MiniLM, mean-pooled) vs transformers + PEFT: "
           f"{np.abs(ours - ref).max():.2e} (logits {ours.round(3).tolist()})")
     assert rel(ours, ref) < 1e-5
+
+
+def test_inject_saved_is_all_or_nothing(tmp_path):
+    """A saved config whose last module the model lacks changes nothing; a fitting one puts in
+    exactly the saved modules (lowrank's config, and PEFT's as a dict)."""
+    from lowrank.checkpoint import read_adapter_config, save_adapter
+    cfg = lr.GPTConfig(vocab_size=40, context=8, n_layer=2, n_head=2, d_model=16)
+    model = lr.GPT(cfg)
+    lr.adapters.inject(model, lr.adapters.config("lora", r=2), ["q", "fc1"])
+    save_adapter(model, tmp_path / "a")
+    info = read_adapter_config(tmp_path / "a")
+    small = lr.GPT(lr.GPTConfig(**{**cfg.to_dict(), "n_layer": 1}))   # no blocks.1
+    with pytest.raises(ValueError, match="blocks.1.attn.q' is not a Linear"):
+        lr.inject_saved(small, tmp_path / "a")
+    assert not lr.adapters.adapted_modules(small)
+    fresh = lr.GPT(cfg)
+    assert lr.inject_saved(fresh, info) == list(info["modules"])
+    peft_info = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["v"]}
+    other = lr.GPT(cfg)
+    assert lr.inject_saved(other, peft_info) == ["blocks.0.attn.v", "blocks.1.attn.v"]
