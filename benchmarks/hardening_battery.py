@@ -19,9 +19,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ["tests/test_hardening_api.py", "tests/test_hardening_cli.py",
-         "tests/test_hardening_files.py"]
-FILES += ["tests/test_hardening_peft.py"]   # PEFT configs and tensors
+FILES = ["tests/hardening/test_api.py", "tests/hardening/test_cli.py",
+         "tests/hardening/test_files.py"]
+FILES += ["tests/hardening/test_peft.py"]   # PEFT configs and tensors
 
 
 def main():

@@ -1,20 +1,21 @@
 """lowrank — LoRA and its variants with hand-derived, verified gradients, on NumPy or CuPy."""
 from pathlib import Path
 
-from . import adapters, backend, decompose, models, ops
+from . import adapters, backend, models, ops
+from .nn import decompose
 from ._version import __version__
-from .checkpoint import load_model, save_model
-from .layers import Linear
+from .formats.checkpoint import load_model, save_model
+from .nn.layers import Linear
 from .models import GPT, GPTConfig
-from .module import Module, Parameter
-from .peft_files import inject_saved, is_peft_dir, load_pretrained, save_pretrained
-from .pretrained import from_pretrained
+from .nn.module import Module, Parameter
+from .formats.peft_dir import inject_saved, is_peft_dir, load_pretrained, save_pretrained
+from .formats.hf_model import from_pretrained
 from .quant import quantize_base
-from .run_dir import read_run
-from .storage import read_json
+from .app.run_dir import read_run
+from .files.storage import read_json
 from .tasks import classify_io
-from .tokenizer import Tokenizer
-from .workflows import load_finetuned
+from .text.tokenizer import Tokenizer
+from .app.workflows import load_finetuned
 
 
 def save(model, path, train_state=None):

@@ -7,7 +7,7 @@ config fields of that type (each with its check; a field lowrank does not implem
 the value under which it changes nothing), the tensor keys of one module, and the two
 conversions (``save``: layers -> PEFT tensors and fields; ``load_module``: one PEFT module ->
 lowrank layer configs and arrays). What is model-specific (GPT-2's fused ``c_attn``, names)
-and the directory I/O stay in ``lowrank.peft_format`` / ``lowrank.peft_files``.
+and the directory I/O stay in ``lowrank.formats.peft_names`` / ``lowrank.formats.peft_dir``.
 """
 from __future__ import annotations
 

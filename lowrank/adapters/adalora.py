@@ -13,7 +13,7 @@ Backward, with G = dL/dy and u = x_d Ãᵀ (N, r):
 
 The regulariser, importance scores, budget schedule and masks live in ``_adalora_allocator``;
 ``AdaLoraLinear.step_hook(model)`` is the hook the Trainer runs every step, so training through
-``lowrank.train.Trainer`` cannot forget it (a layer driven by hand past ``total_step`` raises).
+``lowrank.training.trainer.Trainer`` cannot forget it (a layer driven by hand past ``total_step`` raises).
 
 Config: ``r`` and ``init_r`` are one field (PEFT ignores ``r``); ``r`` defaults to 12, ``target_r``
 to ``max(1, 2·init_r // 3)``; ``total_step=None`` means the trainer's steps (kept on resume).
@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import backend
-from ..decompose import check_rank
-from ..hooks import StepHook
-from ..module import Parameter
+from ..nn.decompose import check_rank
+from ..nn.hooks import StepHook
+from ..nn.module import Parameter
 from ._adalora_allocator import RankAllocator, budget_schedule, orth_regularizer
 from ._triplets import TripletMap
-from ..storage import host_copy
-from ..validate import MAX_ALPHA
+from ..files.storage import host_copy
+from ..nn.validate import MAX_ALPHA
 from ._peft import (MAX_RANK, PEFT_PREFIX, Field, PeftCodec, Piece, bools, integer, kept,
                     missing_tensor, number, optional, pattern_dict, pattern_value, row_blocks,
                     scatter)
@@ -136,11 +136,11 @@ class AdaLoraLinear(TripletMap, AdaptedLinear):
             raise RuntimeError(
                 f"AdaLoRA: this layer has been trained for more than total_step={limit} steps "
                 "without its rank allocator, so it was never pruned. Train with "
-                "lowrank.train.Trainer (it runs the allocator), or call "
+                "lowrank.training.trainer.Trainer (it runs the allocator), or call "
                 "hook = AdaLoraLinear.step_hook(model) once and hook.after_step(trainer) after "
                 "every optimizer step, before zero-grad.")
 
-    # --- save / load (used by lowrank.checkpoint) -----------------------------------------------
+    # --- save / load (used by lowrank.formats.checkpoint) -----------------------------------------------
     def saved_rows(self) -> list[bool]:
         """Triplets the saved adapter keeps: in the pattern, or revived since the last mask."""
         nonzero = (self.lora_E.data != 0).tolist()
@@ -225,7 +225,7 @@ class AdaLoraLinear(TripletMap, AdaptedLinear):
 
 
 class AdaLoraHook(StepHook):
-    """The per-step hook of a model's AdaLoRA layers (see lowrank.train)."""
+    """The per-step hook of a model's AdaLoRA layers (see lowrank.training.trainer)."""
 
     def __init__(self, model):
         self.layers = AdaLoraLinear.layers_of(model)

@@ -17,10 +17,10 @@ from typing import ClassVar, NamedTuple
 
 from .. import backend
 from ..backend.blocked import add_matmul
-from ..module import Module, Parameter
+from ..nn.module import Module, Parameter
 from ..ops.linear import check_input, linear_forward
-from ..validate import (MAX_ALPHA, check_int, check_number, check_seed,  # noqa: F401
-                        config_error, field_from_text)
+from ..nn.validate import (MAX_ALPHA, check_int, check_number, check_seed,  # noqa: F401
+                           config_error, field_from_text)
 
 BIAS_MODES = ("none", "lora_only", "all")
 _REGISTRY: dict[str, tuple[type, type]] = {}
@@ -352,7 +352,7 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
         backward differentiates. Default: no context (the backward is the full gradient)."""
         return contextlib.nullcontext()
 
-    # --- training and reporting (lowrank.train, workflows, demo) ------------------------------
+    # --- training and reporting (lowrank.training.trainer, workflows, demo) ------------------------------
     @classmethod
     def layers_of(cls, model) -> list:
         """``[(module name, layer)]`` of the model's layers of this class, in model order."""
@@ -365,7 +365,7 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
 
     @classmethod
     def step_hook(cls, model):
-        """The ``StepHook`` (lowrank.hooks) the model's layers of this class need each step,
+        """The ``StepHook`` (lowrank.nn.hooks) the model's layers of this class need each step,
         or None (the default: nothing to do between steps)."""
         return None
 
@@ -375,7 +375,7 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
         unless None) and per-module facts for tables (ranks kept, sparsity). Default: none."""
         return Report()
 
-    # --- adapter files (lowrank.adapter_files, docs/training.md#adapter-files) -----------------
+    # --- adapter files (lowrank.formats.adapter_dir, docs/training.md#adapter-files) -----------------
     peft_codec: ClassVar[object] = None   # its PEFT format (adapters/_peft.py); None: PEFT lacks it
 
     def saves_base_weight(self) -> bool:

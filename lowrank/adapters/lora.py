@@ -20,10 +20,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .. import backend
-from ..decompose import check_rank, svd_split
-from ..module import Parameter
-from ..storage import host_copy
-from ..validate import MAX_ALPHA
+from ..nn.decompose import check_rank, svd_split
+from ..nn.module import Parameter
+from ..files.storage import host_copy
+from ..nn.validate import MAX_ALPHA
 from ._peft import (MAX_RANK, PEFT_PREFIX, Field, PeftCodec, Piece, boolean, data_driven_piece,
                     integer, missing_tensor, number, one_of, optional, pattern_dict,
                     pattern_value, row_blocks, text)

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from .. import backend
-from ..decompose import check_rank
-from ..module import Parameter
-from ..validate import MAX_ALPHA
+from ..nn.decompose import check_rank
+from ..nn.module import Parameter
+from ..nn.validate import MAX_ALPHA
 from ._peft import MAX_RANK, Field, ParamCodec, boolean, integer, number, one_of
 from .base import AdaptedLinear, AdapterConfig, check_int, register
 
