@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ["tests/hardening/test_api.py", "tests/hardening/test_cli.py",
          "tests/hardening/test_files.py"]
+FILES += ["tests/hardening/test_peft.py"]   # PEFT configs and tensors
 
 
 def main():

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
+from ..formats import peft_dir as peft_files
 from . import chat_cli, workflows as wf
 from ..adapters import field_from_text
 from ..backend import threads
@@ -170,6 +171,9 @@ def _run(args) -> int:
         options.update(_parse_set(args.set))
         options.update(args.variant_options)
         targets = args.targets if args.regex else [t for t in args.targets.split(",") if t]
+        if args.save_format == "peft" and ("," in args.variant or args.variant == "full"):
+            raise ValueError("--save-format peft writes one adapter; it takes one --variant "
+                             "other than 'full'")
         if "," in args.variant:   # several adapters over one frozen base, in one process
             return _finetune_many(args, options, targets, comm)
         result = wf.finetune(args.out, args.base, args.variant, targets,
@@ -185,6 +189,10 @@ def _run(args) -> int:
         print(f"{args.variant}: {result.trainable:,} trainable parameters ({share:.2f}%); "
               f"validation loss {result.val_loss:.4f}; {result.tokens_per_s:,.0f} tokens/s; "
               f"saved to {result.out}")
+        if args.save_format == "peft":   # a PEFT folder beside lowrank's (which resumes)
+            peft_dir = peft_files.save_pretrained(result.model, Path(result.out) / "peft",
+                                                  base=args.base)
+            print(f"PEFT format: {peft_dir} (PeftModel.from_pretrained reads it)")
         for line in getattr(result, "report", []):
             print(line)
     elif args.command in ("generate", "eval"):

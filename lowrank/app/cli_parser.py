@@ -183,6 +183,9 @@ def build_parser(argv=()) -> Parser:
                         "(PEFT's loraplus_lr_ratio; the paper suggests 16)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any field of the variant's config (repeatable), like its own flag")
+    p.add_argument("--save-format", choices=("lowrank", "peft"), default="lowrank",
+                   help="peft: also write the final adapter to <out>/peft in PEFT's format "
+                        "(PeftModel.from_pretrained reads it)")
     _variant_fields(p, chosen_variants(argv))
 
     for name, text in (("generate", "sample text from a model (and adapter)"),

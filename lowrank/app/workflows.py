@@ -25,8 +25,7 @@ import numpy as np
 
 from .. import backend
 from ..formats import checkpoint, peft_dir as peft_files
-from ..adapters import adapted_modules, config as adapter_config, config_from_dict, inject
-from ..adapters.inject import SEED_STRIDE
+from ..adapters import adapted_modules, config as adapter_config, inject
 from ..text.corpus import TokenData, corpus
 from ..models import GPT, Bert, GPTConfig
 from ..models.generate import generate as generate_ids
@@ -314,20 +313,9 @@ def load_finetuned(base, adapter_dir, dtype=None, backend_name=None):
     if peft_files.is_peft_dir(adapter_dir):   # a PEFT directory (docs/peft.md#cli)
         model, tok, _ = load_base(base, dtype, backend_name)
         return peft_files.load_pretrained(model, adapter_dir), tok
-    info = checkpoint.read_adapter_config(adapter_dir)   # before the base: fail early
+    checkpoint.read_adapter_config(adapter_dir)   # before the base: fail early
     model, tok, _ = load_base(base, dtype, backend_name)
-    seed = run.get("train", {}).get("seed", 0)
-    try:
-        if info["config"] is not None:
-            inject(model, config_from_dict(info["config"]), info["targets"], seed=seed)
-        else:   # modules differ (e.g. SoRA pruned to a LoRA of each module's kept rank)
-            for i, (name, meta) in enumerate(info["modules"].items()):
-                inject(model, config_from_dict(meta["config"]), [name],
-                       seed=seed + SEED_STRIDE * i)
-    except (ValueError, KeyError, TypeError) as exc:   # the saved config does not fit
-        raise ValueError(f"{Path(adapter_dir) / checkpoint.ADAPTER_CONFIG_FILE}: "
-                         f"{type(exc).__name__ + ': ' if type(exc) is not ValueError else ''}"
-                         f"{exc}") from None
+    peft_files.inject_saved(model, adapter_dir, seed=run.get("train", {}).get("seed", 0))
     if run.get("quantize"):   # the adapter was trained on this quantized base
         quantize_base(model, run["quantize"])
     checkpoint.load_adapter(model, adapter_dir)

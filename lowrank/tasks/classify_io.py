@@ -21,8 +21,7 @@ import numpy as np
 
 from .. import backend
 from ..formats import checkpoint
-from ..adapters import config_from_dict, inject
-from ..adapters.inject import SEED_STRIDE
+from ..formats.saved_adapters import inject_saved
 from ..models.classifier import SequenceClassifier
 from ..formats.model_dir import from_pretrained
 from ..files.storage import (check_and_assign, read_json, read_safetensors, write_json,
@@ -82,14 +81,7 @@ def load(directory, base=None, dtype: str = "float32"):
     clf, tok = build(base or info["base"], len(info["labels"]), config, dtype)
     directory = Path(directory)
     if info["mode"] == "adapter":
-        adapter = checkpoint.read_adapter_config(directory)
-        if adapter["config"] is not None:   # the exact modules (a suffix like "dense" would
-            inject(clf.encoder, config_from_dict(adapter["config"]),   # also take the pooler)
-                   list(adapter["modules"]), seed=config.seed)
-        else:   # per-module configs (e.g. ranks a variant pruned)
-            for i, (name, meta) in enumerate(adapter["modules"].items()):
-                inject(clf.encoder, config_from_dict(meta["config"]), [name],
-                       seed=config.seed + SEED_STRIDE * i)
+        inject_saved(clf.encoder, directory, seed=config.seed)
         checkpoint.load_adapter(clf.encoder, directory)
     elif info["mode"] == "full":
         checkpoint.load_weights(clf.encoder, directory / ENCODER_FILE)
