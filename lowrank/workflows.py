@@ -217,7 +217,8 @@ def prepare_finetune(model, variant: str, targets, options: dict, seed: int = 0,
             raise ValueError("quantize needs an adapter variant: full fine-tuning trains the base")
         return None
     cfg = adapter_config(variant, **options)
-    inject(model, cfg, list(targets), seed=seed)
+    # a str is one regex (--regex): list() would split it into single characters
+    inject(model, cfg, targets if isinstance(targets, str) else list(targets), seed=seed)
     if quantize:
         quantize_base(model, quantize)
     return cfg
