@@ -37,7 +37,7 @@ from .storage import cap_for
 from .quant import quantize_base
 from .tokenizer import Tokenizer, train_tokenizer
 from .train import Trainer, TrainConfig
-from .update_check import check_update
+from .update_check import check_savable, check_update
 DEFAULT_TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
 
 
@@ -98,6 +98,7 @@ def _checkpointer(out: Path, trainer: Trainer, save, every: int, progress: bool 
         if "val_loss" in record:
             say(f"step {tr.step}: validation loss {record['val_loss']:.4f}", progress)
         if every and (tr.step % every == 0 or tr.step == tr.config.steps):
+            check_savable(tr, on_step.saved, record)   # a kept save scores a finite loss
             save(tr)
             on_step.saved = tr.step
     on_step.saved = trainer.step or None
@@ -167,7 +168,7 @@ def _pretrain(out, model_spec, data_spec, train, dtype, resume, save_every, prog
 
     on_step = _checkpointer(out, trainer, save, save_every, progress)
     history += trainer.fit(on_step, progress, "pretrain")
-    check_update(trainer, on_step.saved)
+    check_savable(trainer, on_step.saved)
     save(trainer)
     return RunResult(out, history, trainer.evaluate(), model.num_parameters(True),
                      model.num_parameters(), _median_speed(history))
@@ -283,7 +284,7 @@ def _finetune(out, base, variant, targets, options, data_spec, train, dtype, bac
     on_step = _checkpointer(out, trainer, save, save_every, progress)
     history += trainer.fit(on_step, progress, variant)
     elapsed = time.perf_counter() - start
-    check_update(trainer, on_step.saved)
+    check_savable(trainer, on_step.saved)
     save(trainer)
     result = RunResult(out, history, trainer.evaluate(), model.num_parameters(True),
                        model.num_parameters(), _median_speed(history))
