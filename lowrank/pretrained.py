@@ -14,6 +14,7 @@ import numpy as np
 
 from . import backend as _backend
 from . import checkpoint, models
+from .hf_config_check import check_config_against_headers
 from .locate import MINILM, MINILM_INSTALL, MINILM_PACKAGE, resolve  # noqa: F401
 from .storage import read_json, read_safetensors
 from .untrusted import load_json_file
@@ -138,6 +139,7 @@ def from_pretrained(path, dtype: str = "float32", backend: str | None = None):
     entry = models.entry(hf_config["model_type"])
     if entry.key_map is None:
         raise ValueError(f"{config_path}: model_type {entry.name!r} has no foreign key map")
+    check_config_against_headers(directory, hf_config, entry, config_path)   # before arrays
     tensors, where = _strip(*read_tensors(directory), entry)
     config = entry.config_from_hf(hf_config, set(tensors), str(config_path))
     model = models.build(config, dtype=dtype, xp=xp)
