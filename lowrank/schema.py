@@ -108,5 +108,5 @@ RUN_FILE = {"kind?": lambda v: None if v in RUN_KINDS else f"must be one of {RUN
             "base?": str, "base_path?": str, "variant?": str, "targets?": (list, str),
             "config?": (dict, None),
             "data?": dict, "train?": {"seed?": int_in(0, 1 << 63)}, "history?": [dict],
-            "tokenizer_sha256?": str,
+            "tokenizer_sha256?": str, "base_sha256?": str,
             "quantize?": lambda v: None if v in (None, "nf4") else f"must be null or 'nf4', got {v!r}"}

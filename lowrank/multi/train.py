@@ -190,6 +190,7 @@ def finetune_many(out, base, variants, targets=wf.DEFAULT_TARGETS, options=None,
     wf.check_options([v for v, _ in variants], options)   # as a single adapter's options
     out = prepare_out(out, resume=resume, force=force, base=base)
     model, tok, _ = wf.load_base(base, dtype, backend_name)
+    base_sha = wf.base_weights_sha256(base)
     data = wf.token_data(tok, data_spec, model.config.context)
     configs, trains = [], []
     for k, (variant, fields) in enumerate(variants):
@@ -215,7 +216,7 @@ def finetune_many(out, base, variants, targets=wf.DEFAULT_TARGETS, options=None,
         wf._write_run(dirs[k], {"kind": "adapter", "base": str(base), "variant": variants[k][0],
                                 "targets": targets, "config": configs[k].to_dict(),
                                 "data": data_spec.__dict__, "train": trains[k].to_dict(),
-                                "history": histories[k],
+                                "history": histories[k], wf.BASE_SHA: base_sha,
                                 "multi": {"index": k, "of": len(variants), "parent": str(out)}})
 
     def on_step(k, tr, record):
