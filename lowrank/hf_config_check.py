@@ -128,12 +128,13 @@ def header_shapes(directory: Path) -> tuple[dict, dict] | None:
     for path in paths:
         if not path.is_file():
             return None
-        for key, (_, shape, _) in _header(path).items():
+        for key, (_, shape, _) in read_header(path).items():
             shapes[key], files[key] = shape, path
     return shapes, files
 
 
-def _header(path: Path) -> dict:
+def read_header(path: Path) -> dict:
+    """``{key: (dtype, shape, offsets)}`` of a safetensors file, from its bounded header."""
     size = regular_file(path, 1 << 62, "safetensors file")
     with open(path, "rb") as fh:
         head = fh.read(8)
