@@ -84,8 +84,8 @@ def token_data(tok: Tokenizer, spec: DataSpec, context: int) -> TokenData:
     text = corpus(spec.corpus, max_bytes=spec.max_bytes)
     try:
         ids = tok.encode(text)
-    except (KeyboardInterrupt, SystemExit):
-        raise
+    except (KeyboardInterrupt, SystemExit, ValueError):
+        raise   # a ValueError already names the tokenizer's file
     except BaseException as exc:   # pyo3's PanicException is not an Exception
         raise ValueError(f"the tokenizer failed: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
