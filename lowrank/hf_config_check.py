@@ -22,7 +22,7 @@ from pathlib import Path
 from . import models
 from .schema import check, int_in
 from .storage import read_json
-from .untrusted import MAX_HEADER_BYTES, parse_safetensors_header, regular_file
+from .untrusted import parse_safetensors_header, read_head, regular_file
 
 MAX_VOCAB = 1 << 22          # the largest released vocabularies hold about 2**18 tokens
 MAX_POSITIONS = 1 << 20
@@ -136,11 +136,7 @@ def header_shapes(directory: Path) -> tuple[dict, dict] | None:
 def read_header(path: Path) -> dict:
     """``{key: (dtype, shape, offsets)}`` of a safetensors file, from its bounded header."""
     size = regular_file(path, 1 << 62, "safetensors file")
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        head += fh.read(min(n, MAX_HEADER_BYTES, max(size - 8, 0)))
-    return parse_safetensors_header(head, size, path)[0]
+    return parse_safetensors_header(read_head(path, size), size, path)[0]
 
 
 # --- the tensors a config implies: (HF field values, (layer field, count, key regex),

@@ -65,7 +65,10 @@ def read_bytes(path, max_bytes: int, what: str = "file") -> bytes:
         info = os.fstat(fh.fileno())
         if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
             raise ValueError(f"{what} {path} changed while it was opened; refusing to read it")
-        data = fh.read(info.st_size + 1)   # not max_bytes + 1: read() allocates what it asks
+        try:   # not max_bytes + 1: read() allocates what it asks
+            data = fh.read(info.st_size + 1)
+        except OSError as exc:   # /proc/self/mem and the like: "regular", but unreadable
+            raise ValueError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     if len(data) > info.st_size:
         raise ValueError(f"{what} {path} grew while it was read; refusing it")
     return data
@@ -197,16 +200,23 @@ def _count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62
 
 
+def read_head(path, size: int) -> bytes:
+    """The first bytes of a safetensors file: the length and the (bounded) header."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            return head + fh.read(min(n, MAX_HEADER_BYTES, max(size - 8, 0)))
+    except OSError as exc:
+        raise ValueError(f"cannot read safetensors file {path}: {exc.strerror or exc}") from None
+
+
 def read_safetensors_file(path, expected_shapes: dict | None = None,
                           max_bytes: int = MAX_TENSOR_FILE_BYTES):
     """``(tensors, metadata, sha256 of the file)``. ``expected_shapes`` (key -> shape) is
     checked against the header before the tensor data are read."""
     size = regular_file(path, max_bytes, "safetensors file")
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        head += fh.read(min(n, MAX_HEADER_BYTES, max(size - 8, 0)))
-    entries, meta, start = parse_safetensors_header(head, size, path)
+    entries, meta, start = parse_safetensors_header(read_head(path, size), size, path)
     for key, shape in (expected_shapes or {}).items():
         if key in entries and entries[key][1] != tuple(shape):
             raise ValueError(f"shape mismatch for key {key!r} in {path}: file has "
