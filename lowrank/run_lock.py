@@ -126,6 +126,10 @@ def hold_if(out, writer: bool):
     with hold(out) as guard:
         try:
             yield guard.path
+        except OSError as exc:   # a full disk, a size limit: its file named as the user knows it
+            if exc.filename is not None:
+                exc.filename = shown(str(exc.filename), guard)
+            raise
         except ValueError as exc:
             text = shown(str(exc), guard)
             if text == str(exc):

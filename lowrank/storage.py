@@ -87,8 +87,10 @@ def _write_temp(path: Path, data: bytes) -> str:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-    except BaseException:
+    except BaseException as exc:
         _unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:   # a full disk, a size limit
+            exc.filename = str(path)                            # names the file it hit
         raise
     return tmp
 
