@@ -73,7 +73,11 @@ def check_config_against_headers(directory, hf_config: dict, entry, config_path)
     shapes, files = found
     shapes = {_strip(k, entry): v for k, v in shapes.items()}
     files = {_strip(k, entry): v for k, v in files.items()}
-    config = entry.config_from_hf(hf_config, set(shapes), where)
+    try:
+        config = entry.config_from_hf(hf_config, set(shapes), where)
+    except (ValueError, TypeError, OverflowError) as exc:   # a config class's own check
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(text if where in text else f"{where}: {text}") from None
     expected = EXPECTED.get(entry.name)
     if expected is None:
         return
