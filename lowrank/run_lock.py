@@ -139,3 +139,20 @@ def hold_if(out, writer: bool):
             except Exception:   # noqa: BLE001 - a subclass with another signature
                 raise exc from None
             raise renamed from None
+
+
+def run_locked(out, writer: bool, body, made_first: str = "tokenizer.json"):
+    """``body(where)`` (a workflow writing into ``out``) with ``out`` held (``hold_if``); after
+    a failure, ``made_first`` is removed if this run created it and nothing was saved. The
+    result's ``out`` is the directory the user named."""
+    from .run_dir import remove_if_unsaved   # run_dir reads files; this module only locks
+    with hold_if(out, writer) as where:
+        existed = (where / made_first).exists()
+        try:
+            result = body(where)
+        except BaseException:
+            if writer:   # a failed first run leaves no tokenizer without a model
+                remove_if_unsaved(where, made_first, existed)
+            raise
+    result.out = out
+    return result

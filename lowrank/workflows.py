@@ -32,11 +32,11 @@ from .models import GPT, GPTConfig
 from .models.generate import generate as generate_ids
 from .parallel import SingleProcess
 from .pretrained import from_pretrained, is_foreign
-from .run_dir import (RUN_FILE, TOKENIZER_FILE, load_tokenizer, prepare_out, read_run,
-                      remove_if_unsaved, say, write_run)
+from .run_dir import (RUN_FILE, TOKENIZER_FILE, load_tokenizer, prepare_out, read_run, say,
+                      write_run)
 from .storage import cap_for
 from .quant import quantize_base
-from .run_lock import check_unchanged, hold_if
+from .run_lock import check_unchanged, run_locked
 from .tokenizer import Tokenizer, train_tokenizer
 from .train import Trainer, TrainConfig
 from .update_check import check_savable, check_update
@@ -95,20 +95,16 @@ def token_data(tok: Tokenizer, spec: DataSpec, context: int) -> TokenData:
 def _checkpointer(out: Path, trainer: Trainer, save, every: int, progress: bool = True):
     """``on_step``: check the update (``update_check``), print a validation loss as it comes,
     save every ``every`` steps. ``on_step.saved`` is the step of the last save."""
-    def checked_save(tr):
-        check_unchanged(out)   # the run directory was not swapped under the run
-        save(tr)
-
     def on_step(tr, record):
         check_update(tr, on_step.saved)   # before anything of this step is written
         if "val_loss" in record:
             say(f"step {tr.step}: validation loss {record['val_loss']:.4f}", progress)
         if every and (tr.step % every == 0 or tr.step == tr.config.steps):
             check_savable(tr, on_step.saved, record)   # a kept save scores a finite loss
-            checked_save(tr)
+            on_step.save(tr)
             on_step.saved = tr.step
     on_step.saved = trainer.step or None
-    on_step.save = checked_save
+    on_step.save = lambda tr: (check_unchanged(out), save(tr))   # never into a swapped --out
     return on_step
 
 
@@ -133,18 +129,9 @@ def pretrain(out, model_spec: ModelSpec, data_spec: DataSpec, train: TrainConfig
     comm.barrier()
     if backend_name:
         backend.set_backend(backend_name)
-    with hold_if(out, comm.is_root) as where:   # one writer; saves go where it was opened
-        tok_path = where / TOKENIZER_FILE
-        existed = tok_path.exists()
-        try:
-            result = _pretrain(where, model_spec, data_spec, train, dtype, resume, save_every,
-                               progress, comm, tok_path)
-        except BaseException:
-            if comm.is_root:   # a failed first run leaves no tokenizer without a model
-                remove_if_unsaved(where, TOKENIZER_FILE, existed)
-            raise
-    result.out = out
-    return result
+    return run_locked(out, comm.is_root, lambda where: _pretrain(   # one writer, saves go
+        where, model_spec, data_spec, train, dtype, resume, save_every,   # where it was opened
+        progress, comm, where / TOKENIZER_FILE))
 
 
 def _pretrain(out, model_spec, data_spec, train, dtype, resume, save_every, progress, comm,
@@ -248,18 +235,9 @@ def finetune(out, base, variant: str, targets=DEFAULT_TARGETS, options=None,
     check_options([variant], options)   # before the base is read or out is touched
     out = prepare_out(out, resume=resume, force=force, base=base) if comm.is_root else Path(out)
     comm.barrier()
-    with hold_if(out, comm.is_root) as where:   # one writer; saves go where it was opened
-        existed = (where / TOKENIZER_FILE).exists()
-        try:
-            result = _finetune(where, base, variant, targets, options, data_spec, train, dtype,
-                               backend_name, resume, save_every, progress, eval_data, comm,
-                               quantize, allow_other_base)
-        except BaseException:
-            if comm.is_root:
-                remove_if_unsaved(where, TOKENIZER_FILE, existed)
-            raise
-    result.out = out
-    return result
+    return run_locked(out, comm.is_root, lambda where: _finetune(   # one writer, saves go
+        where, base, variant, targets, options, data_spec, train, dtype,   # where it was opened
+        backend_name, resume, save_every, progress, eval_data, comm, quantize, allow_other_base))
 
 
 def _finetune(out, base, variant, targets, options, data_spec, train, dtype, backend_name,
