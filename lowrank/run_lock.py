@@ -18,6 +18,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from .run_dir import remove_if_unsaved
+
 LOCK_FILE = ".lowrank.lock"
 _HELD: dict[str, "RunDirectory"] = {}   # the path saves use -> its guard
 
@@ -145,7 +147,6 @@ def run_locked(out, writer: bool, body, made_first: str = "tokenizer.json"):
     """``body(where)`` (a workflow writing into ``out``) with ``out`` held (``hold_if``); after
     a failure, ``made_first`` is removed if this run created it and nothing was saved. The
     result's ``out`` is the directory the user named."""
-    from .run_dir import remove_if_unsaved   # run_dir reads files; this module only locks
     with hold_if(out, writer) as where:
         existed = (where / made_first).exists()
         try:

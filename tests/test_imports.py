@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1] / "lowrank"
 LAYERS = [
     ["lowrank._version", "lowrank.backend", "lowrank.validate"],   # where arrays live
     ["lowrank.storage", "lowrank.untrusted", "lowrank.schema", "lowrank.json_arrays",
-     "lowrank.data", "lowrank.tokenizer", "lowrank.locate",
+     "lowrank.data", "lowrank.tokenizer", "lowrank.tokenizer_guard", "lowrank.locate",
      "lowrank.datasets"],                                      # host-side files and text
     ["lowrank.module", "lowrank.ops", "lowrank.decompose", "lowrank.optim",
      "lowrank.hooks"],
@@ -29,9 +29,11 @@ LAYERS = [
     ["lowrank.adapters"],
     ["lowrank.parallel"],                                      # data parallel only
     ["lowrank.train", "lowrank.update_check", "lowrank.quant"],   # quant: NF4 frozen bases
-    ["lowrank.adapter_files", "lowrank.checkpoint", "lowrank.pretrained", "lowrank.peft_format",
+    ["lowrank.adapter_files", "lowrank.checkpoint", "lowrank.pretrained",
+     "lowrank.hf_config_check", "lowrank.peft_format",
      "lowrank.peft_lycoris", "lowrank.peft_files"],            # PEFT-format adapter dirs
-    ["lowrank.run_dir", "lowrank.workflows", "lowrank.tasks", "lowrank.classify"],
+    ["lowrank.run_dir", "lowrank.run_lock", "lowrank.base_identity", "lowrank.workflows",
+     "lowrank.tasks", "lowrank.classify"],
     ["lowrank.multi"],                                         # many adapters, one base
     ["lowrank.cli", "lowrank.cli_parser", "lowrank.demo", "lowrank.bench", "lowrank",
      "lowrank.tasks.sentiment_demo", "lowrank.tasks.classify_cli"],   # front ends
