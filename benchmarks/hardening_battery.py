@@ -22,9 +22,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ["tests/test_hardening_api.py", "tests/test_hardening_cli.py",
-         "tests/test_hardening_files.py", "tests/test_hardening_inputs.py",
-         "tests/test_hardening_dirs.py"]
+FILES = ["tests/hardening/test_api.py", "tests/hardening/test_cli.py",
+         "tests/hardening/test_files.py", "tests/hardening/test_inputs.py",
+         "tests/hardening/test_dirs.py"]
 
 
 def main():

@@ -23,18 +23,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import backend, checkpoint
+from .. import backend
+from ..formats import checkpoint
 from ..adapters import config_from_dict, inject
 from ..adapters.inject import SEED_STRIDE
 from ..models.classifier import SequenceClassifier
-from ..pretrained import from_pretrained
-from ..base_identity import _file_sha256
-from ..hf_config_check import read_header
-from ..schema import check, int_in
-from ..storage import (atomic_write, check_and_assign, read_safetensors, read_sealed_json,
-                       safetensors_bytes, write_sealed_json)
-from ..untrusted import sha256
-from ..tokenizer import Tokenizer
+from ..formats.hf_model import from_pretrained
+from ..files.base_identity import _file_sha256
+from ..formats.hf_config_check import read_header
+from ..files.schema import check, int_in
+from ..files.storage import (atomic_write, check_and_assign, read_safetensors, read_sealed_json,
+                             safetensors_bytes, write_sealed_json)
+from ..files.untrusted import sha256
+from ..text.tokenizer import Tokenizer
 from . import classify
 from .text_data import (MAX_LABEL_CHARS, MAX_LABELS, TextData, encode_labels, label_names,
                         read_tsv, sentiment_split)

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
-from ..datasets import SENTIMENT_FILES
-from ..untrusted import regular_file
+from ..text.datasets import SENTIMENT_FILES
+from ..files.untrusted import regular_file
 
 VAL_SIZE = 200
 
