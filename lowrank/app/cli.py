@@ -182,7 +182,7 @@ def _run(args) -> int:
                              _train_config(args), dtype=args.dtype,
                              resume=args.resume, save_every=args.save_every,
                              progress=not args.no_progress, comm=comm, force=args.force,
-                             quantize=args.quantize)
+                             quantize=args.quantize, allow_other_base=args.allow_other_base)
         if not comm.is_root:
             return 0
         share = 100.0 * result.trainable / result.total
@@ -199,7 +199,8 @@ def _run(args) -> int:
         if args.adapter is None:
             args.model, args.adapter = _base_of(args.model)
         if args.adapter:
-            model, tok = wf.load_finetuned(args.model, args.adapter, args.dtype)
+            model, tok = wf.load_finetuned(args.model, args.adapter, args.dtype,
+                                           allow_other_base=args.allow_other_base)
         else:
             model, tok, _ = wf.load_base(args.model, args.dtype)
         if args.command == "generate":
