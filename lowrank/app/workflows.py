@@ -35,7 +35,7 @@ from ..formats.model_dir import HUGGING_FACE, inspect, open_model
 from .run_dir import TOKENIZER_FILE, load_tokenizer, prepare_out, read_run, say, write_run
 from ..files.storage import cap_for
 from ..quant import quantize_base
-from ..files.run_lock import check_unchanged, run_locked
+from .run_lock import check_unchanged, run_locked
 from ..text.tokenizer import Tokenizer, train_tokenizer
 from ..training.trainer import Trainer, TrainConfig
 from ..training.update_check import check_savable, check_update
