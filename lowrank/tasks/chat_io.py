@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..adapters import config_from_dict, inject
-from ..adapters.inject import SEED_STRIDE
 from ..files.storage import cap_for, read_json, write_json
 from ..formats import checkpoint
 from ..formats.model_dir import from_pretrained
+from ..formats.saved_adapters import inject_saved
 from ..text.chat_template import ChatTemplate
 from ..text.tokenizer import Tokenizer
 from ..training.update_check import check_update
@@ -128,13 +127,7 @@ def load(directory, base=None, dtype: str = "float32"):
     (default: the base it was trained from)."""
     info = read_info(directory)
     model, tok, template = load_base(base or info["base"], dtype)
-    adapter = checkpoint.read_adapter_config(directory)
-    seed = info.get("recipe", {}).get("seed", 0)
-    if adapter["config"] is not None:
-        inject(model, config_from_dict(adapter["config"]), list(adapter["modules"]), seed=seed)
-    else:   # per-module configs (ranks a variant pruned)
-        for i, (name, meta) in enumerate(adapter["modules"].items()):
-            inject(model, config_from_dict(meta["config"]), [name], seed=seed + SEED_STRIDE * i)
+    inject_saved(model, directory, seed=info.get("recipe", {}).get("seed", 0))
     checkpoint.load_adapter(model, directory)
     return model.eval(), tok, template, info
 
