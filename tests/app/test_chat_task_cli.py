@@ -1,0 +1,68 @@
+"""``lowrank finetune/eval --task chat`` on a tiny GGUF Llama: a run prints its tokens/s and
+where it saved, eval scores the saved adapter and the base, a bad line is one line naming
+file:line with nothing written; LoRA+ and PEFT field names."""
+import json
+
+import pytest
+
+from lowrank.app import chat_task_cli
+from lowrank.app.cli import main as cli_main
+from tests.helpers.gguf_writer import write_tiny_gguf
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chatcli")
+    write_tiny_gguf(root / "tiny.gguf", shape=dict(hidden=32, ffn=64))
+    lines = [{"prompt": f"say {w}", "completion": w * 2} for w in "abab"] + \
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    (root / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return root
+
+
+def finetune(files, out, *extra):
+    return cli_main(["finetune", "--task", "chat", "--base", str(files / "tiny.gguf"),
+                     "--data", str(files / "train.jsonl"), "--out", str(out),
+                     "--batch-size", "2", "--no-progress", *extra])
+
+
+def test_finetune_then_eval(files, tmp_path, capsys):
+    assert finetune(files, tmp_path / "out", "--eval-data", str(files / "train.jsonl"),
+                    "--metric", "accuracy", "--max-new-tokens", "3", "--set", "lora_alpha=32",
+                    "--loraplus-lr-ratio", "4", "--targets", "q_proj,v_proj") == 0
+    out = capsys.readouterr().out
+    assert "train tokens/s; saved to" in out and "epoch 1:" in out and "accuracy" in out
+    assert "cut 0 turn(s)" in out
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert saved["config"]["alpha"] == 32.0 and saved["targets"] == ["q_proj", "v_proj"]
+    assert cli_main(["eval", "--task", "chat", "--adapter", str(tmp_path / "out"),
+                     "--data", str(files / "train.jsonl"), "--metric", "accuracy",
+                     "--max-new-tokens", "3"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("loss ") and "perplexity" in line and "(" in line
+    assert cli_main(["eval", "--task", "chat", "--model", str(files / "tiny.gguf"),
+                     "--data", str(files / "train.jsonl")]) == 0
+
+
+def test_bad_line_names_file_and_line_and_writes_nothing(files, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 3, "completion": "b"}\n')
+    code = cli_main(["finetune", "--task", "chat", "--base", str(files / "tiny.gguf"),
+                     "--data", str(bad), "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "bad.jsonl:2:" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_run_needs_resume_or_force(files, tmp_path, capsys):
+    assert finetune(files, tmp_path / "out", "--steps", "1") == 0
+    assert finetune(files, tmp_path / "out", "--steps", "1") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert finetune(files, tmp_path / "out", "--steps", "1", "--force") == 0
+
+
+def test_handles_only_the_chat_task():
+    assert chat_task_cli.handles(["finetune", "--task", "chat"])
+    assert chat_task_cli.handles(["eval", "--task=chat", "--data", "x"])
+    assert not chat_task_cli.handles(["finetune", "--task", "classify"])
+    assert not chat_task_cli.handles(["chat", "--model", "smollm2"])
