@@ -57,7 +57,7 @@ def test_shipped_split():
     assert not {e.source for e in train} & {e.source for e in val}
     again, _ = sentiment_split()
     assert [e.source for e in again] == [e.source for e in train]    # default_rng(0)
-    assert 80 < sum(e.label == "1" for e in val) < 120
+    assert 80 < sum(e.label == "positive" for e in val) < 120
 
 
 # --- the command line: bad input writes nothing ---------------------------------------------

@@ -7,7 +7,9 @@ prediction speak the same labels (docs/classification.md#data). Host-side code: 
 
 The embedded default (``sentiment_split``) is the shipped Yelp + Amazon sentences (in that
 order), shuffled with ``numpy.random.default_rng(0)``: the first 200 validate, the other
-1,800 train.
+1,800 train; labels named ``negative`` / ``positive``. The same split is shipped as
+``train.tsv`` / ``val.tsv`` (``sentiment:train`` / ``sentiment:val`` on the command line).
+Other formats and column options: ``data_files``.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
-from ..datasets import SENTIMENT_FILES
+from ..datasets import SENTIMENT_FILES, SENTIMENT_LABELS
 
 VAL_SIZE = 200
 
@@ -88,7 +90,8 @@ def encode_labels(examples, names) -> np.ndarray:
 
 def sentiment_split() -> tuple[list[Example], list[Example]]:
     """``(train 1,800, validation 200)`` of the shipped sentiment sentences."""
-    examples = [e for path in SENTIMENT_FILES for e in read_tsv(path)]
+    examples = [Example(e.text, SENTIMENT_LABELS[int(e.label)], e.source)
+                for path in SENTIMENT_FILES for e in read_tsv(path)]
     order = np.random.default_rng(0).permutation(len(examples))
     val = [examples[i] for i in order[:VAL_SIZE]]
     train = [examples[i] for i in order[VAL_SIZE:]]
