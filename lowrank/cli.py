@@ -1,13 +1,15 @@
-"""``lowrank`` command line: pretrain, finetune, generate, eval, demo, bench.
+"""``lowrank`` command line: pretrain, finetune, generate, eval, predict, demo, bench.
 
     lowrank pretrain --out base --steps 300
     lowrank finetune --base base --variant lora --targets q,v --r 8 --alpha 16 --out lora
     lowrank generate --model base --adapter lora --prompt "def "
+    lowrank finetune --base minilm --task classify --data train.csv --out clf
     lowrank demo
     mpiexec -n 2 lowrank finetune --base base --out lora   # data parallel, auto-detected
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -15,11 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from . import backend, workflows as wf
-from .adapters import field_from_text
 from .backend import threads
 from .bench import run_bench
 from .demo import run_demo
 from .cli_parser import parse
+from .cli_task_flags import data_options
 from .multi import finetune_many, parse_variants
 from .parallel import ParameterDriftError, get_comm
 from .run_dir import read_run
@@ -42,25 +44,12 @@ def _corpus(values, default):
     return values[0] if len(values) == 1 and values[0] in ("docs", "code") else list(values)
 
 
-def _parse_set(items) -> dict:
-    """``--set key=value`` for variant options not named on the command line."""
-    options = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        key, options[key] = field_from_text(key, value)
-    return options
-
-
 def main(argv=None) -> int:
     """Run one command; every failure is one line on stderr and a non-zero exit code
     (2: a mistake in the input, 1: training stopped, 3: a bug — LOWRANK_DEBUG=1 shows its
     traceback, 130: interrupted, 141: output closed, as into ``head``)."""
     backend.keep_freed_host_memory()   # training reuses the same large blocks every step
     argv = sys.argv[1:] if argv is None else list(argv)
-    if classify_cli.handles(argv):     # --task classify, eval --data, predict, demo --task
-        return classify_cli.main(argv)
     try:
         _, args = parse(argv)
     except SystemExit as exc:   # --help exits 0 as usual; a mistake returns its code
@@ -142,6 +131,8 @@ def _run(args) -> int:
         threads.set_threads(threads.check_threads(args.threads))
     else:
         threads.apply_default_under_launcher()
+    if classify_cli.handles(args):     # finetune --task classify, eval --data, predict, ...
+        return classify_cli.run(args, data_options(args) if hasattr(args, "format") else {})
     comm = _make_comm(args) if args.command in ("pretrain", "finetune") else None
     if args.command == "pretrain":
         spec = wf.ModelSpec(args.vocab_size, args.context, args.n_layer, args.n_head,
@@ -153,16 +144,16 @@ def _run(args) -> int:
                              progress=not args.no_progress, comm=comm, force=args.force)
         if not comm.is_root:
             return 0
-        print(f"pretrained {result.total:,} parameters; validation loss {result.val_loss:.4f}; "
-              f"{result.tokens_per_s:,.0f} tokens/s; saved to {result.out}")
+        _summary(args, f"pretrained {result.total:,} parameters; validation loss "
+                       f"{result.val_loss:.4f}; {result.tokens_per_s:,.0f} tokens/s; saved to "
+                       f"{result.out}", result)
     elif args.command == "finetune":
         options = {"r": args.r, "alpha": args.alpha, "dropout": args.dropout}
         if args.init is not None:
             options["init"] = args.init
         if args.rslora:
             options["rslora"] = True
-        options.update(_parse_set(args.set))
-        options.update(args.variant_options)
+        options.update(args.variant_options)     # --set and the variant's own flags
         targets = args.targets if args.regex else [t for t in args.targets.split(",") if t]
         if "," in args.variant:   # several adapters over one frozen base, in one process
             return _finetune_many(args, options, targets, comm)
@@ -176,11 +167,10 @@ def _run(args) -> int:
         if not comm.is_root:
             return 0
         share = 100.0 * result.trainable / result.total
-        print(f"{args.variant}: {result.trainable:,} trainable parameters ({share:.2f}%); "
-              f"validation loss {result.val_loss:.4f}; {result.tokens_per_s:,.0f} tokens/s; "
-              f"saved to {result.out}")
-        for line in getattr(result, "report", []):
-            print(line)
+        _summary(args, f"{args.variant}: {result.trainable:,} trainable parameters "
+                       f"({share:.2f}%); validation loss {result.val_loss:.4f}; "
+                       f"{result.tokens_per_s:,.0f} tokens/s; saved to {result.out}", result,
+                 getattr(result, "report", []))
     elif args.command in ("generate", "eval"):
         if args.adapter is None:
             args.model, args.adapter = _base_of(args.model)
@@ -194,15 +184,35 @@ def _run(args) -> int:
         else:
             data = wf.token_data(tok, wf.DataSpec(_corpus(args.corpus, "code"), args.max_bytes),
                                  model.config.context)
-            print(f"validation loss {wf.evaluate(model, data, args.batch_size, args.batches):.4f}")
+            loss = wf.evaluate(model, data, args.batch_size, args.batches)
+            print(json.dumps({"command": "eval", "val_loss": loss}) if args.json else
+                  f"validation loss {loss:.4f}")
     elif args.command == "demo":
         run_demo(args.out, pretrain_steps=args.pretrain_steps, finetune_steps=args.steps,
                  dtype=args.dtype, seed=args.seed, progress=not args.no_progress)
     elif args.command == "bench":
-        run_bench(steps=args.steps)
-        print("PyTorch+PEFT side by side: python benchmarks/bench_train.py (in a repository "
-              "checkout, with the `reference` extra)")
+        rows = run_bench(steps=args.steps, out=sys.stderr if args.json else None)
+        if args.json:
+            print(json.dumps({"command": "bench", "rows": rows}))
+        else:
+            print("PyTorch+PEFT side by side: python benchmarks/bench_train.py (in a "
+                  "repository checkout, with the `reference` extra)")
     return 0
+
+
+def _summary(args, line: str, result, extra_lines=()) -> None:
+    """The run's last words: a line for a person, or with ``--json`` one JSON record (the
+    person's lines then go to stderr)."""
+    if not args.json:
+        print(line)
+        for extra in extra_lines:
+            print(extra)
+        return
+    for extra in (line, *extra_lines):
+        print(extra, file=sys.stderr)
+    record = {k: v for k, v in vars(result).items() if isinstance(v, (int, float, str))}
+    print(json.dumps({"command": args.command, "variant": getattr(args, "variant", None),
+                      **record, "out": str(result.out)}, default=str))
 
 
 def _base_of(model_dir):

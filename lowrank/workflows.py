@@ -26,6 +26,7 @@ import numpy as np
 from . import backend, checkpoint, peft_files
 from .adapters import adapted_modules, config as adapter_config, config_from_dict, inject
 from .adapters.inject import SEED_STRIDE
+from .validate import near_fields
 from .data import TokenData, corpus
 from .models import GPT, GPTConfig
 from .models.generate import generate as generate_ids
@@ -203,8 +204,8 @@ def check_options(variants, options) -> None:
         fields = {f for v in variants for f in adapter_config(v).to_dict()} - {"variant"}
     unknown = sorted(set(options or {}) - fields)
     if unknown:
-        raise ValueError(f"unknown field(s) {unknown} for variant(s) {list(variants)}; "
-                         f"fields: {sorted(fields)}")
+        raise ValueError(f"unknown field(s) {unknown} for variant(s) {list(variants)}"
+                         f"{near_fields(unknown, fields)}; fields: {sorted(fields)}")
 
 
 def prepare_finetune(model, variant: str, targets, options: dict, seed: int = 0,

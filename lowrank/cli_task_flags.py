@@ -1,0 +1,124 @@
+"""The flags of ``--task``: what ``finetune --task classify`` and ``demo --task sentiment``
+add to one parser (labelled data, the classification recipe), the defaults that differ by
+task, and the check that refuses a flag of the other task in one line.
+"""
+from __future__ import annotations
+
+from .tasks import data_files
+
+
+def _types():
+    from .cli_parser import real, whole   # the parser's checked number types
+    return real, whole
+
+
+def data_flags(p, train: bool) -> None:
+    """The labelled-data flags (one reader for every format: docs/classification.md#data)."""
+    real, whole = _types()
+    g = p.add_argument_group("labelled data (--task classify)")
+    if train:
+        g.add_argument("--data", default=None,
+                       help="labelled training file: .tsv/.txt, .csv, .jsonl, .parquet, a "
+                            "datasets save_to_disk directory (DIR#split), or sentiment:train "
+                            "(default: the shipped 1,800 sentiment sentences)")
+        g.add_argument("--eval-data", default=None,
+                       help="validation file, any format --data takes (default with the "
+                            "shipped data: its 200 held out, sentiment:val)")
+        g.add_argument("--max-examples", type=whole(1), default=None,
+                       help="read at most this many training examples (default: all)")
+    else:
+        g.add_argument("--data", default=None,
+                       help="labelled file to score a classifier on (any format finetune "
+                            "--data takes, e.g. sentiment:val); without it, --corpus and "
+                            "a language model")
+    g.add_argument("--format", choices=data_files.FORMATS, default=None,
+                   help="the data's format (default: from the extension)")
+    g.add_argument("--text-column", default=None,
+                   help="the text's column (a header name, or a 0-based position without "
+                        "one; default: the first of text, sentence, content, ...)")
+    g.add_argument("--label-column", default=None,
+                   help="the label's column (default: the first of label, labels, class, ...)")
+    g.add_argument("--label-names", default=None, metavar="NAME,NAME,...",
+                   help="names of the integer labels 0, 1, ... (e.g. negative,positive)")
+    g.add_argument("--header", choices=("auto", "yes", "no"), default="auto",
+                   help="whether a TSV/CSV file's first row names its columns ('auto': when "
+                        "its cells are names like text, label)")
+
+
+def classify_flags(p) -> None:
+    real, whole = _types()
+    g = p.add_argument_group("classification (--task classify)")
+    g.add_argument("--epochs", type=whole(1), default=None,
+                   help="passes over the training data (default: 3)")
+    g.add_argument("--max-length", type=whole(2, 1 << 16), default=None,
+                   help="tokens per text, [CLS] and [SEP] included (default: 64)")
+    g.add_argument("--pooling", choices=("mean", "cls"), default=None,
+                   help="the head reads the mean of the tokens or the [CLS] pooler "
+                        "(default: mean)")
+    g.add_argument("--model-dropout", type=real(0.0, 1.0), default=None,
+                   help="the encoder's hidden and attention dropout (default: 0.1)")
+
+
+# flags of one task only: (command, task) -> flags that belong to the other task
+_ONLY = {
+    "classify": ("--epochs", "--max-length", "--pooling", "--model-dropout", "--data",
+                 "--eval-data", "--max-examples", "--format", "--text-column",
+                 "--label-column", "--label-names", "--header"),
+    "lm": ("--steps", "--warmup", "--accum-steps", "--grad-clip", "--eval-interval",
+           "--backend", "--resume", "--force", "--save-every", "--corpus", "--max-bytes",
+           "--comm", "--quantize", "--loraplus-lr-ratio", "--regex", "--init", "--rslora"),
+    "sentiment": ("--epochs", "--train-examples", "--variants"),
+    "demo-lm": ("--pretrain-steps", "--steps", "--backend", "--dtype", "--seed"),
+}
+_DEFAULTS = {"lm": {"batch_size": 16, "lr": 3e-3, "weight_decay": 0.0, "dropout": 0.0,
+                    "targets": "q,k,v,o,fc1,fc2"},
+             "classify": {"batch_size": 32, "weight_decay": 0.01, "dropout": 0.1,
+                          "epochs": 3, "max_length": 64, "pooling": "mean",
+                          "model_dropout": 0.1, "dtype": "float32"}}
+
+
+def _given(argv, flag) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def check_task(sub, argv, args) -> None:
+    """Refuse a flag of the other task (one line naming the flag and the task it needs)."""
+    if args.command == "finetune":
+        wrong, needs = ("classify", "--task classify") if args.task == "lm" else             ("lm", "--task lm")
+    elif args.command == "demo":
+        wrong, needs = ("sentiment", "--task sentiment") if args.task == "lm" else             ("demo-lm", "--task lm")
+    elif args.command == "eval" and args.data is None:
+        wrong, needs = "classify", "--data"
+        if any(_given(argv, f) for f in _ONLY["classify"][-5:]):
+            flag = next(f for f in _ONLY["classify"][-5:] if _given(argv, f))
+            sub.error(f"{flag} describes a labelled file: give it with --data")
+        return
+    else:
+        return
+    for flag in _ONLY[wrong]:
+        if _given(argv, flag):
+            hint = " (classification trains for --epochs)" if flag == "--steps" else ""
+            sub.error(f"{flag} needs {needs}{hint}")
+    if args.command == "finetune" and args.task == "lm" and args.base == "minilm":
+        sub.error("minilm is an encoder for labelled text: add --task classify "
+                  "(and --data FILE, or the shipped sentiment data)")
+
+
+def fill_defaults(args) -> None:
+    if args.command == "finetune":
+        for key, value in _DEFAULTS[args.task].items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+    elif args.command == "eval" and args.batch_size is None:
+        args.batch_size = 32 if args.data is not None else 16
+    elif args.command == "demo" and args.out is None:
+        args.out = "lowrank-demo" if args.task == "lm" else "lowrank-demo-sentiment"
+
+
+def data_options(args) -> dict:
+    """``data_files.read_examples``'s keyword arguments from the labelled-data flags."""
+    names = getattr(args, "label_names", None)
+    return {"format": args.format, "text_column": args.text_column,
+            "label_column": args.label_column,
+            "label_names": None if names is None else [n for n in names.split(",") if n],
+            "header": {"auto": None, "yes": True, "no": False}[args.header]}
