@@ -5,6 +5,8 @@ from .checkpoint import load_model, save_model
 from .layers import Linear
 from .models import GPT, GPTConfig
 from .module import Module, Parameter
+from .peft_api import (AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftConfig,
+                       PeftModel, VeraConfig, get_peft_model)
 from .peft_files import load_pretrained, save_pretrained
 from .pretrained import from_pretrained
 from .quant import quantize_base
@@ -27,4 +29,7 @@ def load(path, backend=None):
 
 
 __all__ = ["adapters", "backend", "decompose", "models", "ops", "from_pretrained", "Tokenizer", "Linear", "Module", "Parameter",
-           "GPT", "GPTConfig", "save", "load", "quantize_base"]
+           "GPT", "GPTConfig", "save", "load", "quantize_base",
+           # PEFT's entry points, PEFT's spelling (docs/peft.md#peft-shaped-api)
+           "LoraConfig", "AdaLoraConfig", "VeraConfig", "LoHaConfig", "LoKrConfig",
+           "PeftConfig", "PeftModel", "get_peft_model"]
