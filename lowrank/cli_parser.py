@@ -12,40 +12,10 @@ import math
 import sys
 
 from .adapters import available, config as adapter_config, field_from_text
-from .cli_task_flags import check_task, classify_flags, data_flags, fill_defaults
+from .cli_task_flags import check_task, classify_flags, data_flags, fill_defaults, real, whole
 
 BACKENDS = ("numpy", "numpy-strict", "cupy")
 VARIANT_FLAGS = {"r", "alpha", "dropout", "init", "rslora"}   # fields with their own flag
-
-
-def whole(low: int, high: int | None = None):
-    """An argparse type: an integer in [low, high]."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            span = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {value}")
-        return value
-    parse.__name__ = "integer"
-    return parse
-
-
-def real(low: float = 0.0, below: float | None = None):
-    """An argparse type: a finite number >= low (and < below)."""
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (below is not None and value >= below):
-            span = f">= {low}" + ("" if below is None else f" and < {below}")
-            raise argparse.ArgumentTypeError(f"must be a finite number {span}, got {text}")
-        return value
-    parse.__name__ = "number"
-    return parse
 
 
 class Parser(argparse.ArgumentParser):

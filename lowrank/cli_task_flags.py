@@ -1,20 +1,48 @@
 """The flags of ``--task``: what ``finetune --task classify`` and ``demo --task sentiment``
 add to one parser (labelled data, the classification recipe), the defaults that differ by
-task, and the check that refuses a flag of the other task in one line.
+task, the check that refuses a flag of the other task in one line, and the checked number
+types every flag uses.
 """
 from __future__ import annotations
+
+import argparse
+import math
 
 from .tasks import data_files
 
 
-def _types():
-    from .cli_parser import real, whole   # the parser's checked number types
-    return real, whole
+def whole(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            span = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def real(low: float = 0.0, below: float | None = None):
+    """An argparse type: a finite number >= low (and < below)."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (below is not None and value >= below):
+            span = f">= {low}" + ("" if below is None else f" and < {below}")
+            raise argparse.ArgumentTypeError(f"must be a finite number {span}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
 
 
 def data_flags(p, train: bool) -> None:
     """The labelled-data flags (one reader for every format: docs/classification.md#data)."""
-    real, whole = _types()
     g = p.add_argument_group("labelled data (--task classify)")
     if train:
         g.add_argument("--data", default=None,
@@ -46,7 +74,6 @@ def data_flags(p, train: bool) -> None:
 
 
 def classify_flags(p) -> None:
-    real, whole = _types()
     g = p.add_argument_group("classification (--task classify)")
     g.add_argument("--epochs", type=whole(1), default=None,
                    help="passes over the training data (default: 3)")

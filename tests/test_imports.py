@@ -30,10 +30,11 @@ LAYERS = [
     ["lowrank.parallel"],                                      # data parallel only
     ["lowrank.train", "lowrank.update_check", "lowrank.quant"],   # quant: NF4 frozen bases
     ["lowrank.adapter_files", "lowrank.checkpoint", "lowrank.pretrained", "lowrank.peft_format",
-     "lowrank.peft_lycoris", "lowrank.peft_files"],            # PEFT-format adapter dirs
+     "lowrank.peft_lycoris", "lowrank.peft_files",
+     "lowrank.peft_api"],                                      # PEFT-format dirs, PEFT's API
     ["lowrank.run_dir", "lowrank.workflows", "lowrank.tasks", "lowrank.classify"],
     ["lowrank.multi"],                                         # many adapters, one base
-    ["lowrank.cli", "lowrank.cli_parser", "lowrank.demo", "lowrank.bench", "lowrank",
+    ["lowrank.cli", "lowrank.cli_parser", "lowrank.cli_task_flags", "lowrank.demo", "lowrank.bench", "lowrank",
      "lowrank.tasks.sentiment_demo", "lowrank.tasks.classify_cli"],   # front ends
 ]
 
