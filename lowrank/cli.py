@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
     traceback, 130: interrupted, 141: output closed, as into ``head``)."""
     backend.keep_freed_host_memory()   # training reuses the same large blocks every step
     argv = sys.argv[1:] if argv is None else list(argv)
+    warnings.formatwarning = _warning_line
     try:
         _, args = parse(argv)
     except SystemExit as exc:   # --help exits 0 as usual; a mistake returns its code
@@ -80,6 +82,19 @@ def main(argv=None) -> int:
             raise
         return _fail(args, f"lowrank {args.command}: internal error: {type(exc).__name__}: "
                            f"{_one_line(exc)} (LOWRANK_DEBUG=1 shows the traceback)", 3)
+
+
+def _warning_line(message, category, *_, **__) -> str:
+    """A warning as the CLI prints it: one line, without Python's file and line."""
+    return f"lowrank: warning: {_one_line(message)}\n"
+
+
+def _short_run(args) -> None:
+    """A run that is all warm-up never trains at the asked learning rate: say what to change."""
+    if args.steps <= args.warmup:
+        warnings.warn(f"--steps {args.steps} <= --warmup {args.warmup}: every step is warm-up "
+                      f"and the learning rate never reaches --lr {args.lr:g}; use --warmup "
+                      f"{max(1, args.steps // 10)} (a tenth of the steps) or more --steps")
 
 
 def _one_line(exc) -> str:
@@ -134,6 +149,8 @@ def _run(args) -> int:
     if classify_cli.handles(args):     # finetune --task classify, eval --data, predict, ...
         return classify_cli.run(args, data_options(args) if hasattr(args, "format") else {})
     comm = _make_comm(args) if args.command in ("pretrain", "finetune") else None
+    if comm is not None and comm.is_root:
+        _short_run(args)
     if args.command == "pretrain":
         spec = wf.ModelSpec(args.vocab_size, args.context, args.n_layer, args.n_head,
                             args.d_model, tie_embeddings=not args.untied)

@@ -39,6 +39,7 @@ from .hooks import StepHook
 from .models import Embedding
 from .optim import AdamW, clip_grad_norm, loraplus_scales, lr_at
 from .parallel import BatchShards, GradientAllReduce, SingleProcess
+from .progress import progress_bar
 from .validate import check_number
 
 
@@ -245,10 +246,8 @@ class Trainer:
 
     def fit(self, on_step=None, progress: bool = True, desc: str = "train") -> list[dict]:
         """Run until ``config.steps``; ``on_step(trainer, record)`` after each (checkpoints)."""
-        from tqdm import tqdm
         history = []
-        bar = tqdm(total=self.config.steps, initial=self.step, desc=desc,
-                   disable=not progress or not self.comm.is_root, dynamic_ncols=True, leave=True)
+        bar = progress_bar(self.config.steps, desc, progress and self.comm.is_root, self.step)
         if self.grad_sync is not None:
             self.grad_sync.check_drift(self.step, self._probe())   # identical start
         while self.step < self.config.steps:

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1] / "lowrank"
 # (``lowrank``, its __init__) is matched exactly. A new module must be placed here (some
 # names are placed ahead of the modules, e.g. ``lowrank.pretrained``, ``lowrank.tasks``).
 LAYERS = [
-    ["lowrank._version", "lowrank.backend", "lowrank.validate"],   # where arrays live
+    ["lowrank._version", "lowrank.backend", "lowrank.validate",
+     "lowrank.progress"],                                      # where arrays live
     ["lowrank.storage", "lowrank.untrusted", "lowrank.schema", "lowrank.json_arrays",
      "lowrank.data", "lowrank.tokenizer", "lowrank.locate",
      "lowrank.datasets"],                                      # host-side files and text
