@@ -118,7 +118,8 @@ def _variant_fields(p, variants) -> None:
                                nargs="?", const="true", default=argparse.SUPPRESS,
                                metavar=type(default).__name__.upper()
                                if default is not None else "VALUE",
-                               help=f"{variant} config field (default: {default!r})")
+                               help=f"{variant} config field (default: "
+                                    f"{'not set' if default is None else repr(default)})")
 
 
 def chosen_variants(argv) -> list[str]:
