@@ -43,7 +43,8 @@ def real(low: float = 0.0, below: float | None = None):
 
 def data_flags(p, train: bool) -> None:
     """The labelled-data flags (one reader for every format: docs/classification.md#data)."""
-    g = p.add_argument_group("labelled data (--task classify)")
+    g = p.add_argument_group("labelled data (--task classify)" if train else
+                             "a classifier on labelled data (--data)")
     if train:
         g.add_argument("--data", default=None,
                        help="labelled training file: .tsv/.txt, .csv, .jsonl, .parquet, a "
