@@ -145,7 +145,7 @@ def _run(args) -> int:
     if getattr(args, "threads", None) is not None:   # docs/performance.md#threads
         threads.set_threads(threads.check_threads(args.threads))
     else:
-        threads.apply_default_under_launcher()
+        threads.apply_cli_default()   # one BLAS thread: none spins beside other jobs
     if classify_cli.handles(args):     # finetune --task classify, eval --data, predict, ...
         return classify_cli.run(args, data_options(args) if hasattr(args, "format") else {})
     comm = _make_comm(args) if args.command in ("pretrain", "finetune") else None

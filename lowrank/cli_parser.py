@@ -264,8 +264,9 @@ def build_parser(argv=()) -> Parser:
     p.add_argument("--json", action="store_true", help="print the results as one JSON line")
     for p in sub.choices.values():   # docs/performance.md#threads
         p.add_argument("--threads", type=whole(1, 4096), default=None,
-                       help="BLAS/OpenMP threads (default: the library's own; under mpiexec, "
-                            "cores / ranks)")
+                       help="BLAS/OpenMP threads (default: 1, or OMP_NUM_THREADS / "
+                            "OPENBLAS_NUM_THREADS when set; more cores: --shards, "
+                            "docs/performance.md#shared-machines)")
     return parser
 
 

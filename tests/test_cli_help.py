@@ -140,3 +140,17 @@ def test_terminal_table_aligns_markdown():
     assert text[:2] == ["title", ""] and "|" not in "".join(text)
     assert text[2] == "a               n" and text[4] == "long name       1"
     assert text[5] == "b          22,000"
+
+
+def test_the_command_line_runs_one_blas_thread_unless_told():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from lowrank.backend import threads
+    before = threadpoolctl.threadpool_info()
+    if not any(i["user_api"] == "blas" for i in before):
+        pytest.skip("no BLAS pool loaded")
+    try:
+        assert threads.apply_cli_default({}) == 1
+        assert all(i["threads"] == 1 for i in threads.thread_info() if i["api"] == "blas")
+        assert threads.apply_cli_default({"OPENBLAS_NUM_THREADS": "2"}) is None   # user's
+    finally:
+        threadpoolctl.threadpool_limits({i["prefix"]: i["num_threads"] for i in before})
