@@ -1,14 +1,14 @@
 """Training beside another job: wall and CPU seconds of a LoRA step, per thread, quiet and
 beside a 2-thread PyTorch job (docs/performance.md#shared-machines).
 
-    python benchmarks/bench_shared_cpu.py [--steps 6] [--setups all|lowrank|torch]
+    python benchmarks/bench_shared_cpu.py [--steps 6] [--setups all|lowrank|minilm|torch]
 
 Each setting runs in a fresh process (OpenBLAS reads its thread count and its waiting time
 when it loads): the LoRA step of ``lowrank bench`` (GPT d=256, L=4, T=128, B=8, r=8 on six
 linears) with 1 or 2 BLAS threads, OpenBLAS's default waiting or
 ``OPENBLAS_THREAD_TIMEOUT=4`` (its shortest: 2^4 cycles), and 2 batch shards of one thread
-each; the
-same step in PyTorch+PEFT with 1 or 2 threads, OpenMP's default waiting or
+each; MiniLM's classification step (the recipe's LoRA, batch 32) with 1 or 2 threads or 2
+shards; the GPT step in PyTorch+PEFT with 1 or 2 threads, OpenMP's default waiting or
 ``OMP_WAIT_POLICY=passive``. "beside" starts a PyTorch job with 2 threads (an MLP training
 loop) before the setting and stops it after. Reported per setting: wall ms/step, CPU
 ms/step of the whole process, and of the worker threads alone (``/proc/self/task/*/stat``):
@@ -30,6 +30,11 @@ LOWRANK = {   # name -> (environment, --threads, --shards)
     "lowrank 2 threads": ({}, 2, 1),
     "lowrank 2 threads, timeout 4": ({"OPENBLAS_THREAD_TIMEOUT": "4"}, 2, 1),
     "lowrank 2 shards x 1 thread": ({}, 1, 2),
+}
+MINILM = {   # the classification recipe's LoRA step (batch 32 of the shipped sentences)
+    "minilm 1 thread": ({}, 1, 1),
+    "minilm 2 threads": ({}, 2, 1),
+    "minilm 2 shards x 1 thread": ({}, 1, 2),
 }
 TORCH = {
     "torch+peft 1 thread": ({}, 1, 1),
@@ -59,6 +64,25 @@ def _lowrank_step(threads: int, shards: int):
     return step
 
 
+def _minilm_step(threads: int, shards: int):
+    sys.path.insert(0, str(ROOT))
+    from lowrank.backend import threads as blas
+    from lowrank.tasks import classify, classify_io
+    from lowrank.tasks.text_data import TextData, label_names
+    from lowrank.train import TrainConfig, hooks_for
+    blas.set_threads(threads)
+    train, _ = classify_io.load_examples()
+    train = train[:256]
+    config = classify.ClassifyConfig()
+    clf, tok = classify_io.build("minilm", 2, config)
+    classify.prepare(clf, "lora")
+    data = TextData.from_examples(tok, {"train": train}, label_names(train), config.max_length)
+    trainer = classify.ClassifierTrainer(
+        clf, data, TrainConfig(steps=10**6, batch_size=32, lr=5e-4, warmup=0, shards=shards),
+        hooks=hooks_for(clf))
+    return trainer.train_step
+
+
 def _torch_step(threads: int):
     sys.path.insert(0, str(ROOT))
     import torch
@@ -70,7 +94,9 @@ def _torch_step(threads: int):
 
 def worker(kind: str, threads: int, shards: int, steps: int) -> dict:
     """One setting in this process: warm up, then time ``steps`` steps."""
-    step = _lowrank_step(threads, shards) if kind == "lowrank" else _torch_step(threads)
+    step = {"lowrank": lambda: _lowrank_step(threads, shards),
+            "minilm": lambda: _minilm_step(threads, shards),
+            "torch": lambda: _torch_step(threads)}[kind]()
     step()
     step()
     before, cpu0, t0 = thread_seconds(), time.process_time(), time.perf_counter()
@@ -122,9 +148,9 @@ def run_setting(name, kind, env, threads, shards, steps, beside) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=6, help="timed steps per setting")
-    ap.add_argument("--setups", choices=("all", "lowrank", "torch"), default="lowrank",
-                    help="which implementations to measure")
-    ap.add_argument("--worker", choices=("lowrank", "torch"), help=argparse.SUPPRESS)
+    ap.add_argument("--setups", choices=("all", "lowrank", "minilm", "torch"),
+                    default="lowrank", help="which steps to measure")
+    ap.add_argument("--worker", choices=("lowrank", "minilm", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--shards", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--other-job", type=float, default=None, help=argparse.SUPPRESS)
@@ -135,12 +161,14 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.threads, args.shards, args.steps)))
         return
     settings = {**(LOWRANK if args.setups in ("all", "lowrank") else {}),
+                **(MINILM if args.setups in ("all", "minilm") else {}),
                 **(TORCH if args.setups in ("all", "torch") else {})}
     print(f"{'setting':<32} {'where':<7} {'wall ms':>8} {'CPU ms':>8} {'main ms':>8} "
           f"{'busiest worker ms':>18}   (per step, {args.steps} steps; "
           f"load average {os.getloadavg()[0]:.1f})", flush=True)
     for name, (env, threads, shards) in settings.items():
-        kind = "torch" if name.startswith("torch") else "lowrank"
+        kind = name.split()[0].split("+")[0]
+        kind = {"torch": "torch", "minilm": "minilm"}.get(kind, "lowrank")
         quiet = None
         for beside in (False, True):
             r = run_setting(name, kind, env, threads, shards, args.steps, beside)
