@@ -257,13 +257,18 @@ def _finetune_many(args, options: dict, targets, comm) -> int:
                             save_every=args.save_every, progress=not args.no_progress,
                             force=args.force)
     total = sum(r.tokens_per_s for r in results)   # each: median over its steps
+    say = (lambda line: print(line, file=sys.stderr)) if args.json else print
     for (variant, _), result in zip(variants, results):
         share = 100.0 * result.trainable / result.total
-        print(f"{variant}: {result.trainable:,} trainable parameters ({share:.2f}%); "
-              f"validation loss {result.val_loss:.4f}; saved to {result.out}")
+        say(f"{variant}: {result.trainable:,} trainable parameters ({share:.2f}%); "
+            f"validation loss {result.val_loss:.4f}; saved to {result.out}")
         for line in result.report:
-            print(line)
-    print(f"{len(results)} adapters trained together over one base: {total:,.0f} tokens/s in all")
+            say(line)
+    say(f"{len(results)} adapters trained together over one base: {total:,.0f} tokens/s in all")
+    if args.json:
+        print(json.dumps({"command": "finetune", "tokens_per_s": total, "adapters": [
+            {"variant": variant, "out": str(r.out), "trainable": r.trainable, "total": r.total,
+             "val_loss": r.val_loss} for (variant, _), r in zip(variants, results)]}))
     return 0
 
 

@@ -133,3 +133,23 @@ def test_the_training_loop_example_runs(tmp_path, capsys):
     assert result["merge_gap"] < 1e-4
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
     assert "trainable params:" in capsys.readouterr().out
+
+
+def test_a_classifier_adapts_its_encoder_and_trains_its_head():
+    from lowrank.models.classifier import SequenceClassifier
+    from tests.test_classify import FakeEncoder
+    clf = SequenceClassifier(FakeEncoder(), num_labels=3, seed=0, dropout=0.0)
+    ids = np.random.default_rng(0).integers(0, 20, (2, 5))
+    plain = clf(ids).copy()                                          # (B, C) logits
+    model = lr.get_peft_model(clf, lr.LoraConfig(r=2, task_type="SEQ_CLS",
+                                                 modules_to_save=["classifier"]))
+    adapted = {n for n, _ in adapted_modules(clf.encoder)}
+    assert adapted and all(n.rsplit(".", 1)[1] in ("query", "value") for n in adapted)
+    trainable = {n for n, _ in model.named_parameters(trainable_only=True)}
+    assert {"classifier.weight", "classifier.bias"} <= trainable
+    _moved(model)
+    moved = model(ids).copy()
+    with model.disable_adapter():
+        encoder_off = model(ids)
+    assert np.abs(moved - plain).max() > 1e-6
+    assert not np.allclose(encoder_off, moved)     # the adapters are off, the new head stays
