@@ -131,9 +131,7 @@ def run_bench(steps: int = 10, rounds: int = 5, baseline=None, shards: int | Non
     for fn, _ in setups.values():   # warm-up: allocations, BLAS threads
         fn()
         fn()
-    for round_ in range(rounds):   # interleaved: every setup sees the same machine noise
-        if round_:
-            progress(f"round {round_}/{rounds} done")
+    for round_ in range(1, rounds + 1):   # interleaved: every setup sees the same noise
         peaks.append(matmul_gflops(repeat=2))
         cpu_peaks.append(matmul_gflops(repeat=2, cpu=True))
         for name in times:
@@ -150,6 +148,7 @@ def run_bench(steps: int = 10, rounds: int = 5, baseline=None, shards: int | Non
                 wall, used = reply if isinstance(reply, tuple) else (reply, float("nan"))
                 times[name].append(wall)
                 cpu[name].append(used)
+        progress(f"round {round_}/{rounds} done")
     if worker is not None:
         conn.send(None)
         worker.join()
