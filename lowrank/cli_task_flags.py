@@ -111,16 +111,17 @@ def _given(argv, flag) -> bool:
 
 def check_task(sub, argv, args) -> None:
     """Refuse a flag of the other task (one line naming the flag and the task it needs)."""
-    if args.command == "finetune":
-        wrong, needs = ("classify", "--task classify") if args.task == "lm" else             ("lm", "--task lm")
-    elif args.command == "demo":
-        wrong, needs = ("sentiment", "--task sentiment") if args.task == "lm" else             ("demo-lm", "--task lm")
-    elif args.command == "eval" and args.data is None:
-        wrong, needs = "classify", "--data"
-        if any(_given(argv, f) for f in _ONLY["classify"][-5:]):
-            flag = next(f for f in _ONLY["classify"][-5:] if _given(argv, f))
-            sub.error(f"{flag} describes a labelled file: give it with --data")
+    if args.command == "eval" and args.data is None:
+        for flag in _ONLY["classify"][-5:]:          # the data flags
+            if _given(argv, flag):
+                sub.error(f"{flag} describes a labelled file: give it with --data")
         return
+    if args.command == "finetune":
+        wrong, needs = (("classify", "--task classify") if args.task == "lm" else
+                        ("lm", "--task lm"))
+    elif args.command == "demo":
+        wrong, needs = (("sentiment", "--task sentiment") if args.task == "lm" else
+                        ("demo-lm", "--task lm"))
     else:
         return
     for flag in _ONLY[wrong]:
