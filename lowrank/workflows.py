@@ -184,7 +184,7 @@ def load_base(base, dtype=None, backend_name=None):
         model = from_pretrained(base, dtype or backend.DEFAULT_DTYPE, backend_name)
         if not isinstance(model, GPT):
             raise ValueError(f"{base} holds a {type(model).__name__}, which has no language-model "
-                             "head: this command needs a GPT (e.g. a gpt2 directory)")
+                             "head: this needs a GPT (an encoder classifies: --task classify)")
         return model, Tokenizer.from_pretrained(base), {}
     run = read_run(base)
     model = checkpoint.load_model(base, backend_name)
