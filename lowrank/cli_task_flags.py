@@ -111,10 +111,13 @@ def _given(argv, flag) -> bool:
 
 def check_task(sub, argv, args) -> None:
     """Refuse a flag of the other task (one line naming the flag and the task it needs)."""
-    if args.command == "eval" and args.data is None:
+    if args.command in ("eval", "generate") and getattr(args, "data", None) is None:
         for flag in _ONLY["classify"][-5:]:          # the data flags
             if _given(argv, flag):
                 sub.error(f"{flag} describes a labelled file: give it with --data")
+        if args.model == "minilm":
+            sub.error("minilm is an encoder, not a language model: score a classifier "
+                      "with eval --data FILE --adapter DIR")
         return
     if args.command == "finetune":
         wrong, needs = (("classify", "--task classify") if args.task == "lm" else

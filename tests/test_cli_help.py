@@ -66,6 +66,8 @@ def test_the_flags_a_newcomer_looks_for_are_listed():
     (["finetune", "--task", "classify", "--base", "minilm", "--steps", "3", "--out", "o"],
      "--steps needs --task lm (classification trains for --epochs)"),
     (["eval", "--model", "m", "--format", "csv"], "--format describes a labelled file"),
+    (["eval", "--model", "minilm"], "score a classifier with eval --data FILE --adapter DIR"),
+    (["generate", "--model", "minilm"], "minilm is an encoder, not a language model"),
     (["demo", "--task", "sentiment", "--pretrain-steps", "3"], "--pretrain-steps needs"),
     (["demo", "--epochs", "2"], "--epochs needs --task sentiment"),
     (["finetune", "--base", "b", "--out", "o", "--set", "r"], "--set expects KEY=VALUE"),
