@@ -58,7 +58,7 @@ def thread_seconds() -> dict:
 def _lowrank_step(threads: int, shards: int):
     sys.path.insert(0, str(ROOT))
     from lowrank.backend import threads as blas
-    from lowrank.bench import _ours
+    from lowrank.app.bench import _ours
     blas.set_threads(threads)
     step, _ = _ours(True, shards=shards)
     return step
@@ -69,7 +69,7 @@ def _minilm_step(threads: int, shards: int):
     from lowrank.backend import threads as blas
     from lowrank.tasks import classify, classify_io
     from lowrank.tasks.text_data import TextData, label_names
-    from lowrank.train import TrainConfig, hooks_for
+    from lowrank.training.trainer import TrainConfig, hooks_for
     blas.set_threads(threads)
     train, _ = classify_io.load_examples()
     train = train[:256]

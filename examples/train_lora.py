@@ -14,8 +14,8 @@ import tempfile
 import numpy as np
 
 import lowrank as lr
-from lowrank.optim import AdamW, clip_grad_norm, lr_at
-from lowrank.tokenizer import train_tokenizer
+from lowrank.nn.optim import AdamW, clip_grad_norm, lr_at
+from lowrank.text.tokenizer import train_tokenizer
 
 BASE_TEXT = "the cat sat on the mat. the dog sat on the log. " * 40
 NEW_TEXT = "a bird flew over the tree. a fish swam under the boat. " * 40

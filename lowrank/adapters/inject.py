@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import re
 
-from ..layers import Linear
-from ..validate import check_seed
+from ..nn.layers import Linear
+from ..nn.validate import check_seed
 from .base import AdaptedLinear, AdapterConfig, config
 
 SEED_STRIDE = 7919   # layer i of an injection gets seed + SEED_STRIDE·i (reproducible per layer)

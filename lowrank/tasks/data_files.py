@@ -24,7 +24,7 @@ import re
 from itertools import islice
 from pathlib import Path
 
-from ..datasets import SENTIMENT_SPLITS
+from ..text.datasets import SENTIMENT_SPLITS
 from .text_data import Example
 
 FORMATS = ("tsv", "csv", "jsonl", "parquet", "arrow")

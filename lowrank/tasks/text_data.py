@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
-from ..datasets import SENTIMENT_FILES, SENTIMENT_LABELS
+from ..text.datasets import SENTIMENT_FILES, SENTIMENT_LABELS
 
 VAL_SIZE = 200
 
