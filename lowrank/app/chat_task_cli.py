@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from ..adapters import available, field_from_text
+from ..backend import threads
 from ..nn.optim import ADAMW_FORMS
 from ..nn.schedules import SCHEDULES
 from ..tasks import chat, chat_io
@@ -102,11 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-examples", type=int, default=200,
                    help="score the first N of the 200 validation sentences")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for p in sub.choices.values():
+        p.add_argument("--threads", type=int, default=None,
+                       help="BLAS threads (default: the command line's one)")
     return parser
 
 
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads is not None:   # docs/performance.md#threads
+        threads.set_threads(threads.check_threads(args.threads))
+    else:
+        threads.apply_cli_default()
     try:
         return run(args)
     except (ValueError, FileNotFoundError) as exc:

@@ -28,7 +28,7 @@ from .cli_task_flags import data_options
 from .multi_run import finetune_many, parse_variants
 from ..parallel import ParameterDriftError, get_comm
 from .run_dir import read_run
-from . import classify_cli
+from . import chat_task_cli, classify_cli
 from ..training.trainer import NonFiniteLossError, TrainConfig
 
 
@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     backend.keep_freed_host_memory()   # training reuses the same large blocks every step
     argv = sys.argv[1:] if argv is None else list(argv)
     warnings.formatwarning = _warning_line
+    if chat_task_cli.handles(argv):    # finetune / eval / demo --task chat (docs/chat.md)
+        return chat_task_cli.main(argv)
     try:
         _, args = parse(argv)
     except SystemExit as exc:   # --help exits 0 as usual; a mistake returns its code

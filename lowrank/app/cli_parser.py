@@ -164,9 +164,10 @@ def build_parser(argv=()) -> Parser:
     p = _sub(sub, "finetune", "adapt a base model with an adapter (or fully): a language "
                               "model on a corpus, or a BERT encoder on labelled text "
                               "(--task classify)")
-    p.add_argument("--task", choices=("lm", "classify"), default="lm",
+    p.add_argument("--task", choices=("lm", "classify", "chat"), default="lm",
                    help="'lm': next-token loss on a corpus (GPT bases); 'classify': labels "
-                        "from text (BERT bases such as minilm; --data)")
+                        "from text (BERT bases such as minilm; --data); 'chat': JSONL "
+                        "conversations, loss on the answers (`finetune --task chat --help`)")
     _common(p, steps=200, lr=3e-3, task_defaults=True)
     p.add_argument("--base", required=True,
                    help="directory written by `lowrank pretrain`, a Hugging Face GPT-2 or "
@@ -269,9 +270,10 @@ def build_parser(argv=()) -> Parser:
     p = _sub(sub, "demo", "pretrain on Python's docs, adapt to its source with every variant, "
                           "print the comparison and plot the loss curves (--task sentiment: "
                           "MiniLM on the shipped sentiment data)")
-    p.add_argument("--task", choices=("lm", "sentiment"), default="lm",
+    p.add_argument("--task", choices=("lm", "sentiment", "chat"), default="lm",
                    help="'lm': the GPT demo; 'sentiment': head, full and every variant on "
-                        "MiniLM")
+                        "MiniLM; 'chat': SmolLM2 answering sentiment questions, zero-shot "
+                        "then LoRA (`demo --task chat --help`)")
     p.add_argument("--out", default=None,
                    help="output directory (default: lowrank-demo, or lowrank-demo-sentiment)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
