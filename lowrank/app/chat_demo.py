@@ -23,7 +23,7 @@ from .demo import curves_figure, save_figure, summary
 from .sentiment_demo import fresh_copy
 
 QUESTION = "Is this review positive or negative? Answer with one word.\n\nReview: "
-ANSWERS = {"0": "negative", "1": "positive"}
+ANSWERS = {"0": "negative", "1": "positive"}   # a label index, or its name already
 TRAIN_EXAMPLES, LR, MAX_NEW_TOKENS = 256, 5e-4, 3
 VARIANT_OPTIONS = {"adalora": {"init_r": 12, "target_r": 8},
                    "relora": {"reset_interval": 10, "restart_warmup": 2},
@@ -33,7 +33,7 @@ VARIANT_OPTIONS = {"adalora": {"init_r": 12, "target_r": 8},
 def sentiment_conversations(examples) -> list[list[dict]]:
     """Each labelled sentence as a question and its one-word answer."""
     return [[{"role": "user", "content": QUESTION + e.text},
-             {"role": "assistant", "content": ANSWERS[e.label]}] for e in examples]
+             {"role": "assistant", "content": ANSWERS.get(e.label, e.label)}] for e in examples]
 
 
 def demo_data():
@@ -79,7 +79,10 @@ def run_demo(out="lowrank-demo-chat", variants=("lora",), train_examples: int = 
                "val_loss": chat.evaluate_loss(m, data, "val", batch_size)["loss"],
                "tokens_per_s": result["tokens_per_s"],
                "curve": [h["loss"] for h in result["history"]]}
-        notes = {n: a.demo_report() for n, a in adapters.adapted_modules(m)}
+        facts = {}
+        for cls in {type(a) for _, a in adapters.adapted_modules(m)}:
+            facts.update(cls.report(m, None).facts)   # None: no files, the facts only
+        notes = {n: facts.get(n, {}) for n, _ in adapters.adapted_modules(m)}
         if any(notes.values()):
             row["notes"] = notes
         results.append(row)
