@@ -3,7 +3,7 @@ greedy generation tokens/s with lowrank's KV cache against transformers' ``gener
 same weights, interleaved in one run; and the peak memory (RSS) of loading the model in
 lowrank and in transformers, each in a fresh process.
 
-    python benchmarks/bench_llama_generate.py [--new 32] [--rounds 2] [--threads N]
+    python benchmarks/bench_llama_generate.py [--new 32] [--rounds 2] [--threads N] [--no-memory]
 
 Both sides: batch 1, float32, the same chat prompt, no stopping (``min_new_tokens``), the
 prefill counted in the call. Peak RSS is ``ru_maxrss`` of a subprocess that imports the
@@ -55,6 +55,7 @@ def main(argv=None):
     parser.add_argument("--new", type=int, default=32, help="tokens generated per call")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-memory", action="store_true", help="tokens/s only")
     args = parser.parse_args(argv)
 
     import torch
@@ -66,7 +67,7 @@ def main(argv=None):
     from lowrank.locate import smollm2_file
     from lowrank.models.decode import generate
 
-    for side in LOAD:
+    for side in () if args.no_memory else LOAD:
         peak, rise, seconds = peak_rss(side)
         print(f"load {side:12s}: peak RSS {peak:7.0f} MB, {rise:6.0f} MB over its imports, "
               f"{seconds:.1f} s", flush=True)
