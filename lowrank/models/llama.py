@@ -198,6 +198,15 @@ class Llama(Module):
             raise ValueError(f"{name} must have shape {shape}, got {tuple(ids.shape)}")
         check_targets(ids, size, name)
 
+    def _check_mask(self, mask, shape):
+        """``None`` or a ``shape`` array of 0/1 (bools become 0/1 integers)."""
+        if mask is None:
+            return None
+        if getattr(mask, "dtype", None) is not None and mask.dtype.kind == "b":
+            mask = mask.astype(self.xp.int8)
+        self._check_ids(mask, "attention_mask", 2, shape)
+        return mask
+
     def _rope(self, B: int, T: int, past: int, position_ids):
         """``(cos, sin)`` for positions ``past .. past+T-1`` (or ``position_ids (B, T)``)."""
         if position_ids is None:
@@ -205,7 +214,9 @@ class Llama(Module):
         else:
             self._check_ids(position_ids, "position_ids", self.config.max_position_embeddings,
                             (B, T))
-        return rope_tables(self.rope_freq, position_ids, self.dtype)
+        # the tables are formed in the model's dtype (a float32 model's as transformers
+        # forms them, docs/llama.md#rope), whatever dtype it was built in
+        return rope_tables(self.rope_freq.astype(self.dtype), position_ids, self.dtype)
 
     # --- forward / backward ----------------------------------------------------------------------
     def forward(self, ids, attention_mask=None, position_ids=None, logits: bool = True):
@@ -219,8 +230,7 @@ class Llama(Module):
         if T > cfg.max_position_embeddings:
             raise ValueError(f"sequence length T={T} exceeds max_position_embeddings "
                              f"({cfg.max_position_embeddings})")
-        if attention_mask is not None:
-            self._check_ids(attention_mask, "attention_mask", 2, (B, T))
+        attention_mask = self._check_mask(attention_mask, (B, T))
         rope = self._rope(B, T, 0, position_ids)
         x, c_emb = self.model.embed_tokens.forward(ids)     # (B, T, d)
         c_layers = []
@@ -310,8 +320,7 @@ class Llama(Module):
         if past + t > cfg.max_position_embeddings:
             raise ValueError(f"positions up to {past + t} exceed max_position_embeddings "
                              f"({cfg.max_position_embeddings})")
-        if attention_mask is not None:
-            self._check_ids(attention_mask, "attention_mask", 2, (B, past + t))
+        attention_mask = self._check_mask(attention_mask, (B, past + t))
         rope = self._rope(B, t, past, position_ids)
         x, _ = self.model.embed_tokens.forward(ids)         # (B, t, d)
         for layer, layer_kv in zip(self.model.layers, kv):

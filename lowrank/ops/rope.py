@@ -13,8 +13,10 @@ Frequencies (``inv_freq_i = θ^(-2i/d)``, i < d/2) for the rope types transforme
 ``default``, ``linear`` (every frequency / factor, i.e. positions / factor) and ``llama3``
 (wavelengths longer than ``original_max_position_embeddings / low_freq_factor`` divided by
 ``factor``, shorter than ``... / high_freq_factor`` kept, a linear blend between). They are
-computed in float64 on the host (transformers computes them in float32; the two agree to
-float32 rounding) and the cos/sin tables in float64 before the cast to the model's dtype.
+computed in float64 on the host; the angles ``p · inv_freq`` and their cos/sin are computed
+in the frequencies' dtype: a model keeps them in its own dtype, so a float32 model forms its
+tables in float32 as transformers does (whatever the model's dtype, transformers' are
+float32), and a float64 model in float64.
 """
 from __future__ import annotations
 
@@ -54,10 +56,11 @@ def inv_freq(head_dim: int, theta: float, rope_type: str = "default",
 
 
 def rope_tables(freq, positions, dtype):
-    """``freq (hs/2,)`` float64 on the positions' backend, ``positions (B, T)`` int ->
-    ``(cos, sin)``, each ``(B, T, 1, hs)`` in ``dtype`` (broadcast over heads)."""
+    """``freq (hs/2,)`` on the positions' backend, ``positions (B, T)`` int -> ``(cos, sin)``,
+    each ``(B, T, 1, hs)`` in ``dtype`` (broadcast over heads); the angles and their cos/sin
+    are computed in ``freq``'s dtype."""
     xp = backend.get_namespace(freq, positions)
-    angles = positions.astype(xp.float64)[:, :, None] * freq        # (B, T, hs/2)
+    angles = positions.astype(freq.dtype)[:, :, None] * freq        # (B, T, hs/2)
     angles = xp.concatenate([angles, angles], axis=-1)[:, :, None, :]   # (B, T, 1, hs)
     return xp.cos(angles).astype(dtype), xp.sin(angles).astype(dtype)
 

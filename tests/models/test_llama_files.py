@@ -169,6 +169,11 @@ def test_bad_inputs_are_refused():
         model.forward(np.array([[1, 30]]))
     with pytest.raises(ValueError, match="attention_mask must have shape"):
         model.forward(IDS, attention_mask=np.ones((2, 3), dtype=np.int64))
+    mask = np.array([[0, 1, 1, 1], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(model.forward(IDS, attention_mask=mask.astype(bool))[0],
+                                  model.forward(IDS, attention_mask=mask)[0])
+    with pytest.raises(ValueError, match="attention_mask must lie in"):
+        model.forward(IDS, attention_mask=2 * mask)
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
         model.forward(np.zeros((1, 33), dtype=np.int64))
 
@@ -197,3 +202,15 @@ def test_frozen_model_computes_no_gradient_and_head_on_chosen_rows(xp):
     dhidden[:, 2:] = model.head_backward(xp.asarray(R[:, 2:]), c_head)
     model.backward(dhidden, cache)
     np.testing.assert_allclose(to_host(up.grad), full, rtol=1e-12)
+
+
+def test_rope_tables_follow_the_dtype_the_model_is_loaded_in(tmp_path):
+    """A float32 checkpoint loaded as float64 computes float64 tables (equal logits to a
+    model built in float64 with the same numbers)."""
+    lr.save(source(seed=5), tmp_path / "ckpt")
+    wide = lr.from_pretrained(tmp_path / "ckpt", dtype="float64")
+    built = Llama(wide.config, dtype="float64")
+    for (_, p), (_, q) in zip(built.named_parameters(), wide.named_parameters()):
+        p.data = q.data.copy()
+    assert np.array_equal(wide.forward(IDS)[0], built.forward(IDS)[0])
+    assert wide.forward(IDS)[0].dtype == np.float64

@@ -5,6 +5,8 @@ gradient of every parameter, float64 within 1e-9 relative, float32 within 1e-4 o
 oracle; unpadded, left- and right-padded; the KV cache against the full forward and against
 transformers' ``past_key_values``. Run with ``-s`` for the figures.
 """
+import zlib
+
 import numpy as np
 import pytest
 
@@ -59,7 +61,7 @@ def oracle(checkpoints):
 
 
 def problem(label, padding, vocab=48):
-    rng = np.random.default_rng(abs(hash((label, padding))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(f"{label} {padding}".encode()))   # fixed per case
     mask = PADDING[padding]
     ids = rng.integers(0, vocab, (2, 7))
     R = rng.standard_normal((2, 7, vocab))
