@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from lowrank import backend
-from lowrank.decompose import svd_split
+from lowrank.nn.decompose import svd_split
 
 
 def decaying_matrix(m, n, decay, seed):

@@ -40,7 +40,7 @@ SETUPS = ("lowrank lora", "torch+peft lora", "torch full", "lowrank full", "lowr
 def batches(n_batches: int):
     """``[(ids, mask, labels)]``: host int64 arrays of the shipped sentiment data."""
     import lowrank as lr
-    root = Path(lr.__file__).parent / "datasets" / "sentiment"
+    root = Path(lr.__file__).parent / "text" / "datasets" / "sentiment"
     rows = []
     for name in sorted(root.glob("*_labelled.txt")):
         for line in name.read_text(encoding="utf-8").splitlines():
@@ -65,9 +65,9 @@ def lowrank_setup(lora: bool, data, shards: int = 1):
     the [CLS] row, no more products)."""
     import lowrank as lr
     from lowrank import backend
-    from lowrank.layers import Linear
+    from lowrank.nn.layers import Linear
     from lowrank.ops.cross_entropy import cross_entropy_backward, cross_entropy_forward
-    from lowrank.optim import AdamW
+    from lowrank.nn.optim import AdamW
     backend.keep_freed_host_memory()   # as the CLI does
     model = lr.from_pretrained("minilm", dtype="float32")
     if lora:
@@ -99,7 +99,7 @@ def lowrank_setup(lora: bool, data, shards: int = 1):
 
 def _sharded_step(model, shards: int):
     from lowrank.models import SequenceClassifier
-    from lowrank.optim import AdamW
+    from lowrank.nn.optim import AdamW
     from lowrank.parallel import BatchShards
     from lowrank.tasks.text_data import TextBatch
     clf = SequenceClassifier(model, num_labels=2, pooling="mean", dropout=0.0)
@@ -119,7 +119,7 @@ def _sharded_step(model, shards: int):
 def torch_setup(lora: bool, data):
     import torch
     import transformers
-    from lowrank.pretrained import resolve
+    from lowrank.formats.hf_model import resolve
     torch.manual_seed(0)
     model = transformers.AutoModel.from_pretrained(str(resolve("minilm")),
                                                    attn_implementation="eager")
@@ -240,7 +240,7 @@ def main(argv=None):
         blas_threads.set_threads(args.threads)
     one_thread = args.threads == 1   # then CPU time is the work done: steadier, compare it
     peak = matmul_gflops(clock=time.process_time if one_thread else time.perf_counter)
-    from lowrank.pretrained import resolve
+    from lowrank.formats.hf_model import resolve
     import lowrank as lr
     cfg = lr.models.hf.bert_config(__import__("json").loads(
         (Path(resolve("minilm")) / "config.json").read_text()))

@@ -33,7 +33,7 @@ class RandomTokens:
 
 
 def train_config(k, steps):
-    from lowrank.train import TrainConfig
+    from lowrank.training.trainer import TrainConfig
     return TrainConfig(steps=steps, batch_size=BATCH, lr=1e-3 * LR_FACTORS[k % 6],
                        min_lr=1e-5, warmup=1, seed=k)
 
@@ -55,7 +55,7 @@ def together(K, steps, fast=True):
 
 def alone(K, steps):
     import lowrank as lr
-    from lowrank.train import Trainer
+    from lowrank.training.trainer import Trainer
     trainers = []
     for k in range(K):
         model = lr.GPT(lr.GPTConfig(**CONFIG), seed=0, dtype="float32")

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 import lowrank as lr
-from lowrank.layers import Linear
+from lowrank.nn.layers import Linear
 from lowrank.ops.cross_entropy import cross_entropy_backward, cross_entropy_forward
-from lowrank.optim import AdamW
+from lowrank.nn.optim import AdamW
 
-DATA = Path(lr.__file__).parent / "datasets" / "sentiment"
+DATA = Path(lr.__file__).parent / "text" / "datasets" / "sentiment"
 TARGETS = r"encoder\.layer\.\d+\..*(query|key|value|dense)"
 
 

@@ -56,7 +56,7 @@ def bytes_per_step(mode) -> dict:
 def worker(mode, steps, warmup) -> None:
     """One measurement (under mpiexec or alone); rank 0 prints one JSON line."""
     from lowrank.parallel import get_comm
-    from lowrank.train import Trainer, TrainConfig
+    from lowrank.training.trainer import Trainer, TrainConfig
     comm = get_comm("auto")
     trainer = Trainer(build(mode), RandomTokens(), TrainConfig(steps=steps + warmup,
                       batch_size=BATCH, lr=1e-3, warmup=1), comm=comm, check_every=0)

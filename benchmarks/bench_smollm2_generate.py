@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 LOAD = {
     "lowrank": ("import lowrank as lr", "lr.from_pretrained('smollm2')"),
-    "transformers": ("import torch, transformers; from lowrank.locate import smollm2_file; "
+    "transformers": ("import torch, transformers; from lowrank.files.locate import smollm2_file; "
                      "p = smollm2_file()",
                      "transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), "
                      "gguf_file=p.name, dtype=torch.float32)"),
@@ -63,8 +63,8 @@ def main(argv=None):
 
     import lowrank as lr
     from lowrank.backend import threads
-    from lowrank.chat_template import ChatTemplate
-    from lowrank.locate import smollm2_file
+    from lowrank.text.chat_template import ChatTemplate
+    from lowrank.files.locate import smollm2_file
     from lowrank.models.decode import generate
 
     for side in () if args.no_memory else LOAD:

@@ -4,7 +4,7 @@
 
 ``lowrank bench`` runs our two setups alone; this script adds the PyTorch baseline
 (``reference/torch_gpt.py``, the twin the tests check us against, with PEFT's LoRA) as a
-worker process that takes its turn in every round (``lowrank.bench.run_bench``).
+worker process that takes its turn in every round (``lowrank.app.bench.run_bench``).
 """
 import argparse
 import functools
@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # reference/ of this checkout
 
-from lowrank.bench import (BATCH, BENCH, PAUSE_S, RANK, TARGETS, run_bench,  # noqa: E402
-                           shard_name)
+from lowrank.app.bench import (BATCH, BENCH, PAUSE_S, RANK, TARGETS, run_bench,  # noqa: E402
+                               shard_name)
 
 
 def _torch(lora: bool, seed=0):

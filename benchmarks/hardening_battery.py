@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ["tests/test_hardening_api.py", "tests/test_hardening_cli.py",
-         "tests/test_hardening_files.py"]
+FILES = ["tests/hardening/test_api.py", "tests/hardening/test_cli.py",
+         "tests/hardening/test_files.py"]
 
 
 def main():

@@ -42,7 +42,7 @@ def _fill(model, i, trainable_only):
 
 
 def child(directory: Path, start: int) -> None:
-    from lowrank import checkpoint
+    from lowrank.formats import checkpoint
     full, adapted = _model()
     i = start
     while True:
@@ -55,7 +55,7 @@ def child(directory: Path, start: int) -> None:
 
 def check(directory: Path, last: int) -> str | None:
     """``None`` if both directories hold one whole save no older than ``last``; else why."""
-    from lowrank import checkpoint
+    from lowrank.formats import checkpoint
     full, adapted = _model()
     for name, model, trainable in (("full", full, False), ("adapter", adapted, True)):
         d = directory / name

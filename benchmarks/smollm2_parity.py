@@ -51,8 +51,8 @@ def main(argv=None):
 
     import lowrank as lr
     from lowrank.backend import threads
-    from lowrank.chat_template import ChatTemplate
-    from lowrank.locate import smollm2_file
+    from lowrank.text.chat_template import ChatTemplate
+    from lowrank.files.locate import smollm2_file
     from lowrank.models.decode import generate
 
     if args.threads:

@@ -1,14 +1,15 @@
 """lowrank — LoRA and its variants with hand-derived, verified gradients, on NumPy or CuPy."""
-from . import adapters, backend, decompose, models, ops
+from . import adapters, backend, models, ops
+from .nn import decompose
 from ._version import __version__
-from .checkpoint import load_model, save_model
-from .layers import Linear
+from .formats.checkpoint import load_model, save_model
+from .nn.layers import Linear
 from .models import GPT, GPTConfig
-from .module import Module, Parameter
-from .peft_files import load_pretrained, save_pretrained
-from .pretrained import from_pretrained
+from .nn.module import Module, Parameter
+from .formats.peft_dir import load_pretrained, save_pretrained
+from .formats.hf_model import from_pretrained
 from .quant import quantize_base
-from .tokenizer import Tokenizer
+from .text.tokenizer import Tokenizer
 
 # PEFT-format adapter directories (docs/peft.md): the module reads lowrank's adapter files as
 # well, so it sits above the adapters package; its two functions are the package's API.

@@ -1,4 +1,4 @@
-"""PEFT round trips (tests/test_peft_files.py): the torch side, numbers out as NumPy.
+"""PEFT round trips (tests/files/test_peft_dirs.py): the torch side, numbers out as NumPy.
 
 ``twin_of(config, weights)``: lowrank's GPT as a torch module (the transformers model PEFT
 wraps in tests of lowrank's own GPT); ``perturb_peft``: a PEFT model with adapters away from

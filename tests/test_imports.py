@@ -17,25 +17,25 @@ ROOT = Path(__file__).resolve().parents[1] / "lowrank"
 # A name covers the module and everything under it (``lowrank.adapters`` covers
 # ``lowrank.adapters.lora``); the longest name that matches decides. The package itself
 # (``lowrank``, its __init__) is matched exactly. A new module must be placed here (some
-# names are placed ahead of the modules, e.g. ``lowrank.pretrained``, ``lowrank.tasks``).
+# names are placed ahead of the modules, e.g. ``lowrank.formats.hf_model``, ``lowrank.tasks``).
 LAYERS = [
-    ["lowrank._version", "lowrank.backend", "lowrank.validate"],   # where arrays live
-    ["lowrank.storage", "lowrank.untrusted", "lowrank.schema", "lowrank.json_arrays",
-     "lowrank.data", "lowrank.tokenizer", "lowrank.locate",
-     "lowrank.datasets", "lowrank.gguf_file", "lowrank.tokenizer_files",
-     "lowrank.chat_template"],                                      # host-side files and text
-    ["lowrank.module", "lowrank.ops", "lowrank.decompose", "lowrank.optim",
-     "lowrank.hooks"],
-    ["lowrank.layers", "lowrank.models"],
+    ["lowrank._version", "lowrank.backend", "lowrank.nn.validate"],   # where arrays live
+    ["lowrank.files.storage", "lowrank.files.untrusted", "lowrank.files.schema", "lowrank.files.json_arrays",
+     "lowrank.text.corpus", "lowrank.text.tokenizer", "lowrank.files.locate",
+     "lowrank.text.datasets", "lowrank.files.gguf_file", "lowrank.text.tokenizer_files",
+     "lowrank.text.chat_template"],                                      # host-side files and text
+    ["lowrank.nn.module", "lowrank.ops", "lowrank.nn.decompose", "lowrank.nn.optim",
+     "lowrank.nn.hooks"],
+    ["lowrank.nn.layers", "lowrank.models"],
     ["lowrank.adapters"],
     ["lowrank.parallel"],                                      # data parallel only
-    ["lowrank.train", "lowrank.update_check", "lowrank.quant"],   # quant: NF4 frozen bases
-    ["lowrank.adapter_files", "lowrank.checkpoint", "lowrank.pretrained", "lowrank.peft_format",
-     "lowrank.peft_lycoris", "lowrank.peft_files", "lowrank.pretrained_gguf"],            # PEFT-format adapter dirs
-    ["lowrank.run_dir", "lowrank.workflows", "lowrank.tasks", "lowrank.classify"],
+    ["lowrank.training.trainer", "lowrank.training.update_check", "lowrank.quant"],   # quant: NF4 frozen bases
+    ["lowrank.formats.adapter_dir", "lowrank.formats.checkpoint", "lowrank.formats.hf_model", "lowrank.formats.peft_names",
+     "lowrank.formats.peft_lycoris", "lowrank.formats.peft_dir", "lowrank.formats.gguf_model"],            # PEFT-format adapter dirs
+    ["lowrank.app.run_dir", "lowrank.app.workflows", "lowrank.tasks", "lowrank.classify"],
     ["lowrank.multi"],                                         # many adapters, one base
-    ["lowrank.cli", "lowrank.cli_parser", "lowrank.demo", "lowrank.bench", "lowrank",
-     "lowrank.tasks.sentiment_demo", "lowrank.tasks.classify_cli", "lowrank.chat_cli"],   # front ends
+    ["lowrank.app.cli", "lowrank.app.cli_parser", "lowrank.app.demo", "lowrank.app.bench", "lowrank",
+     "lowrank.app.sentiment_demo", "lowrank.app.classify_cli", "lowrank.app.chat_cli"],   # front ends
 ]
 
 # Test oracles and the frameworks they use: the library never imports them.
@@ -261,15 +261,15 @@ def test_the_checker_sees_what_it_is_meant_to():
     graph = {m: list(imps) for m, imps in graph.items()}
     node = ast.parse("def f():\n    import os, reference\n").body[0].body[0]
     src = "lowrank.backend"
-    graph[src].append(Import(src, modules[src], node, ["lowrank.cli"], {"lowrank"}, True, True))
-    graph["lowrank.cli"].append(Import("lowrank.cli", modules["lowrank.cli"], node,
+    graph[src].append(Import(src, modules[src], node, ["lowrank.app.cli"], {"lowrank"}, True, True))
+    graph["lowrank.app.cli"].append(Import("lowrank.app.cli", modules["lowrank.app.cli"], node,
                                        ["lowrank.backend"], {"os", "reference"}, False, False))
     found = violations(graph) + layering(graph)
-    assert any(v.startswith("cycle:") and "lowrank.backend" in v and "lowrank.cli" in v
+    assert any(v.startswith("cycle:") and "lowrank.backend" in v and "lowrank.app.cli" in v
                for v in found), found
-    assert any(v.startswith("upward import: lowrank.backend (layer 0) -> lowrank.cli")
+    assert any(v.startswith("upward import: lowrank.backend (layer 0) -> lowrank.app.cli")
                for v in found), found
-    assert any(v.startswith("forbidden import: lowrank/cli.py") for v in found), found
+    assert any(v.startswith("forbidden import: lowrank/app/cli.py") for v in found), found
     assert any(v.startswith("function-level import: lowrank/backend/__init__.py:2")
                for v in found), found
     assert layer_of("lowrank.adapters.lora") == layer_of("lowrank.adapters")

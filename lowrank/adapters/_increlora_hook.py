@@ -30,7 +30,7 @@ M = T Tᵀ - I for A's, Tᵀ T - I for B's; a one-triplet tensor gives |‖a‖�
 from __future__ import annotations
 
 from .. import backend
-from ..hooks import StepHook
+from ..nn.hooks import StepHook
 
 _BETAS, _EPS = (0.9, 0.999), 1e-8      # torch/HF AdamW defaults, as the official trainer
 
@@ -59,7 +59,7 @@ def orth_value_and_grad(T, rows: bool):
 
 
 class IncreLoraHook(StepHook):
-    """Reserves, scores, growth, the regulariser and the triplets' AdamW (see lowrank.train).
+    """Reserves, scores, growth, the regulariser and the triplets' AdamW (see lowrank.training.trainer).
     ``layers``: ``[(module name, IncreLoraLinear)]``."""
 
     def __init__(self, layers):

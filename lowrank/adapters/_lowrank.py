@@ -21,7 +21,7 @@ from abc import abstractmethod
 from typing import ClassVar, NamedTuple
 
 from ..backend.blocked import add_matmul
-from ..module import Parameter
+from ..nn.module import Parameter
 from .base import AdapterCache
 
 

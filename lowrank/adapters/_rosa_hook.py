@@ -3,8 +3,8 @@ support selection and the optional restart, driven by the Trainer (``RosaLinear.
 from __future__ import annotations
 
 from .. import backend
-from ..hooks import StepHook
-from ..optim import AdamW, lr_at
+from ..nn.hooks import StepHook
+from ..nn.optim import AdamW, lr_at
 
 
 class RosaHook(StepHook):

@@ -14,7 +14,7 @@ Backward, with G = dL/dy and u = x_d Ãᵀ (N, r):
 The orthogonality regulariser, the importance scores, the budget schedule and the masks live
 in ``_adalora_allocator`` (formulas there). ``AdaLoraLinear.step_hook(model)`` returns the hook
 the Trainer runs every step (``extra_loss`` = regulariser, ``after_step`` = importance + mask),
-so training through ``lowrank.train.Trainer`` cannot forget it; a layer driven by hand for more
+so training through ``lowrank.training.trainer.Trainer`` cannot forget it; a layer driven by hand for more
 than ``total_step`` steps without the allocator raises RuntimeError (a step = a backward pass in
 training mode with a fresh E gradient, i.e. after a zero-grad, so accumulation counts once;
 with ``total_step=None`` there is no T to check against until a trainer supplies one).
@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import backend
-from ..decompose import check_rank
-from ..hooks import StepHook
-from ..module import Parameter
+from ..nn.decompose import check_rank
+from ..nn.hooks import StepHook
+from ..nn.module import Parameter
 from ._adalora_allocator import RankAllocator, budget_schedule, orth_regularizer
 from ._triplets import TripletMap
 from .base import AdaptedLinear, AdapterConfig, check_int, register
@@ -140,11 +140,11 @@ class AdaLoraLinear(TripletMap, AdaptedLinear):
             raise RuntimeError(
                 f"AdaLoRA: this layer has been trained for more than total_step={limit} steps "
                 "without its rank allocator, so it was never pruned. Train with "
-                "lowrank.train.Trainer (it runs the allocator), or call "
+                "lowrank.training.trainer.Trainer (it runs the allocator), or call "
                 "hook = AdaLoraLinear.step_hook(model) once and hook.after_step(trainer) after "
                 "every optimizer step, before zero-grad.")
 
-    # --- save / load (used by lowrank.checkpoint) -----------------------------------------------
+    # --- save / load (used by lowrank.formats.checkpoint) -----------------------------------------------
     def saved_rows(self) -> list[bool]:
         """Triplets the saved adapter keeps: in the pattern, or revived since the last mask."""
         nonzero = (self.lora_E.data != 0).tolist()
@@ -231,7 +231,7 @@ class AdaLoraLinear(TripletMap, AdaptedLinear):
 
 
 class AdaLoraHook(StepHook):
-    """The per-step hook of a model's AdaLoRA layers (see lowrank.train)."""
+    """The per-step hook of a model's AdaLoRA layers (see lowrank.training.trainer)."""
 
     def __init__(self, model):
         self.layers = AdaLoraLinear.layers_of(model)

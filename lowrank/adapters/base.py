@@ -17,10 +17,10 @@ from typing import ClassVar, NamedTuple
 
 from .. import backend
 from ..backend.blocked import add_matmul
-from ..module import Module, Parameter
+from ..nn.module import Module, Parameter
 from ..ops.linear import check_input, linear_forward
-from ..validate import (MAX_ALPHA, check_int, check_number, check_seed,  # noqa: F401
-                        config_error, field_from_text)
+from ..nn.validate import (MAX_ALPHA, check_int, check_number, check_seed,  # noqa: F401
+                           config_error, field_from_text)
 
 BIAS_MODES = ("none", "lora_only", "all")
 _REGISTRY: dict[str, tuple[type, type]] = {}
@@ -344,7 +344,7 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
         backward differentiates. Default: no context (the backward is the full gradient)."""
         return contextlib.nullcontext()
 
-    # --- training and reporting (lowrank.train, workflows, demo) --------------------------------
+    # --- training and reporting (lowrank.training.trainer, workflows, demo) --------------------------------
     @classmethod
     def layers_of(cls, model) -> list:
         """``[(module name, layer)]`` of the model's layers of this class, in model order."""
@@ -357,7 +357,7 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
 
     @classmethod
     def step_hook(cls, model):
-        """The ``StepHook`` (lowrank.hooks) the model's layers of this class need each step,
+        """The ``StepHook`` (lowrank.nn.hooks) the model's layers of this class need each step,
         or None (the default: nothing to do between steps)."""
         return None
 
@@ -371,7 +371,7 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
         """Per-module facts for the demo's table (ranks kept, sparsity). Default: none."""
         return {}
 
-    # --- adapter files (lowrank.adapter_files, docs/training.md#adapter-files) -------------------
+    # --- adapter files (lowrank.formats.adapter_dir, docs/training.md#adapter-files) -------------------
     def saves_base_weight(self) -> bool:
         """Whether the file must keep W0 (``base_layer.weight``) because training rewrites it
         (ReLoRA's restarts). Default False: the base is the base model's."""

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from .. import backend
-from ..decompose import check_rank
-from ..module import Parameter
+from ..nn.decompose import check_rank
+from ..nn.module import Parameter
 from ._lowrank import lowrank_backward
 from .base import AdaptedLinear, AdapterConfig, check_int, register
 from .lora import _PISSA_NITER, lora_factors

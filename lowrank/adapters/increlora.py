@@ -36,8 +36,8 @@ import math
 from dataclasses import dataclass
 
 from .. import backend
-from ..decompose import check_rank
-from ..module import Parameter
+from ..nn.decompose import check_rank
+from ..nn.module import Parameter
 from ._increlora_hook import IncreLoraHook, total_budget
 from ._triplets import TripletMap
 from .base import AdaptedLinear, AdapterConfig, check_int, register
@@ -210,7 +210,7 @@ class IncreLoraLinear(TripletMap, AdaptedLinear):
         self.score = None
         self.grad_dW = None
 
-    # --- save / load (used by lowrank.checkpoint) --------------------------------------------
+    # --- save / load (used by lowrank.formats.checkpoint) --------------------------------------------
     def adapter_metadata(self) -> dict:
         return {"ranknum": self.ranknum}
 

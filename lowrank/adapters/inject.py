@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import re
 
-from ..layers import Linear
-from ..validate import check_seed
+from ..nn.layers import Linear
+from ..nn.validate import check_seed
 from .base import AdaptedLinear, AdapterConfig, config
 
 # PEFT's shorthand for every Linear but the output head (its output embedding, or a

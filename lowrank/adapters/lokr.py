@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..decompose import check_rank
-from ..module import Parameter
+from ..nn.decompose import check_rank
+from ..nn.module import Parameter
 from .base import AdaptedLinear, AdapterConfig, register
 from .loha import kaiming_uniform
 

@@ -19,8 +19,8 @@ import re
 from dataclasses import dataclass
 
 from .. import backend
-from ..decompose import check_rank, svd_split
-from ..module import Parameter
+from ..nn.decompose import check_rank, svd_split
+from ..nn.module import Parameter
 from ._lowrank import LowRankMap, LowRankParts
 from .base import AdaptedLinear, AdapterConfig, check_int, register
 

@@ -37,7 +37,7 @@ history lives in W0) stays the final cycle's. After k restarts ``rank(W - W_init
 (k+1)·r. The hook keeps ``W - W_init`` of the first ReLoRA module (float64) for ``report``.
 
 Saving: W0 has changed, so the adapter is only complete with the base weight in the file.
-``saves_base_weight()`` (True) asks lowrank.checkpoint to store it (``<module>.base_layer.weight``);
+``saves_base_weight()`` (True) asks lowrank.formats.checkpoint to store it (``<module>.base_layer.weight``);
 ``adapter_metadata`` records the restarts and a fingerprint of W0, and loading an adapter that
 had restarts into a base whose W0 is not the saved one raises instead of silently dropping the
 merged cycles.
@@ -49,9 +49,9 @@ import math
 from dataclasses import dataclass
 
 from .. import backend
-from ..decompose import check_rank
-from ..hooks import StepHook
-from ..module import Parameter
+from ..nn.decompose import check_rank
+from ..nn.hooks import StepHook
+from ..nn.module import Parameter
 from ._lowrank import LowRankParts
 from .base import AdapterConfig, register
 from .lora import LoraLinear, lora_factors
@@ -194,7 +194,7 @@ class ReLoraLinear(LoraLinear):
             return None
         return self.history + self.delta_weight().astype("float64")     # (m, n)
 
-    # --- save / load (used by lowrank.checkpoint) --------------------------------------------
+    # --- save / load (used by lowrank.formats.checkpoint) --------------------------------------------
     def adapter_metadata(self) -> dict:
         return {"restarts": self.restarts, "base_fingerprint": _fingerprint(self.weight.data)}
 

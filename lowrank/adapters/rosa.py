@@ -39,8 +39,8 @@ from typing import NamedTuple
 
 from .. import backend
 from ..backend import sparse as bsparse
-from ..decompose import check_rank
-from ..module import Parameter
+from ..nn.decompose import check_rank
+from ..nn.module import Parameter
 from ._lowrank import LowRankMap, LowRankParts
 from ._rosa_hook import RosaHook
 from .base import AdaptedLinear, AdapterConfig, check_int, register

@@ -42,10 +42,10 @@ import math
 from dataclasses import dataclass
 
 from .. import backend
-from ..decompose import check_rank
-from ..hooks import StepHook
-from ..module import Parameter
-from ..optim import lr_at
+from ..nn.decompose import check_rank
+from ..nn.hooks import StepHook
+from ..nn.module import Parameter
+from ..nn.optim import lr_at
 from ._lowrank import LowRankMap, LowRankParts
 from .base import AdaptedLinear, AdapterConfig, config, register
 from .inject import _set_child

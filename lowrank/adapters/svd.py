@@ -1,6 +1,6 @@
 """svd — the seed's own form (docs/variants.md#svd): train the top-r SVD triplets of W0 in place.
 
-    W0 = W_h + U diag(σ) Vᵀ      (lowrank.decompose.svd_split: exact or randomized, top r)
+    W0 = W_h + U diag(σ) Vᵀ      (lowrank.nn.decompose.svd_split: exact or randomized, top r)
 
 W_h (the residual) becomes the frozen base ``self.weight``; ``U (m, r)``, ``σ (r,)`` and
 ``V (n, r)`` are Parameters, and any non-empty subset of them trains (``train=("U", "S")`` is
@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..decompose import check_rank, svd_split
-from ..module import Parameter
+from ..nn.decompose import check_rank, svd_split
+from ..nn.module import Parameter
 from ._lowrank import LowRankMap, LowRankParts
 from .base import AdaptedLinear, AdapterConfig, register
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from .. import backend
-from ..decompose import check_rank
-from ..module import Parameter
+from ..nn.decompose import check_rank
+from ..nn.module import Parameter
 from .base import AdaptedLinear, AdapterConfig, check_int, register
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .. import backend
-from ..module import Module
+from ..nn.module import Module
 from ..ops.cross_entropy import check_targets
 from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.tanh import tanh_backward, tanh_forward

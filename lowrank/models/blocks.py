@@ -22,8 +22,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .. import backend
-from ..layers import Linear
-from ..module import Module, Parameter
+from ..nn.layers import Linear
+from ..nn.module import Module, Parameter
 from ..ops.attention import (attention_backward, attention_cached, attention_forward,
                              attention_varlen_backward, attention_varlen_forward)
 from ..ops.embedding import embedding_backward, embedding_forward

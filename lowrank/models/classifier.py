@@ -14,8 +14,8 @@ encoder only. Every op is a forward/backward pair; backward accumulates into ``.
 from __future__ import annotations
 
 from .. import backend
-from ..layers import Linear
-from ..module import Module
+from ..nn.layers import Linear
+from ..nn.module import Module
 from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.cross_entropy import check_targets, cross_entropy_backward, cross_entropy_forward
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
-from ..validate import check_int, check_number
+from ..nn.validate import check_int, check_number
 
 
 def _check(temperature, top_k, top_p, max_new_tokens) -> None:

@@ -15,8 +15,8 @@ import math
 from dataclasses import asdict, dataclass
 
 from .. import backend
-from ..layers import Linear
-from ..module import Module, Parameter
+from ..nn.layers import Linear
+from ..nn.module import Module, Parameter
 from ..ops.cross_entropy import check_targets, cross_entropy_backward, cross_entropy_forward
 from ..ops.layernorm import EPS
 from ..ops.linear import linear_backward, linear_forward

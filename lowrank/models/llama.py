@@ -13,8 +13,8 @@ hidden states; ``head_forward`` / ``head_backward`` then apply the head to chose
 from __future__ import annotations
 
 from .. import backend
-from ..layers import Linear
-from ..module import Module, Parameter
+from ..nn.layers import Linear
+from ..nn.module import Module, Parameter
 from ..ops.cross_entropy import check_targets, cross_entropy_backward, cross_entropy_forward
 from ..ops.gqa import gqa_backward, gqa_cached, gqa_forward
 from ..ops.linear import linear_backward, linear_forward

@@ -1,5 +1,5 @@
 """Many adapters over one frozen base in one process (PEFT's mixed-batch ``adapter_names=``,
-S-LoRA): the model, modules and views that ``lowrank.multi.train.MultiTrainer`` drives.
+S-LoRA): the model, modules and views that ``lowrank.app.multi_run.MultiTrainer`` drives.
 
 K independent adapters train side by side. A batch is the concatenation of K row groups
 (adapter k's sequences); the frozen model runs once over all of it; every adapted Linear is a
@@ -33,8 +33,8 @@ from __future__ import annotations
 from .. import backend
 from ..adapters import AdaptedLinear, AdapterConfig
 from ..adapters.inject import SEED_STRIDE, _set_child, select_targets
-from ..layers import Linear
-from ..module import Module, Parameter
+from ..nn.layers import Linear
+from ..nn.module import Module, Parameter
 from ..ops.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from ..ops.linear import check_input, linear_forward
 

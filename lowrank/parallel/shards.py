@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from threadpoolctl import threadpool_limits
 
 from .. import backend
-from ..module import Module, Parameter
+from ..nn.module import Module, Parameter
 
 
 class BatchShards:

@@ -8,7 +8,7 @@ is built (and PiSSA-like inits rewrite it), so the quantized base is the one it 
 from __future__ import annotations
 
 from ..adapters import AdaptedLinear
-from ..layers import Linear
+from ..nn.layers import Linear
 from .nf4 import (BLOCK, NF4_CODE, NF4Parameter, NF4Tensor, dequantize_nf4, dynamic_map_8bit,
                   quantize_nf4)
 

@@ -20,7 +20,7 @@ import math
 from typing import NamedTuple
 
 from .. import backend
-from ..module import Parameter
+from ..nn.module import Parameter
 
 # The published NF4 code values (QLoRA, appendix E; bitsandbytes' NF4 table), ascending.
 NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,

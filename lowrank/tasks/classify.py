@@ -6,7 +6,7 @@ warm-up then linear decay to 0 (transformers' ``get_linear_schedule_with_warmup`
 clipping at 1.0, seed 0, max 64 tokens, mean pooling, model dropout 0.1; adapters r=8, α=16,
 dropout 0.1 on the six linears of every encoder layer.
 
-Training reuses ``lowrank.train.Trainer`` — AdamW, clipping and every variant's step hook —
+Training reuses ``lowrank.training.trainer.Trainer`` — AdamW, clipping and every variant's step hook —
 through a subclass that serves ``TextBatch``es (moved to the model's backend here) and scores
 whole splits; the schedule is one more hook (``LinearWarmupDecay.lr_at``).
 """
@@ -20,9 +20,9 @@ import numpy as np
 
 from .. import backend
 from ..adapters import config as adapter_config, inject
-from ..hooks import StepHook
+from ..nn.hooks import StepHook
 from ..ops.cross_entropy import cross_entropy_forward
-from ..train import Trainer, TrainConfig, hooks_for
+from ..training.trainer import Trainer, TrainConfig, hooks_for
 
 MODES = ("adapter", "full", "head")
 DEFAULT_LR = {"adapter": 5e-4, "full": 5e-5, "head": 1e-3}

@@ -20,14 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import backend, checkpoint
+from .. import backend
+from ..formats import checkpoint
 from ..adapters import config_from_dict, inject
 from ..adapters.inject import SEED_STRIDE
 from ..models.classifier import SequenceClassifier
-from ..pretrained import from_pretrained
-from ..storage import (check_and_assign, read_json, read_safetensors, write_json,
-                       write_safetensors)
-from ..tokenizer import Tokenizer
+from ..formats.hf_model import from_pretrained
+from ..files.storage import (check_and_assign, read_json, read_safetensors, write_json,
+                             write_safetensors)
+from ..text.tokenizer import Tokenizer
 from . import classify
 from .text_data import TextData, encode_labels, label_names, read_tsv, sentiment_split
 

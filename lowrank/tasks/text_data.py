@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
-from ..datasets import SENTIMENT_FILES
+from ..text.datasets import SENTIMENT_FILES
 
 VAL_SIZE = 200
 

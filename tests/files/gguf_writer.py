@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowrank.gguf_file import permute_qk
-from lowrank.tokenizer_files import byte_spelling
+from lowrank.files.gguf_file import permute_qk
+from lowrank.text.tokenizer_files import byte_spelling
 
 gguf = __import__("pytest").importorskip("gguf")
 T = gguf.GGMLQuantizationType

@@ -11,7 +11,7 @@ pytest.importorskip("gguf")
 from gguf_writer import T, TINY, write_tiny_gguf  # noqa: E402
 
 import lowrank as lr  # noqa: E402
-from lowrank.gguf_file import open_gguf, permute_qk, unpermute_qk  # noqa: E402
+from lowrank.files.gguf_file import open_gguf, permute_qk, unpermute_qk  # noqa: E402
 
 EVERY_TYPE = {"token_embd.weight": T.Q8_0, "attn_q.weight": T.Q4_K, "attn_k.weight": T.Q5_K,
               "attn_v.weight": T.Q6_K, "attn_output.weight": T.Q4_0,
@@ -202,7 +202,7 @@ def test_tokenizer_without_merges(tmp_path):
 def test_cli_says_one_line(tmp_path):
     path = tmp_path / "a.gguf"
     write_tiny_gguf(path, arch="gemma")
-    run = subprocess.run([sys.executable, "-m", "lowrank.cli", "generate", "--model", str(path),
+    run = subprocess.run([sys.executable, "-m", "lowrank.app.cli", "generate", "--model", str(path),
                           "--chat", "hi"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()

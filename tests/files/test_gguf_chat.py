@@ -9,8 +9,8 @@ pytest.importorskip("gguf")
 from gguf_writer import write_tiny_gguf  # noqa: E402
 
 import lowrank as lr  # noqa: E402
-from lowrank.chat_template import ChatTemplate  # noqa: E402
-from lowrank.cli import main  # noqa: E402
+from lowrank.text.chat_template import ChatTemplate  # noqa: E402
+from lowrank.app.cli import main  # noqa: E402
 from lowrank.models.decode import stream  # noqa: E402
 
 NEW = 6

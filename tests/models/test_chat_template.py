@@ -7,9 +7,9 @@ import random
 import pytest
 
 import lowrank as lr
-from lowrank.chat_template import ChatTemplate
-from lowrank.locate import smollm2_file
-from lowrank.tokenizer import train_tokenizer
+from lowrank.text.chat_template import ChatTemplate
+from lowrank.files.locate import smollm2_file
+from lowrank.text.tokenizer import train_tokenizer
 
 N_CONVERSATIONS = 50
 PIECES = ["Hello!", "What is LoRA?", "  leading and trailing  ", "two\nlines\n", "émoji 😀 中文",

@@ -9,7 +9,7 @@ import lowrank as lr
 from lowrank.models.llama import Llama
 from lowrank.models.llama_config import LlamaConfig
 from reference.finite_diff import numerical_gradient
-from tests.helpers import rel_err, to_host
+from tests.helpers.common import rel_err, to_host
 
 SIZES = dict(vocab_size=20, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
@@ -63,7 +63,7 @@ def test_variant_gradients_on_llama(variant):
 def test_variant_trains_on_llama(variant):
     """Ten AdamW steps of next-token cross-entropy on one batch lower its loss."""
     model, _ = adapted(variant, seed=3)
-    opt = lr.optim.AdamW(list(model.named_parameters(trainable_only=True)), lr=1e-2,
+    opt = lr.nn.optim.AdamW(list(model.named_parameters(trainable_only=True)), lr=1e-2,
                          weight_decay=0.0)
     targets = np.roll(IDS, -1, axis=1)
     losses = []

@@ -10,7 +10,7 @@ import lowrank as lr
 from lowrank.models import llama_hf
 from lowrank.models.llama import Llama
 from lowrank.models.llama_config import LlamaConfig
-from tests.helpers import to_host
+from tests.helpers.common import to_host
 
 SIZES = dict(vocab_size=30, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
@@ -25,14 +25,14 @@ def write_hf(directory, hf_config, model, shards: int = 1):
     (directory / "config.json").write_text(json.dumps(hf_config))
     tensors = {n: to_host(p.data).astype(np.float32) for n, p in model.named_parameters()}
     if shards == 1:
-        lr.storage.write_safetensors(directory / "model.safetensors", tensors)
+        lr.files.storage.write_safetensors(directory / "model.safetensors", tensors)
         return directory
     names = sorted(tensors)
     weight_map = {}
     for s in range(shards):
         part = {n: tensors[n] for n in names[s::shards]}
         file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        lr.storage.write_safetensors(directory / file, part)
+        lr.files.storage.write_safetensors(directory / file, part)
         weight_map.update(dict.fromkeys(part, file))
     (directory / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -61,10 +61,10 @@ def test_tied_head_and_old_buffers(tmp_path):
     model = source(tie_word_embeddings=True)
     assert "lm_head.weight" not in dict(model.named_parameters())
     directory = write_hf(tmp_path / "hf", {**HF, "tie_word_embeddings": True}, model)
-    tensors = lr.storage.read_safetensors(directory / "model.safetensors")
+    tensors = lr.files.storage.read_safetensors(directory / "model.safetensors")
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]     # saved anyway
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(2, np.float32)
-    lr.storage.write_safetensors(directory / "model.safetensors", tensors)
+    lr.files.storage.write_safetensors(directory / "model.safetensors", tensors)
     loaded = lr.from_pretrained(directory)
     assert np.array_equal(model.forward(IDS)[0], loaded.forward(IDS)[0])
 

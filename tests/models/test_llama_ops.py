@@ -17,7 +17,7 @@ from lowrank.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from lowrank.ops.rope import inv_freq, rope_backward, rope_forward, rope_tables
 from lowrank.ops.swiglu import swiglu_backward, swiglu_forward
 from reference.finite_diff import numerical_gradient
-from tests.helpers import rel_err, to_host
+from tests.helpers.common import rel_err, to_host
 
 FD_TOL = 1e-6
 FD_EPS = 1e-6

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import lowrank as lr  # noqa: E402
-from tests.helpers import error_log, rel_err, to_host  # noqa: E402
+from tests.helpers.common import error_log, rel_err, to_host  # noqa: E402
 
 from tests.models.llama_oracle import (float64_oracle, load, logits_and_grads,  # noqa: E402
                                        tiny_checkpoint)

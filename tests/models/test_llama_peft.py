@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 
 import lowrank as lr  # noqa: E402
 from reference.peft_files import rel  # noqa: E402
-from tests.helpers import error_log, to_host  # noqa: E402
+from tests.helpers.common import error_log, to_host  # noqa: E402
 from tests.models.llama_oracle import load, tiny_checkpoint  # noqa: E402
 
 ERRORS, _report_errors = error_log("Llama PEFT files, float32 logits (max |a-b| / max |b|)")

@@ -39,7 +39,7 @@ def smollm2(tmp_path_factory):
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
     out = tmp_path_factory.mktemp("smollm2_hf")
     ref.config.to_json_file(out / "config.json")
-    lr.storage.write_safetensors(out / "model.safetensors",
+    lr.files.storage.write_safetensors(out / "model.safetensors",
                                  {k: v.detach().numpy().copy()
                                   for k, v in ref.state_dict().items()})
     return ref, tok, lr.from_pretrained(out, dtype="float32"), torch

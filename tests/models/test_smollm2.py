@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank.chat_template import ChatTemplate
-from lowrank.gguf_file import open_gguf
-from lowrank.locate import SMOLLM2_INSTALL, smollm2_file
+from lowrank.text.chat_template import ChatTemplate
+from lowrank.files.gguf_file import open_gguf
+from lowrank.files.locate import SMOLLM2_INSTALL, smollm2_file
 from lowrank.models.decode import generate
 
 PROMPTS = ["What is LoRA?", "Write a haiku about the sea.", "List three prime numbers."]

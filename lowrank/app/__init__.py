@@ -1,0 +1,1 @@
+"""Front ends: the command line, the workflows it runs, run directories, demos, benchmarks."""

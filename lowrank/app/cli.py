@@ -1,0 +1,248 @@
+"""``lowrank`` command line: pretrain, finetune, generate, eval, demo, bench.
+
+    lowrank pretrain --out base --steps 300
+    lowrank finetune --base base --variant lora --targets q,v --r 8 --alpha 16 --out lora
+    lowrank generate --model base --adapter lora --prompt "def "
+    lowrank generate --model smollm2 --chat "What is LoRA?"
+    lowrank demo
+    mpiexec -n 2 lowrank finetune --base base --out lora   # data parallel, auto-detected
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .. import backend
+from . import chat_cli, workflows as wf
+from ..adapters import field_from_text
+from ..backend import threads
+from .bench import run_bench
+from .demo import run_demo
+from .cli_parser import parse
+from ..multi import finetune_many, parse_variants
+from ..parallel import ParameterDriftError, get_comm
+from .run_dir import read_run
+from . import classify_cli
+from ..training.trainer import NonFiniteLossError, TrainConfig
+
+
+def _train_config(args) -> TrainConfig:
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                       min_lr=args.lr / 10, warmup=min(args.warmup, args.steps),
+                       weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                       accum_steps=args.accum_steps, eval_interval=args.eval_interval,
+                       seed=args.seed, shards=args.shards,
+                       loraplus_lr_ratio=getattr(args, "loraplus_lr_ratio", None))
+
+
+def _corpus(values, default):
+    if not values:
+        return default
+    return values[0] if len(values) == 1 and values[0] in ("docs", "code") else list(values)
+
+
+def _parse_set(items) -> dict:
+    """``--set key=value`` for variant options not named on the command line."""
+    options = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, options[key] = field_from_text(key, value)
+    return options
+
+
+def main(argv=None) -> int:
+    """Run one command; every failure is one line on stderr and a non-zero exit code
+    (2: a mistake in the input, 1: training stopped, 3: a bug — LOWRANK_DEBUG=1 shows its
+    traceback, 130: interrupted, 141: output closed, as into ``head``)."""
+    backend.keep_freed_host_memory()   # training reuses the same large blocks every step
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if classify_cli.handles(argv):     # --task classify, eval --data, predict, demo --task
+        return classify_cli.main(argv)
+    if chat_cli.handles(argv):         # chat, generate --chat, generate of a GGUF / smollm2
+        return chat_cli.main(argv)
+    try:
+        _, args = parse(argv)
+    except SystemExit as exc:   # --help exits 0 as usual; a mistake returns its code
+        if not exc.code:
+            raise
+        return exc.code
+    args.comm_obj = None
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):   # non-finite: stopped and said
+            return _run(args)
+    except (NonFiniteLossError, ParameterDriftError) as exc:
+        return _fail(args, f"lowrank: {_one_line(exc)}", 1)
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
+    except KeyboardInterrupt:
+        return _fail(args, f"lowrank {args.command}: interrupted", 130)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        return _fail(args, f"lowrank {args.command}: error: {_one_line(exc)}", 2)
+    except OSError as exc:
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        return _fail(args, f"lowrank {args.command}: error: {where}{exc.strerror or exc}", 2)
+    except MemoryError:
+        return _fail(args, f"lowrank {args.command}: error: out of memory (a smaller --context, "
+                           "--batch-size or model?)", 2)
+    except Exception as exc:   # a bug: still one line, the traceback on request
+        if os.environ.get("LOWRANK_DEBUG"):
+            raise
+        return _fail(args, f"lowrank {args.command}: internal error: {type(exc).__name__}: "
+                           f"{_one_line(exc)} (LOWRANK_DEBUG=1 shows the traceback)", 3)
+
+
+def _one_line(exc) -> str:
+    return " ".join(str(exc).split())
+
+
+def _quiet_stdout() -> None:
+    """stdout's reader went away: stop Python from failing again when it flushes at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _fail(args, message: str, code: int) -> int:
+    """Print the error; in a parallel run stop every rank (the others would otherwise wait
+    for this one in their next collective)."""
+    comm = args.comm_obj
+    if comm is not None and comm.size > 1:
+        comm.abort(message, code)
+    print(message, file=sys.stderr)
+    return code
+
+
+def _make_comm(args):
+    """The communicator of a training command, announced once (rank 0) when parallel."""
+    try:
+        comm = args.comm_obj = get_comm(args.comm)
+    except RuntimeError as exc:     # mpi4py or NCCL missing: a message, not a traceback
+        raise ValueError(str(exc)) from exc
+    if comm.size > 1:
+        pids = comm.allgather(os.getpid())
+        if comm.is_root:
+            local = args.batch_size // comm.size if args.batch_size % comm.size == 0 else "?"
+            print(f"lowrank {args.command}: data parallel over {comm.size} processes "
+                  f"({comm.kind}); global batch {args.batch_size} = {comm.size} x {local} "
+                  f"rows; pids by rank: {pids}", file=sys.stderr, flush=True)
+    return comm
+
+
+def _run(args) -> int:
+    if getattr(args, "backend", None):
+        try:
+            backend.set_backend(args.backend)
+        except RuntimeError as exc:   # CuPy missing or no GPU: a message, not a bug
+            raise ValueError(str(exc)) from None
+    if getattr(args, "threads", None) is not None:   # docs/performance.md#threads
+        threads.set_threads(threads.check_threads(args.threads))
+    else:
+        threads.apply_default_under_launcher()
+    comm = _make_comm(args) if args.command in ("pretrain", "finetune") else None
+    if args.command == "pretrain":
+        spec = wf.ModelSpec(args.vocab_size, args.context, args.n_layer, args.n_head,
+                            args.d_model, tie_embeddings=not args.untied)
+        result = wf.pretrain(args.out, spec, wf.DataSpec(_corpus(args.corpus, "docs"),
+                                                         args.max_bytes),
+                             _train_config(args), dtype=args.dtype or "float32",
+                             resume=args.resume, save_every=args.save_every,
+                             progress=not args.no_progress, comm=comm, force=args.force)
+        if not comm.is_root:
+            return 0
+        print(f"pretrained {result.total:,} parameters; validation loss {result.val_loss:.4f}; "
+              f"{result.tokens_per_s:,.0f} tokens/s; saved to {result.out}")
+    elif args.command == "finetune":
+        options = {"r": args.r, "alpha": args.alpha, "dropout": args.dropout}
+        if args.init is not None:
+            options["init"] = args.init
+        if args.rslora:
+            options["rslora"] = True
+        options.update(_parse_set(args.set))
+        options.update(args.variant_options)
+        targets = args.targets if args.regex else [t for t in args.targets.split(",") if t]
+        if "," in args.variant:   # several adapters over one frozen base, in one process
+            return _finetune_many(args, options, targets, comm)
+        result = wf.finetune(args.out, args.base, args.variant, targets,
+                             options if args.variant != "full" else None,
+                             wf.DataSpec(_corpus(args.corpus, "code"), args.max_bytes),
+                             _train_config(args), dtype=args.dtype,
+                             resume=args.resume, save_every=args.save_every,
+                             progress=not args.no_progress, comm=comm, force=args.force,
+                             quantize=args.quantize)
+        if not comm.is_root:
+            return 0
+        share = 100.0 * result.trainable / result.total
+        print(f"{args.variant}: {result.trainable:,} trainable parameters ({share:.2f}%); "
+              f"validation loss {result.val_loss:.4f}; {result.tokens_per_s:,.0f} tokens/s; "
+              f"saved to {result.out}")
+        for line in getattr(result, "report", []):
+            print(line)
+    elif args.command in ("generate", "eval"):
+        if args.adapter is None:
+            args.model, args.adapter = _base_of(args.model)
+        if args.adapter:
+            model, tok = wf.load_finetuned(args.model, args.adapter, args.dtype)
+        else:
+            model, tok, _ = wf.load_base(args.model, args.dtype)
+        if args.command == "generate":
+            print(wf.generate(model, tok, args.prompt, args.max_new_tokens, args.temperature,
+                              args.top_k, args.seed))
+        else:
+            data = wf.token_data(tok, wf.DataSpec(_corpus(args.corpus, "code"), args.max_bytes),
+                                 model.config.context)
+            print(f"validation loss {wf.evaluate(model, data, args.batch_size, args.batches):.4f}")
+    elif args.command == "demo":
+        run_demo(args.out, pretrain_steps=args.pretrain_steps, finetune_steps=args.steps,
+                 dtype=args.dtype, seed=args.seed, progress=not args.no_progress)
+    elif args.command == "bench":
+        run_bench(steps=args.steps)
+        print("PyTorch+PEFT side by side: python benchmarks/bench_train.py (in a repository "
+              "checkout, with the `reference` extra)")
+    return 0
+
+
+def _base_of(model_dir):
+    """``(base, adapter)`` for ``--model``: an adapter directory names its base in run.json."""
+    run = read_run(model_dir)
+    if run.get("kind") != "adapter":
+        return model_dir, None
+    for base in (run.get("base"), run.get("base_path")):
+        if base and Path(base).is_dir():
+            return base, model_dir
+    raise ValueError(f"{model_dir} is an adapter whose base {run.get('base')!r} (from its "
+                     "run.json) is not found; pass --model BASE --adapter "
+                     f"{model_dir}")
+
+
+def _finetune_many(args, options: dict, targets, comm) -> int:
+    """``finetune --variant a,b,...``: train them together and print one line each."""
+    if comm is not None and comm.size > 1:
+        raise ValueError("--variant with several adapters trains them in one process; "
+                         "run it without mpiexec")
+    variants = parse_variants(args.variant)
+    results = finetune_many(args.out, args.base, variants, targets, options,
+                            wf.DataSpec(_corpus(args.corpus, "code"), args.max_bytes),
+                            _train_config(args), dtype=args.dtype, resume=args.resume,
+                            save_every=args.save_every, progress=not args.no_progress,
+                            force=args.force)
+    total = sum(r.tokens_per_s for r in results)   # each: median over its steps
+    for (variant, _), result in zip(variants, results):
+        share = 100.0 * result.trainable / result.total
+        print(f"{variant}: {result.trainable:,} trainable parameters ({share:.2f}%); "
+              f"validation loss {result.val_loss:.4f}; saved to {result.out}")
+        for line in result.report:
+            print(line)
+    print(f"{len(results)} adapters trained together over one base: {total:,.0f} tokens/s in all")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Text: tokenizers, the built-in corpora, the shipped data sets."""
