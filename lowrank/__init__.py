@@ -4,9 +4,10 @@
 """
 from . import adapters, backend, models, ops
 from ._version import __version__
+from .app.load_adapter import load_adapter
 from .formats.checkpoint import save_model
 from .formats.model_dir import from_pretrained, open_model
-from .formats.peft_dir import load_pretrained, save_pretrained
+from .formats.peft_dir import inject_saved, load_pretrained, save_pretrained
 from .models import GPT, GPTConfig
 from .nn import decompose
 from .nn.layers import Linear
@@ -15,6 +16,8 @@ from .quant import quantize_base
 from .text.tokenizer import Tokenizer
 from .training.trainer import TrainConfig, Trainer
 
+# SPEC's stable spelling of the two (docs/api.md): the adapters package cannot import the
+# formats layer above it, so the names are set here, once, on the package.
 adapters.save_pretrained = save_pretrained
 adapters.load_pretrained = load_pretrained
 
@@ -31,6 +34,6 @@ def load(path, backend=None):
 
 
 __all__ = ["adapters", "backend", "decompose", "models", "ops", "from_pretrained", "open_model",
-           "save_pretrained", "load_pretrained", "Tokenizer", "Linear", "Module", "Parameter",
-           "GPT", "GPTConfig", "Trainer", "TrainConfig", "save", "load", "quantize_base",
-           "__version__"]
+           "save_pretrained", "load_pretrained", "inject_saved", "load_adapter", "Tokenizer",
+           "Linear", "Module", "Parameter", "GPT", "GPTConfig", "Trainer", "TrainConfig", "save",
+           "load", "quantize_base", "__version__"]

@@ -11,25 +11,16 @@ Backward, with G = dL/dy and u = x_d Ãᵀ (N, r):
     dB = c Gᵀ u,   du = c G B,   dÃ = duᵀ x_d,   dA = E ⊙_rows dÃ,   dE = Σ_cols(dÃ ⊙ A)
     dx = G W0 + (du Ã) ⊙ mask          (= G (W0 + c B Ã) without dropout)
 
-The orthogonality regulariser, the importance scores, the budget schedule and the masks live
-in ``_adalora_allocator`` (formulas there). ``AdaLoraLinear.step_hook(model)`` returns the hook
-the Trainer runs every step (``extra_loss`` = regulariser, ``after_step`` = importance + mask),
-so training through ``lowrank.training.trainer.Trainer`` cannot forget it; a layer driven by hand for more
-than ``total_step`` steps without the allocator raises RuntimeError (a step = a backward pass in
-training mode with a fresh E gradient, i.e. after a zero-grad, so accumulation counts once;
-with ``total_step=None`` there is no T to check against until a trainer supplies one).
+The regulariser, importance scores, budget schedule and masks live in ``_adalora_allocator``;
+``AdaLoraLinear.step_hook(model)`` is the hook the Trainer runs every step, so training through
+``lowrank.training.trainer.Trainer`` cannot forget it (a layer driven by hand past ``total_step`` raises).
 
-Config: ``r`` and ``init_r`` are one field (PEFT ignores ``r``): ``init_r`` wins when given,
-else ``init_r = r``; ``r`` defaults to 12 (PEFT's init_r). ``target_r`` defaults to
-``max(1, 2·init_r // 3)`` (PEFT's 8 for 12). ``total_step=None`` means the trainer's steps,
-read at the first step and kept in the resume state (a resumed run keeps its schedule).
+Config: ``r`` and ``init_r`` are one field (PEFT ignores ``r``); ``r`` defaults to 12, ``target_r``
+to ``max(1, 2·init_r // 3)``; ``total_step=None`` means the trainer's steps (kept on resume).
 
-Export: ``layer.rank_pattern`` (a bool per triplet, PEFT's ``rank_pattern``), ``realised_rank``.
-Saving keeps only the rows in use: ``saved_rows = rank_pattern | (E != 0)`` (a triplet revived
-between two masks of ΔT > 1 stays, so a reload reproduces the outputs exactly; PEFT drops it),
-with the pattern and the rows in adapter_config.json; loading scatters the rows back into the
-init_r-sized layer (E = A = B = 0 elsewhere), so resume needs no reshaping; the hook's resume
-state carries the dropped rows of A and B, which the regulariser still sees.
+Saving keeps the rows in use, ``saved_rows = rank_pattern | (E != 0)`` (a triplet revived
+between two masks stays, so a reload reproduces the outputs; PEFT drops it); loading scatters
+them back into the init_r-sized layer (docs/variants.md#adalora).
 """
 from __future__ import annotations
 
@@ -43,10 +34,15 @@ from ..nn.hooks import StepHook
 from ..nn.module import Parameter
 from ._adalora_allocator import RankAllocator, budget_schedule, orth_regularizer
 from ._triplets import TripletMap
-from .base import AdaptedLinear, AdapterConfig, check_int, register
+from ..files.storage import host_copy
+from ..nn.validate import MAX_ALPHA
+from ._peft import (MAX_RANK, PEFT_PREFIX, Field, PeftCodec, Piece, bools, integer, kept,
+                    missing_tensor, number, optional, pattern_dict, pattern_value, row_blocks,
+                    scatter)
+from .base import AdaptedLinear, AdapterConfig, Report, check_int, register
+from .lora import LORA_FIELDS, lora_pair
 
-RANKNUM_EPS = 1e-5          # PEFT: scaling / (ranknum + 1e-5)
-MATRIX_ORDER = ("q", "k", "v", "o", "fc1", "fc2")
+RANKNUM_EPS, MATRIX_ORDER = 1e-5, ("q", "k", "v", "o", "fc1", "fc2")   # PEFT: α/(ranknum + ε)
 
 
 @dataclass
@@ -196,14 +192,11 @@ class AdaLoraLinear(TripletMap, AdaptedLinear):
     def step_hook(cls, model):
         return AdaLoraHook(model)
 
-    def demo_report(self) -> dict:
-        return {"rank": self.realised_rank, "init_r": self.r, "target_r": self.config.target_r}
-
     @classmethod
-    def report(cls, model, out) -> list[str]:
+    def report(cls, model, out) -> Report:
         ranks = realised_ranks(model)
         if not ranks:
-            return []
+            return Report()
         layers = [m for _, m in cls.layers_of(model)]
         init = sum(m.r for m in layers)
         target = sum(m.config.target_r for m in layers)
@@ -225,9 +218,10 @@ class AdaLoraLinear(TripletMap, AdaptedLinear):
         uniform = len(targets) == 1 and all(v == next(iter(targets)) for v in values)
         lines.append(f"  {'uniform' if uniform else 'not uniform'}: ranks {min(values)}.."
                      f"{max(values)} (target_r = {', '.join(map(str, sorted(targets)))} each)")
-        png = plot_ranks(ranks, Path(out) / "adalora_ranks.png")
-        lines.append(f"  heatmap: {png}")
-        return lines
+        if out is not None:
+            lines.append(f"  heatmap: {plot_ranks(ranks, Path(out) / 'adalora_ranks.png')}")
+        return Report(lines, {n: {"rank": m.realised_rank, "init_r": m.r,
+                                  "target_r": m.config.target_r} for n, m in cls.layers_of(model)})
 
 
 class AdaLoraHook(StepHook):
@@ -319,6 +313,86 @@ def plot_ranks(ranks: dict, path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# --- PEFT's format (docs/peft.md#codecs) -----------------------------------------------------
+
+ADALORA_FIELDS = {**LORA_FIELDS,
+                  "rank_pattern": Field(optional(pattern_dict(bools))),
+                  **{k: Field(integer(0, 1 << 40)) for k in ("tinit", "tfinal")},
+                  **{k: Field(optional(integer(1, MAX_RANK))) for k in ("init_r", "target_r")},
+                  "deltaT": Field(integer(1, 1 << 40)),
+                  "total_step": Field(optional(integer(1, 1 << 40))),
+                  **{k: Field(number(0.0, 1.0, True, True)) for k in ("beta1", "beta2")},
+                  "orth_reg_weight": Field(number(0.0, MAX_ALPHA))}
+SCHEDULE = ("tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")
+
+
+class AdaLoraCodec(PeftCodec):
+    """PEFT's ADALORA: the kept triplets; ``rank_pattern {module.lora_E: [bool]}`` says which."""
+
+    peft_type, fused, fields = "ADALORA", True, ADALORA_FIELDS
+    module_keys = ("lora_A", "lora_B", "lora_E")
+
+    def check_config(self, info, where):   # the schedule's own cross-field checks
+        try:
+            AdaLoraConfig(r=info.get("init_r") or 12, target_r=info.get("target_r"),
+                          **{k: info[k] for k in SCHEDULE if info.get(k) is not None})
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
+    def piece(self, layer, original_weight) -> Piece:
+        keep = kept(layer.saved_rows())
+        A, B, E = (host_copy(p.data) for p in (layer.lora_A, layer.lora_B, layer.lora_E))
+        return Piece("adalora", A[keep], B[:, keep], layer.scaling, E=E[keep],
+                     pattern=tuple(layer.saved_rows()))
+
+    def save(self, items, cfg):
+        """PEFT scales by α over one init_r (B absorbs a module's other ratio) and refuses
+        ``total_step`` None (an open schedule saves the smallest valid one)."""
+        init_r = max(len(p.pattern) for p in items.values())
+        scale = cfg.alpha / (init_r + RANKNUM_EPS)
+        tensors, patterns = {}, {}
+        for name, p in items.items():
+            B = p.B if p.scale == scale else (p.B * (p.scale / scale)).astype(p.B.dtype)
+            key = f"{PEFT_PREFIX}{name}."
+            tensors.update({key + "lora_A": p.A, key + "lora_B": B,
+                            key + "lora_E": p.E.reshape(-1, 1)})                   # (r, 1)
+            patterns[f"{name}.lora_E"] = list(p.pattern) + [False] * (init_r - len(p.pattern))
+        return tensors, {
+            "r": 8, "init_r": init_r,   # PEFT ignores r (and warns unless it is its default)
+            "target_r": min(cfg.target_r, init_r), "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout, "bias": cfg.bias,
+            **{k: getattr(cfg, k) for k in SCHEDULE},
+            "total_step": cfg.total_step or cfg.tinit + cfg.tfinal + 1,
+            "rank_pattern": patterns, "use_rslora": False, "use_dora": False,
+            "init_lora_weights": True}
+
+    def load_module(self, peft_name, found, info, parts, where):
+        A, B = lora_pair(peft_name, found, ("lora_A", "lora_B"), where)
+        if "lora_E" not in found:
+            raise missing_tensor(where, peft_name, "lora_E")
+        r, E = A.shape[0], found["lora_E"].reshape(-1)
+        init_r = int(info.get("init_r") or r)
+        pattern = pattern_value(info.get("rank_pattern"), f"{peft_name}.lora_E",
+                                [True] * init_r)
+        if len(pattern) != init_r or sum(pattern) != r or E.shape != (r,):
+            raise ValueError(f"{where}: module {peft_name!r}: rank_pattern keeps "
+                             f"{sum(pattern)} of {len(pattern)} triplets, the tensors hold "
+                             f"{r} (lora_E {found['lora_E'].shape}) of init_r={init_r}")
+        keep = kept(pattern)
+        full_A, full_E = scatter(A, keep, init_r, 0), scatter(E, keep, init_r, 0)
+        full_B = scatter(B, keep, init_r, 1)
+        fields = {"r": init_r, "alpha": float(info["lora_alpha"]), "bias": "none",
+                  "dropout": float(info.get("lora_dropout") or 0.0),
+                  "target_r": min(int(info.get("target_r") or init_r), init_r),
+                  **{k: info[k] for k in SCHEDULE if info.get(k) is not None}}
+        return [(name, "adalora", dict(fields),
+                 {"lora_A": full_A, "lora_E": full_E, "lora_B": full_B[rows]},
+                 {"rank_pattern": list(pattern)}) for name, rows in row_blocks(parts, B.shape[0])]
+
+
+AdaLoraLinear.peft_codec = AdaLoraCodec()
 
 
 __all__ = ["AdaLoraConfig", "AdaLoraLinear", "AdaLoraHook", "RankAllocator", "budget_schedule",

@@ -1,8 +1,8 @@
 """What every adapter shares: the config base class, the registry, and ``AdaptedLinear``.
 
-A variant is one file that defines a config dataclass and an ``AdaptedLinear`` subclass and
-registers both under its name (``@register("lora", LoraConfig)``). The contract tests in
-``tests/test_adapter_contract.py`` then run over it automatically (docs/variants.md#contract).
+A variant is one file: a config dataclass and an ``AdaptedLinear`` subclass registered under
+its name (``@register("lora", LoraConfig)``), and its PEFT format if PEFT has it; the contract
+tests run over it automatically (docs/variants.md#contract).
 
 ``AdaptedLinear`` declares every extension point the trainer, the adapter files, the
 reports and the multi-adapter path use, each with a documented default, so callers never
@@ -107,6 +107,14 @@ class AdapterCache(NamedTuple):
     mask: object     # x's shape: the inverted-dropout multiplier, or None
     W_eff: object    # (m, n) the effective weight of the no-dropout branch, or None
     state: object    # the variant's correction_forward state (dropout branch), or None
+
+
+class Report(list):
+    """``report``'s answer: the lines (it is their list) and ``facts`` {module name: dict}."""
+
+    def __init__(self, lines=(), facts: dict | None = None):
+        super().__init__(lines)
+        self.facts = dict(facts or {})
 
 
 class AdaptedLinear(Module, metaclass=ABCMeta):
@@ -356,7 +364,7 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
         backward differentiates. Default: no context (the backward is the full gradient)."""
         return contextlib.nullcontext()
 
-    # --- training and reporting (lowrank.training.trainer, workflows, demo) --------------------------------
+    # --- training and reporting (lowrank.training.trainer, workflows, demo) ------------------------------
     @classmethod
     def layers_of(cls, model) -> list:
         """``[(module name, layer)]`` of the model's layers of this class, in model order."""
@@ -374,16 +382,14 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
         return None
 
     @classmethod
-    def report(cls, model, out) -> list[str]:
-        """Lines (and files written under ``out``) the variant reports after training, over
-        the model's layers of this class. Default: none."""
-        return []
+    def report(cls, model, out) -> "Report":
+        """After training, over the model's layers of this class: lines (files under ``out``
+        unless None) and per-module facts for tables (ranks kept, sparsity). Default: none."""
+        return Report()
 
-    def demo_report(self) -> dict:
-        """Per-module facts for the demo's table (ranks kept, sparsity). Default: none."""
-        return {}
+    # --- adapter files (lowrank.formats.adapter_dir, docs/training.md#adapter-files) -----------------
+    peft_codec: ClassVar[object] = None   # its PEFT format (adapters/_peft.py); None: PEFT lacks it
 
-    # --- adapter files (lowrank.formats.adapter_dir, docs/training.md#adapter-files) -------------------
     def saves_base_weight(self) -> bool:
         """Whether the file must keep W0 (``base_layer.weight``) because training rewrites it
         (ReLoRA's restarts). Default False: the base is the base model's."""
@@ -397,8 +403,7 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
         """Restore what ``adapter_metadata`` saved, after the tensors are assigned."""
 
     def adapter_tensors(self) -> dict:
-        """``{param name: array}`` saved in another shape than the module holds them (AdaLoRA
-        keeps only its active triplets). Default: none, every parameter is saved as it is."""
+        """``{param name: array}`` saved in another shape than held (AdaLoRA's kept triplets)."""
         return {}
 
     def expand_adapter_tensors(self, tensors: dict, extra: dict) -> dict:

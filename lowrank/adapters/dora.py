@@ -43,7 +43,7 @@ from ..nn.decompose import check_rank
 from ..nn.module import Parameter
 from ._lowrank import lowrank_backward
 from .base import AdaptedLinear, AdapterConfig, check_int, register
-from .lora import _PISSA_NITER, lora_factors
+from .lora import _PISSA_NITER, LoraCodec, lora_factors
 
 DORA_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<q>", "olora")
 
@@ -223,3 +223,12 @@ class DoraLinear(AdaptedLinear):
         V *= (self.lora_magnitude_vector.data / self._norm(V))[:, None]
         V -= W0
         return V
+
+
+class DoraCodec(LoraCodec):
+    """DoRA as PEFT's LORA with ``use_dora``: LoRA's tensors plus ``lora_magnitude_vector``."""
+
+    variant = "dora"
+
+
+DoraLinear.peft_codec = DoraCodec()

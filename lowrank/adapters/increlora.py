@@ -40,7 +40,7 @@ from ..nn.decompose import check_rank
 from ..nn.module import Parameter
 from ._increlora_hook import IncreLoraHook, total_budget
 from ._triplets import TripletMap
-from .base import AdaptedLinear, AdapterConfig, check_int, register
+from .base import AdaptedLinear, AdapterConfig, Report, check_int, register
 
 RANKNUM_EPS = 1e-5      # official: lora_alpha / (ranknum + 1e-5)
 INIT_STD = 0.02         # A, B ~ N(0, 0.02²) for the first and every reserve triplet
@@ -251,14 +251,11 @@ class IncreLoraLinear(TripletMap, AdaptedLinear):
     def step_hook(cls, model):
         return IncreLoraHook(cls.layers_of(model))
 
-    def demo_report(self) -> dict:
-        return {"ranknum": self.ranknum}
-
     @classmethod
-    def report(cls, model, out) -> list[str]:
+    def report(cls, model, out) -> Report:
         layers = cls.layers_of(model)
         if not layers:
-            return []
+            return Report()
         total = sum(m.ranknum for _, m in layers)
         start = sum(m.config.init_r for _, m in layers)
         budget = total_budget(layers)
@@ -266,7 +263,7 @@ class IncreLoraLinear(TripletMap, AdaptedLinear):
         lines = [f"IncreLoRA: total rank {total} of budget {budget} "
                  f"({'reached' if total == budget else 'not reached'}; started at {start})"]
         lines += [f"  {name.ljust(width)}rank {m.ranknum}" for name, m in layers]
-        return lines
+        return Report(lines, {name: {"ranknum": m.ranknum} for name, m in layers})
 
 
 __all__ = ["IncreLoraConfig", "IncreLoraLinear", "total_budget", "RANKNUM_EPS"]

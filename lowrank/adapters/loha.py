@@ -23,6 +23,9 @@ from typing import NamedTuple
 from .. import backend
 from ..nn.decompose import check_rank
 from ..nn.module import Parameter
+from ..nn.validate import MAX_ALPHA
+from ._peft import (MAX_RANK, Field, ParamCodec, anything, boolean, common_ranks, integer, number,
+                    one_of, optional, pattern_dict, pattern_value)
 from .base import AdaptedLinear, AdapterConfig, register
 
 
@@ -89,3 +92,38 @@ class LohaLinear(AdaptedLinear):
                 if b.trainable:
                     b.accumulate(a.data.T @ dW)                          # (r, n)
         return dy2 @ delta if need_dx else None                          # (N, n)
+
+
+# --- PEFT's format (docs/peft.md#vera-loha-lokr) ---------------------------------------------
+
+# LoHa's and LoKr's common fields; rank/module dropout are not implemented (PEFT's default 0)
+LYCORIS_FIELDS = {
+    "r": Field(integer(1, MAX_RANK)), "alpha": Field(number(0.0, MAX_ALPHA, low_open=True)),
+    "rank_pattern": Field(optional(pattern_dict(integer(1, MAX_RANK)))),
+    "alpha_pattern": Field(optional(pattern_dict(number(0.0, MAX_ALPHA, low_open=True)))),
+    "rank_dropout": Field(number(0.0, 1.0), 0.0), "module_dropout": Field(number(0.0, 1.0), 0.0),
+    "use_effective_conv2d": Field(boolean, False), "init_weights": Field(boolean),
+    "exclude_modules": Field(anything, (None, [])),
+    "bias": Field(one_of("none"), "none"),   # not PEFT's: lowrank's earlier saves wrote it
+}
+
+
+class LohaCodec(ParamCodec):
+    """PEFT's LOHA: the layer's ``hada_w*`` parameters under their own names."""
+
+    peft_type, variant, fields = "LOHA", "loha", LYCORIS_FIELDS
+    wraps_conv1d = False   # PEFT's LoHa takes Linear, Conv1d and Conv2d, not GPT-2's Conv1D
+    module_keys = required = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+    def config_fields(self, items, cfg):
+        return {**common_ranks(items), "rank_dropout": 0.0, "module_dropout": 0.0,
+                "use_effective_conv2d": False, "init_weights": True, "exclude_modules": None}
+
+    def module_fields(self, peft_name, info):
+        return {"bias": "none",
+                "r": pattern_value(info.get("rank_pattern"), peft_name, info.get("r", 8)),
+                "alpha": float(pattern_value(info.get("alpha_pattern"), peft_name,
+                                             info.get("alpha", 8)))}
+
+
+LohaLinear.peft_codec = LohaCodec()

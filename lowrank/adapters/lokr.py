@@ -24,8 +24,9 @@ from typing import NamedTuple
 
 from ..nn.decompose import check_rank
 from ..nn.module import Parameter
+from ._peft import Field, boolean, one_of
 from .base import AdaptedLinear, AdapterConfig, register
-from .loha import kaiming_uniform
+from .loha import LYCORIS_FIELDS, LohaCodec, kaiming_uniform
 
 
 @dataclass
@@ -165,3 +166,38 @@ class LokrLinear(AdaptedLinear):
         dX = xp.swapaxes(U, 1, 2) @ W2                                   # (N, in_m, in_n)
         dX *= s
         return dX.reshape(dy2.shape[0], self.in_features)                # (N, n)
+
+
+# --- PEFT's format (docs/peft.md#vera-loha-lokr) ---------------------------------------------
+
+def _factor(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or \
+            not (value == -1 or 1 <= value <= 1 << 40):
+        raise ValueError(f"field {name!r} must be -1 or an integer >= 1, got {value!r}")
+    return value
+
+
+class LokrCodec(LohaCodec):
+    """PEFT's LOKR: the layer's ``lokr_w*`` parameters (which ones: the config's rule)."""
+
+    peft_type, variant = "LOKR", "lokr"
+    module_keys = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+    required = ()
+    fields = {**LYCORIS_FIELDS, "decompose_both": Field(boolean),
+              "decompose_factor": Field(_factor), "rank_dropout_scale": Field(boolean, False),
+              "init_weights": Field(one_of(True, False, "lycoris"))}
+
+    def config_fields(self, items, cfg):
+        return {**super().config_fields(items, cfg), "decompose_both": cfg.decompose_both,
+                "decompose_factor": cfg.decompose_factor, "rank_dropout_scale": False,
+                "init_weights": cfg.init_weights}
+
+    def module_fields(self, peft_name, info):
+        init = info.get("init_weights", True)
+        return {**super().module_fields(peft_name, info),
+                "decompose_both": info.get("decompose_both", False),
+                "decompose_factor": info.get("decompose_factor", -1),
+                "init_weights": "lycoris" if init == "lycoris" else True}
+
+
+LokrLinear.peft_codec = LokrCodec()

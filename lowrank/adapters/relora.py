@@ -61,7 +61,7 @@ from ..nn.decompose import check_rank
 from ..nn.hooks import StepHook
 from ..nn.module import Parameter
 from ._lowrank import LowRankParts
-from .base import AdapterConfig, register
+from .base import AdapterConfig, Report, register
 from .lora import LoraLinear, lora_factors
 
 RESETS = ("random", "magnitude")
@@ -238,14 +238,11 @@ class ReLoraLinear(LoraLinear):
     def step_hook(cls, model):
         return ReLoraHook(model)
 
-    def demo_report(self) -> dict:
-        return {"restarts": self.restarts}
-
     @classmethod
-    def report(cls, model, out) -> list[str]:
+    def report(cls, model, out) -> Report:
         layers = cls.layers_of(model)
         if not layers:
-            return []
+            return Report()
         name, m = next(((n, m) for n, m in layers if m.history is not None), layers[0])
         D = m.weight_change()
         D = m.delta_weight() if D is None else D
@@ -253,9 +250,10 @@ class ReLoraLinear(LoraLinear):
         top = float(S[0]) if S.size else 0.0
         rank = int((S > RANK_RTOL * top).sum()) if top > 0.0 else 0
         cfg = m.config
-        return [f"ReLoRA: {m.restarts} restarts (every {cfg.reset_interval} steps, "
-                f"{cfg.optimizer_reset} moment reset {cfg.reset_ratio}); "
-                f"rank(W - W_init) of {name}: {rank} (r = {cfg.r}, σ > {RANK_RTOL:g}·σ_max)"]
+        return Report([f"ReLoRA: {m.restarts} restarts (every {cfg.reset_interval} steps, "
+                       f"{cfg.optimizer_reset} moment reset {cfg.reset_ratio}); rank(W - W_init)"
+                       f" of {name}: {rank} (r = {cfg.r}, σ > {RANK_RTOL:g}·σ_max)"],
+                      {n: {"restarts": layer.restarts} for n, layer in layers})
 
 
 class ReLoraHook(StepHook):

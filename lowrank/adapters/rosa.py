@@ -49,7 +49,7 @@ from ..nn.decompose import check_rank
 from ..nn.module import Parameter
 from ._lowrank import LowRankMap, LowRankParts
 from ._rosa_hook import RosaHook
-from .base import AdaptedLinear, AdapterConfig, check_int, register
+from .base import AdaptedLinear, AdapterConfig, Report, check_int, register
 from .lora import lora_factors
 
 SUPPORTS = ("gradient", "random")
@@ -308,7 +308,7 @@ class RosaLinear(LowRankMap, AdaptedLinear):
             sizes["total"] = sum(sizes.values())
         return {**sizes, "dense": m * n * itemsize}
 
-    def demo_report(self) -> dict:
+    def _facts(self) -> dict:
         b = self.sparse_nbytes()
         return {"nnz": self.nnz, "density": self.nnz / (self.out_features * self.in_features),
                 "support_selected": self.support_selected, "sparse_bytes": b["total"],
@@ -318,14 +318,14 @@ class RosaLinear(LowRankMap, AdaptedLinear):
         return {"nnz": self.nnz, "support_selected": self.support_selected}
 
     @classmethod
-    def report(cls, model, out) -> list[str]:
+    def report(cls, model, out) -> Report:
         lines = []
         for name, m in cls.layers_of(model):
             b = m.sparse_nbytes()
             state = "" if m.support_selected else " (support not selected yet)"
             lines.append(f"rosa {name}: S nnz {m.nnz}, CSR {b['total']:,} B vs dense "
                          f"{b['dense']:,} B ({100.0 * b['total'] / b['dense']:.2f}%){state}")
-        return lines
+        return Report(lines, {name: m._facts() for name, m in cls.layers_of(model)})
 
     @classmethod
     def step_hook(cls, model):

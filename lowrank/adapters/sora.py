@@ -47,7 +47,7 @@ from ..nn.hooks import StepHook
 from ..nn.module import Parameter
 from ..nn.schedules import scheduled_lr
 from ._lowrank import LowRankMap, LowRankParts
-from .base import AdaptedLinear, AdapterConfig, config, register
+from .base import AdaptedLinear, AdapterConfig, Report, config, register
 from .inject import _set_child
 from .lora import LoraLinear, lora_factors
 
@@ -206,12 +206,12 @@ class SoraLinear(LowRankMap, AdaptedLinear):
         return SoraHook(model)
 
     @classmethod
-    def report(cls, model, out) -> list[str]:
-        return [f"sora {name}: rank {m.kept_rank()} of {m.config.r} kept (g != 0)"
-                for name, m in cls.layers_of(model)]
-
-    def demo_report(self) -> dict:
-        return {"kept_rank": self.kept_rank(), "r": int(self.config.r)}
+    def report(cls, model, out) -> Report:
+        layers = cls.layers_of(model)
+        return Report([f"sora {name}: rank {m.kept_rank()} of {m.config.r} kept (g != 0)"
+                       for name, m in layers],
+                      {name: {"kept_rank": m.kept_rank(), "r": int(m.config.r)}
+                       for name, m in layers})
 
     def adapter_metadata(self) -> dict:
         return {"kept_rank": self.kept_rank()}

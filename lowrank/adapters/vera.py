@@ -21,6 +21,8 @@ from typing import NamedTuple
 from .. import backend
 from ..nn.decompose import check_rank
 from ..nn.module import Parameter
+from ..nn.validate import MAX_ALPHA
+from ._peft import MAX_RANK, Field, ParamCodec, boolean, integer, number, one_of
 from .base import AdaptedLinear, AdapterConfig, check_int, register
 
 
@@ -142,3 +144,71 @@ class VeraLinear(AdaptedLinear):
             raise ValueError(f"the saved VeRA adapter shared projections of shape {tuple(saved)} "
                              f"(over its targets); this model's are {self.projection_shape}: "
                              "inject the same targets")
+
+
+# --- PEFT's format (docs/peft.md#vera-loha-lokr) ---------------------------------------------
+
+class VeraCodec(ParamCodec):
+    """PEFT's VERA: the λ's per module; the shared pair once, whole, as ``base_model.vera_A``
+    (r, n_max) and ``base_model.vera_B`` (m_max, r) with ``save_projection`` (PEFT's default),
+    else redrawn from ``projection_prng_key`` at load over the largest shape, as PEFT does."""
+
+    peft_type, variant = "VERA", "vera"
+    module_keys = required = ("vera_lambda_b", "vera_lambda_d")
+    shared_keys = {"base_model.vera_A": 0, "base_model.vera_B": 1}
+    fields = {"r": Field(integer(1, MAX_RANK)),
+              "projection_prng_key": Field(integer(0, 2**63 - 1)),
+              "save_projection": Field(boolean),
+              "vera_dropout": Field(number(0.0, 1.0, False, True)),
+              "d_initial": Field(number(-MAX_ALPHA, MAX_ALPHA)), "fan_in_fan_out": Field(boolean),
+              "bias": Field(one_of("none", "all", "vera_only"), "none"),
+              "init_weights": Field(boolean)}
+
+    def save(self, items, cfg):
+        layers = list(items.values())
+        if len({id(layer.shared_projections()[0]) for layer in layers}) > 1 or \
+                any(layer.config.r != cfg.r for layer in layers):
+            raise ValueError("VeRA layers of one PEFT adapter share one projection pair of one "
+                             "rank; these layers hold several (inject them in one call)")
+        tensors, fields = super().save(items, cfg)
+        if cfg.save_projection:
+            A, B = layers[0].shared_projections()   # (r, n_max), (m_max, r)
+            tensors.update({"base_model.vera_A": A, "base_model.vera_B": B})
+        return tensors, fields
+
+    def config_fields(self, items, cfg):
+        return {"r": cfg.r, "d_initial": cfg.d_initial, "bias": "none",
+                "projection_prng_key": cfg.projection_prng_key,
+                "save_projection": cfg.save_projection, "vera_dropout": cfg.dropout,
+                "init_weights": True}
+
+    def module_fields(self, peft_name, info):
+        return {"bias": "none", "r": info.get("r", 256), "d_initial": info.get("d_initial", 0.1),
+                "projection_prng_key": info.get("projection_prng_key", 0),
+                "save_projection": info.get("save_projection", True),
+                "dropout": float(info.get("vera_dropout") or 0.0)}
+
+    def after_load(self, layers, shared, where):
+        """One projection pair for every layer: the file's, or PEFT's redraw from the key."""
+        if not layers:
+            return
+        if not shared:
+            VeraLinear.after_inject(None, layers)
+            return
+        if len(shared) != 2:
+            raise ValueError(f"{where}: VERA file holds one of base_model.vera_A / vera_B only "
+                             "(the file is incomplete)")
+        A, B, r = shared[0], shared[1], layers[0].config.r
+        m_max = max(layer.out_features for layer in layers)
+        n_max = max(layer.in_features for layer in layers)
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != r or B.shape[1] != r \
+                or A.shape[1] < n_max or B.shape[0] < m_max:
+            raise ValueError(f"{where}: VERA projections {A.shape}, {B.shape} cannot serve rank "
+                             f"{r} layers up to {m_max}x{n_max}")
+        first = layers[0]
+        A, B = (backend.asarray(a, dtype=first.dtype, xp=first.xp) for a in (A, B))
+        for layer in layers:
+            layer.set_projections(A, B)
+
+
+VeraLinear.peft_codec = VeraCodec()

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
+from ..formats import peft_dir as peft_files
 from . import chat_cli, workflows as wf
 from ..adapters import field_from_text
 from ..backend import threads
@@ -170,6 +171,9 @@ def _run(args) -> int:
         options.update(_parse_set(args.set))
         options.update(args.variant_options)
         targets = args.targets if args.regex else [t for t in args.targets.split(",") if t]
+        if args.save_format == "peft" and ("," in args.variant or args.variant == "full"):
+            raise ValueError("--save-format peft writes one adapter; it takes one --variant "
+                             "other than 'full'")
         if "," in args.variant:   # several adapters over one frozen base, in one process
             return _finetune_many(args, options, targets, comm)
         result = wf.finetune(args.out, args.base, args.variant, targets,
@@ -178,20 +182,25 @@ def _run(args) -> int:
                              _train_config(args), dtype=args.dtype,
                              resume=args.resume, save_every=args.save_every,
                              progress=not args.no_progress, comm=comm, force=args.force,
-                             quantize=args.quantize)
+                             quantize=args.quantize, allow_other_base=args.allow_other_base)
         if not comm.is_root:
             return 0
         share = 100.0 * result.trainable / result.total
         print(f"{args.variant}: {result.trainable:,} trainable parameters ({share:.2f}%); "
               f"validation loss {result.val_loss:.4f}; {result.tokens_per_s:,.0f} tokens/s; "
               f"saved to {result.out}")
+        if args.save_format == "peft":   # a PEFT folder beside lowrank's (which resumes)
+            peft_dir = peft_files.save_pretrained(result.model, Path(result.out) / "peft",
+                                                  base=args.base)
+            print(f"PEFT format: {peft_dir} (PeftModel.from_pretrained reads it)")
         for line in getattr(result, "report", []):
             print(line)
     elif args.command in ("generate", "eval"):
         if args.adapter is None:
             args.model, args.adapter = _base_of(args.model)
         if args.adapter:
-            model, tok = wf.load_finetuned(args.model, args.adapter, args.dtype)
+            model, tok = wf.load_finetuned(args.model, args.adapter, args.dtype,
+                                           allow_other_base=args.allow_other_base)
         else:
             model, tok, _ = wf.load_base(args.model, args.dtype)
         if args.command == "generate":

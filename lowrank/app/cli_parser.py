@@ -181,8 +181,13 @@ def build_parser(argv=()) -> Parser:
     p.add_argument("--loraplus-lr-ratio", type=real(0.0), default=None,
                    help="LoRA+: lora_B (and 1-D adapter parameters) learn at this x --lr "
                         "(PEFT's loraplus_lr_ratio; the paper suggests 16)")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="--resume on a base whose weights differ from the ones run.json records")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any field of the variant's config (repeatable), like its own flag")
+    p.add_argument("--save-format", choices=("lowrank", "peft"), default="lowrank",
+                   help="peft: also write the final adapter to <out>/peft in PEFT's format "
+                        "(PeftModel.from_pretrained reads it)")
     _variant_fields(p, chosen_variants(argv))
 
     for name, text in (("generate", "sample text from a model (and adapter)"),
@@ -192,6 +197,9 @@ def build_parser(argv=()) -> Parser:
                        help="base model directory, or a fine-tuned one (its base is found "
                             "from its run.json)")
         p.add_argument("--adapter", default=None, help="fine-tuned directory to apply")
+        p.add_argument("--allow-other-base", action="store_true",
+                       help="apply an adapter to a base whose weights differ from the ones "
+                            "it was trained on")
         p.add_argument("--backend", choices=BACKENDS, default=None, help="array backend")
         p.add_argument("--dtype", choices=("float32", "float64"), default=None,
                        help="compute dtype (default: the model's)")

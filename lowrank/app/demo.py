@@ -116,16 +116,15 @@ def run_demo(out="lowrank-demo", pretrain_steps=600, finetune_steps=200, dtype="
 
 def _variant_report(model) -> dict:
     """Per-variant facts worth a column (e.g. the rank each module kept), if the variant has any."""
-    report = {}
-    for name, module in adapters.adapted_modules(model):
-        note = module.demo_report()
-        if note:
-            report.setdefault("notes", {})[name] = note
-    return report
+    notes = {}
+    for cls in {type(m) for _, m in adapters.adapted_modules(model)}:
+        notes.update(cls.report(model, None).facts)   # None: no files, the facts only
+    notes = {name: note for name, note in notes.items() if note}
+    return {"notes": notes} if notes else {}
 
 
 def summary(notes: dict | None) -> str:
-    """One cell from the per-module ``demo_report()`` dicts: ranks kept, sparsity, restarts."""
+    """One cell from the per-module facts of the variants' reports: ranks kept, sparsity."""
     if not notes:
         return ""
     rows = list(notes.values())

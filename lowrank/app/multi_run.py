@@ -191,13 +191,15 @@ def finetune_many(out, base, variants, targets=wf.DEFAULT_TARGETS, options=None,
     wf.check_options([v for v, _ in variants], options)   # as a single adapter's options
     out = prepare_out(out, resume=resume, force=force, base=base)
     model, tok, _ = wf.load_base(base, dtype, backend_name)
+    base_sha = wf.base_weights_sha256(base)
     data = wf.token_data(tok, data_spec, model.config.context)
     configs, trains = [], []
     for k, (variant, fields) in enumerate(variants):
         own_train = {f: fields.pop(f) for f in list(fields) if f in _TRAIN_FIELDS}
         trains.append(dataclasses.replace(train, **{"seed": train.seed + k, **own_train}))
         configs.append(adapter_config(variant, **_adapter_options(variant, options, fields)))
-    inject_multi(model, [(cfg, list(targets), tc.seed) for cfg, tc in zip(configs, trains)])
+    targets = targets if isinstance(targets, str) else list(targets)   # a str: one regex
+    inject_multi(model, [(cfg, targets, tc.seed) for cfg, tc in zip(configs, trains)])
     names = subdir_names(variants)
     trainer = MultiTrainer(model, [(data, tc) for tc in trains], names)
     dirs = [out / name for name in names]
@@ -213,9 +215,9 @@ def finetune_many(out, base, variants, targets=wf.DEFAULT_TARGETS, options=None,
     def save(k, tr):
         checkpoint.save_adapter(trainer.views[k], dirs[k], train_state=tr.state_dict())
         wf._write_run(dirs[k], {"kind": "adapter", "base": str(base), "variant": variants[k][0],
-                                "targets": list(targets), "config": configs[k].to_dict(),
+                                "targets": targets, "config": configs[k].to_dict(),
                                 "data": data_spec.__dict__, "train": trains[k].to_dict(),
-                                "history": histories[k],
+                                "history": histories[k], wf.BASE_SHA: base_sha,
                                 "multi": {"index": k, "of": len(variants), "parent": str(out)}})
 
     def on_step(k, tr, record):

@@ -25,20 +25,20 @@ import numpy as np
 
 from .. import backend
 from ..formats import checkpoint, peft_dir as peft_files
-from ..adapters import adapted_modules, config as adapter_config, config_from_dict, inject
-from ..adapters.inject import SEED_STRIDE
+from ..adapters import adapted_modules, config as adapter_config, inject
+from ..files.base_identity import FIELD as BASE_SHA, base_weights_sha256, check_same_base
 from ..text.corpus import TokenData, corpus
 from ..models import GPT, Bert, GPTConfig
 from ..models.generate import generate as generate_ids
 from ..parallel import SingleProcess
 from ..formats.model_dir import HUGGING_FACE, inspect, open_model
-from .run_dir import (RUN_FILE, TOKENIZER_FILE, load_tokenizer, prepare_out, read_run,
-                      remove_if_unsaved, say, write_run)
+from .run_dir import TOKENIZER_FILE, load_tokenizer, prepare_out, read_run, say, write_run
 from ..files.storage import cap_for
 from ..quant import quantize_base
+from ..files.run_lock import check_unchanged, run_locked
 from ..text.tokenizer import Tokenizer, train_tokenizer
 from ..training.trainer import Trainer, TrainConfig
-from ..training.update_check import check_update
+from ..training.update_check import check_savable, check_update
 DEFAULT_TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
 
 
@@ -83,8 +83,8 @@ def token_data(tok: Tokenizer, spec: DataSpec, context: int) -> TokenData:
     text = corpus(spec.corpus, max_bytes=spec.max_bytes)
     try:
         ids = tok.encode(text)
-    except (KeyboardInterrupt, SystemExit):
-        raise
+    except (KeyboardInterrupt, SystemExit, ValueError):
+        raise   # a ValueError already names the tokenizer's file
     except BaseException as exc:   # pyo3's PanicException is not an Exception
         raise ValueError(f"the tokenizer failed: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
@@ -99,9 +99,11 @@ def _checkpointer(out: Path, trainer: Trainer, save, every: int, progress: bool 
         if "val_loss" in record:
             say(f"step {tr.step}: validation loss {record['val_loss']:.4f}", progress)
         if every and (tr.step % every == 0 or tr.step == tr.config.steps):
-            save(tr)
+            check_savable(tr, on_step.saved, record)   # a kept save scores a finite loss
+            on_step.save(tr)
             on_step.saved = tr.step
     on_step.saved = trainer.step or None
+    on_step.save = lambda tr: (check_unchanged(out), save(tr))   # never into a swapped --out
     return on_step
 
 
@@ -126,15 +128,9 @@ def pretrain(out, model_spec: ModelSpec, data_spec: DataSpec, train: TrainConfig
     comm.barrier()
     if backend_name:
         backend.set_backend(backend_name)
-    tok_path = out / TOKENIZER_FILE
-    existed = tok_path.exists()
-    try:
-        return _pretrain(out, model_spec, data_spec, train, dtype, resume, save_every,
-                         progress, comm, tok_path)
-    except BaseException:
-        if comm.is_root:   # a failed first run leaves no tokenizer without a model
-            remove_if_unsaved(out, TOKENIZER_FILE, existed)
-        raise
+    return run_locked(out, comm.is_root, lambda where: _pretrain(   # one writer, saves go
+        where, model_spec, data_spec, train, dtype, resume, save_every,   # where it was opened
+        progress, comm, where / TOKENIZER_FILE))
 
 
 def _pretrain(out, model_spec, data_spec, train, dtype, resume, save_every, progress, comm,
@@ -168,8 +164,8 @@ def _pretrain(out, model_spec, data_spec, train, dtype, resume, save_every, prog
 
     on_step = _checkpointer(out, trainer, save, save_every, progress)
     history += trainer.fit(on_step, progress, "pretrain")
-    check_update(trainer, on_step.saved)
-    save(trainer)
+    check_savable(trainer, on_step.saved)
+    on_step.save(trainer)
     return RunResult(out, history, trainer.evaluate(), model.num_parameters(True),
                      model.num_parameters(), _median_speed(history))
 
@@ -215,7 +211,8 @@ def prepare_finetune(model, variant: str, targets, options: dict, seed: int = 0,
             raise ValueError("quantize needs an adapter variant: full fine-tuning trains the base")
         return None
     cfg = adapter_config(variant, **options)
-    inject(model, cfg, list(targets), seed=seed)
+    # a str is one regex (--regex): list() would split it into single characters
+    inject(model, cfg, targets if isinstance(targets, str) else list(targets), seed=seed)
     if quantize:
         quantize_base(model, quantize)
     return cfg
@@ -225,36 +222,35 @@ def finetune(out, base, variant: str, targets=DEFAULT_TARGETS, options=None,
              data_spec: DataSpec | None = None, train: TrainConfig | None = None, *,
              dtype=None, backend_name=None, resume=False, save_every=0, progress=True,
              eval_data: dict | None = None, comm=None, force=False,
-             quantize: str | None = None) -> RunResult:
+             quantize: str | None = None, allow_other_base: bool = False) -> RunResult:
     """Fine-tune ``base`` on ``data_spec``; ``eval_data`` maps names to extra TokenData to score
     (``force``: replace a run already in ``out``; ``resume``: continue it; ``quantize="nf4"``:
-    QLoRA, the frozen base in NF4)."""
+    QLoRA, the frozen base in NF4; ``allow_other_base``: resume on a base whose weights differ
+    from the ones the run recorded)."""
     comm = SingleProcess() if comm is None else comm
     check_options([variant], options)   # before the base is read or out is touched
     out = prepare_out(out, resume=resume, force=force, base=base) if comm.is_root else Path(out)
     comm.barrier()
-    existed = (out / TOKENIZER_FILE).exists()
-    try:
-        return _finetune(out, base, variant, targets, options, data_spec, train, dtype,
-                         backend_name, resume, save_every, progress, eval_data, comm, quantize)
-    except BaseException:
-        if comm.is_root:
-            remove_if_unsaved(out, TOKENIZER_FILE, existed)
-        raise
+    return run_locked(out, comm.is_root, lambda where: _finetune(   # one writer, saves go
+        where, base, variant, targets, options, data_spec, train, dtype,   # where it was opened
+        backend_name, resume, save_every, progress, eval_data, comm, quantize, allow_other_base))
 
 
 def _finetune(out, base, variant, targets, options, data_spec, train, dtype, backend_name,
-              resume, save_every, progress, eval_data, comm, quantize) -> RunResult:
+              resume, save_every, progress, eval_data, comm, quantize,
+              allow_other_base=False) -> RunResult:
     data_spec = data_spec or DataSpec(corpus="code")
     train = train or TrainConfig()
     check_options([variant], options)   # before the base is read
     model, tok, base_run = load_base(base, dtype, backend_name)
+    base_sha = base_weights_sha256(base)   # recorded: an adapter is for these weights only
     data = token_data(tok, data_spec, model.config.context)
     cfg = prepare_finetune(model, variant, targets, options or {}, seed=train.seed,
                            quantize=quantize)
     trainer = Trainer(model, data, train, comm=comm)
     history = []
     if resume:
+        check_same_base(read_run(out), base, out, allow_other_base)
         history = _resume(out, trainer, lambda: _load_finetuned_weights(model, out, cfg))
     if isinstance(targets, str):   # a regex given on the command line: saved as the names
         targets = [name for name, _ in adapted_modules(model)]
@@ -273,15 +269,15 @@ def _finetune(out, base, variant, targets, options, data_spec, train, dtype, bac
                          "variant": variant, "targets": list(targets),
                          "config": None if cfg is None else cfg.to_dict(),
                          "data": data_spec.__dict__, "train": train.to_dict(),
-                         "quantize": quantize,
+                         "quantize": quantize, BASE_SHA: base_sha,
                          "history": history})
 
     start = time.perf_counter()
     on_step = _checkpointer(out, trainer, save, save_every, progress)
     history += trainer.fit(on_step, progress, variant)
     elapsed = time.perf_counter() - start
-    check_update(trainer, on_step.saved)
-    save(trainer)
+    check_savable(trainer, on_step.saved)
+    on_step.save(trainer)
     result = RunResult(out, history, trainer.evaluate(), model.num_parameters(True),
                        model.num_parameters(), _median_speed(history))
     result.seconds = elapsed
@@ -303,8 +299,10 @@ def variant_report(model, out) -> list[str]:
     return lines
 
 
-def load_finetuned(base, adapter_dir, dtype=None, backend_name=None):
-    """Base model with a saved fine-tune applied: an adapter directory or a full model."""
+def load_finetuned(base, adapter_dir, dtype=None, backend_name=None,
+                   allow_other_base: bool = False):
+    """Base model with a saved fine-tune applied: an adapter directory or a full model (an
+    adapter whose run recorded other base weights is refused unless ``allow_other_base``)."""
     if not Path(adapter_dir).is_dir():
         raise FileNotFoundError(f"adapter directory not found: {adapter_dir}")
     run = read_run(adapter_dir)
@@ -314,20 +312,10 @@ def load_finetuned(base, adapter_dir, dtype=None, backend_name=None):
     if peft_files.is_peft_dir(adapter_dir):   # a PEFT directory (docs/peft.md#cli)
         model, tok, _ = load_base(base, dtype, backend_name)
         return peft_files.load_pretrained(model, adapter_dir), tok
-    info = checkpoint.read_adapter_config(adapter_dir)   # before the base: fail early
+    checkpoint.read_adapter_config(adapter_dir)   # before the base: fail early
+    check_same_base(run, base, adapter_dir, allow_other_base)
     model, tok, _ = load_base(base, dtype, backend_name)
-    seed = run.get("train", {}).get("seed", 0)
-    try:
-        if info["config"] is not None:
-            inject(model, config_from_dict(info["config"]), info["targets"], seed=seed)
-        else:   # modules differ (e.g. SoRA pruned to a LoRA of each module's kept rank)
-            for i, (name, meta) in enumerate(info["modules"].items()):
-                inject(model, config_from_dict(meta["config"]), [name],
-                       seed=seed + SEED_STRIDE * i)
-    except (ValueError, KeyError, TypeError) as exc:   # the saved config does not fit
-        raise ValueError(f"{Path(adapter_dir) / checkpoint.ADAPTER_CONFIG_FILE}: "
-                         f"{type(exc).__name__ + ': ' if type(exc) is not ValueError else ''}"
-                         f"{exc}") from None
+    peft_files.inject_saved(model, adapter_dir, seed=run.get("train", {}).get("seed", 0))
     if run.get("quantize"):   # the adapter was trained on this quantized base
         quantize_base(model, run["quantize"])
     checkpoint.load_adapter(model, adapter_dir)

@@ -24,7 +24,11 @@ def _fail(where, field, text):
 
 
 def _check(obj, spec, where, field):
-    if callable(spec) and not isinstance(spec, type):
+    if isinstance(spec, at_most):
+        if isinstance(obj, (list, dict)) and len(obj) > spec.n:
+            _fail(where, field, f"holds {len(obj):,} entries, more than the {spec.n:,} allowed")
+        _check(obj, spec.spec, where, field)
+    elif callable(spec) and not isinstance(spec, type):
         problem = spec(obj)
         if problem:
             _fail(where, field, problem)
@@ -74,6 +78,17 @@ def module_name(v):
         return f"must be a module name (letters, digits, _ and .), got {v!r}"
 
 
+MAX_MODULES = 1 << 16   # a model's Linear modules: a longer list names modules twice or none
+
+
+class at_most:   # noqa: N801 - a spec, named like the others
+    """``spec`` for a list or dict of at most ``n`` entries: the count is checked before any
+    entry is."""
+
+    def __init__(self, n: int, spec):
+        self.n, self.spec = n, spec
+
+
 def hex32(v):
     if not isinstance(v, str) or not re.fullmatch(r"[0-9a-f]{32}", v):
         return f"must be a save id (32 hex digits), got {v!r}"
@@ -101,12 +116,14 @@ ADAPTER_MODULE = {"variant": str, "config": dict, "in_features": int_in(1, 1 << 
                   "params?": {str: [int_in(0, 1 << 31)]}, "extra?": dict}
 
 ADAPTER_CONFIG_SCHEMA = {**_SAVE, "variant": str, "config": (dict, None),
-                       "targets": [module_name], "modules": {str: ADAPTER_MODULE}}
+                       "targets": at_most(MAX_MODULES, [module_name]),
+                       "modules": at_most(MAX_MODULES, {str: ADAPTER_MODULE})}
 
 RUN_KINDS = ("base", "full", "adapter", "multi")
 RUN_SCHEMA = {"kind?": lambda v: None if v in RUN_KINDS else f"must be one of {RUN_KINDS}, got {v!r}",
-            "base?": str, "base_path?": str, "variant?": str, "targets?": (list, str),
+            "base?": str, "base_path?": str, "variant?": str,
+            "targets?": at_most(MAX_MODULES, (list, str)),
             "config?": (dict, None),
             "data?": dict, "train?": {"seed?": int_in(0, 1 << 63)}, "history?": [dict],
-            "tokenizer_sha256?": str,
+            "tokenizer_sha256?": str, "base_sha256?": str,
             "quantize?": lambda v: None if v in (None, "nf4") else f"must be null or 'nf4', got {v!r}"}

@@ -25,7 +25,7 @@ import safetensors.numpy as st
 from .. import backend
 from .._version import __version__
 from .json_arrays import encode_train_state
-from .untrusted import (INTEGRITY_KEY, MAX_HEADER_BYTES, load_json_file, parse_safetensors_header,
+from .untrusted import (INTEGRITY_KEY, load_json_file, parse_safetensors_header, read_head,
                         read_safetensors_file, regular_file, seal, sha256, verify_seal)
 
 CHECKSUM_KEY = "lowrank.sha256"
@@ -85,8 +85,10 @@ def _write_temp(path: Path, data: bytes) -> str:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-    except BaseException:
+    except BaseException as exc:
         _unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:   # a full disk, a size limit
+            exc.filename = str(path)                            # names the file it hit
         raise
     return tmp
 
@@ -295,11 +297,7 @@ def read_safetensors_metadata(path) -> dict:
     """The ``__metadata__`` of a safetensors file, read from its (bounded) header alone."""
     path = Path(path)
     size = regular_file(path, 1 << 62, "safetensors file")
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        head += fh.read(min(n, MAX_HEADER_BYTES))
-    return parse_safetensors_header(head, size, path)[1]
+    return parse_safetensors_header(read_head(path, size), size, path)[1]
 
 
 def check_same_save(where, id_a, path_b, id_b) -> None:

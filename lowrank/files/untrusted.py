@@ -14,6 +14,7 @@ RNG, optimizer step or eps included — is refused, and a missing record is refu
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -65,7 +66,10 @@ def read_bytes(path, max_bytes: int, what: str = "file") -> bytes:
         info = os.fstat(fh.fileno())
         if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
             raise ValueError(f"{what} {path} changed while it was opened; refusing to read it")
-        data = fh.read(info.st_size + 1)   # not max_bytes + 1: read() allocates what it asks
+        try:   # not max_bytes + 1: read() allocates what it asks
+            data = fh.read(info.st_size + 1)
+        except OSError as exc:   # /proc/self/mem and the like: "regular", but unreadable
+            raise ValueError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     if len(data) > info.st_size:
         raise ValueError(f"{what} {path} grew while it was read; refusing it")
     return data
@@ -74,14 +78,31 @@ def read_bytes(path, max_bytes: int, what: str = "file") -> bytes:
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
 
 
-def json_depth(data: bytes) -> int:
-    """The deepest nesting of brackets outside strings (no recursion, linear time)."""
-    text = np.frombuffer(_STRING.sub(b'""', data), dtype=np.uint8)
-    if text.size == 0:
-        return 0
-    step = np.isin(text, (ord("["), ord("{"))).astype(np.int64) \
-        - np.isin(text, (ord("]"), ord("}"))).astype(np.int64)
-    return int(np.cumsum(step).max(initial=0))
+def json_depth(data: bytes, chunk: int = 1 << 20) -> int:
+    """The deepest nesting of brackets outside strings (no recursion, linear time; counted a
+    chunk at a time, so the counts take a few MB whatever the file's size)."""
+    text = _STRING.sub(b'""', data) if len(data) <= chunk else _strings_emptied(data)
+    deepest = depth = 0
+    for start in range(0, len(text), chunk):
+        part = np.frombuffer(text, dtype=np.uint8, count=min(chunk, len(text) - start),
+                             offset=start)
+        step = ((part == ord("[")) | (part == ord("{"))).astype(np.int32) \
+            - ((part == ord("]")) | (part == ord("}"))).astype(np.int32)
+        running = np.cumsum(step, dtype=np.int64) + depth
+        deepest, depth = max(deepest, int(running.max())), int(running[-1])
+    return deepest
+
+
+def _strings_emptied(data: bytes) -> bytes:
+    """``_STRING.sub(b'""', data)`` without its list of pieces (10⁶ short strings would take
+    hundreds of MB): the pieces are written out as they are found."""
+    out, last = io.BytesIO(), 0
+    for m in _STRING.finditer(data):
+        out.write(data[last:m.start()])
+        out.write(b'""')
+        last = m.end()
+    out.write(data[last:])
+    return out.getvalue()
 
 
 def parse_json(data: bytes, source, max_depth: int = MAX_JSON_DEPTH):
@@ -197,16 +218,23 @@ def _count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62
 
 
+def read_head(path, size: int) -> bytes:
+    """The first bytes of a safetensors file: the length and the (bounded) header."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            return head + fh.read(min(n, MAX_HEADER_BYTES, max(size - 8, 0)))
+    except OSError as exc:
+        raise ValueError(f"cannot read safetensors file {path}: {exc.strerror or exc}") from None
+
+
 def read_safetensors_file(path, expected_shapes: dict | None = None,
                           max_bytes: int = MAX_TENSOR_FILE_BYTES):
     """``(tensors, metadata, sha256 of the file)``. ``expected_shapes`` (key -> shape) is
     checked against the header before the tensor data are read."""
     size = regular_file(path, max_bytes, "safetensors file")
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        head += fh.read(min(n, MAX_HEADER_BYTES, max(size - 8, 0)))
-    entries, meta, start = parse_safetensors_header(head, size, path)
+    entries, meta, start = parse_safetensors_header(read_head(path, size), size, path)
     for key, shape in (expected_shapes or {}).items():
         if key in entries and entries[key][1] != tuple(shape):
             raise ValueError(f"shape mismatch for key {key!r} in {path}: file has "

@@ -14,6 +14,7 @@ import numpy as np
 
 from .._version import __version__
 from ..adapters import AdaptedLinear
+from ..adapters._peft import check_tensors
 from ..files.json_arrays import split_arrays
 from ..nn.module import Module
 from ..files.schema import ADAPTER_CONFIG_SCHEMA, check
@@ -155,6 +156,8 @@ def load_adapter(model: Module, directory) -> dict:
     path, tensors = read_saved_tensors(directory, info, ADAPTER_FILE,
                                        directory / ADAPTER_CONFIG_FILE,
                                        max_bytes=cap_for(params.values()))
+    integral = {k for k, p in params.items() if np.dtype(p.dtype).kind in "iub"}   # RoSA's indices
+    check_tensors({k: a for k, a in tensors.items() if k not in integral}, path)
     modules = dict(_adapter_modules(model))
     saved_modules = info.get("modules") or {}
     for mname, m in modules.items():

@@ -13,6 +13,7 @@ from .. import backend as _backend
 from .. import models
 from ..files.locate import CONFIG_FILE
 from ..files.storage import read_json, read_safetensors
+from .hf_config_check import check_config_against_headers
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -116,6 +117,7 @@ def load_hf(directory: Path, hf_config: dict, dtype: str, backend: str | None = 
     host and moved to ``backend``."""
     xp = None if backend is None else _backend.namespace(backend)
     entry = models.entry(hf_config["model_type"])
+    check_config_against_headers(directory, hf_config, entry, directory / CONFIG_FILE)
     tensors, where = _strip(*read_tensors(directory), entry)
     config_path = directory / CONFIG_FILE
     config = entry.config_from_hf(hf_config, set(tensors), str(config_path))

@@ -1,91 +1,141 @@
-"""``save_pretrained`` / ``load_pretrained``: adapter directories that PEFT loads, and PEFT's
-(or lowrank's) directories loaded into a lowrank model (docs/peft.md).
+"""``save_pretrained`` / ``load_pretrained`` / ``inject_saved``: adapter directories that PEFT
+loads, and PEFT's (or lowrank's) directories loaded into a lowrank model (docs/peft.md).
 
-``save_pretrained(model, dir)`` writes PEFT's ``adapter_model.safetensors`` (keys
-``base_model.model.<module>.lora_A.weight`` ...) and ``adapter_config.json`` (PEFT's fields,
-lowrank's beside them under ``"lowrank"``) for lora, rsLoRA, DoRA, AdaLoRA and (through
-``peft_lycoris``) VeRA, LoHa, LoKr; PiSSA, OLoRA and MiLoRA are re-expressed over the original
-base (docs/peft.md#pissa). Variants PEFT lacks
-save in lowrank's own format (``adapter_files``), with no ``peft_type``.
+``save_pretrained(model, dir)`` writes PEFT's ``adapter_model.safetensors`` and
+``adapter_config.json`` through the variant's ``peft_codec`` (its own file says how its
+tensors and fields read in PEFT); q/k/v on GPT-2 are fused here (``peft_format``). Variants
+PEFT lacks save in lowrank's own format (``adapter_files``), with no ``peft_type``. Named
+adapters save as PEFT does: ``default`` in ``dir``, each other in ``dir/<name>``.
 
-``load_pretrained(model, dir)`` reads either format. Everything is checked and built in new
-layers first; the model is changed only when all of it fits, so a bad directory raises a
-one-line ValueError and leaves the model as it was.
+``load_pretrained(model, dir)`` reads either format; ``inject_saved(model, dir or config)``
+puts in the adapters a saved config describes, weights at their init. Both check and build
+everything in new layers first, so a bad directory raises a one-line ValueError and leaves
+the model as it was.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
-
 from . import adapter_dir as adapter_files
+from .adapter_dir import ADAPTER_CONFIG_FILE
 from .model_dir import open_model
 from . import peft_names as pf
-from . import peft_lycoris as pl
 from .._version import __version__
-from ..adapters import AdaptedLinear, config, config_from_dict
-from ..adapters.inject import (SEED_STRIDE, _set_child, adapted_modules, adapter_names,
-                               set_adapter, stash_active)
+from ..adapters import AdaptedLinear, config, peft_codecs, validate_config
+from ..adapters._peft import check_tensors
+from ..adapters.inject import SEED_STRIDE, adapted_modules, adapter_names, set_adapter, stash_active
 from ..nn.layers import Linear
 from ..nn.module import Module
-from ..files.storage import (StagedFiles, check_and_assign, host_copy, json_bytes, read_json,
-                             read_safetensors, safetensors_bytes)
+from .saved_adapters import (attach, build, inject_saved, lowrank_specs, new_layer,  # noqa: F401
+                             read_config)
+from ..files.storage import (SAVE_ID_KEY, StagedFiles, atomic_write, check_and_assign, host_copy,
+                             json_bytes, read_json, read_safetensors, safetensors_bytes)
 
-CONFIG_FILE = adapter_files.ADAPTER_CONFIG_FILE
 WEIGHTS_FILE = adapter_files.ADAPTER_FILE
-DATA_DRIVEN = ("pissa", "olora", "milora")
+HEAD_FILE = "classifier.safetensors"   # a mean-pooled classifier's head (docs/peft.md#heads)
 NOT_IN_PEFT = ("{variant} adapter saved in lowrank's format: PEFT has no {variant}. Load it "
-               "with lowrank.adapters.load_pretrained(model, directory).\n")
+               "with lowrank.load_pretrained(model, directory).\n")
+MEAN_POOLED = """Mean-pooled classifier, saved as PEFT's FEATURE_EXTRACTION adapter over the
+encoder: transformers' BertForSequenceClassification reads the [CLS] pooler, which this
+classifier never used, so a SEQ_CLS adapter would predict differently. To reproduce its logits:
+
+    enc = PeftModel.from_pretrained(BertModel.from_pretrained(BASE), THIS_DIRECTORY).eval()
+    h = enc(input_ids=ids, attention_mask=mask).last_hidden_state        # (B, T, d)
+    z = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)          # mean of the tokens
+    head = safetensors.torch.load_file(THIS_DIRECTORY + "/classifier.safetensors")
+    logits = z @ head["weight"].T + head["bias"]
+
+lowrank: lowrank.load_pretrained(classifier, THIS_DIRECTORY) loads the adapter and the head.
+"""
 
 
 # --- save ---------------------------------------------------------------------------------
 
 def save_pretrained(model: Module, directory, base=None) -> Path:
-    """Write ``model``'s adapters to ``directory`` as PEFT does (LoRA & co., VeRA, LoHa, LoKr),
-    or in lowrank's format for variants PEFT lacks. ``base``: the base model's path (default:
-    the checkpoint ``lr.from_pretrained`` read), recorded as ``base_model_name_or_path`` and
-    read back for PiSSA/OLoRA/MiLoRA's original weights."""
+    """Write ``model``'s adapters to ``directory`` as PEFT does, or in lowrank's format for
+    variants PEFT lacks; named adapters as PEFT does (``default`` in ``directory``, each other
+    in ``directory/<name>``). ``base``: the base model's path (default: the checkpoint
+    ``lr.from_pretrained`` read), recorded as ``base_model_name_or_path`` and read back for
+    PiSSA/OLoRA/MiLoRA's original weights."""
     directory = Path(directory)
+    if not vars(model).get("adapter_sets"):
+        return _save_one(model, directory, base)
+    active = vars(model).get("active_adapter", "default")
+    try:
+        for name in adapter_names(model):
+            if name != vars(model).get("active_adapter", "default"):
+                set_adapter(model, name)
+            _save_one(model, directory if name == "default" else directory / name, base)
+    finally:
+        if vars(model).get("active_adapter", "default") != active:
+            set_adapter(model, active)
+    return directory
+
+
+def _save_one(model, directory: Path, base) -> Path:
     modules = adapted_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} holds no adapter; inject one first")
     variants = sorted({m.variant for _, m in modules})
-    in_peft = {**pf.PEFT_TYPE, **pl.PEFT_TYPE}
-    if any(v not in in_peft for v in variants):
-        if len(variants) > 1:
-            raise ValueError(f"modules mix variants {variants}; PEFT has no "
-                             f"{[v for v in variants if v not in in_peft]}")
+    codec = type(modules[0][1]).peft_codec
+    if len(variants) > 1:
+        raise ValueError(f"modules mix variants {variants}; one adapter file holds one")
+    if codec is None:
         adapter_files.save_adapter(model, directory)
         (directory / "README.md").write_text(NOT_IN_PEFT.format(variant=variants[0]))
         return directory
-    cfgs = {type(m.config) for _, m in modules}
     cfg = modules[0][1].config
-    if len(cfgs) > 1 or any((m.config.dropout, m.config.bias) != (cfg.dropout, cfg.bias)
-                            for _, m in modules):
-        raise ValueError("PEFT's adapter_config.json holds one variant, dropout and bias; "
-                         f"the modules differ ({variants})")
+    if any((m.config.dropout, m.config.bias) != (cfg.dropout, cfg.bias) for _, m in modules):
+        raise ValueError("PEFT's adapter_config.json holds one dropout and bias; the modules "
+                         "differ")
     if cfg.bias != "none":
         raise ValueError(f"bias={cfg.bias!r}: save_pretrained writes PEFT's format with "
                          "bias='none' only; lowrank's own adapter files keep trained biases "
                          "(lowrank.formats.checkpoint.save_adapter)")
     if any(m.merged for _, m in modules):
         raise ValueError("an adapter is merged; unmerge() before save_pretrained")
-    layout = pf.layout_of(model)
+    layout, mean_pooled = pf.layout_of(model), getattr(model, "pooling", None) == "mean"
+    if mean_pooled:   # the encoder alone is what PEFT wraps (BertModel: no "bert." prefix)
+        layout = layout._replace(prefix="")
+    if layout.kind == "gpt2" and not codec.wraps_conv1d:
+        raise ValueError(f"{cfg.variant} adapter on GPT-2: PEFT's {codec.peft_type} does not "
+                         "wrap GPT-2's Conv1D layers (it takes Linear, Conv1d and Conv2d only); "
+                         "save in lowrank's format (lowrank.formats.checkpoint.save_adapter)")
     source = str(base) if base is not None else _recorded_path(model)
-    if cfg.variant in pl.PEFT_TYPE:
-        tensors, info = _lycoris_files(model, modules, cfg, layout, source)
-    else:
-        pieces = _pieces(model, modules, layout, source)
-        tensors, info = _peft_files(model, pieces, cfg, layout, source)
-    # lowrank's own record rides in the safetensors header: PEFT warns on unknown config fields
-    metadata = {"lowrank.version": __version__, "lowrank.variant": cfg.variant,
-                "lowrank.config": json.dumps(cfg.to_dict()),
-                "lowrank.layout": json.dumps(layout._asdict())}
+    items = _items(model, modules, layout, source, codec)
+    tensors, fields = codec.save(items, cfg)
+    saving = _modules_to_save(model)
+    heads = {} if not mean_pooled else {n: p.data for n, p in model.classifier.named_parameters()}
+    if mean_pooled:
+        saving = [n for n in saving if n != "classifier"]
+    to_save = [layout.peft_name(n)[0] for n in saving] or None
+    task = "FEATURE_EXTRACTION" if mean_pooled else "SEQ_CLS" if to_save else \
+        "CAUSAL_LM" if layout.kind == "gpt2" else None
+    every = [n for n, m in model.named_modules() if isinstance(m, (Linear, AdaptedLinear))]
+    info = {"peft_type": codec.peft_type, **fields,
+            "target_modules": pf.short_targets(list(items), list(pf.peft_names(layout, every))),
+            "modules_to_save": to_save, "task_type": task, "base_model_name_or_path": source,
+            "inference_mode": True, "revision": None, "layers_to_transform": None,
+            "layers_pattern": None}
+    if "fan_in_fan_out" in codec.fields:
+        info["fan_in_fan_out"] = layout.kind == "gpt2"
+    modules_by = dict(model.named_modules())
+    tensors.update({f"{pf.PEFT_PREFIX}{layout.peft_name(name)[0]}.{pname}": p.data
+                    for name in saving for pname, p in modules_by[name].named_parameters()})
     directory.mkdir(parents=True, exist_ok=True)
-    with StagedFiles() as staged:
+    with StagedFiles() as staged:   # lowrank's record rides in the header: PEFT warns on
+        metadata = {"lowrank.version": __version__, "lowrank.variant": cfg.variant,  # unknown
+                    "lowrank.config": json.dumps(cfg.to_dict()),           # config fields
+                    "lowrank.layout": json.dumps(layout._asdict()), SAVE_ID_KEY: staged.save_id}
         staged.add(directory / WEIGHTS_FILE, safetensors_bytes(tensors, metadata))
-        staged.commit(directory / CONFIG_FILE, json_bytes(info))
+        if heads:
+            staged.add(directory / HEAD_FILE,
+                       safetensors_bytes(heads, {SAVE_ID_KEY: staged.save_id}))
+        staged.commit(directory / ADAPTER_CONFIG_FILE, json_bytes(info),
+                      remove=[] if heads else [directory / HEAD_FILE])
+    if heads:
+        atomic_write(directory / "README.md", MEAN_POOLED.encode())
     return directory
 
 
@@ -95,23 +145,8 @@ def _recorded_path(model):
     return None if source is None else source.get("path")
 
 
-def _piece(name, m, original_weight) -> pf.Piece:
-    A, B = host_copy(m.lora_A.data), host_copy(m.lora_B.data)
-    if m.variant == "adalora":
-        rows = m.saved_rows()
-        keep = np.flatnonzero(rows)
-        return pf.Piece("adalora", A[keep], B[:, keep], m.scaling,
-                        E=host_copy(m.lora_E.data)[keep], pattern=tuple(rows))
-    init = getattr(m.config, "init", "kaiming")
-    if init.startswith(DATA_DRIVEN):
-        A, B = pf.data_driven_piece(A, B, m.scaling, original_weight(name),
-                                    host_copy(m.weight.data))
-    mag = host_copy(m.lora_magnitude_vector.data) if m.variant == "dora" else None
-    return pf.Piece(m.variant, A, B, m.scaling, mag=mag)
-
-
-def _pieces(model, modules, layout, source) -> dict:
-    """``{peft module name: Piece}``, q/k/v fused into c_attn."""
+def _items(model, modules, layout, source, codec) -> dict:
+    """``{PEFT module name: Piece or layer}``; q/k/v fused into GPT-2's c_attn."""
     base_model = []
 
     def original_weight(name):   # PiSSA & co: the base weight before the init rewrote it
@@ -136,7 +171,13 @@ def _pieces(model, modules, layout, source) -> dict:
         if mapped is None:
             raise ValueError(f"adapted module {name!r} has no counterpart in the "
                              f"{layout.kind} model PEFT wraps")
-        grouped.setdefault(mapped[0], {})[mapped[1]] = _piece(name, m, original_weight)
+        if mapped[1] is not None and not codec.fused:
+            raise ValueError(f"{m.variant} adapter on {name!r}: GPT-2's fused c_attn has no "
+                             f"exact {codec.peft_type} counterpart for q/k/v adapters "
+                             "(docs/peft.md#vera-loha-lokr); target attn.o, mlp.fc1, mlp.fc2, "
+                             "or save in lowrank's format (lowrank.formats.checkpoint.save_adapter)")
+        grouped.setdefault(mapped[0], {})[mapped[1]] = \
+            codec.piece(m, lambda name=name: original_weight(name)) if codec.fused else m
     linears = dict(model.named_modules())
     out = {}
     for peft_name, parts in grouped.items():
@@ -146,59 +187,11 @@ def _pieces(model, modules, layout, source) -> dict:
         names = {p: n for n, p in pf.peft_names(layout, linears)[peft_name]}
 
         def norms(j, names=names):
-            W = host_copy(linears[names[j]].weight.data).astype(np.float64)
-            return np.sqrt((W * W).sum(axis=1)).astype(W.dtype)
+            W = host_copy(linears[names[j]].weight.data).astype("float64")
+            return ((W * W).sum(axis=1) ** 0.5).astype(W.dtype)
         first = next(iter(parts.values()))
         out[peft_name] = pf.fuse(parts, first.B.shape[0], norms)
     return out
-
-
-def _lycoris_files(model, modules, cfg, layout, source) -> tuple[dict, dict]:
-    """VeRA, LoHa, LoKr (docs/peft.md#vera-loha-lokr): parameters under PEFT's names."""
-    pl.check_layers(modules, layout.peft_name, layout.kind)
-    layers = [(layout.peft_name(name)[0], m) for name, m in modules]
-    saving, to_save, task, fan_in_fan_out = _wrapping(model, layout)
-    every = [n for n, m in model.named_modules() if isinstance(m, (Linear, AdaptedLinear))]
-    info = pl.config(layers, cfg, list(pf.peft_names(layout, every)), to_save or None, task,
-                     source, fan_in_fan_out)
-    tensors = pl.tensors(layers, getattr(cfg, "save_projection", False))
-    return {**tensors, **_head_tensors(model, layout, saving)}, info
-
-
-def _wrapping(model, layout) -> tuple:
-    """``(modules_to_save, their PEFT names, task_type, fan_in_fan_out)``."""
-    saving = _modules_to_save(model)
-    to_save = [layout.peft_name(n)[0] for n in saving]
-    task = "SEQ_CLS" if to_save else "CAUSAL_LM" if layout.kind == "gpt2" else \
-        getattr(model, "peft_task_type", None)   # a model may say what it is (Llama)
-    return saving, to_save, task, layout.kind == "gpt2"
-
-
-def _head_tensors(model, layout, saving) -> dict:
-    modules = dict(model.named_modules())
-    return {f"{pf.PEFT_PREFIX}{layout.peft_name(name)[0]}.{pname}": p.data
-            for name in saving for pname, p in modules[name].named_parameters()}
-
-
-def _peft_files(model, pieces, cfg, layout, source) -> tuple[dict, dict]:
-    saving, to_save, task, fan_in_fan_out = _wrapping(model, layout)
-    if cfg.variant == "adalora":
-        init_r = max(len(p.pattern) for p in pieces.values())
-        patterns = {n: p.pattern + (False,) * (init_r - len(p.pattern))
-                    for n, p in pieces.items()}
-        scale = cfg.alpha / (init_r + pf.RANKNUM_EPS)
-        info = pf.adalora_config(init_r, patterns, cfg, to_save or None, task, source,
-                                 fan_in_fan_out)
-    else:
-        scale = None
-        info = pf.lora_config(pieces, cfg, to_save or None, task, source, fan_in_fan_out)
-    every = [n for n, m in model.named_modules() if isinstance(m, (Linear, AdaptedLinear))]
-    info["target_modules"] = pf.short_targets(list(pieces), list(pf.peft_names(layout, every)))
-    tensors = {}
-    for name, piece in pieces.items():
-        tensors.update(pf.peft_tensors(piece, name, scale))
-    tensors.update(_head_tensors(model, layout, saving))
-    return tensors, info
 
 
 def _modules_to_save(model) -> list:
@@ -219,7 +212,7 @@ def _modules_to_save(model) -> list:
 
 def is_peft_dir(directory) -> bool:
     """Whether ``directory`` holds a PEFT adapter config (``peft_type``), PEFT's or ours."""
-    path = Path(directory) / CONFIG_FILE
+    path = Path(directory) / ADAPTER_CONFIG_FILE
     return path.is_file() and "peft_type" in read_json(path)
 
 
@@ -252,68 +245,90 @@ def load_pretrained(model: Module, directory, seed: int = 0, adapter_name: str |
 
 
 def _load(model, directory: Path, seed: int) -> None:
-    if not (directory / CONFIG_FILE).is_file():
-        raise ValueError(f"{directory} is not an adapter directory: it has no {CONFIG_FILE}")
-    info = read_json(directory / CONFIG_FILE)
+    info, where = read_config(directory)
     if info.get("format") == adapter_files.ADAPTER_FORMAT:
-        _load_lowrank(model, directory, info, seed)
+        staging = build(model, lowrank_specs(info), seed, where)
+        adapter_files.load_adapter(staging, directory)
+        attach(model, staging.layers, dict.fromkeys(staging.layers, {}), [])
         return
-    kind = info.get("peft_type")
-    if kind is None:
-        raise ValueError(f"{directory / CONFIG_FILE} is neither a PEFT adapter config (no "
-                         f"'peft_type') nor lowrank's (no 'format': "
-                         f"{adapter_files.ADAPTER_FORMAT!r})")
-    if kind not in ("LORA", "ADALORA") and kind not in pl.VARIANT:
-        raise ValueError(f"{directory} holds a PEFT {kind} adapter; lowrank reads LORA (lora, "
-                         "rsLoRA, DoRA), ADALORA, VERA, LOHA and LOKR adapters")
-    pl.check_config(info, f"{directory / CONFIG_FILE}")
+    codec = validate_config(info, where, peft_codecs())
+    if info.get("task_type") == "SEQ_CLS" and getattr(model, "pooling", None) == "mean":
+        raise ValueError(f"{where}: a SEQ_CLS adapter's head reads the [CLS] pooler "
+                         "(BertForSequenceClassification); this classifier pools the mean of "
+                         "the tokens and would predict differently: build it with pooling='cls'")
     path = directory / WEIGHTS_FILE
     if not path.is_file():
-        raise ValueError(f"{directory} holds a PEFT {kind} config but no {WEIGHTS_FILE}")
-    _load_peft(model, read_safetensors(path), info, f"{path}", seed)
+        raise ValueError(f"{directory} holds a PEFT {codec.peft_type} config but no "
+                         f"{WEIGHTS_FILE}")
+    tensors, extra = read_safetensors(path), {}
+    check_tensors(tensors, path)
+    if (directory / HEAD_FILE).is_file() and getattr(model, "pooling", None) == "mean":
+        extra = {f"classifier.{k}": a for k, a in read_safetensors(directory / HEAD_FILE).items()}
+        check_tensors(extra, directory / HEAD_FILE)
+    _load_peft(model, tensors, info, codec, f"{path}", seed, extra)
 
 
-def _load_peft(model, tensors, info, where, seed):
-    lycoris = info["peft_type"] in pl.VARIANT
-    by_module, others, shared = pl.split_keys(tensors, info["peft_type"]) if lycoris else \
-        ({}, tensors, {})
-    bad = [k for k in others if not k.startswith(pf.PEFT_PREFIX)]
+def _load_peft(model, tensors, info, codec, where, seed, extra):
+    shared = {codec.shared_keys[k]: tensors.pop(k) for k in list(tensors)
+              if k in codec.shared_keys}
+    bad = [k for k in tensors if not k.startswith(pf.PEFT_PREFIX)]
     if bad:
         raise ValueError(f"{where}: key {bad[0]!r} lacks PEFT's prefix {pf.PEFT_PREFIX!r}")
-    others = {k[len(pf.PEFT_PREFIX):]: a for k, a in others.items()}
-    for key in [k for k in others if not lycoris and ".lora_" in k]:
-        head, _, tail = key.partition(".lora_")
-        by_module.setdefault(head, {})["lora_" + tail] = others.pop(key)
+    families = {"." + k.split("_")[0] + "_" for k in codec.module_keys}
+    by_module, others = {}, {}
+    for key, array in tensors.items():
+        rest = key[len(pf.PEFT_PREFIX):]
+        suffix = next((s for s in codec.module_keys if rest.endswith("." + s)), None)
+        if suffix is not None:
+            by_module.setdefault(rest[:-len(suffix) - 1], {})[suffix] = array
+        elif any(f in rest for f in families):
+            raise ValueError(f"{where}: unexpected key {key!r} (a {codec.peft_type} adapter's "
+                             f"modules hold {list(codec.module_keys)})")
+        else:
+            others[rest] = array
+    if not by_module:
+        raise ValueError(f"{where}: the file holds no {codec.peft_type} adapter tensor")
     linears = [n for n, m in model.named_modules() if isinstance(m, Linear)]
     params = dict(model.named_parameters())
     layout, names = _layout_for(model, linears, params, set(by_module), set(others), where,
                                 info)
     new, expected, host, metas = {}, {}, {}, {}
     mods = dict(model.named_modules())
-    for i, (peft_name, found) in enumerate(sorted(by_module.items())):
-        split = [(names[peft_name][0][0], *pl.module_config(peft_name, found, info,
-                                                             names[peft_name], where), {})] \
-            if lycoris else pf.split_module(peft_name, dict(found), info, names[peft_name], where)
-        for name, variant, fields, arrays, extra in split:
-            linear = mods[name]
-            if fields["r"] > min(linear.weight.shape) and variant != "adalora":
-                raise ValueError(f"{where}: module {peft_name!r} has rank {fields['r']}, more "
-                                 f"than {name!r} {tuple(linear.weight.shape)} allows")
-            bias = None if linear.bias is None else linear.bias.data
-            layer = AdaptedLinear(linear.weight.data, bias, config(variant, **fields),
-                                  seed=seed + SEED_STRIDE * len(new))
-            new[name], metas[name] = layer, extra
+    for peft_name, found in sorted(by_module.items()):
+        for name, variant, fields, arrays, meta in codec.load_module(
+                peft_name, dict(found), info, names[peft_name], where):
+            here = f"{where}: module {peft_name!r}"   # a rank the Linear cannot hold, ...
+            layer = new_layer(mods[name], _config(variant, fields, here),
+                              seed + SEED_STRIDE * len(new), here)
+            new[name], metas[name] = layer, meta
             for pname, p in layer.named_parameters():
-                if pname in arrays or (lycoris and pname in pl.PARAMS[info["peft_type"]]):
+                if pname in arrays or (p.trainable and pname not in ("weight", "bias")):
                     expected[f"{name}.{pname}"] = p
             host.update({f"{name}.{pname}": a for pname, a in arrays.items()})
-    if info["peft_type"] == "VERA":
-        pl.tie_vera(list(new.values()), shared, where)
+    codec.after_load(list(new.values()), shared, where)
     for key, array in others.items():   # modules_to_save (a head) or trained biases
         name = _param_name(layout, key, params)
         expected[name], host[name] = params[name], array
-    check_and_assign(expected, host, where, strict=True)   # all or nothing
-    _attach(model, new, metas, [n for n in host if n in params])
+    for name, array in extra.items():   # a mean-pooled classifier's head file
+        if name not in params:
+            raise ValueError(f"{where}: {HEAD_FILE} holds {name!r}, the model has no such "
+                             "parameter")
+        expected[name], host[name] = params[name], array
+    try:
+        check_and_assign(expected, host, where, strict=True)   # all or nothing
+    except ValueError as exc:   # the config decides an adapter module's shapes and tensors
+        if not any(f"'{name}." in str(exc) for name in new):
+            raise
+        raise ValueError(f"{exc}; the rank fields of {ADAPTER_CONFIG_FILE} (r, rank_pattern, ...) do "
+                         "not fit the tensors") from None
+    attach(model, new, metas, [n for n in host if n in params])
+
+
+def _config(variant, fields, where):
+    try:
+        return config(variant, **fields)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def _param_name(layout, key, params):
@@ -342,58 +357,4 @@ def _layout_for(model, linears, params, modules, others, where, info):
                      f"another base: {info.get('base_model_name_or_path')!r})")
 
 
-def _attach(model, new: dict, metas: dict, trained: list) -> None:
-    model.freeze()
-    for name, layer in new.items():
-        _set_child(model, name, layer)
-        if metas[name].get("rank_pattern") is not None:
-            layer.rank_pattern = metas[name]["rank_pattern"]
-    params = dict(model.named_parameters())
-    for name in trained:   # PEFT's modules_to_save train on
-        params[name].trainable = True
-    for layer in new.values():
-        if layer.config.bias == "all":
-            for pname, p in model.named_parameters():
-                if pname.endswith("bias"):
-                    p.trainable = True
-
-
-def _load_lowrank(model, directory, info, seed):
-    """lowrank's own directory: the saved configs and module names, loaded into new layers
-    first (adapter_files checks every key), attached only then."""
-    saved = info.get("modules") or {}
-    mods = dict(model.named_modules())
-    staging = _Staging()
-    for i, (name, meta) in enumerate(saved.items()):
-        linear = mods.get(name)
-        if not isinstance(linear, Linear):
-            raise ValueError(f"{directory}: adapter module {name!r} is not a Linear of this "
-                             f"{type(model).__name__}")
-        bias = None if linear.bias is None else linear.bias.data
-        staging.layers[name] = AdaptedLinear(linear.weight.data, bias,
-                                             config_from_dict(meta["config"]),
-                                             seed=seed + SEED_STRIDE * i)
-    adapter_files.load_adapter(staging, directory)
-    _attach(model, staging.layers, dict.fromkeys(staging.layers, {}), [])
-
-
-class _Staging(Module):
-    """New layers under their model names, for a load that must not touch the model yet."""
-
-    def __init__(self):
-        self.layers = {}
-
-    def named_children(self):
-        yield from self.layers.items()
-
-    def named_modules(self, prefix: str = ""):
-        yield prefix, self
-        for name, layer in self.layers.items():
-            yield from layer.named_modules(name)
-
-    def named_parameters(self, prefix: str = "", trainable_only: bool = False):
-        for name, layer in self.layers.items():
-            yield from layer.named_parameters(name, trainable_only)
-
-
-__all__ = ["save_pretrained", "load_pretrained"]
+__all__ = ["save_pretrained", "load_pretrained", "inject_saved"]

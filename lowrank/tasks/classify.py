@@ -91,7 +91,7 @@ def prepare(clf, variant: str, options: dict | None = None, targets=TARGETS, see
             pooler.freeze()      # unused by mean pooling: no gradient, no weight decay
         return None
     cfg = adapter_config(variant, **{**ADAPTER_OPTIONS, **(options or {})})
-    inject(clf.encoder, cfg, list(targets), seed=seed)
+    inject(clf.encoder, cfg, targets if isinstance(targets, str) else list(targets), seed=seed)
     return cfg
 
 

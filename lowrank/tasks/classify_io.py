@@ -11,6 +11,9 @@ A classifier directory (``lowrank finetune --task classify --out DIR``) holds:
   ``encoder.safetensors`` (every encoder parameter); with the head alone: nothing more.
 
 ``DIR`` is the best epoch's checkpoint (highest validation accuracy), ``DIR/last`` the last's.
+``classify.json`` is sealed (``storage.seal``) and records the SHA-256 of the other files, so
+an edited label list or a swapped file is refused; its fields are checked (``CLASSIFY_FILE``)
+and the label count is held against the head's header before anything is built.
 Host-side I/O (docs/classification.md#files).
 """
 from __future__ import annotations
@@ -21,15 +24,19 @@ import numpy as np
 
 from .. import backend
 from ..formats import checkpoint
-from ..adapters import config_from_dict, inject
-from ..adapters.inject import SEED_STRIDE
+from ..formats.saved_adapters import inject_saved
 from ..models.classifier import SequenceClassifier
 from ..formats.model_dir import from_pretrained
-from ..files.storage import (check_and_assign, read_json, read_safetensors, write_json,
-                             write_safetensors)
+from ..files.base_identity import _file_sha256
+from ..formats.hf_config_check import read_header
+from ..files.schema import check, int_in
+from ..files.storage import (atomic_write, check_and_assign, read_safetensors, read_sealed_json,
+                             safetensors_bytes, write_sealed_json)
+from ..files.untrusted import sha256
 from ..text.tokenizer import Tokenizer
 from . import classify
-from .text_data import TextData, encode_labels, label_names, read_tsv, sentiment_split
+from .text_data import (MAX_LABEL_CHARS, MAX_LABELS, TextData, encode_labels, label_names,
+                        read_tsv, sentiment_split)
 
 TASK_FILE, HEAD_FILE, ENCODER_FILE = "classify.json", "classifier.safetensors", \
     "encoder.safetensors"
@@ -56,14 +63,49 @@ def save(clf, directory, info: dict) -> Path:
     ``classify.json`` is written last, so a directory with one is complete."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    write_safetensors(directory / HEAD_FILE, {k: p.data for k, p in clf.head_parameters()})
+    digests = {HEAD_FILE: _write(directory / HEAD_FILE, clf.head_parameters())}
     if info["mode"] == "adapter":
         checkpoint.save_adapter(clf.encoder, directory)
+        digests[ADAPTER_CONFIG] = _file_sha256(directory / ADAPTER_CONFIG)
     elif info["mode"] == "full":
-        write_safetensors(directory / ENCODER_FILE,
-                          {k: p.data for k, p in clf.encoder.named_parameters()})
-    write_json(directory / TASK_FILE, info)
+        digests[ENCODER_FILE] = _write(directory / ENCODER_FILE, clf.encoder.named_parameters())
+    write_sealed_json(directory / TASK_FILE, {**info, FILES: digests})
     return directory
+
+
+def _write(path: Path, named) -> str:
+    data = safetensors_bytes({k: p.data for k, p in named})
+    atomic_write(path, data)
+    return sha256(data)
+
+
+def _labels(v):
+    if not isinstance(v, list) or not 1 <= len(v) <= MAX_LABELS:
+        return f"must be a list of 1 to {MAX_LABELS:,} label names"
+    if not all(isinstance(n, str) and 0 < len(n) <= MAX_LABEL_CHARS for n in v):
+        return f"must hold strings of 1 to {MAX_LABEL_CHARS} characters"
+    if len(set(v)) != len(v):
+        return "holds a label twice (predictions would print the wrong name)"
+
+
+FILES, ADAPTER_CONFIG = "sha256", checkpoint.ADAPTER_CONFIG_FILE
+CLASSIFY_FILE = {"labels": _labels, "base": str, "recipe": dict, FILES: {str: str},
+                 "mode": lambda v: None if v in ("adapter", "full", "head") else
+                 f"must be 'adapter', 'full' or 'head', got {v!r}",
+                 "task?": str, "variant?": str, "targets?": (list, str), "adapter?": (dict, None),
+                 "epochs?": [dict], "best_epoch?": int_in(0, 1 << 31)}
+
+
+def _check_file(directory: Path, info: dict, name: str) -> Path:
+    """``directory / name``, its SHA-256 the one ``classify.json`` recorded."""
+    path, want = directory / name, info[FILES].get(name)
+    if want is None:
+        raise ValueError(f"{directory / TASK_FILE}: field {FILES!r} records no SHA-256 for "
+                         f"{name}; refusing to load an unverified file")
+    if _file_sha256(path) != want:
+        raise ValueError(f"{path} differs from the file {directory / TASK_FILE} recorded "
+                         "(changed, swapped or from another save)")
+    return path
 
 
 def read_info(directory) -> dict:
@@ -71,29 +113,30 @@ def read_info(directory) -> dict:
     if not path.is_file():
         raise ValueError(f"{directory}: not a classifier directory (no {TASK_FILE}; write one "
                          "with `lowrank finetune --task classify`)")
-    return read_json(path)
+    return check(read_sealed_json(path), CLASSIFY_FILE, str(path))
 
 
 def load(directory, base=None, dtype: str = "float32"):
     """``(classifier in eval mode, tokenizer, info)`` from a directory ``save`` wrote, over
     ``base`` (default: the base it was trained from)."""
     info = read_info(directory)
-    config = classify.ClassifyConfig(**info["recipe"])
-    clf, tok = build(base or info["base"], len(info["labels"]), config, dtype)
     directory = Path(directory)
+    head = _check_file(directory, info, HEAD_FILE)
+    rows = read_header(head).get("classifier.weight", (None, (None,)))[1][0]
+    if rows != len(info["labels"]):   # before a head of that many rows is built
+        raise ValueError(f"{directory / TASK_FILE}: field 'labels' holds {len(info['labels'])} "
+                         f"names, but {head} has a head of {rows} rows")
+    try:
+        config = classify.ClassifyConfig(**info["recipe"])
+    except TypeError as exc:
+        raise ValueError(f"{directory / TASK_FILE}: field 'recipe': {exc}") from None
+    clf, tok = build(base or info["base"], len(info["labels"]), config, dtype)
     if info["mode"] == "adapter":
-        adapter = checkpoint.read_adapter_config(directory)
-        if adapter["config"] is not None:   # the exact modules (a suffix like "dense" would
-            inject(clf.encoder, config_from_dict(adapter["config"]),   # also take the pooler)
-                   list(adapter["modules"]), seed=config.seed)
-        else:   # per-module configs (e.g. ranks a variant pruned)
-            for i, (name, meta) in enumerate(adapter["modules"].items()):
-                inject(clf.encoder, config_from_dict(meta["config"]), [name],
-                       seed=config.seed + SEED_STRIDE * i)
+        _check_file(directory, info, ADAPTER_CONFIG)
+        inject_saved(clf.encoder, directory, seed=config.seed)
         checkpoint.load_adapter(clf.encoder, directory)
     elif info["mode"] == "full":
-        checkpoint.load_weights(clf.encoder, directory / ENCODER_FILE)
-    head = directory / HEAD_FILE
+        checkpoint.load_weights(clf.encoder, _check_file(directory, info, ENCODER_FILE))
     check_and_assign(dict(clf.head_parameters()), read_safetensors(head), head,
                      strict=True)
     return clf.eval(), tok, info

@@ -11,6 +11,7 @@ order), shuffled with ``numpy.random.default_rng(0)``: the first 200 validate, t
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 
 from .. import backend
 from ..text.datasets import SENTIMENT_FILES
+from ..files.untrusted import regular_file
 
 VAL_SIZE = 200
 
@@ -30,34 +32,62 @@ class Example:
     source: str         # "file:line", for error messages
 
 
+MAX_DATA_BYTES = 512 << 20     # a data file is read whole into examples: bounded first
+MAX_LINE_BYTES = 1 << 20       # one example; texts are cut to max_length tokens anyway
+MAX_LABELS = 1 << 16           # classes a classifier may have (its head is C x d)
+MAX_LABEL_CHARS = 256
+
+
 def read_tsv(path) -> list[Example]:
     """The examples of one ``text<TAB>label`` file; blank lines are skipped. A line without a
-    tab, an empty text or label, an empty file or non-UTF-8 bytes raise ValueError naming the
-    file and line."""
+    tab, an empty text or label, an empty file, non-UTF-8 bytes, a line longer than
+    ``MAX_LINE_BYTES`` or a label longer than ``MAX_LABEL_CHARS`` raise ValueError naming the
+    file and line; the file is streamed line by line under a size cap."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        regular_file(path, MAX_DATA_BYTES, "data file")
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: cannot read (no such file)") from None
     except OSError as exc:
         raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x})") from None
     examples = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        body, tab, label = line.rpartition("\t")
-        if not tab:
-            raise ValueError(f"{where}: no tab; expected 'text<TAB>label'")
-        if not body.strip() or not label.strip():
-            raise ValueError(f"{where}: empty {'text' if not body.strip() else 'label'}")
-        examples.append(Example(body.strip(), label.strip(), where))
+    with fh:
+        for number in itertools.count(1):
+            try:
+                raw = fh.readline(MAX_LINE_BYTES + 1)
+            except OSError as exc:
+                raise ValueError(f"{path}:{number}: cannot read ({exc.strerror or exc})") from None
+            if not raw:
+                break
+            if len(raw) > MAX_LINE_BYTES:
+                raise ValueError(f"{path}:{number}: line longer than {MAX_LINE_BYTES:,} bytes")
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not UTF-8 text (byte "
+                                 f"0x{raw[exc.start]:02x})") from None
+            example = _example(line, f"{path}:{number}")
+            if example is not None:
+                examples.append(example)
     if not examples:
         raise ValueError(f"{path}: empty file; expected lines of 'text<TAB>label'")
     return examples
+
+
+def _example(line: str, where: str) -> Example | None:
+    if not line.strip():
+        return None
+    body, tab, label = line.rpartition("\t")
+    if not tab:
+        raise ValueError(f"{where}: no tab; expected 'text<TAB>label'")
+    if not body.strip() or not label.strip():
+        raise ValueError(f"{where}: empty {'text' if not body.strip() else 'label'}")
+    label = label.strip()
+    if len(label) > MAX_LABEL_CHARS:
+        raise ValueError(f"{where}: a label of {len(label):,} characters (at most "
+                         f"{MAX_LABEL_CHARS})")
+    return Example(body.strip(), label, where)
 
 
 def _is_index(label: str) -> bool:
@@ -66,10 +96,21 @@ def _is_index(label: str) -> bool:
 
 def label_names(examples) -> list[str]:
     """The label list a training set defines: ``["0", ..., str(max)]`` when every label is a
-    non-negative integer, else the distinct names in sorted order."""
-    labels = {e.label for e in examples}
+    non-negative integer, else the distinct names in sorted order; more than ``MAX_LABELS``
+    classes raise ValueError naming the example that goes past the cap."""
+    labels = {}
+    for e in examples:
+        labels.setdefault(e.label, e)
     if all(_is_index(label) for label in labels):
+        for label, e in labels.items():
+            if int(label) >= MAX_LABELS:   # labels are at most MAX_LABEL_CHARS digits
+                raise ValueError(f"{e.source}: label {label} would make {int(label) + 1:,} "
+                                 f"classes (a classifier may have at most {MAX_LABELS:,})")
         return [str(i) for i in range(max(int(label) for label in labels) + 1)]
+    if len(labels) > MAX_LABELS:
+        e = list(labels.values())[MAX_LABELS]
+        raise ValueError(f"{e.source}: label {e.label!r} is class number {MAX_LABELS + 1:,} "
+                         f"(a classifier may have at most {MAX_LABELS:,})")
     return sorted(labels)
 
 
@@ -80,8 +121,9 @@ def encode_labels(examples, names) -> np.ndarray:
     for i, e in enumerate(examples):
         key = str(int(e.label)) if _is_index(e.label) else e.label   # "01" means label 1
         if key not in index:
+            shown = names if len(names) <= 20 else [*names[:20], f"... ({len(names):,} in all)"]
             raise ValueError(f"{e.source}: unknown label {e.label!r}; the model knows "
-                             f"{names}")
+                             f"{shown}")
         out[i] = index[key]
     return out
 

@@ -94,41 +94,62 @@ def code_corpus(max_bytes: int | None = 2_000_000) -> str:
     return "".join(parts)
 
 
-def read_text_files(paths) -> str:
-    """The UTF-8 text of the given files, concatenated in the given order (joined by "\\n")."""
+def read_text_files(paths, max_bytes: int | None = None) -> str:
+    """The UTF-8 text of the given files, concatenated in the given order (joined by "\\n");
+    at most ``max_bytes`` bytes are read in all (streamed: a larger file is cut, never read
+    whole, and a character split by the cut is dropped). ``None``: no limit."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = [Path(p) for p in paths]
     if not paths:
         raise ValueError("no corpus files were given")
-    texts = []
+    texts, left = [], max_bytes
     for path in paths:
         if not path.exists():
             raise FileNotFoundError(f"corpus file not found: {path}")
         if not path.is_file():
             raise ValueError(f"corpus path is not a regular file: {path}")
+        if left is not None and left <= 0:
+            break
         try:
-            texts.append(path.read_bytes().decode("utf-8"))
+            with open(path, "rb") as fh:
+                raw = fh.read() if left is None else fh.read(left)
+                cut = left is not None and len(raw) == left and fh.read(1) != b""
+        except OSError as exc:
+            raise ValueError(f"cannot read corpus file {path}: {exc.strerror or exc}") from None
+        try:
+            texts.append(_decode(raw, cut))
         except UnicodeDecodeError as exc:
-            raise ValueError(f"corpus file {path} is not UTF-8 text: {exc}") from exc
+            raise ValueError(f"corpus file {path} is not UTF-8 text: {exc}") from None
+        if left is not None:
+            left -= len(raw) + 1   # the joining newline counts too
     return "\n".join(texts)
 
 
+def _decode(raw: bytes, cut: bool) -> str:
+    """UTF-8 text of ``raw``; when the file was ``cut``, a character split at the end is
+    dropped rather than refused."""
+    import codecs
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    return decoder.decode(raw, final=not cut)
+
+
 def corpus(name_or_paths, *, max_bytes: int | None = 2_000_000) -> str:
-    """``"docs"``, ``"code"`` (capped at ``max_bytes``), a file path, or a list of paths."""
+    """``"docs"``, ``"code"`` or files (a path or a list of paths; both capped at
+    ``max_bytes``)."""
     if isinstance(name_or_paths, str):
         if name_or_paths == "docs":
             return docs_corpus()
         if name_or_paths == "code":
             return code_corpus(max_bytes)
         if Path(name_or_paths).exists():
-            return read_text_files([name_or_paths])
+            return read_text_files([name_or_paths], max_bytes)
         raise ValueError(f"unknown corpus {name_or_paths!r}: give one of {CORPORA} or the "
                          "path of a UTF-8 text file")
     if isinstance(name_or_paths, os.PathLike):
-        return read_text_files([name_or_paths])
+        return read_text_files([name_or_paths], max_bytes)
     if isinstance(name_or_paths, (list, tuple)):
-        return read_text_files(name_or_paths)
+        return read_text_files(name_or_paths, max_bytes)
     raise ValueError(f"corpus must be a name in {CORPORA}, a path or a list of paths, got "
                      f"{type(name_or_paths).__name__}")
 

@@ -22,8 +22,10 @@ from ..backend import to_numpy
 from ..files.gguf_file import gguf_metadata
 from ..files.locate import gguf_file, resolve
 from ..files.storage import atomic_write
+from ..files.untrusted import parse_json, read_bytes
 from .tokenizer_files import (read_tokenizer_config, special_tokens_of_config,
                               tokenizer_from_metadata)
+from .tokenizer_guard import MAX_TOKENIZER_BYTES, check_spec, library_call
 
 TOKENIZER_FILE = "tokenizer.json"
 MIN_VOCAB_SIZE = 256          # the byte alphabet; merges come on top of it
@@ -65,13 +67,16 @@ class Tokenizer:
     ``from_pretrained``. A file's own fixed padding and truncation are switched off: the caller
     controls both (``encode_batch(texts, max_length)``)."""
 
-    def __init__(self, hf_tokenizer: _HFTokenizer, special_tokens: dict | None = None):
+    def __init__(self, hf_tokenizer: _HFTokenizer, special_tokens: dict | None = None,
+                 source: str = "(built in memory)"):
         # {bos_token: "<s>", eos_token: ..., unk_token: ..., pad_token: ...} as the model's
         # files name them (a chat template sees these)
         self.special_tokens = dict(special_tokens or {})
-        self._pad_id = _pad_id(hf_tokenizer, self.special_tokens.get("pad_token"))
-        hf_tokenizer.no_padding()
-        hf_tokenizer.no_truncation()
+        self.source = source   # the file, for errors (tokenizer_guard.library_call)
+        with library_call(source, "reading its settings"):
+            self._pad_id = _pad_id(hf_tokenizer, self.special_tokens.get("pad_token"))
+            hf_tokenizer.no_padding()
+            hf_tokenizer.no_truncation()
         self._tok = hf_tokenizer
 
     # --- properties ------------------------------------------------------------------------
@@ -103,12 +108,13 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode() needs a str, got {type(text).__name__}")
         try:
-            if len(text) <= _ENCODE_CHUNK_CHARS:
-                ids = self._tok.encode(text, add_special_tokens=False).ids
-                return np.asarray(ids, dtype=np.int32)
-            # pieces cut where the pre-tokenizer splits anyway: the same ids, in parallel
-            pieces = list(_safe_chunks(text, _ENCODE_CHUNK_CHARS))
-            encodings = self._tok.encode_batch(pieces, add_special_tokens=False)
+            with library_call(self.source, "encoding a text"):
+                if len(text) <= _ENCODE_CHUNK_CHARS:
+                    ids = self._tok.encode(text, add_special_tokens=False).ids
+                    return np.asarray(ids, dtype=np.int32)
+                # pieces cut where the pre-tokenizer splits anyway: the same ids, in parallel
+                pieces = list(_safe_chunks(text, _ENCODE_CHUNK_CHARS))
+                encodings = self._tok.encode_batch(pieces, add_special_tokens=False)
         except TypeError:
             text.encode("utf-8")   # a lone surrogate: raises UnicodeEncodeError, which says so
             raise
@@ -125,7 +131,8 @@ class Tokenizer:
                          or ids.min() < 0 or ids.max() >= self.vocab_size):
             raise ValueError(f"ids must be integers in [0, {self.vocab_size}), got dtype "
                              f"{ids.dtype} range [{ids.min()}, {ids.max()}]")
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        with library_call(self.source, "decoding ids"):
+            return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -164,11 +171,12 @@ class Tokenizer:
         if max_length < special:
             raise ValueError(f"max_length={max_length} leaves no room for the {special} "
                              "special tokens the post-processor adds")
-        self._tok.enable_truncation(max_length)   # counts the post-processor's special tokens
-        try:
-            encodings = self._tok.encode_batch(texts, add_special_tokens=True)
-        finally:
-            self._tok.no_truncation()
+        with library_call(self.source, "encoding a batch"):
+            self._tok.enable_truncation(max_length)   # counts the post-processor's specials
+            try:
+                encodings = self._tok.encode_batch(texts, add_special_tokens=True)
+            finally:
+                self._tok.no_truncation()
         T = max(len(e.ids) for e in encodings)
         ids = np.full((len(texts), T), self._pad_id, dtype=np.int64)    # (B, T)
         mask = np.zeros((len(texts), T), dtype=np.int64)                # (B, T)
@@ -195,11 +203,11 @@ class Tokenizer:
             path = path / TOKENIZER_FILE
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
-        try:
-            tok = _HFTokenizer.from_str(path.read_text(encoding="utf-8"))
-        except Exception as exc:
-            raise ValueError(f"cannot read tokenizer file {path}: {type(exc).__name__}: {exc}") from exc
-        return cls(tok)
+        data = read_bytes(path, MAX_TOKENIZER_BYTES, "tokenizer file")
+        check_spec(parse_json(data, path), path)   # sizes bounded before the library sees it
+        with library_call(path, "reading the file"):
+            tok = _HFTokenizer.from_str(data.decode("utf-8"))
+        return cls(tok, source=str(path))
 
     @classmethod
     def from_pretrained(cls, path) -> "Tokenizer":
@@ -223,7 +231,7 @@ class Tokenizer:
     def from_gguf(cls, path) -> "Tokenizer":
         """The byte-level BPE tokenizer a GGUF file's ``tokenizer.ggml.*`` metadata describes
         (docs/gguf.md#tokenizer)."""
-        return cls(*tokenizer_from_metadata(gguf_metadata(path), path))
+        return cls(*tokenizer_from_metadata(gguf_metadata(path), path), source=str(path))
 
 
 def _pad_id(tok: _HFTokenizer, named: str | None = None) -> int:

@@ -1,9 +1,13 @@
 """Check an update before it is committed (docs/training.md#untrusted-directories): after an
 optimizer step every trainable parameter and every optimizer moment must be finite, or
 training stops before anything is saved. A non-finite loss is seen only one step later,
-after a blown-up update could already have been written over the last good save.
+after a blown-up update could already have been written over the last good save, and finite
+weights of 1e37 can still give a NaN loss: so a save is made only once the state to be saved
+scores a finite loss on the first validation batch (``check_savable``).
 """
 from __future__ import annotations
+
+import math
 
 from .. import backend
 from .trainer import NonFiniteLossError
@@ -53,3 +57,36 @@ def check_update(trainer, last_saved: int | None = None) -> None:
         f"the update of step {trainer.step} left {count} of {size} entries of {what} "
         f"{name!r} NaN or Inf; stopping before it is saved ({kept}); lower --lr or "
         "--grad-clip, or use --dtype float64")
+
+
+def check_savable(trainer, last_saved: int | None = None, record: dict | None = None) -> None:
+    """``check_update``, then the loss of the state about to be saved on the first validation
+    batch (dropout off; ``record``'s ``val_loss`` when this step already has one) must be
+    finite, or ``NonFiniteLossError`` is raised and the previous save is kept."""
+    check_update(trainer, last_saved)
+    loss = (record or {}).get("val_loss")
+    if loss is None or not math.isfinite(loss):
+        loss = first_val_batch_loss(trainer)
+    if loss is not None and not math.isfinite(loss):
+        kept = "no checkpoint was written" if not last_saved else \
+            f"the save of step {last_saved} is kept"
+        raise NonFiniteLossError(
+            f"the state after step {trainer.step} scores a validation loss of {loss} (its "
+            f"weights are finite but too large); stopping before it is saved ({kept}); lower "
+            "--lr or --grad-clip, or use --dtype float64")
+
+
+def first_val_batch_loss(trainer) -> float | None:
+    """The model's loss on the first fixed validation batch (no RNG is drawn); ``None`` when
+    the data have no validation batch."""
+    batch = next(iter(trainer.data.eval_batches("val", trainer.config.batch_size, 1)), None)
+    if batch is None:
+        return None
+    x, y = batch
+    trainer.model.eval()
+    try:
+        loss, _ = trainer.model.loss(backend.asarray(x, xp=trainer.xp),
+                                     backend.asarray(y, xp=trainer.xp))
+    finally:
+        trainer.model.train()
+    return float(loss)

@@ -220,7 +220,7 @@ def test_report_and_heatmap(trained, tmp_path):
     assert [line.split()[0] for line in lines[2:4]] == ["blocks.0", "blocks.1"]
     assert (tmp_path / "adalora_ranks.png").stat().st_size > 5_000
     module = model.blocks[0].attn.q
-    assert module.demo_report() == {"rank": module.realised_rank, "init_r": 4, "target_r": 2}
+    assert lines.facts["blocks.0.attn.q"] == {"rank": module.realised_rank, "init_r": 4, "target_r": 2}
     assert wf.variant_report(model, tmp_path) == lines
 
 

@@ -105,7 +105,7 @@ def test_sparse_storage_is_order_nnz(xp):
     assert sizes["dense"] == 512 * 128 * 4 == 262144
     assert sizes["total"] < 0.03 * sizes["dense"]
     assert layer.rosa_values.data.nbytes == 4 * nnz      # the trainable part: nnz floats
-    assert layer.demo_report()["sparse_bytes"] == 7292
+    assert layer._facts()["sparse_bytes"] == 7292
 
 
 @pytest.mark.parametrize("value", [0.0, -0.1, 1.5, True, "dense"])

@@ -226,9 +226,11 @@ def test_resume_restores_the_gate_optimizer_exactly(tmp_path):
         assert np.array_equal(to_host(p.data), to_host(q.data)), name
 
 
-def test_demo_report_and_metadata(xp):
+def test_report_facts_and_metadata(xp):
     layer = make(xp)
     layer.lora_gate.data[0] = 0.0
-    assert layer.demo_report() == {"kept_rank": R - 1, "r": R}
+    holder = lr.nn.module.Module()
+    holder.q = layer
+    assert SoraLinear.report(holder, None).facts == {"q": {"kept_rank": R - 1, "r": R}}
     assert layer.adapter_metadata() == {"kept_rank": R - 1}
     assert backend.get_namespace(layer.lora_gate.data) is xp

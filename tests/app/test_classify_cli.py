@@ -7,6 +7,7 @@ import pytest
 
 from lowrank.app.cli import main
 from lowrank.text.datasets import SENTIMENT_FILES
+from lowrank.files.storage import write_sealed_json
 from lowrank.tasks.text_data import (encode_labels, label_names, read_tsv, sentiment_split)
 
 
@@ -88,7 +89,8 @@ def test_finetune_bad_input_prints_one_line_and_writes_nothing(tmp_path, capsys,
 def test_eval_unknown_label(tmp_path, capsys):
     saved = tmp_path / "clf"
     saved.mkdir()
-    (saved / "classify.json").write_text(json.dumps({"labels": ["neg", "pos"]}))
+    write_sealed_json(saved / "classify.json", {"labels": ["neg", "pos"], "mode": "head",
+                                                "base": "minilm", "recipe": {}, "sha256": {}})
     data = _write(tmp_path / "test.tsv", "nice\tpos\nmeh\tneutral\n")
     code, err = _run(["eval", "--model", "minilm", "--adapter", str(saved), "--data",
                       str(data)], capsys)

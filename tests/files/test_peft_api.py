@@ -136,14 +136,14 @@ def saved(tmp_path):
     model = lr.from_pretrained(tmp_path / "base")
     lr.adapters.inject(model, lr.adapters.config("lora", r=4), ["q", "v", "fc2"])
     randomize_adapters(model, seed=5)
-    lr.adapters.save_pretrained(model, tmp_path / "adapter")
+    lr.save_pretrained(model, tmp_path / "adapter")
     return tmp_path, gpt_out(model, IDS)
 
 
 def refused(model, directory, match):
     before = state(model)
     with pytest.raises(ValueError, match=match) as info:
-        lr.adapters.load_pretrained(model, directory)
+        lr.load_pretrained(model, directory)
     message = str(info.value)
     after = state(model)
     assert "\n" not in message
@@ -154,7 +154,7 @@ def refused(model, directory, match):
 
 def test_round_trip_of_the_fixture(saved):
     root, out = saved
-    model = lr.adapters.load_pretrained(lr.load(root / "base"), root / "adapter")
+    model = lr.load_pretrained(lr.load(root / "base"), root / "adapter")
     assert rel(gpt_out(model, IDS), out) == 0.0
 
 
@@ -209,7 +209,7 @@ def test_lowrank_format_truncated(tmp_path):
     lr.save(base, tmp_path / "base")
     model = lr.from_pretrained(tmp_path / "base")
     lr.adapters.inject(model, lr.adapters.config("sora", r=4), ["q"])
-    lr.adapters.save_pretrained(model, tmp_path / "a")
+    lr.save_pretrained(model, tmp_path / "a")
     path = tmp_path / "a" / "adapter_model.safetensors"
     path.write_bytes(path.read_bytes()[:-50])
     refused(lr.load(tmp_path / "base"), tmp_path / "a", "adapter_model.safetensors")
@@ -248,11 +248,11 @@ def test_load_pretrained_under_a_name(saved):
     randomize_adapters(model, seed=7)
     first = gpt_out(model, IDS)
     with pytest.raises(ValueError, match="already holds adapters"):
-        lr.adapters.load_pretrained(model, root / "adapter")
+        lr.load_pretrained(model, root / "adapter")
     with pytest.raises(ValueError, match="no adapter_config.json"):   # the active one stays
-        lr.adapters.load_pretrained(model, root / "missing", adapter_name="peft")
+        lr.load_pretrained(model, root / "missing", adapter_name="peft")
     assert rel(gpt_out(model, IDS), first) == 0.0
-    lr.adapters.load_pretrained(model, root / "adapter", adapter_name="peft")
+    lr.load_pretrained(model, root / "adapter", adapter_name="peft")
     assert rel(gpt_out(model, IDS), out) == 0.0
     lr.adapters.set_adapter(model, "default")
     assert rel(gpt_out(model, IDS), first) == 0.0
@@ -262,14 +262,14 @@ def test_peft_format_needs_bias_none(tmp_path):
     model = lr.GPT(lr.GPTConfig(**TINY))
     lr.adapters.inject(model, lr.adapters.config("lora", r=2, bias="all"), ["q"])
     with pytest.raises(ValueError, match="bias='all'"):
-        lr.adapters.save_pretrained(model, tmp_path / "a")
+        lr.save_pretrained(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()
 
 
 def test_a_loaded_adapter_trains(saved):
     """Loaded layers are ordinary adapters: gradients reach them, and only them."""
     root, _ = saved
-    model = lr.adapters.load_pretrained(lr.load(root / "base"), root / "adapter")
+    model = lr.load_pretrained(lr.load(root / "base"), root / "adapter")
     model.zero_grad()
     loss, cache = model.loss(IDS, np.roll(IDS, -1, axis=1))
     model.loss_backward(cache)

@@ -142,7 +142,7 @@ def saved_by_peft_loaded_here(bases, kind, model, tmp_path, effect=EFFECT):
     and by lowrank onto fresh bases; asserts the adapter moves the output by over ``effect``."""
     model.save_pretrained(tmp_path / "adapter")
     reloaded = peft.PeftModel.from_pretrained(hf_model(bases, kind), tmp_path / "adapter").eval()
-    back = lr.adapters.load_pretrained(lowrank_model(bases, kind), tmp_path / "adapter")
+    back = lr.load_pretrained(lowrank_model(bases, kind), tmp_path / "adapter")
     mine, ref = outputs(kind, back, reloaded)
     assert rel(outputs(kind, lowrank_model(bases, kind))[0], ref) > effect   # the adapter matters
     return mine, ref
@@ -157,14 +157,14 @@ def test_lowrank_to_peft_and_back(bases, tmp_path, kind, variant, fields, target
     if variant == "adalora":
         pruned(model)
     base = bases / "own" if kind == "own" else None
-    lr.adapters.save_pretrained(model, tmp_path / "adapter", base=base)
+    lr.save_pretrained(model, tmp_path / "adapter", base=base)
     loaded = peft.PeftModel.from_pretrained(hf_model(bases, kind), tmp_path / "adapter").eval()
     mine, ref = outputs(kind, model, loaded)
     with lr.adapters.disable_adapter(model):
         assert rel(outputs(kind, model)[0], ref) > EFFECT   # the adapter matters
     label = _label(kind, variant, fields)
     note(f"{label}: lowrank -> PEFT", rel(mine, ref))
-    back = lr.adapters.load_pretrained(lowrank_model(bases, kind), tmp_path / "adapter")
+    back = lr.load_pretrained(lowrank_model(bases, kind), tmp_path / "adapter")
     note(f"{label}: lowrank -> PEFT dir -> lowrank", rel(outputs(kind, back)[0], ref))
 
 
@@ -220,7 +220,7 @@ def test_peft_converted_pissa_to_lowrank(bases, tmp_path, init):
     perturb_peft(model, seed=3, scale=0.3)
     model.save_pretrained(tmp_path / "converted",
                           path_initial_model_for_weight_conversion=tmp_path / "init")
-    mine, ref = outputs("bert", lr.adapters.load_pretrained(lowrank_model(bases, "bert"),
+    mine, ref = outputs("bert", lr.load_pretrained(lowrank_model(bases, "bert"),
                                                             tmp_path / "converted"),
                         model.eval())
     assert rel(outputs("bert", lowrank_model(bases, "bert"))[0], ref) > EFFECT
@@ -243,12 +243,12 @@ def test_minilm_lora_both_ways(minilm, tmp_path):
     model = copy.deepcopy(minilm[0])
     lr.adapters.inject(model, lr.adapters.config("lora", r=8, alpha=16), ["query", "value"])
     randomize_adapters(model, seed=4, scale=0.1)
-    lr.adapters.save_pretrained(model, tmp_path / "a")
+    lr.save_pretrained(model, tmp_path / "a")
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(minilm[1]), tmp_path / "a").eval()
     mine, ref = outputs("bert", model, loaded)
     assert rel(outputs("bert", minilm[0])[0], ref) > EFFECT
     note("MiniLM lora: lowrank -> PEFT", rel(mine, ref))
-    back = lr.adapters.load_pretrained(copy.deepcopy(minilm[0]), tmp_path / "a")
+    back = lr.load_pretrained(copy.deepcopy(minilm[0]), tmp_path / "a")
     note("MiniLM lora: lowrank -> PEFT dir -> lowrank", rel(outputs("bert", back)[0], ref))
 
 
@@ -259,7 +259,7 @@ def test_minilm_peft_adalora_to_lowrank(minilm, tmp_path):
     perturb_peft(model, seed=5, prune=True, scale=0.1)
     model.save_pretrained(tmp_path / "a")
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(minilm[1]), tmp_path / "a").eval()
-    mine, ref = outputs("bert", lr.adapters.load_pretrained(copy.deepcopy(minilm[0]),
+    mine, ref = outputs("bert", lr.load_pretrained(copy.deepcopy(minilm[0]),
                                                             tmp_path / "a"), reloaded)
     assert rel(outputs("bert", minilm[0])[0], ref) > EFFECT
     note("MiniLM adalora (pruned): PEFT -> lowrank", rel(mine, ref))
@@ -276,7 +276,7 @@ def test_variant_peft_lacks_saves_in_lowrank_format(bases, tmp_path):
     assert "peft_type" not in info and "PEFT has no sora" in (tmp_path / "a" / "README.md").read_text()
     with pytest.raises(Exception, match="peft_type"):   # PEFT refuses it
         peft.PeftModel.from_pretrained(hf_model(bases, "bert"), tmp_path / "a")
-    back = lr.adapters.load_pretrained(lr.from_pretrained(bases / "bert"), tmp_path / "a")
+    back = lr.load_pretrained(lr.from_pretrained(bases / "bert"), tmp_path / "a")
     assert rel(outputs("bert", back)[0], outputs("bert", model)[0]) == 0.0
     with lr.adapters.disable_adapter(back):
         assert rel(outputs("bert", back)[0], outputs("bert", model)[0]) > EFFECT

@@ -72,7 +72,7 @@ def test_lowrank_to_peft_and_back(bases, tmp_path, kind, variant, fields, target
     model = lowrank_model(bases, kind)
     lr.adapters.inject(model, lr.adapters.config(variant, **fields), targets)
     perturb_lowrank(model, seed=1)
-    lr.adapters.save_pretrained(model, tmp_path / "adapter")
+    lr.save_pretrained(model, tmp_path / "adapter")
     info = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert info["peft_type"] == variant.upper()
     loaded = peft.PeftModel.from_pretrained(hf_model(bases, kind), tmp_path / "adapter").eval()
@@ -81,7 +81,7 @@ def test_lowrank_to_peft_and_back(bases, tmp_path, kind, variant, fields, target
         assert rel(outputs(kind, model)[0], ref) > EFFECT   # the adapter matters
     label = _label(kind, variant, fields, targets)
     note(f"{label}: lowrank -> PEFT", rel(mine, ref))
-    back = lr.adapters.load_pretrained(lowrank_model(bases, kind), tmp_path / "adapter")
+    back = lr.load_pretrained(lowrank_model(bases, kind), tmp_path / "adapter")
     assert [type(m).__name__ for _, m in lr.adapters.adapted_modules(back)] == \
         [type(m).__name__ for _, m in lr.adapters.adapted_modules(model)]
     note(f"{label}: lowrank -> PEFT dir -> lowrank", rel(outputs(kind, back)[0], ref))
@@ -126,7 +126,7 @@ def test_gpt2_refusals(bases, tmp_path, variant, targets, match):  # noqa: F811
     model = lowrank_model(bases, "gpt2")
     lr.adapters.inject(model, lr.adapters.config(variant, r=2), targets)
     with pytest.raises(ValueError, match=match):
-        lr.adapters.save_pretrained(model, tmp_path / "adapter")
+        lr.save_pretrained(model, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
 
 
@@ -134,7 +134,7 @@ def test_vera_projections_saved_are_the_layers(bases, tmp_path):  # noqa: F811
     """save_projection=True writes the shared pair once, whole; the λ's per module."""
     model = lowrank_model(bases, "bert")
     lr.adapters.inject(model, lr.adapters.config("vera", r=4), ["query", "intermediate.dense"])
-    lr.adapters.save_pretrained(model, tmp_path / "adapter")
+    lr.save_pretrained(model, tmp_path / "adapter")
     saved = lr.files.storage.read_safetensors(tmp_path / "adapter" / "adapter_model.safetensors")
     layer = dict(lr.adapters.adapted_modules(model))["encoder.layer.0.intermediate.dense"]
     A, B = (host(a) for a in layer.shared_projections())
@@ -155,7 +155,7 @@ def test_lokr_factor_mismatch_is_refused_whole(bases, tmp_path):  # noqa: F811
     path.write_text(json.dumps({**info, "r": 8}))   # r=8 makes w2 (8, 4) whole
     ours = lowrank_model(bases, "bert")
     with pytest.raises(ValueError, match="lokr_w2"):
-        lr.adapters.load_pretrained(ours, tmp_path / "adapter")
+        lr.load_pretrained(ours, tmp_path / "adapter")
     assert not lr.adapters.adapted_modules(ours)
 
 
@@ -166,19 +166,19 @@ def test_peft_vera_on_c_attn_is_refused(bases, tmp_path):  # noqa: F811
     model.save_pretrained(tmp_path / "adapter")
     ours = lowrank_model(bases, "gpt2")
     with pytest.raises(ValueError, match="fused c_attn"):
-        lr.adapters.load_pretrained(ours, tmp_path / "adapter")
+        lr.load_pretrained(ours, tmp_path / "adapter")
     assert not lr.adapters.adapted_modules(ours)
 
 
 def test_vera_file_with_half_the_projections_is_refused(bases, tmp_path):  # noqa: F811
     model = lowrank_model(bases, "bert")
     lr.adapters.inject(model, lr.adapters.config("vera", r=4), ["query"])
-    lr.adapters.save_pretrained(model, tmp_path / "adapter")
+    lr.save_pretrained(model, tmp_path / "adapter")
     path = tmp_path / "adapter" / "adapter_model.safetensors"
     saved = lr.files.storage.read_safetensors(path)
     del saved["base_model.vera_B"]
     path.write_bytes(lr.files.storage.safetensors_bytes(saved, {}))
     ours = lowrank_model(bases, "bert")
     with pytest.raises(ValueError, match="vera_A / vera_B only"):
-        lr.adapters.load_pretrained(ours, tmp_path / "adapter")
+        lr.load_pretrained(ours, tmp_path / "adapter")
     assert not lr.adapters.adapted_modules(ours)

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from lowrank.files.untrusted import DTYPE_CODES, _digest
 
-from tests.helpers.hardening import Worker, examples, make_runs, record
+from tests.helpers.hardening import Worker, examples, make_runs, record, record_peak
 
 NASTY = [[], {}, "(", "(.|.|.|.|.)*Z", 10**12, -1, 1e308, None, True, "x", [1, 2],
          {"__tensor__": "nope"}, float("nan"), "a" * 300]
@@ -161,6 +161,7 @@ def test_corrupted_directory_is_refused_or_loads_what_was_saved(runs, tmp_path_f
     shutil.copytree(ft, dirs["ft"])
     corrupt(dirs[where] / name, op)
     reply = worker.ask({"base": str(dirs["base"]), "adapter": str(dirs["ft"])})
+    record_peak("files", reply)
     forged = op[0] == "json" and op[3]     # re-sealed by hand: an input the loader must bear
     outcome = reply["outcome"]
     detail = f"{where}/{name} {op!r}: {reply}"
@@ -198,6 +199,7 @@ def test_every_kind_of_corruption_of_every_file(runs, tmp_path, where, name):
         shutil.copytree(ft, dirs["ft"])
         corrupt(dirs[where] / name, op)
         reply = worker.ask({"base": str(dirs["base"]), "adapter": str(dirs["ft"])})
+        record_peak("files-fixed", reply)
         outcome = reply["outcome"]
         if outcome == "loaded":
             outcome = "identical" if reply["fingerprint"] == reference else \

@@ -39,7 +39,10 @@ def test_runaway_learning_rate_stops_before_saving_and_leaves_a_finite_save(runs
                      "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1, err
-    assert "NaN or Inf" in err[0] or "loss is nan" in err[0], err[0]
+    assert "NaN or Inf" in err[0] or "loss is nan" in err[0] or "loss of nan" in err[0], err[0]
+    if "no checkpoint was written" in err[0]:   # the first update already scored NaN
+        assert not (out / "model.safetensors").exists()
+        return
     model, _, _ = wf.load_base(out)
     assert _all_finite(model)
     state = checkpoint.load_training_state(out)

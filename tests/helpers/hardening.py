@@ -19,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TALLY = collections.defaultdict(collections.Counter)     # battery -> outcome -> count
+PEAK_RSS_MB = {}                                          # battery -> the worker's peak
 FAILING = {"traceback", "hang", "memory", "wrong", "nan", "unnamed", "multiline", "internal"}
 CASE_SECONDS = float(os.environ.get("HARDENING_CASE_SECONDS", 30))
 ADDRESS_SPACE = int(os.environ.get("HARDENING_ADDRESS_SPACE", 4 << 30))
@@ -27,6 +28,12 @@ ADDRESS_SPACE = int(os.environ.get("HARDENING_ADDRESS_SPACE", 4 << 30))
 def examples(default: int) -> int:
     """Examples per battery: ``$HARDENING_EXAMPLES`` (long runs) or the CI default."""
     return int(os.environ.get("HARDENING_EXAMPLES", default))
+
+
+def record_peak(battery: str, reply: dict) -> None:
+    """Keep the largest ``maxrss_mb`` a worker reported for ``battery``."""
+    if "maxrss_mb" in reply:
+        PEAK_RSS_MB[battery] = max(PEAK_RSS_MB.get(battery, 0.0), float(reply["maxrss_mb"]))
 
 
 def record(battery: str, outcome: str, detail: str = "") -> str:
@@ -47,6 +54,9 @@ def _report():
             merged = collections.Counter(old.get(battery, {}))
             merged.update(counts)
             old[battery] = dict(merged)
+        peaks = old.setdefault("__peak_rss_mb__", {})
+        for battery, mb in PEAK_RSS_MB.items():
+            peaks[battery] = max(peaks.get(battery, 0.0), round(mb, 1))
         Path(path).write_text(json.dumps(old, indent=1, sort_keys=True))
 
 

@@ -5,10 +5,15 @@ parent), it reads one JSON request per line — ``{"base": dir, "adapter": dir}`
 pair as ``lowrank eval`` would (base, tokenizer, adapter, training state) and answers one
 JSON line: ``{"outcome": "loaded", "fingerprint": ...}``, ``{"outcome": "refused",
 "message": ...}``, ``{"outcome": "memory"}`` or ``{"outcome": "traceback", "type": ...}``.
-The parent times every request: a reply that does not come is a hang.
+Other requests name a ``kind``: ``pretrained`` (a Hugging Face directory through
+``lr.from_pretrained``), ``tokenizer`` (a tokenizer.json loaded and used on probe texts),
+``tsv`` (a classification data file read and its labels built) and ``classifier`` (a
+classifier directory's prediction). Every reply carries ``maxrss_mb``, the worker's peak
+resident memory so far. The parent times every request: a reply that does not come is a hang.
 """
 import hashlib
 import json
+import resource
 import sys
 
 import numpy as np
@@ -40,8 +45,47 @@ def _canonical(obj) -> str:
     return repr(obj)
 
 
+PROBES = ["def f(x):\n    return x", "a" * 3000 + "b", " \t" * 500, "héllo wörld ☃ 🙂", ""]
+
+
+def other_fingerprint(request) -> str:
+    h = hashlib.sha256()
+    kind, path = request["kind"], request["path"]
+    if kind == "pretrained":
+        import lowrank as lr
+        from lowrank import backend
+        model = lr.from_pretrained(path)
+        for name, p in model.named_parameters():
+            a = np.ascontiguousarray(backend.to_numpy(p.data))
+            h.update(f"{name}{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
+    elif kind == "tokenizer":
+        from lowrank.text.tokenizer import Tokenizer
+        tok = Tokenizer.load(path)
+        for text in PROBES:
+            ids = tok.encode(text)
+            h.update(ids.tobytes())
+            h.update(tok.decode(ids).encode("utf-8", "replace"))
+        ids, mask = tok.encode_batch([t or "x" for t in PROBES], max_length=32)
+        h.update(ids.tobytes() + mask.tobytes())
+    elif kind == "tsv":
+        from lowrank.tasks.text_data import label_names, read_tsv
+        examples = read_tsv(path)
+        names = label_names(examples)
+        h.update(json.dumps([len(examples), len(names), names[:50],
+                             [(e.text[:50], e.label) for e in examples[:50]]]).encode())
+    elif kind == "classifier":
+        from lowrank.tasks.classify_io import predict
+        h.update(json.dumps(predict(path, ["lovely", "awful"])).encode())
+    else:
+        raise KeyError(kind)
+    return h.hexdigest()
+
+
 def answer(request) -> dict:
     try:
+        if "kind" in request:
+            return {"outcome": "loaded", "fingerprint": other_fingerprint(request)}
         return {"outcome": "loaded", "fingerprint": fingerprint(request["base"],
                                                                 request["adapter"])}
     except MemoryError:
@@ -54,7 +98,9 @@ def answer(request) -> dict:
 
 def main():
     for line in sys.stdin:
-        print(json.dumps(answer(json.loads(line))), flush=True)
+        reply = answer(json.loads(line))
+        reply["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(reply), flush=True)
 
 
 if __name__ == "__main__":
