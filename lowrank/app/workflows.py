@@ -31,7 +31,7 @@ from ..text.corpus import TokenData, corpus
 from ..models import GPT, Bert, GPTConfig
 from ..models.generate import generate as generate_ids
 from ..parallel import SingleProcess
-from ..formats.model_dir import HUGGING_FACE, inspect, open_model
+from ..formats.model_dir import GGUF, HUGGING_FACE, inspect, open_model
 from .run_dir import TOKENIZER_FILE, load_tokenizer, prepare_out, read_run, say, write_run
 from ..files.storage import cap_for
 from ..quant import quantize_base
@@ -181,7 +181,7 @@ def load_base(base, dtype=None, backend_name=None):
         raise ValueError(f"{source.path} holds a {type(model).__name__}, which has no "
                          "language-model head: this command needs a causal language model "
                          "(e.g. a gpt2 directory); classify with --task classify")
-    if source.kind == HUGGING_FACE:
+    if source.kind in (HUGGING_FACE, GGUF):   # the tokenizer of its files (a GGUF: its metadata)
         return model, Tokenizer.from_pretrained(source.path), {}
     run = read_run(source.path)
     return model, load_tokenizer(source.path, run), run

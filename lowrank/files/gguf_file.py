@@ -315,13 +315,13 @@ def _check_tensors(path, reader, config) -> dict:
                    f"{config['model_type']} model")
             raise ValueError(f"{path}: unexpected tensor '{t.name}' ({why})")
         shape, implied_by = expected[t.name]
+        block = _block_elems(kind)
+        if _hf_shape(t)[-1] % block:
+            raise ValueError(f"{path}: tensor '{t.name}' has rows of {_hf_shape(t)[-1]} values, "
+                             f"not a whole number of {kind} blocks of {block}")
         if _hf_shape(t) != shape:
             raise ValueError(f"{path}: tensor '{t.name}' has shape {_hf_shape(t)}, but the "
                              f"metadata ({implied_by}) gives {shape}")
-        block = _block_elems(kind)
-        if shape and shape[-1] % block:
-            raise ValueError(f"{path}: tensor '{t.name}' has rows of {shape[-1]} values, not "
-                             f"a whole number of {kind} blocks of {block}")
         if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
             raise ValueError(f"{path}: tensor '{t.name}' ({t.n_bytes} bytes at offset "
                              f"{t.data_offset}) lies beyond the end of the file ({size} bytes)")
