@@ -145,3 +145,23 @@ def test_merging_onto_the_kept_base_keeps_float_and_unmerge_restores_it(tiny):
     assert not layer.weight.is_quantized
     layer.unmerge()
     assert float(np.abs(backend.to_numpy(layer.weight.data) - before).max()) < 1e-12
+
+
+@pytest.mark.slow
+def test_smollm2_kept_base_is_under_a_fifth_of_float32_with_the_same_logits():
+    from lowrank.files.locate import smollm2_file
+    try:
+        smollm2_file()
+    except ValueError as exc:
+        pytest.skip(f"SmolLM2 wheel absent: {exc}")
+    model = lr.from_pretrained("smollm2")
+    model.freeze()
+    ids = backend.asarray(np.array([[1, 504, 3459, 314, 2681, 30, 2]]))
+    before = backend.to_numpy(model.forward(ids)[0]).copy()
+    float_bytes = sum(base_bytes(model).values())
+    report = quantize_base(model, "keep")
+    held = base_bytes(model)
+    assert report["types"] == {"Q4_1": 210, "Q8_0": 1}
+    assert (held["kept"] + held["float"]) <= 0.2 * float_bytes
+    after = backend.to_numpy(model.forward(ids)[0])
+    assert float(np.abs(after - before).max() / np.abs(before).max()) < 1e-5
