@@ -7,6 +7,8 @@ from ._version import __version__
 from .app.load_adapter import load_adapter
 from .formats.checkpoint import save_model
 from .formats.model_dir import from_pretrained, open_model
+from .formats.peft_api import (AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftConfig,
+                               PeftModel, VeraConfig, get_peft_model)
 from .formats.peft_dir import inject_saved, load_pretrained, save_pretrained
 from .models import GPT, GPTConfig
 from .nn import decompose
@@ -36,4 +38,7 @@ def load(path, backend=None):
 __all__ = ["adapters", "backend", "decompose", "models", "ops", "from_pretrained", "open_model",
            "save_pretrained", "load_pretrained", "inject_saved", "load_adapter", "Tokenizer",
            "Linear", "Module", "Parameter", "GPT", "GPTConfig", "Trainer", "TrainConfig", "save",
-           "load", "quantize_base", "__version__"]
+           "load", "quantize_base", "__version__",
+           # PEFT's entry points, PEFT's spelling (docs/peft.md#peft-shaped-api)
+           "LoraConfig", "AdaLoraConfig", "VeraConfig", "LoHaConfig", "LoKrConfig",
+           "PeftConfig", "PeftModel", "get_peft_model"]

@@ -19,6 +19,7 @@ from .. import backend
 from ..backend.blocked import add_matmul
 from ..nn.module import Module, Parameter
 from ..ops.linear import check_input, linear_forward, weight_operand
+from ..nn.validate import near_fields
 from ..nn.validate import (MAX_ALPHA, check_int, check_number, check_seed,  # noqa: F401
                            config_error, field_from_text)
 
@@ -87,7 +88,8 @@ def config(name: str, **kwargs) -> AdapterConfig:
     names = {f.name for f in fields(config_cls)}
     unknown = sorted(set(kwargs) - names)
     if unknown:
-        raise ValueError(f"unknown field(s) {unknown} for variant {name!r}; fields: {sorted(names)}")
+        raise ValueError(f"unknown field(s) {unknown} for variant {name!r}"
+                         f"{near_fields(unknown, names)}; fields: {sorted(names)}")
     try:
         return config_cls(**kwargs)
     except (TypeError, ValueError) as exc:   # one that names no field gets the field's name

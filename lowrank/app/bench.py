@@ -12,6 +12,7 @@ PyTorch or the test oracles.
 """
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -82,7 +83,8 @@ def matmul_gflops(size=2048, repeat=3, cpu: bool = False) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def run_bench(steps: int = 10, rounds: int = 5, baseline=None, shards: int | None = None) -> dict:
+def run_bench(steps: int = 10, rounds: int = 5, baseline=None, shards: int | None = None,
+              out=None) -> dict:
     """Time our full fine-tuning and LoRA steps; returns ``{setup: {"ms", "tokens_per_s",
     "gflops"}}`` and ``"matmul_gflops"``.
 
@@ -97,8 +99,16 @@ def run_bench(steps: int = 10, rounds: int = 5, baseline=None, shards: int | Non
     the work done (with more, it also counts threads spinning while they wait).
 
     ``shards`` (default: the usable cores) adds our two setups once more with each batch
-    split over that many threads (``shard_name``); 1 leaves them out.
+    split over that many threads (``shard_name``); 1 leaves them out. The report goes to
+    ``out`` (default: stdout), a line of progress per round to stderr.
     """
+    out = sys.stdout if out is None else out
+
+    def report(line=""):
+        print(line, file=out, flush=True)
+
+    def progress(line):
+        print(f"bench: {line}", file=sys.stderr, flush=True)
     backend.keep_freed_host_memory()   # as `lowrank` does for every command
     shards = threads.usable_cores() if shards is None else shards
     setups = {"ours full": _ours(False), "ours lora": _ours(True)}
@@ -114,13 +124,14 @@ def run_bench(steps: int = 10, rounds: int = 5, baseline=None, shards: int | Non
         worker = ctx.Process(target=baseline, args=(child, steps), daemon=True)
         worker.start()
         trainables.update(conn.recv())
+    progress(f"{len(trainables)} setups x {rounds} rounds of {steps} steps; warming up")
     times = {name: [] for name in trainables}
     cpu = {name: [] for name in trainables}
     peaks, cpu_peaks = [], []
     for fn, _ in setups.values():   # warm-up: allocations, BLAS threads
         fn()
         fn()
-    for _ in range(rounds):   # interleaved: every setup sees the same machine noise
+    for round_ in range(1, rounds + 1):   # interleaved: every setup sees the same noise
         peaks.append(matmul_gflops(repeat=2))
         cpu_peaks.append(matmul_gflops(repeat=2, cpu=True))
         for name in times:
@@ -137,18 +148,19 @@ def run_bench(steps: int = 10, rounds: int = 5, baseline=None, shards: int | Non
                 wall, used = reply if isinstance(reply, tuple) else (reply, float("nan"))
                 times[name].append(wall)
                 cpu[name].append(used)
+        progress(f"round {round_}/{rounds} done")
     if worker is not None:
         conn.send(None)
         worker.join()
     peak = float(np.median(peaks))
     tokens = BATCH * BENCH.context
-    print(f"bench config V={BENCH.vocab_size} d={BENCH.d_model} L={BENCH.n_layer} "
+    report(f"bench config V={BENCH.vocab_size} d={BENCH.d_model} L={BENCH.n_layer} "
           f"H={BENCH.n_head} T={BENCH.context} B={BATCH} float32; LoRA r={RANK} on "
           f"{','.join(TARGETS)}; median of {rounds} interleaved rounds of {steps} steps"
           + (" (the baseline in its own process, taking turns)" if worker else ""))
-    print(f"large matmul (2048^3, float32, median over the rounds): {peak:.1f} GFLOP/s; "
+    report(f"large matmul (2048^3, float32, median over the rounds): {peak:.1f} GFLOP/s; "
           f"BLAS: {threads_text()}")
-    print(f"{'setup':<20} {'trainable':>10} {'ms/step':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
+    report(f"{'setup':<20} {'trainable':>10} {'ms/step':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
           f"{'% of matmul':>11} {'CPU ms/step':>11}")
     result = {"matmul_gflops": peak}
     for name, trainable in trainables.items():
@@ -158,7 +170,7 @@ def run_bench(steps: int = 10, rounds: int = 5, baseline=None, shards: int | Non
         cpu_ms = float(np.median(cpu[name])) * 1e3
         result[name] = {"ms": sec * 1e3, "tokens_per_s": tokens / sec, "cpu_ms": cpu_ms,
                         "gflops": flops / sec / 1e9, "spread": spread}
-        print(f"{name:<20} {trainable:>10,} {sec * 1e3:9.1f} {tokens / sec:10,.0f} "
+        report(f"{name:<20} {trainable:>10,} {sec * 1e3:9.1f} {tokens / sec:10,.0f} "
               f"{flops / sec / 1e9:8.1f} {100 * flops / sec / 1e9 / peak:10.1f}% "
               f"{cpu_ms:11.1f}   (rounds: {spread[0]:,.0f}-{spread[1]:,.0f} tokens/s)")
     result["shards"] = shards
@@ -166,9 +178,9 @@ def run_bench(steps: int = 10, rounds: int = 5, baseline=None, shards: int | Non
     for full, lora in (("ours full", "ours lora"),
                        (shard_name("full", shards), shard_name("lora", shards))):
         if lora in result:
-            _targets(result, full, lora, peak, cpu_peak, tokens)
+            _targets(result, full, lora, peak, cpu_peak, tokens, report)
     bound = step_flops(BENCH, tokens, True) / step_flops(BENCH, tokens, False)
-    print(f"(the matrix products alone give LoRA / full = {bound:.2f}: the rest of the steps, "
+    report(f"(the matrix products alone give LoRA / full = {bound:.2f}: the rest of the steps, "
           "elementwise work both share, pulls the ratio toward 1)")
     return result
 
@@ -178,16 +190,17 @@ def shard_name(setup: str, shards: int) -> str:
     return f"ours {setup} x{shards} shards"
 
 
-def _targets(result: dict, full: str, lora: str, peak: float, cpu_peak: float, tokens: int):
+def _targets(result: dict, full: str, lora: str, peak: float, cpu_peak: float, tokens: int,
+             report=print):
     ratio = result[lora]["ms"] / result[full]["ms"]
     cpu_ratio = result[lora]["cpu_ms"] / result[full]["cpu_ms"]
     share = result[lora]["gflops"] / peak
     cpu_share = step_flops(BENCH, tokens, True) / (result[lora]["cpu_ms"] / 1e3) / 1e9 / cpu_peak
-    print(f"\n{lora}: LoRA step / full step = {ratio:.3f} (target <= 0.70) "
+    report(f"\n{lora}: LoRA step / full step = {ratio:.3f} (target <= 0.70) "
           f"{'met' if ratio <= 0.70 else 'NOT met'}; in CPU time {cpu_ratio:.3f}")
-    print(f"{lora}: LoRA step FLOP/s / large matmul FLOP/s = {100 * share:.0f}% "
+    report(f"{lora}: LoRA step FLOP/s / large matmul FLOP/s = {100 * share:.0f}% "
           f"(target >= 60%) {'met' if share >= 0.60 else 'NOT met'}")
-    print(f"   in CPU time (the work done, with 1 thread): {100 * cpu_share:.0f}% of the "
+    report(f"   in CPU time (the work done, with 1 thread): {100 * cpu_share:.0f}% of the "
           f"matmul's {cpu_peak:.0f} GFLOP per CPU-second")
 
 

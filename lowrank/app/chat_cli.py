@@ -13,12 +13,9 @@ template's markup. ``generate`` of such a model without ``--chat`` continues ``-
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 from .. import backend
-from ..backend import threads
 from ..text.chat_template import ChatTemplate
 from ..models.decode import stream
 from ..models.llama import Llama
@@ -26,48 +23,15 @@ from ..formats.peft_dir import load_pretrained
 from ..formats.model_dir import from_pretrained
 from ..text.tokenizer import Tokenizer
 
-COMMANDS = ("chat", "generate")
-
-
-def handles(argv) -> bool:
-    """Whether ``argv`` is a chat command: ``chat``, ``generate --chat``, or ``generate`` of a
-    GGUF file / ``smollm2`` (the CLI's other commands stay its own)."""
-    if not argv or argv[0] not in COMMANDS:
-        return False
-    if argv[0] == "chat" or any(a == "--chat" or a.startswith("--chat=") for a in argv):
+def wants(args) -> bool:
+    """Whether the parsed command is a chat: ``chat``, ``generate --chat``, or ``generate`` of
+    a GGUF file / ``smollm2`` (a plain continuation of a Llama-family model)."""
+    if args.command == "chat":
         return True
-    for i, a in enumerate(argv):
-        model = a.split("=", 1)[1] if a.startswith("--model=") else \
-            argv[i + 1] if a == "--model" and i + 1 < len(argv) else None
-        if model is not None and (model == "smollm2" or model.lower().endswith(".gguf")):
-            return True
-    return False
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowrank", description="chat with a model")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("chat", "talk with a chat model: one user message per line of stdin"),
-                       ("generate", "answer one message (--chat) or continue --prompt")):
-        p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("--model", required=True,
-                       help="a GGUF file, 'smollm2', or a Hugging Face Llama-family directory")
-        p.add_argument("--adapter", default=None,
-                       help="adapter directory to apply (PEFT's format or lowrank's)")
-        if name == "generate":
-            p.add_argument("--chat", default=None, metavar="MESSAGE",
-                           help="a user message, answered through the chat template")
-            p.add_argument("--prompt", default="", help="text to continue (without --chat)")
-        p.add_argument("--system", default=None, help="a system message opening the chat")
-        p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer")
-        p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-        p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
-        p.add_argument("--top-p", type=float, default=None, help="nucleus sampling")
-        p.add_argument("--seed", type=int, default=0, help="sampling seed")
-        p.add_argument("--backend", choices=("numpy", "numpy-strict", "cupy"), default=None)
-        p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-        p.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads")
-    return parser
+    if args.command != "generate":
+        return False
+    model = str(args.model)
+    return args.chat is not None or model == "smollm2" or model.lower().endswith(".gguf")
 
 
 def load(model_path, adapter=None, dtype="float32", backend_name=None):
@@ -111,8 +75,9 @@ class Answerer:
 
 
 def run(args) -> int:
-    if args.threads is not None:
-        threads.set_threads(threads.check_threads(args.threads))
+    """Answer through the chat template (or continue ``--prompt``); greedy unless a
+    temperature is given."""
+    args.temperature = 0.0 if args.temperature is None else args.temperature
     if args.backend:
         try:
             backend.set_backend(args.backend)
@@ -151,36 +116,4 @@ def _stdin_lines():
         yield line.rstrip("\n")
 
 
-def main(argv) -> int:
-    """Run a chat command; a failure is one line on stderr (2: bad input, 3: a bug —
-    LOWRANK_DEBUG=1 shows its traceback, 130: interrupted, 141: output closed)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:
-        if not exc.code:
-            raise
-        return exc.code
-    try:
-        return run(args)
-    except BrokenPipeError:
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
-        return 141
-    except KeyboardInterrupt:
-        print(f"lowrank {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, ImportError, OSError) as exc:
-        print(f"lowrank {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        if os.environ.get("LOWRANK_DEBUG"):
-            raise
-        print(f"lowrank {args.command}: internal error: {type(exc).__name__}: "
-              f"{' '.join(str(exc).split())} (LOWRANK_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
-        return 3
-
-
-__all__ = ["handles", "main", "load", "Answerer"]
+__all__ = ["wants", "run", "load", "Answerer"]

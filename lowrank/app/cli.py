@@ -1,28 +1,30 @@
-"""``lowrank`` command line: pretrain, finetune, generate, eval, demo, bench.
+"""``lowrank`` command line: pretrain, finetune, generate, eval, predict, demo, bench.
 
     lowrank pretrain --out base --steps 300
     lowrank finetune --base base --variant lora --targets q,v --r 8 --alpha 16 --out lora
     lowrank generate --model base --adapter lora --prompt "def "
-    lowrank generate --model smollm2 --chat "What is LoRA?"
+    lowrank finetune --base minilm --task classify --data train.csv --out clf
     lowrank demo
     mpiexec -n 2 lowrank finetune --base base --out lora   # data parallel, auto-detected
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .. import backend
-from ..formats import peft_dir as peft_files
+from ..formats import peft_dir
 from . import chat_cli, workflows as wf
-from ..adapters import field_from_text
 from ..backend import threads
 from .bench import run_bench
 from .demo import run_demo
 from .cli_parser import parse
+from .cli_task_flags import data_options
 from .multi_run import finetune_many, parse_variants
 from ..parallel import ParameterDriftError, get_comm
 from .run_dir import read_run
@@ -47,27 +49,13 @@ def _corpus(values, default):
     return values[0] if len(values) == 1 and values[0] in ("docs", "code") else list(values)
 
 
-def _parse_set(items) -> dict:
-    """``--set key=value`` for variant options not named on the command line."""
-    options = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        key, options[key] = field_from_text(key, value)
-    return options
-
-
 def main(argv=None) -> int:
     """Run one command; every failure is one line on stderr and a non-zero exit code
     (2: a mistake in the input, 1: training stopped, 3: a bug — LOWRANK_DEBUG=1 shows its
     traceback, 130: interrupted, 141: output closed, as into ``head``)."""
     backend.keep_freed_host_memory()   # training reuses the same large blocks every step
     argv = sys.argv[1:] if argv is None else list(argv)
-    if classify_cli.handles(argv):     # --task classify, eval --data, predict, demo --task
-        return classify_cli.main(argv)
-    if chat_cli.handles(argv):         # chat, generate --chat, generate of a GGUF / smollm2
-        return chat_cli.main(argv)
+    warnings.formatwarning = _warning_line
     try:
         _, args = parse(argv)
     except SystemExit as exc:   # --help exits 0 as usual; a mistake returns its code
@@ -98,6 +86,19 @@ def main(argv=None) -> int:
             raise
         return _fail(args, f"lowrank {args.command}: internal error: {type(exc).__name__}: "
                            f"{_one_line(exc)} (LOWRANK_DEBUG=1 shows the traceback)", 3)
+
+
+def _warning_line(message, category, *_, **__) -> str:
+    """A warning as the CLI prints it: one line, without Python's file and line."""
+    return f"lowrank: warning: {_one_line(message)}\n"
+
+
+def _short_run(args) -> None:
+    """A run that is all warm-up never trains at the asked learning rate: say what to change."""
+    if args.steps <= args.warmup:
+        warnings.warn(f"--steps {args.steps} <= --warmup {args.warmup}: every step is warm-up "
+                      f"and the learning rate never reaches --lr {args.lr:g}; use --warmup "
+                      f"{max(1, args.steps // 10)} (a tenth of the steps) or more --steps")
 
 
 def _one_line(exc) -> str:
@@ -148,8 +149,14 @@ def _run(args) -> int:
     if getattr(args, "threads", None) is not None:   # docs/performance.md#threads
         threads.set_threads(threads.check_threads(args.threads))
     else:
-        threads.apply_default_under_launcher()
+        threads.apply_cli_default()   # one BLAS thread: none spins beside other jobs
+    if classify_cli.handles(args):     # finetune --task classify, eval --data, predict, ...
+        return classify_cli.run(args, data_options(args) if hasattr(args, "format") else {})
+    if chat_cli.wants(args):           # chat, generate --chat, generate of a GGUF / smollm2
+        return chat_cli.run(args)
     comm = _make_comm(args) if args.command in ("pretrain", "finetune") else None
+    if comm is not None and comm.is_root:
+        _short_run(args)
     if args.command == "pretrain":
         spec = wf.ModelSpec(args.vocab_size, args.context, args.n_layer, args.n_head,
                             args.d_model, tie_embeddings=not args.untied)
@@ -160,16 +167,16 @@ def _run(args) -> int:
                              progress=not args.no_progress, comm=comm, force=args.force)
         if not comm.is_root:
             return 0
-        print(f"pretrained {result.total:,} parameters; validation loss {result.val_loss:.4f}; "
-              f"{result.tokens_per_s:,.0f} tokens/s; saved to {result.out}")
+        _summary(args, f"pretrained {result.total:,} parameters; validation loss "
+                       f"{result.val_loss:.4f}; {result.tokens_per_s:,.0f} tokens/s; saved to "
+                       f"{result.out}", result)
     elif args.command == "finetune":
         options = {"r": args.r, "alpha": args.alpha, "dropout": args.dropout}
         if args.init is not None:
             options["init"] = args.init
         if args.rslora:
             options["rslora"] = True
-        options.update(_parse_set(args.set))
-        options.update(args.variant_options)
+        options.update(args.variant_options)     # --set and the variant's own flags
         targets = args.targets if args.regex else [t for t in args.targets.split(",") if t]
         if args.save_format == "peft" and ("," in args.variant or args.variant == "full"):
             raise ValueError("--save-format peft writes one adapter; it takes one --variant "
@@ -186,15 +193,15 @@ def _run(args) -> int:
         if not comm.is_root:
             return 0
         share = 100.0 * result.trainable / result.total
-        print(f"{args.variant}: {result.trainable:,} trainable parameters ({share:.2f}%); "
-              f"validation loss {result.val_loss:.4f}; {result.tokens_per_s:,.0f} tokens/s; "
-              f"saved to {result.out}")
+        _summary(args, f"{args.variant}: {result.trainable:,} trainable parameters "
+                       f"({share:.2f}%); validation loss {result.val_loss:.4f}; "
+                       f"{result.tokens_per_s:,.0f} tokens/s; saved to {result.out}", result,
+                 getattr(result, "report", []))
         if args.save_format == "peft":   # a PEFT folder beside lowrank's (which resumes)
-            peft_dir = peft_files.save_pretrained(result.model, Path(result.out) / "peft",
-                                                  base=args.base)
-            print(f"PEFT format: {peft_dir} (PeftModel.from_pretrained reads it)")
-        for line in getattr(result, "report", []):
-            print(line)
+            folder = peft_dir.save_pretrained(result.model, Path(result.out) / "peft",
+                                              base=args.base)
+            print(f"PEFT format: {folder} (PeftModel.from_pretrained reads it)",
+                  file=sys.stderr if args.json else sys.stdout)
     elif args.command in ("generate", "eval"):
         if args.adapter is None:
             args.model, args.adapter = _base_of(args.model)
@@ -204,20 +211,41 @@ def _run(args) -> int:
         else:
             model, tok, _ = wf.load_base(args.model, args.dtype)
         if args.command == "generate":
-            print(wf.generate(model, tok, args.prompt, args.max_new_tokens, args.temperature,
-                              args.top_k, args.seed))
+            print(wf.generate(model, tok, args.prompt, args.max_new_tokens,
+                              0.8 if args.temperature is None else args.temperature,
+                              40 if args.top_k is None else args.top_k, args.seed))
         else:
             data = wf.token_data(tok, wf.DataSpec(_corpus(args.corpus, "code"), args.max_bytes),
                                  model.config.context)
-            print(f"validation loss {wf.evaluate(model, data, args.batch_size, args.batches):.4f}")
+            loss = wf.evaluate(model, data, args.batch_size, args.batches)
+            print(json.dumps({"command": "eval", "val_loss": loss}) if args.json else
+                  f"validation loss {loss:.4f}")
     elif args.command == "demo":
         run_demo(args.out, pretrain_steps=args.pretrain_steps, finetune_steps=args.steps,
                  dtype=args.dtype, seed=args.seed, progress=not args.no_progress)
     elif args.command == "bench":
-        run_bench(steps=args.steps)
-        print("PyTorch+PEFT side by side: python benchmarks/bench_train.py (in a repository "
-              "checkout, with the `reference` extra)")
+        rows = run_bench(steps=args.steps, out=sys.stderr if args.json else None)
+        if args.json:
+            print(json.dumps({"command": "bench", "rows": rows}))
+        else:
+            print("PyTorch+PEFT side by side: python benchmarks/bench_train.py (in a "
+                  "repository checkout, with the `reference` extra)")
     return 0
+
+
+def _summary(args, line: str, result, extra_lines=()) -> None:
+    """The run's last words: a line for a person, or with ``--json`` one JSON record (the
+    person's lines then go to stderr)."""
+    if not args.json:
+        print(line)
+        for extra in extra_lines:
+            print(extra)
+        return
+    for extra in (line, *extra_lines):
+        print(extra, file=sys.stderr)
+    record = {k: v for k, v in vars(result).items() if isinstance(v, (int, float, str))}
+    print(json.dumps({"command": args.command, "variant": getattr(args, "variant", None),
+                      **record, "out": str(result.out)}, default=str))
 
 
 def _base_of(model_dir):
@@ -245,13 +273,18 @@ def _finetune_many(args, options: dict, targets, comm) -> int:
                             save_every=args.save_every, progress=not args.no_progress,
                             force=args.force)
     total = sum(r.tokens_per_s for r in results)   # each: median over its steps
+    say = (lambda line: print(line, file=sys.stderr)) if args.json else print
     for (variant, _), result in zip(variants, results):
         share = 100.0 * result.trainable / result.total
-        print(f"{variant}: {result.trainable:,} trainable parameters ({share:.2f}%); "
-              f"validation loss {result.val_loss:.4f}; saved to {result.out}")
+        say(f"{variant}: {result.trainable:,} trainable parameters ({share:.2f}%); "
+            f"validation loss {result.val_loss:.4f}; saved to {result.out}")
         for line in result.report:
-            print(line)
-    print(f"{len(results)} adapters trained together over one base: {total:,.0f} tokens/s in all")
+            say(line)
+    say(f"{len(results)} adapters trained together over one base: {total:,.0f} tokens/s in all")
+    if args.json:
+        print(json.dumps({"command": "finetune", "tokens_per_s": total, "adapters": [
+            {"variant": variant, "out": str(r.out), "trainable": r.trainable, "total": r.total,
+             "val_loss": r.val_loss} for (variant, _), r in zip(variants, results)]}))
     return 0
 
 

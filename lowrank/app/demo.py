@@ -106,7 +106,7 @@ def run_demo(out="lowrank-demo", pretrain_steps=600, finetune_steps=200, dtype="
               f"{row['tokens_per_s']:,.0f} tok/s")
     table = format_table(results)
     print()
-    print(table)
+    print(terminal_table(table))
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     png = plot(results, out / "loss_curves.png")
@@ -158,6 +158,23 @@ def format_table(results) -> str:
     return "\n".join(lines)
 
 
+def terminal_table(markdown: str) -> str:
+    """A Markdown table (the files keep it) as aligned columns for a terminal: the ``|`` and
+    the ``---`` row dropped, numbers right-aligned where the Markdown says ``---:``."""
+    lines = markdown.splitlines()
+    table = [i for i, line in enumerate(lines) if line.startswith("|")]
+    if len(table) < 2:
+        return markdown
+    rows = [[c.strip() for c in lines[i].strip("|").split("|")] for i in table]
+    right = [c.endswith(":") for c in rows[1]]
+    rows = [rows[0]] + rows[2:]
+    widths = [max(len(r[k]) for r in rows if k < len(r)) for k in range(len(rows[0]))]
+    text = ["  ".join(cell.rjust(w) if right[k] else cell.ljust(w)
+                      for k, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines[:table[0]] + text + lines[table[-1] + 1:])
+
+
 def curves_figure(results, window: int, ylabel: str, title: str):
     """``(plt, fig, right axes)``: training curves (``window``-step means) drawn on the left
     panel of a two-panel figure; the caller fills the right one and calls ``save_figure``."""
@@ -165,8 +182,10 @@ def curves_figure(results, window: int, ylabel: str, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
-    colors = plt.cm.tab20(np.linspace(0, 1, 20))
-    left.set_prop_cycle(color=colors[::2].tolist() + colors[1::2].tolist())
+    from cycler import cycler
+    # ten distinct colours, then the same ten dashed, dotted, ...: no two curves alike
+    left.set_prop_cycle(cycler(linestyle=["-", "--", ":", "-."])
+                        * cycler(color=plt.cm.tab10(np.arange(10)).tolist()))
     for r in results:
         if r["curve"]:
             curve = np.asarray(r["curve"])

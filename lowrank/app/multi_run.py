@@ -31,6 +31,7 @@ from .. import backend
 from ..formats import checkpoint
 from . import workflows as wf
 from ..adapters import config as adapter_config, field_from_text
+from ..training.progress import progress_bar
 from .run_dir import prepare_out
 from ..training.trainer import NonFiniteLossError, Trainer, TrainConfig
 from ..training.update_check import check_update
@@ -120,11 +121,9 @@ class MultiTrainer:
     def fit(self, on_step=None, progress: bool = True) -> list[list[dict]]:
         """Train every adapter to its ``steps``; ``on_step(k, trainer, record)`` after each of
         adapter k's steps (checkpoints). Returns each adapter's history."""
-        from tqdm import tqdm
         histories = [[] for _ in self.trainers]
         total = max(tr.config.steps - tr.step for tr in self.trainers)
-        bar = tqdm(total=total, desc=f"{len(self.trainers)} adapters", disable=not progress,
-                   dynamic_ncols=True, leave=False)
+        bar = progress_bar(total, f"{len(self.trainers)} adapters", progress, leave=False)
         while self.active():
             records = self.train_step()
             for k, record in records.items():

@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..training.progress import on_terminal
 from ..files.schema import RUN_SCHEMA, check
 from ..files.storage import read_sealed_json, write_sealed_json
 from ..text.tokenizer import Tokenizer
@@ -105,8 +106,8 @@ def remove_if_unsaved(out: Path, name: str, existed: bool) -> None:
 
 def say(line: str, progress: bool) -> None:
     """A line for the user (a validation loss as it comes) that leaves a progress bar intact."""
-    if progress:
-        from tqdm import tqdm   # optional dependency, lazy
+    if progress and on_terminal():
+        from tqdm import tqdm   # a bar may be drawn: write above it
         tqdm.write(line, file=sys.stderr)
     else:
         print(line, file=sys.stderr, flush=True)

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import adapters
 from ..nn.hooks import StepHook
-from .demo import curves_figure, save_figure, summary
+from .demo import curves_figure, save_figure, summary, terminal_table
 from ..tasks import classify, classify_io
 from ..tasks.text_data import TextData, label_names
 
@@ -77,7 +77,7 @@ def run_demo(out="lowrank-demo-sentiment", epochs: int = 1, variants=None,
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(results, len(train), epochs)
     print()
-    print(table)
+    print(terminal_table(table))
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     png = plot(results, out / "sentiment.png")
@@ -129,9 +129,11 @@ def plot(results, path: Path) -> Path:
     plt, fig, right = curves_figure(results, 5, "training cross-entropy",
                                     "Fine-tuning MiniLM on sentiment")
     x = np.arange(len(results))
-    right.bar(x, [r["val_accuracy"] for r in results], 0.6)
+    bars = right.bar(x, [r["val_accuracy"] for r in results], 0.6)
+    right.bar_label(bars, fmt="%.3f", fontsize=7, rotation=90, padding=2)
     right.set_xticks(x, [r["label"] for r in results], rotation=30, ha="right")
-    low = min(r["val_accuracy"] for r in results)
-    right.set_ylim(max(0.0, low - 0.05), 1.0)
+    right.axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance (2 classes)")
+    right.set_ylim(0.0, 1.1)            # from 0: bar heights compare as accuracies do
+    right.legend(loc="lower right", fontsize=8)
     right.set(ylabel="validation accuracy (200 sentences)", title="After fine-tuning")
     return save_figure(plt, fig, path)

@@ -27,6 +27,7 @@ from .. import backend
 from ..formats import checkpoint, peft_dir as peft_files
 from ..adapters import adapted_modules, config as adapter_config, inject
 from ..files.base_identity import FIELD as BASE_SHA, base_weights_sha256, check_same_base
+from ..nn.validate import near_fields
 from ..text.corpus import TokenData, corpus
 from ..models import GPT, Bert, GPTConfig
 from ..models.generate import generate as generate_ids
@@ -35,7 +36,7 @@ from ..formats.model_dir import GGUF, HUGGING_FACE, inspect, open_model
 from .run_dir import TOKENIZER_FILE, load_tokenizer, prepare_out, read_run, say, write_run
 from ..files.storage import cap_for
 from ..quant import quantize_base
-from ..files.run_lock import check_unchanged, run_locked
+from .run_lock import check_unchanged, run_locked
 from ..text.tokenizer import Tokenizer, train_tokenizer
 from ..training.trainer import Trainer, TrainConfig
 from ..training.update_check import check_savable, check_update
@@ -180,7 +181,7 @@ def load_base(base, dtype=None, backend_name=None):
     if isinstance(model, Bert):
         raise ValueError(f"{source.path} holds a {type(model).__name__}, which has no "
                          "language-model head: this command needs a causal language model "
-                         "(e.g. a gpt2 directory); classify with --task classify")
+                         "(an encoder classifies: --task classify)")
     if source.kind in (HUGGING_FACE, GGUF):   # the tokenizer of its files (a GGUF: its metadata)
         return model, Tokenizer.from_pretrained(source.path), {}
     run = read_run(source.path)
@@ -197,8 +198,8 @@ def check_options(variants, options) -> None:
         fields = {f for v in variants for f in adapter_config(v).to_dict()} - {"variant"}
     unknown = sorted(set(options or {}) - fields)
     if unknown:
-        raise ValueError(f"unknown field(s) {unknown} for variant(s) {list(variants)}; "
-                         f"fields: {sorted(fields)}")
+        raise ValueError(f"unknown field(s) {unknown} for variant(s) {list(variants)}"
+                         f"{near_fields(unknown, fields)}; fields: {sorted(fields)}")
 
 
 def prepare_finetune(model, variant: str, targets, options: dict, seed: int = 0,

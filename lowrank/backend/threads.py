@@ -76,14 +76,29 @@ def thread_info() -> list[dict]:
             for info in threadpool_info()]
 
 
+USER_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+CLI_THREADS = 1   # the command line's BLAS pool (docs/performance.md#shared-machines)
+
+
+def apply_cli_default(environ=None) -> int | None:
+    """The command line's default: one BLAS thread per process, unless the environment
+    names a count (the user chose). OpenBLAS's idle workers spin between products, and on a
+    machine shared with other jobs a two-thread pool cost several times the CPU and wall
+    time of one; more cores come from ``--shards`` (threads that sleep while they wait) or
+    ``--threads N``. Returns the count applied (None: nothing changed)."""
+    environ = os.environ if environ is None else environ
+    if any(environ.get(v) for v in USER_VARS):
+        return None
+    return CLI_THREADS if set_threads(CLI_THREADS) else None
+
+
 def apply_default_under_launcher(environ=None) -> int | None:
     """When started by a parallel launcher (more than one local rank) and no thread count
     was set in the environment, apply ``default_threads()``; returns the count applied."""
     environ = os.environ if environ is None else environ
     if local_ranks(environ) <= 1:
         return None
-    if any(environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                    "MKL_NUM_THREADS")):
+    if any(environ.get(v) for v in USER_VARS):
         return None   # the user chose
     n = default_threads(environ)
     return n if set_threads(n) else None

@@ -50,6 +50,12 @@ class Module:
 
     training: bool = True
 
+    def __call__(self, *args, **kwargs):
+        """``model(x)``: the forward pass's output without its cache (PyTorch's habit, for
+        inference); training goes through ``forward``/``backward`` or ``loss``/
+        ``loss_backward``, which keep the cache the backward pass needs."""
+        return self.forward(*args, **kwargs)[0]
+
     def named_children(self):
         for name, value in vars(self).items():
             if isinstance(value, Module):

@@ -82,3 +82,11 @@ def field_from_text(key: str, text: str) -> tuple[str, object]:
     except json.JSONDecodeError:
         value = text
     return key.replace("-", "_"), value
+
+
+def near_fields(unknown, names) -> str:
+    """``"; did you mean 'alpha'?"`` for misspelt field names (or "" when none is near)."""
+    import difflib
+    near = [m[0] for u in unknown for m in [difflib.get_close_matches(u, sorted(names), 1, 0.6)]
+            if m]
+    return f"; did you mean {', '.join(map(repr, near))}?" if near else ""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -99,6 +100,29 @@ def warmup_steps(total: int, ratio: float) -> int:
     return math.ceil(total * ratio)   # transformers' TrainingArguments.get_warmup_steps
 
 
+class ShortRunWarning(UserWarning):
+    """A run too short to train: most of its few steps are warm-up."""
+
+
+MIN_STEPS = 20   # below this a run spends a large share of its steps warming up
+
+
+def short_run_note(examples: int, config: ClassifyConfig) -> str | None:
+    """What to change when ``examples`` make too few steps to leave warm-up (None: enough)."""
+    per_epoch = math.ceil(examples / config.batch_size)
+    total = per_epoch * config.epochs
+    if total >= MIN_STEPS:
+        return None
+    warm = warmup_steps(total, config.warmup_ratio)
+    batch = max(1, min(config.batch_size, 8))
+    epochs = max(config.epochs, math.ceil(MIN_STEPS / math.ceil(examples / batch)))
+    return (f"only {total} optimizer step(s) ({examples} examples / batch "
+            f"{config.batch_size} = {per_epoch} per epoch x {config.epochs} epoch(s)), {warm} "
+            f"of them warm-up from learning rate 0: the model will barely move; use more "
+            f"epochs, a smaller batch or more data (--epochs {epochs} --batch-size {batch} "
+            f"gives {math.ceil(examples / batch) * epochs} steps)")
+
+
 class ClassifierTrainer(Trainer):
     """``Trainer`` whose evaluation scores whole splits (loss, accuracy, macro-F1)."""
 
@@ -153,6 +177,9 @@ def train_classifier(clf, data, variant: str, config: ClassifyConfig, on_epoch=N
     over threads (docs/performance.md#batch-shards)."""
     per_epoch = data.steps_per_epoch(config.batch_size)
     total = per_epoch * config.epochs
+    note = short_run_note(data.size("train"), config)
+    if note is not None:
+        warnings.warn(note, ShortRunWarning, stacklevel=2)
     lr = config.lr_for(mode_of(variant))
     train = TrainConfig(steps=total, batch_size=config.batch_size, lr=lr, min_lr=0.0,
                         warmup=warmup_steps(total, config.warmup_ratio),

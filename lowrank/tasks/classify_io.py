@@ -35,8 +35,9 @@ from ..files.storage import (atomic_write, check_and_assign, read_safetensors, r
 from ..files.untrusted import sha256
 from ..text.tokenizer import Tokenizer
 from . import classify
-from .text_data import (MAX_LABEL_CHARS, MAX_LABELS, TextData, encode_labels, label_names,
-                        read_tsv, sentiment_split)
+from .data_files import read_examples
+from .data_files import MAX_LABEL_CHARS, MAX_LABELS
+from .text_data import TextData, encode_labels, label_names, sentiment_split
 
 TASK_FILE, HEAD_FILE, ENCODER_FILE = "classify.json", "classifier.safetensors", \
     "encoder.safetensors"
@@ -144,12 +145,16 @@ def load(directory, base=None, dtype: str = "float32"):
 
 # --- workflows -------------------------------------------------------------------------------
 
-def load_examples(train_path=None, eval_path=None):
-    """``(train, validation or None)`` examples: the files given, or the embedded split."""
+def load_examples(train_path=None, eval_path=None, limit=None, **columns):
+    """``(train, validation or None)`` examples: the files given, or the embedded split.
+    ``limit`` caps the training examples; ``columns``: ``data_files.read_examples``'s
+    format and column options (``format``, ``text_column``, ``label_column``,
+    ``label_names``, ``header``), for both files."""
+    val = None if eval_path is None else read_examples(eval_path, **columns)
     if train_path is None:
-        train, val = sentiment_split()
-        return train, (val if eval_path is None else read_tsv(eval_path))
-    return read_tsv(train_path), None if eval_path is None else read_tsv(eval_path)
+        train, shipped_val = sentiment_split()
+        return train[:limit], (shipped_val if eval_path is None else val)
+    return read_examples(train_path, limit=limit, **columns), val
 
 
 def finetune(out, base, variant: str, config: classify.ClassifyConfig, train_examples,
@@ -189,10 +194,11 @@ def finetune(out, base, variant: str, config: classify.ClassifyConfig, train_exa
     return result
 
 
-def evaluate_file(directory, path, base=None, batch_size: int = 32) -> dict:
-    """Metrics of the saved classifier on a labelled file (checked before the model loads)."""
+def evaluate_file(directory, path, base=None, batch_size: int = 32, **columns) -> dict:
+    """Metrics of the saved classifier on a labelled file (checked before the model loads;
+    ``columns``: ``data_files.read_examples``'s format and column options)."""
     info = read_info(directory)
-    examples = read_tsv(path)
+    examples = read_examples(path, **columns)
     encode_labels(examples, info["labels"])
     clf, tok, info = load(directory, base)
     data = TextData.from_examples(tok, {"test": examples}, info["labels"],

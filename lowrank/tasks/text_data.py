@@ -7,87 +7,21 @@ prediction speak the same labels (docs/classification.md#data). Host-side code: 
 
 The embedded default (``sentiment_split``) is the shipped Yelp + Amazon sentences (in that
 order), shuffled with ``numpy.random.default_rng(0)``: the first 200 validate, the other
-1,800 train.
+1,800 train; labels named ``negative`` / ``positive``. The same split is shipped as
+``train.tsv`` / ``val.tsv`` (``sentiment:train`` / ``sentiment:val`` on the command line).
+Other formats and column options: ``data_files``.
 """
 from __future__ import annotations
 
-import itertools
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from .. import backend
-from ..text.datasets import SENTIMENT_FILES
-from ..files.untrusted import regular_file
+from ..text.datasets import SENTIMENT_FILES, SENTIMENT_LABELS
+from .data_files import MAX_LABELS, Example, read_examples
 
 VAL_SIZE = 200
-
-
-@dataclass
-class Example:
-    text: str
-    label: str          # as written in the file
-    source: str         # "file:line", for error messages
-
-
-MAX_DATA_BYTES = 512 << 20     # a data file is read whole into examples: bounded first
-MAX_LINE_BYTES = 1 << 20       # one example; texts are cut to max_length tokens anyway
-MAX_LABELS = 1 << 16           # classes a classifier may have (its head is C x d)
-MAX_LABEL_CHARS = 256
-
-
-def read_tsv(path) -> list[Example]:
-    """The examples of one ``text<TAB>label`` file; blank lines are skipped. A line without a
-    tab, an empty text or label, an empty file, non-UTF-8 bytes, a line longer than
-    ``MAX_LINE_BYTES`` or a label longer than ``MAX_LABEL_CHARS`` raise ValueError naming the
-    file and line; the file is streamed line by line under a size cap."""
-    path = Path(path)
-    try:
-        regular_file(path, MAX_DATA_BYTES, "data file")
-        fh = open(path, "rb")
-    except FileNotFoundError:
-        raise ValueError(f"{path}: cannot read (no such file)") from None
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    examples = []
-    with fh:
-        for number in itertools.count(1):
-            try:
-                raw = fh.readline(MAX_LINE_BYTES + 1)
-            except OSError as exc:
-                raise ValueError(f"{path}:{number}: cannot read ({exc.strerror or exc})") from None
-            if not raw:
-                break
-            if len(raw) > MAX_LINE_BYTES:
-                raise ValueError(f"{path}:{number}: line longer than {MAX_LINE_BYTES:,} bytes")
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not UTF-8 text (byte "
-                                 f"0x{raw[exc.start]:02x})") from None
-            example = _example(line, f"{path}:{number}")
-            if example is not None:
-                examples.append(example)
-    if not examples:
-        raise ValueError(f"{path}: empty file; expected lines of 'text<TAB>label'")
-    return examples
-
-
-def _example(line: str, where: str) -> Example | None:
-    if not line.strip():
-        return None
-    body, tab, label = line.rpartition("\t")
-    if not tab:
-        raise ValueError(f"{where}: no tab; expected 'text<TAB>label'")
-    if not body.strip() or not label.strip():
-        raise ValueError(f"{where}: empty {'text' if not body.strip() else 'label'}")
-    label = label.strip()
-    if len(label) > MAX_LABEL_CHARS:
-        raise ValueError(f"{where}: a label of {len(label):,} characters (at most "
-                         f"{MAX_LABEL_CHARS})")
-    return Example(body.strip(), label, where)
 
 
 def _is_index(label: str) -> bool:
@@ -130,7 +64,8 @@ def encode_labels(examples, names) -> np.ndarray:
 
 def sentiment_split() -> tuple[list[Example], list[Example]]:
     """``(train 1,800, validation 200)`` of the shipped sentiment sentences."""
-    examples = [e for path in SENTIMENT_FILES for e in read_tsv(path)]
+    examples = [Example(e.text, SENTIMENT_LABELS[int(e.label)], e.source)
+                for path in SENTIMENT_FILES for e in read_examples(path, format="tsv", header=False)]
     order = np.random.default_rng(0).permutation(len(examples))
     val = [examples[i] for i in order[:VAL_SIZE]]
     train = [examples[i] for i in order[VAL_SIZE:]]

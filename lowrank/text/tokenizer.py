@@ -155,6 +155,19 @@ class Tokenizer:
         return f"Tokenizer({self.kind}, vocab_size={self.vocab_size})"
 
     # --- batches for an encoder (docs/pretrained.md#tokenizer) ------------------------------------
+    def __call__(self, text, max_length: int = 512, return_tensors: str | None = None) -> dict:
+        """transformers' habit: ``{"input_ids", "attention_mask"}`` of one text (lists) or of
+        a list of texts (padded rows; ``return_tensors="np"``: ``int64 (B, T)`` arrays), the
+        special tokens added as in ``encode_batch``."""
+        if return_tensors not in (None, "np"):
+            raise ValueError(f"return_tensors must be None or 'np', got {return_tensors!r}")
+        ids, mask = self.encode_batch([text] if isinstance(text, str) else text, max_length)
+        if isinstance(text, str):
+            ids, mask = ids[0], mask[0]
+        if return_tensors is None:
+            ids, mask = ids.tolist(), mask.tolist()
+        return {"input_ids": ids, "attention_mask": mask}
+
     def encode_batch(self, texts, max_length: int = 512):
         """``(ids, attention_mask)``, each an ``int64 (B, T)`` host array: the file's
         normalizer and post-processor applied (BERT: ``[CLS] … [SEP]``), every text truncated

@@ -41,6 +41,7 @@ from ..models import Embedding
 from ..nn.optim import AdamW, check_adamw_form, clip_grad_norm, loraplus_scales
 from ..parallel import BatchShards, GradientAllReduce, SingleProcess
 from ..nn.schedules import Schedule, check_schedule
+from .progress import progress_bar
 from ..nn.validate import check_number
 
 
@@ -270,10 +271,8 @@ class Trainer:
 
     def fit(self, on_step=None, progress: bool = True, desc: str = "train") -> list[dict]:
         """Run until ``config.steps``; ``on_step(trainer, record)`` after each (checkpoints)."""
-        from tqdm import tqdm
         history = []
-        bar = tqdm(total=self.config.steps, initial=self.step, desc=desc,
-                   disable=not progress or not self.comm.is_root, dynamic_ncols=True, leave=True)
+        bar = progress_bar(self.config.steps, desc, progress and self.comm.is_root, self.step)
         if self.grad_sync is not None:
             self.grad_sync.check_drift(self.step, self._probe())   # identical start
         while self.step < self.config.steps:

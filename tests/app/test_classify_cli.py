@@ -8,7 +8,12 @@ import pytest
 from lowrank.app.cli import main
 from lowrank.text.datasets import SENTIMENT_FILES
 from lowrank.files.storage import write_sealed_json
-from lowrank.tasks.text_data import (encode_labels, label_names, read_tsv, sentiment_split)
+from lowrank.tasks.data_files import read_examples
+from lowrank.tasks.text_data import encode_labels, label_names, sentiment_split
+
+
+def read_tsv(path):
+    return read_examples(path, format="tsv")
 
 
 def _write(path, text, encoding="utf-8"):
@@ -58,7 +63,7 @@ def test_shipped_split():
     assert not {e.source for e in train} & {e.source for e in val}
     again, _ = sentiment_split()
     assert [e.source for e in again] == [e.source for e in train]    # default_rng(0)
-    assert 80 < sum(e.label == "1" for e in val) < 120
+    assert 80 < sum(e.label == "positive" for e in val) < 120
 
 
 # --- the command line: bad input writes nothing ---------------------------------------------

@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 from lowrank.text import corpus as lr_data
 from lowrank.app import workflows as wf
-from lowrank.files.run_lock import RunDirectory, hold
+from lowrank.app.run_lock import RunDirectory, hold
 
 from tests.helpers.hardening import ROOT, examples, make_runs, record
 

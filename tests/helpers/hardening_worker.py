@@ -69,8 +69,9 @@ def other_fingerprint(request) -> str:
         ids, mask = tok.encode_batch([t or "x" for t in PROBES], max_length=32)
         h.update(ids.tobytes() + mask.tobytes())
     elif kind == "tsv":
-        from lowrank.tasks.text_data import label_names, read_tsv
-        examples = read_tsv(path)
+        from lowrank.tasks.data_files import read_examples
+        from lowrank.tasks.text_data import label_names
+        examples = read_examples(path, format="tsv")
         names = label_names(examples)
         h.update(json.dumps([len(examples), len(names), names[:50],
                              [(e.text[:50], e.label) for e in examples[:50]]]).encode())

@@ -18,7 +18,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from ..app.run_dir import remove_if_unsaved
+from .run_dir import remove_if_unsaved
 
 LOCK_FILE = ".lowrank.lock"
 _HELD: dict[str, "RunDirectory"] = {}   # the path saves use -> its guard
