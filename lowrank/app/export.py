@@ -111,4 +111,26 @@ def export(model, adapter, out, fmt: str = "hf", gguf_type: str = "F32") -> dict
     return {**report, "format": "gguf", "notes": notes}
 
 
-__all__ = ["export", "FORMATS"]
+def add_arguments(p) -> None:
+    """``lowrank export``'s flags on the sub-parser ``p``."""
+    p.add_argument("--model", required=True,
+                   help="the base: a model directory, a GGUF file, or 'smollm2'")
+    p.add_argument("--adapter", default=None,
+                   help="the fine-tune to merge: an adapter directory (lowrank's or PEFT's) "
+                        "or a full fine-tune (default: the base alone)")
+    p.add_argument("--out", required=True, help="the path to write (must not exist)")
+    p.add_argument("--format", dest="export_format", choices=FORMATS, default="hf",
+                   help="hf: a Hugging Face directory; gguf: one GGUF file; peft: the adapter "
+                        "alone (docs/export.md)")
+    p.add_argument("--type", dest="gguf_type", choices=TYPES, default="F32",
+                   help="GGUF storage of the matrices (--format gguf)")
+
+
+def run(args) -> int:
+    report = export(args.model, args.adapter, args.out, args.export_format, args.gguf_type)
+    for note in report.get("notes", [f"wrote {report['path']}"]):
+        print(note)
+    return 0
+
+
+__all__ = ["export", "FORMATS", "add_arguments", "run"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from .locate import gguf_file
 from .storage import read_json, read_sealed_json, recorded_digest
 from .untrusted import MAX_TENSOR_FILE_BYTES, regular_file
 
@@ -24,7 +25,11 @@ FIELD = "base_sha256"
 
 
 def base_weights_sha256(base) -> str:
-    """The SHA-256 of the weights of the base model directory ``base``."""
+    """The SHA-256 of the weights of the base model directory ``base`` (or of the GGUF file a
+    ``.gguf`` path or ``smollm2`` names: the file is the weights)."""
+    file = gguf_file(base)
+    if file is not None:
+        return _file_sha256(file)
     base = Path(base)
     config = base / "config.json"
     if config.is_file() and "format" in read_json(config):   # a lowrank checkpoint
