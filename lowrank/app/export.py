@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from ..adapters import adapted_modules, merge_and_unload
-from ..files.gguf_file import gguf_metadata
+from ..files.gguf_file import gguf_metadata, open_gguf
 from ..files.locate import gguf_file
 from ..formats.export_gguf import TYPES, write_gguf
 from ..formats.export_hf import check_exportable, write_hf_dir
@@ -29,11 +29,11 @@ def _base_types(base) -> dict:
     file = gguf_file(base)
     if file is None:
         return {}
-    from ..files.gguf_file import open_gguf
-    counts = {}
-    for t in open_gguf(file)._reader.tensors:
-        if len(t.shape) == 2:
-            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    opened = open_gguf(file)
+    shapes, counts = opened.shapes(), {}
+    for name, kind in opened.types().items():
+        if len(shapes[name]) == 2:
+            counts[kind] = counts.get(kind, 0) + 1
     return counts
 
 
@@ -59,7 +59,9 @@ def _write_peft(model, out: Path) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"path": str(out), "format": "peft"}
+    return {"path": str(out), "format": "peft",
+            "notes": [f"wrote {out} (the adapter alone, unmerged: PEFT's format where PEFT "
+                      "has the variant, else lowrank's)"]}
 
 
 def export(model, adapter, out, fmt: str = "hf", gguf_type: str = "F32") -> dict:

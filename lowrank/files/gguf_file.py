@@ -116,6 +116,10 @@ class GGUFModel:
                 array = unpermute_qk(array, heads[kind])
             yield self.names[t.name], array
 
+    def types(self) -> dict:
+        """``{Hugging Face name: type name}`` (``"Q4_1"``, ``"F32"``, ...) from the header."""
+        return {self.names[t.name]: t.tensor_type.name for t in self._reader.tensors}
+
     def iter_raw(self, wanted=None):
         """``(Hugging Face name, type name, raw, shape)`` of each tensor (``wanted``: a set of
         Hugging Face names, default all): ``raw`` is a host copy of its bytes as stored,
