@@ -111,7 +111,8 @@ def _save_one(model, directory: Path, base) -> Path:
         saving = [n for n in saving if n != "classifier"]
     to_save = [layout.peft_name(n)[0] for n in saving] or None
     task = "FEATURE_EXTRACTION" if mean_pooled else "SEQ_CLS" if to_save else \
-        "CAUSAL_LM" if layout.kind == "gpt2" else None
+        "CAUSAL_LM" if layout.kind == "gpt2" else \
+        getattr(model, "peft_task_type", None)   # a model may say what it is (Llama)
     every = [n for n, m in model.named_modules() if isinstance(m, (Linear, AdaptedLinear))]
     info = {"peft_type": codec.peft_type, **fields,
             "target_modules": pf.short_targets(list(items), list(pf.peft_names(layout, every))),

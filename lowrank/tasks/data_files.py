@@ -88,7 +88,7 @@ def read_examples(path, format: str | None = None, text_column=None, label_colum
     examples = list(islice(iter_examples(path, format, text_column, label_column, label_names,
                                          header, split), limit))
     if not examples:
-        raise ValueError(f"{path}: no examples (an empty file?)")
+        raise ValueError(f"{path}: empty file (no examples)")
     return examples
 
 
@@ -105,8 +105,11 @@ def iter_examples(path, format=None, text_column=None, label_column=None, label_
     reader = {"tsv": _tsv, "csv": _csv, "jsonl": _jsonl, "parquet": _parquet,
               "arrow": _arrow}[kind]
     names = None if label_names is None else [str(n) for n in label_names]
-    for example in reader(path, text_column, label_column, header, split):
-        yield _named(example, names)
+    try:
+        for example in reader(path, text_column, label_column, header, split):
+            yield _named(example, names)
+    except OSError as exc:   # a device or a file that fails mid-read: one line, with the file
+        raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
 def _named(example: Example, names) -> Example:

@@ -75,7 +75,8 @@ def test_concurrent_finetunes_one_refuses_in_one_line(runs, tmp_path):
         assert _wait_for(out / ".lowrank.lock")
         for extra in (["--force"], []):
             second = _cli("finetune", "--base", base, "--out", out, "--corpus", corpus,
-                          "--steps", "2", "--batch-size", "2", "--no-progress", *extra)
+                          "--steps", "2", "--warmup", "0", "--batch-size", "2",
+                          "--no-progress", *extra)
             _, err = second.communicate(timeout=120)
             lines = err.strip().splitlines()
             assert second.returncode == 2 and len(lines) == 1, err

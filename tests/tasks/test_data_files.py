@@ -40,7 +40,7 @@ def test_tsv_without_and_with_header(tmp_path):
     ("no tab here\n", "a.tsv:1: no tab"),
     ("x\t1\n\t1\n", "a.tsv:2: empty text"),
     ("x\t1\ny\t \n", "a.tsv:2: empty label"),
-    ("", "no examples"),
+    ("", "empty file"),
     ("a,1\n", "a CSV file? pass --format csv"),
 ])
 def test_tsv_bad_inputs(tmp_path, content, message):
