@@ -129,7 +129,7 @@ class MultiTrainer:
             for k, record in records.items():
                 tr = self.trainers[k]
                 if tr.config.eval_interval and tr.step % tr.config.eval_interval == 0:
-                    record["val_loss"] = tr.evaluate()
+                    record["val_loss"] = tr.evaluate()["loss"]
                 histories[k].append(record)
                 if on_step is not None:
                     on_step(k, tr, record)
@@ -189,8 +189,9 @@ def finetune_many(out, base, variants, targets=wf.DEFAULT_TARGETS, options=None,
     variants = [(v, dict(f)) for v, f in variants]
     wf.check_options([v for v, _ in variants], options)   # as a single adapter's options
     out = prepare_out(out, resume=resume, force=force, base=base)
-    model, tok, _ = wf.load_base(base, dtype, backend_name)
-    base_sha = wf.base_weights_sha256(base)
+    source = wf.base_source(base)   # config.json read here, once
+    model, tok, _ = wf.load_base(source, dtype, backend_name)
+    base_sha = wf.base_weights_sha256(source)
     data = wf.token_data(tok, data_spec, model.config.context)
     configs, trains = [], []
     for k, (variant, fields) in enumerate(variants):
