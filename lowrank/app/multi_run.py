@@ -26,7 +26,6 @@ import math
 import time
 from itertools import zip_longest
 
-
 from .. import backend
 from ..formats import checkpoint
 from . import workflows as wf
