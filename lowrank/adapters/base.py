@@ -4,9 +4,8 @@ A variant is one file: a config dataclass and an ``AdaptedLinear`` subclass regi
 its name (``@register("lora", LoraConfig)``), and its PEFT format if PEFT has it; the contract
 tests run over it automatically (docs/variants.md#contract).
 
-``AdaptedLinear`` declares every extension point the trainer, the adapter files, the
-reports and the multi-adapter path use, each with a documented default, so callers never
-probe for one; a variant overrides what it needs.
+``AdaptedLinear`` declares every extension point the trainer, the adapter files, the reports
+and the multi-adapter path use, each with a documented default; a variant overrides some.
 """
 from __future__ import annotations
 
@@ -19,9 +18,8 @@ from .. import backend
 from ..backend.blocked import add_matmul
 from ..nn.module import Module, Parameter
 from ..ops.linear import check_input, linear_forward, weight_operand
-from ..nn.validate import near_fields
 from ..nn.validate import (MAX_ALPHA, check_int, check_number, check_seed,  # noqa: F401
-                           config_error, field_from_text)
+                           config_error, field_from_text, near_fields)
 
 BIAS_MODES = ("none", "lora_only", "all")
 _REGISTRY: dict[str, tuple[type, type]] = {}
