@@ -205,8 +205,7 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
 
     def forward(self, x, dropout_mask=None):
         """``(y, cache)``; ``dropout_mask`` (x's shape, values 0 or 1/(1-p)) fixes dropout."""
-        base = weight_operand(self.weight)
-        check_input(x, base)
+        check_input(x, base := weight_operand(self.weight))
         if self.merged:
             y, _ = linear_forward(x, base, self._bias_data())
             return y, None
@@ -232,11 +231,9 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
     def adapter_forward(self, x, dropout_mask):
         """The unmerged forward ``(y, AdapterCache)``. Without dropout x_d = x, so the map is
         one dense product with ``effective_weight()`` (m·n·r to form, against N·(m+n)·r and
-        extra passes over y for the two-step path); with dropout, ``x W0ᵀ + b0 + Δy(x_d)``.
-        A base kept quantized takes the two-step path always: W0 is never formed whole."""
+        extra passes over y for the two-step path); with dropout, ``x W0ᵀ + b0 + Δy(x_d)``."""
         x_d, mask = self.dropout(x, dropout_mask)
-        base = weight_operand(self.weight)
-        if mask is None and base is not self.weight:
+        if (base := weight_operand(self.weight)) is not self.weight and mask is None:
             W_eff = self.effective_weight()                              # (m, n)
             y, _ = linear_forward(x, W_eff, self._bias_data())           # (..., m)
             return y, AdapterCache(x, x.reshape(-1, self.in_features), None, W_eff, None)
@@ -262,18 +259,9 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
 
     def base_input_grad(self, dy, dx_adapter):
         """``G W0 + dx_adapter`` (..., n), in dx_adapter's array: the dropout branch's dx."""
-        base = weight_operand(self.weight)
-        if base is self.weight:   # kept quantized: tile by tile into dx
-            if dx_adapter.flags.c_contiguous:
-                base.matmul(dy.reshape(-1, self.out_features),
-                            out=dx_adapter.reshape(-1, self.in_features))
-            else:
-                dx_adapter += base.matmul(dy.reshape(-1, self.out_features)).reshape(
-                    dx_adapter.shape)                                    # (..., n)
-            return dx_adapter
         if dx_adapter.flags.c_contiguous:   # then the (N, n) reshape is a view: add in place
             add_matmul(dx_adapter.reshape(-1, self.in_features),
-                       dy.reshape(-1, self.out_features), self.weight.data)   # += G W0
+                       dy.reshape(-1, self.out_features), weight_operand(self.weight))  # += G W0
         else:
             dx_adapter += dy @ self.weight.data                          # (..., n)
         return dx_adapter
