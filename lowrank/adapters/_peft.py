@@ -12,6 +12,7 @@ and the directory I/O stay in ``lowrank.formats.peft_names`` / ``lowrank.formats
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 import re
 from collections import Counter
 from typing import ClassVar, NamedTuple
@@ -48,7 +49,7 @@ class Field(NamedTuple):
     noop: object = _NO_DEFAULT   # a tuple: any of these values
 
 
-class PeftCodec:
+class PeftCodec(ABC):
     """The PEFT format of one variant. Class attributes describe it; the methods convert."""
 
     peft_type: ClassVar[str] = ""
@@ -68,19 +69,19 @@ class PeftCodec:
     def piece(self, layer, original_weight) -> Piece:
         """The layer as a ``Piece`` (``fused`` codecs only); ``original_weight()`` is the base
         weight before a data-driven init rewrote it."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} is not a fused codec: it has no pieces")
 
+    @abstractmethod
     def save(self, items: dict, cfg) -> tuple[dict, dict]:
         """``({full PEFT key: array}, config fields)`` of ``items``: ``{PEFT
         module name: Piece}`` for fused codecs, ``{PEFT module name: layer}`` otherwise."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load_module(self, peft_name: str, found: dict, info: dict, parts: list,
                     where: str) -> list:
         """``[(lowrank name, variant, config fields, {param: host array}, extra)]`` of one
         PEFT module's tensors ``found`` (suffix -> array); ``parts``: ``[(lowrank name,
         part of a fused c_attn or None)]``."""
-        raise NotImplementedError
 
     def after_load(self, layers: list, shared: dict, where: str) -> None:
         """Tie what the new layers share (VeRA's projections). Default: nothing."""
@@ -100,12 +101,13 @@ class ParamCodec(PeftCodec):
                    if pname in self.module_keys}
         return tensors, self.config_fields(items, cfg)
 
+    @abstractmethod
     def config_fields(self, items: dict, cfg) -> dict:
-        raise NotImplementedError
+        """PEFT's config fields of the saved ``items``."""
 
+    @abstractmethod
     def module_fields(self, peft_name: str, info: dict) -> dict:
         """The lowrank config fields of one module."""
-        raise NotImplementedError
 
     def load_module(self, peft_name, found, info, parts, where):
         if len(parts) > 1 or parts[0][1] is not None:

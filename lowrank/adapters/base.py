@@ -4,9 +4,8 @@ A variant is one file: a config dataclass and an ``AdaptedLinear`` subclass regi
 its name (``@register("lora", LoraConfig)``), and its PEFT format if PEFT has it; the contract
 tests run over it automatically (docs/variants.md#contract).
 
-``AdaptedLinear`` declares every extension point the trainer, the adapter files, the
-reports and the multi-adapter path use, each with a documented default, so callers never
-probe for one; a variant overrides what it needs.
+``AdaptedLinear`` declares every extension point the trainer, the adapter files, the reports
+and the multi-adapter path use, each with a documented default; a variant overrides some.
 """
 from __future__ import annotations
 
@@ -18,10 +17,9 @@ from typing import ClassVar, NamedTuple
 from .. import backend
 from ..backend.blocked import add_matmul
 from ..nn.module import Module, Parameter
-from ..ops.linear import check_input, linear_forward
-from ..nn.validate import near_fields
+from ..ops.linear import check_input, linear_forward, weight_operand
 from ..nn.validate import (MAX_ALPHA, check_int, check_number, check_seed,  # noqa: F401
-                           config_error, field_from_text)
+                           config_error, field_from_text, near_fields)
 
 BIAS_MODES = ("none", "lora_only", "all")
 _REGISTRY: dict[str, tuple[type, type]] = {}
@@ -207,9 +205,9 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
 
     def forward(self, x, dropout_mask=None):
         """``(y, cache)``; ``dropout_mask`` (x's shape, values 0 or 1/(1-p)) fixes dropout."""
-        check_input(x, self.weight.data)
+        check_input(x, base := weight_operand(self.weight))
         if self.merged:
-            y, _ = linear_forward(x, self.weight.data, self._bias_data())
+            y, _ = linear_forward(x, base, self._bias_data())
             return y, None
         return self.adapter_forward(x, dropout_mask)
 
@@ -235,11 +233,11 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
         one dense product with ``effective_weight()`` (m·n·r to form, against N·(m+n)·r and
         extra passes over y for the two-step path); with dropout, ``x W0ᵀ + b0 + Δy(x_d)``."""
         x_d, mask = self.dropout(x, dropout_mask)
-        if mask is None:
+        if (base := weight_operand(self.weight)) is not self.weight and mask is None:
             W_eff = self.effective_weight()                              # (m, n)
             y, _ = linear_forward(x, W_eff, self._bias_data())           # (..., m)
             return y, AdapterCache(x, x.reshape(-1, self.in_features), None, W_eff, None)
-        y, _ = linear_forward(x, self.weight.data, self._bias_data())   # (..., m)
+        y, _ = linear_forward(x, base, self._bias_data())               # (..., m)
         return y, self.add_correction(y, x, x_d, mask)
 
     def add_correction(self, y, x, x_d, mask) -> AdapterCache:
@@ -263,7 +261,7 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
         """``G W0 + dx_adapter`` (..., n), in dx_adapter's array: the dropout branch's dx."""
         if dx_adapter.flags.c_contiguous:   # then the (N, n) reshape is a view: add in place
             add_matmul(dx_adapter.reshape(-1, self.in_features),
-                       dy.reshape(-1, self.out_features), self.weight.data)   # += G W0
+                       dy.reshape(-1, self.out_features), weight_operand(self.weight))  # += G W0
         else:
             dx_adapter += dy @ self.weight.data                          # (..., n)
         return dx_adapter

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import backend
 from ..formats import peft_dir
-from . import chat_cli, workflows as wf
+from . import chat_cli, export as export_cli, workflows as wf
 from ..backend import threads
 from .bench import run_bench
 from .demo import run_demo
@@ -156,6 +156,8 @@ def _run(args) -> int:
         return classify_cli.run(args, data_options(args) if hasattr(args, "format") else {})
     if chat_cli.wants(args):           # chat, generate --chat, generate of a GGUF / smollm2
         return chat_cli.run(args)
+    if args.command == "export":       # docs/export.md
+        return export_cli.run(args)
     comm = _make_comm(args) if args.command in ("pretrain", "finetune") else None
     if comm is not None and comm.is_root:
         _short_run(args)

@@ -14,6 +14,7 @@ import sys
 from ..adapters import available, config as adapter_config, field_from_text
 from ..nn.optim import ADAMW_FORMS
 from ..nn.schedules import SCHEDULES
+from .export import add_arguments as export_arguments
 from .cli_task_flags import check_task, classify_flags, data_flags, fill_defaults, real, whole
 
 BACKENDS = ("numpy", "numpy-strict", "cupy")
@@ -188,8 +189,9 @@ def build_parser(argv=()) -> Parser:
     p.add_argument("--init", default=None,
                    help="LoRA init: kaiming, gaussian, pissa, ... (default: the variant's own)")
     p.add_argument("--rslora", action="store_true", help="scale alpha / sqrt(r)")
-    p.add_argument("--quantize", choices=("nf4",), default=None,
-                   help="QLoRA: store the frozen base as 4-bit NormalFloat under the adapter")
+    p.add_argument("--quantize", choices=("nf4", "keep"), default=None,
+                   help="QLoRA: nf4 stores the frozen base as 4-bit NormalFloat under the "
+                        "adapter; keep leaves a GGUF base in its own blocks (docs/gguf.md)")
     p.add_argument("--loraplus-lr-ratio", type=real(0.0), default=None,
                    help="LoRA+: lora_B (and 1-D adapter parameters) learn at this x --lr "
                         "(PEFT's loraplus_lr_ratio; the paper suggests 16)")
@@ -266,6 +268,9 @@ def build_parser(argv=()) -> Parser:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="compute dtype")
     _sampling(p)
+
+    export_arguments(_sub(sub, "export", "a fine-tuned model out as a Hugging Face directory, "
+                                         "a GGUF file, or a PEFT adapter (docs/export.md)"))
 
     p = _sub(sub, "demo", "pretrain on Python's docs, adapt to its source with every variant, "
                           "print the comparison and plot the loss curves (--task sentiment: "

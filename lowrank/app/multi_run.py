@@ -25,7 +25,6 @@ import dataclasses
 import math
 import time
 from itertools import zip_longest
-from pathlib import Path
 
 from .. import backend
 from ..formats import checkpoint
@@ -33,6 +32,7 @@ from . import workflows as wf
 from ..adapters import config as adapter_config, field_from_text
 from ..training.progress import progress_bar
 from .run_dir import prepare_out
+from .run_lock import hold_if
 from ..training.trainer import NonFiniteLossError, Trainer, TrainConfig
 from ..training.update_check import check_update
 from ..multi.modules import AdapterView, inject_multi, multi_loss, multi_loss_backward
@@ -129,7 +129,7 @@ class MultiTrainer:
             for k, record in records.items():
                 tr = self.trainers[k]
                 if tr.config.eval_interval and tr.step % tr.config.eval_interval == 0:
-                    record["val_loss"] = tr.evaluate()
+                    record["val_loss"] = tr.evaluate()["loss"]
                 histories[k].append(record)
                 if on_step is not None:
                     on_step(k, tr, record)
@@ -189,60 +189,62 @@ def finetune_many(out, base, variants, targets=wf.DEFAULT_TARGETS, options=None,
     variants = [(v, dict(f)) for v, f in variants]
     wf.check_options([v for v, _ in variants], options)   # as a single adapter's options
     out = prepare_out(out, resume=resume, force=force, base=base)
-    model, tok, _ = wf.load_base(base, dtype, backend_name)
-    base_sha = wf.base_weights_sha256(base)
-    data = wf.token_data(tok, data_spec, model.config.context)
-    configs, trains = [], []
-    for k, (variant, fields) in enumerate(variants):
-        own_train = {f: fields.pop(f) for f in list(fields) if f in _TRAIN_FIELDS}
-        trains.append(dataclasses.replace(train, **{"seed": train.seed + k, **own_train}))
-        configs.append(adapter_config(variant, **_adapter_options(variant, options, fields)))
-    targets = targets if isinstance(targets, str) else list(targets)   # a str: one regex
-    inject_multi(model, [(cfg, targets, tc.seed) for cfg, tc in zip(configs, trains)])
-    names = subdir_names(variants)
-    trainer = MultiTrainer(model, [(data, tc) for tc in trains], names)
-    dirs = [out / name for name in names]
-    histories = [[] for _ in variants]
-    for k, directory in enumerate(dirs):
-        directory.mkdir(parents=True, exist_ok=True)
-        tok.save(directory / "tokenizer.json")
-        if resume:
-            histories[k] = wf._resume(directory, trainer.trainers[k],
-                                      lambda v=trainer.views[k], d=directory:
-                                      checkpoint.load_adapter(v, d))
+    with hold_if(out, True) as where:   # one writer; saves go where --out was opened
+        source = wf.base_source(base)   # config.json read here, once
+        model, tok, _ = wf.load_base(source, dtype, backend_name)
+        base_sha = wf.base_weights_sha256(source)
+        data = wf.token_data(tok, data_spec, model.config.context)
+        configs, trains = [], []
+        for k, (variant, fields) in enumerate(variants):
+            own_train = {f: fields.pop(f) for f in list(fields) if f in _TRAIN_FIELDS}
+            trains.append(dataclasses.replace(train, **{"seed": train.seed + k, **own_train}))
+            configs.append(adapter_config(variant, **_adapter_options(variant, options, fields)))
+        targets = targets if isinstance(targets, str) else list(targets)   # a str: one regex
+        inject_multi(model, [(cfg, targets, tc.seed) for cfg, tc in zip(configs, trains)])
+        names = subdir_names(variants)
+        trainer = MultiTrainer(model, [(data, tc) for tc in trains], names)
+        dirs = [where / name for name in names]
+        histories = [[] for _ in variants]
+        for k, directory in enumerate(dirs):
+            directory.mkdir(parents=True, exist_ok=True)
+            tok.save(directory / "tokenizer.json")
+            if resume:
+                histories[k] = wf._resume(directory, trainer.trainers[k],
+                                          lambda v=trainer.views[k], d=directory:
+                                          checkpoint.load_adapter(v, d))
 
-    def save(k, tr):
-        checkpoint.save_adapter(trainer.views[k], dirs[k], train_state=tr.state_dict())
-        wf._write_run(dirs[k], {"kind": "adapter", "base": str(base), "variant": variants[k][0],
-                                "targets": targets, "config": configs[k].to_dict(),
-                                "data": data_spec.__dict__, "train": trains[k].to_dict(),
-                                "history": histories[k], wf.BASE_SHA: base_sha,
-                                "multi": {"index": k, "of": len(variants), "parent": str(out)}})
+        def save(k, tr):
+            checkpoint.save_adapter(trainer.views[k], dirs[k], train_state=tr.state_dict())
+            wf._write_run(dirs[k], {"kind": "adapter", "base": str(base), "variant": variants[k][0],
+                                    "targets": targets, "config": configs[k].to_dict(),
+                                    "data": data_spec.__dict__, "train": trains[k].to_dict(),
+                                    "history": histories[k], wf.BASE_SHA: base_sha,
+                                    "multi": {"index": k, "of": len(variants), "parent": str(out)}})
 
-    def on_step(k, tr, record):
-        check_update(tr)   # before anything of this step is written
-        histories[k].append(record)
-        if save_every and (tr.step % save_every == 0 or tr.step == tr.config.steps):
+        def on_step(k, tr, record):
+            check_update(tr)   # before anything of this step is written
+            histories[k].append(record)
+            if save_every and (tr.step % save_every == 0 or tr.step == tr.config.steps):
+                save(k, tr)
+
+        start = time.perf_counter()
+        trainer.fit(on_step, progress)
+        elapsed = time.perf_counter() - start
+        for k, tr in enumerate(trainer.trainers):
+            check_update(tr)
             save(k, tr)
-
-    start = time.perf_counter()
-    trainer.fit(on_step, progress)
-    elapsed = time.perf_counter() - start
-    for k, tr in enumerate(trainer.trainers):
-        check_update(tr)
-        save(k, tr)
-    wf._write_run(out, {"kind": "multi", "base": str(base), "adapters": names,
-                        "variants": [v for v, _ in variants], "seconds": elapsed})
-    val = trainer.evaluate()
-    results = []
-    for k, tr in enumerate(trainer.trainers):
-        view = trainer.views[k]
-        result = wf.RunResult(dirs[k], histories[k], val[k], view.num_parameters(True),
-                              view.num_parameters(), wf._median_speed(histories[k]))
-        result.seconds, result.model, result.trainer = elapsed, view, tr
-        result.report = wf.variant_report(view, dirs[k])
-        results.append(result)
-    return results
+        wf._write_run(where, {"kind": "multi", "base": str(base), "adapters": names,
+                              "variants": [v for v, _ in variants], "seconds": elapsed})
+        val = trainer.evaluate()
+        results = []
+        for k, tr in enumerate(trainer.trainers):
+            view = trainer.views[k]
+            result = wf.RunResult(out / names[k], histories[k], val[k], view.num_parameters(True),
+                                  view.num_parameters(), wf._median_speed(histories[k]))
+            result.seconds, result.model, result.trainer = elapsed, view, tr
+            result.report = wf.variant_report(view, dirs[k])
+            results.append(result)
+        return results
 
 
 __all__ = ["MultiTrainer", "finetune_many", "parse_variants", "subdir_names"]

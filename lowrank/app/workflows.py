@@ -26,13 +26,13 @@ import numpy as np
 from .. import backend
 from ..formats import checkpoint, peft_dir as peft_files
 from ..adapters import adapted_modules, config as adapter_config, inject
-from ..files.base_identity import FIELD as BASE_SHA, base_weights_sha256, check_same_base
+from ..formats.base_identity import FIELD as BASE_SHA, base_weights_sha256, check_same_base
 from ..nn.validate import near_fields
 from ..text.corpus import TokenData, corpus
 from ..models import GPT, Bert, GPTConfig
 from ..models.generate import generate as generate_ids
 from ..parallel import SingleProcess
-from ..formats.model_dir import HUGGING_FACE, inspect, open_model
+from ..formats.model_dir import GGUF, HUGGING_FACE, ModelSource, inspect, open_model
 from .run_dir import TOKENIZER_FILE, load_tokenizer, prepare_out, read_run, say, write_run
 from ..files.storage import cap_for
 from ..quant import quantize_base
@@ -167,22 +167,30 @@ def _pretrain(out, model_spec, data_spec, train, dtype, resume, save_every, prog
     history += trainer.fit(on_step, progress, "pretrain")
     check_savable(trainer, on_step.saved)
     on_step.save(trainer)
-    return RunResult(out, history, trainer.evaluate(), model.num_parameters(True),
+    return RunResult(out, history, trainer.evaluate()["loss"], model.num_parameters(True),
                      model.num_parameters(), _median_speed(history))
+
+
+def base_source(base) -> ModelSource:
+    """``model_dir.inspect`` of a base (its config read once); a path that does not exist
+    -> FileNotFoundError (a name such as ``minilm`` is resolved by ``inspect``)."""
+    if isinstance(base, ModelSource):
+        return base
+    if not isinstance(base, str) and not Path(base).exists():
+        raise FileNotFoundError(f"model directory not found: {base}")
+    return inspect(base)
 
 
 def load_base(base, dtype=None, backend_name=None):
     """``(model, tokenizer, run info)`` of a language model: a lowrank directory, a Hugging Face
-    one, or a name (``model_dir.open_model``, the one way in)."""
-    if not isinstance(base, str) and not Path(base).exists():
-        raise FileNotFoundError(f"model directory not found: {base}")
-    source = inspect(base)
+    one, a name, or the ``inspect`` result of one (``model_dir.open_model``, the one way in)."""
+    source = base_source(base)
     model = open_model(source, dtype, backend_name)
     if isinstance(model, Bert):
         raise ValueError(f"{source.path} holds a {type(model).__name__}, which has no "
                          "language-model head: this command needs a causal language model "
                          "(an encoder classifies: --task classify)")
-    if source.kind == HUGGING_FACE:
+    if source.kind in (HUGGING_FACE, GGUF):   # the tokenizer of its files (a GGUF: its metadata)
         return model, Tokenizer.from_pretrained(source.path), {}
     run = read_run(source.path)
     return model, load_tokenizer(source.path, run), run
@@ -243,15 +251,16 @@ def _finetune(out, base, variant, targets, options, data_spec, train, dtype, bac
     data_spec = data_spec or DataSpec(corpus="code")
     train = train or TrainConfig()
     check_options([variant], options)   # before the base is read
-    model, tok, base_run = load_base(base, dtype, backend_name)
-    base_sha = base_weights_sha256(base)   # recorded: an adapter is for these weights only
+    source = base_source(base)   # config.json read here, once
+    model, tok, base_run = load_base(source, dtype, backend_name)
+    base_sha = base_weights_sha256(source)   # recorded: an adapter is for these weights only
     data = token_data(tok, data_spec, model.config.context)
     cfg = prepare_finetune(model, variant, targets, options or {}, seed=train.seed,
                            quantize=quantize)
     trainer = Trainer(model, data, train, comm=comm)
     history = []
     if resume:
-        check_same_base(read_run(out), base, out, allow_other_base)
+        check_same_base(read_run(out), source, out, allow_other_base)
         history = _resume(out, trainer, lambda: _load_finetuned_weights(model, out, cfg))
     if isinstance(targets, str):   # a regex given on the command line: saved as the names
         targets = [name for name, _ in adapted_modules(model)]
@@ -279,11 +288,11 @@ def _finetune(out, base, variant, targets, options, data_spec, train, dtype, bac
     elapsed = time.perf_counter() - start
     check_savable(trainer, on_step.saved)
     on_step.save(trainer)
-    result = RunResult(out, history, trainer.evaluate(), model.num_parameters(True),
+    result = RunResult(out, history, trainer.evaluate()["loss"], model.num_parameters(True),
                        model.num_parameters(), _median_speed(history))
     result.seconds = elapsed
     result.model, result.trainer = model, trainer
-    result.extra_eval = {name: trainer.evaluate(d) for name, d in (eval_data or {}).items()}
+    result.extra_eval = {name: trainer.evaluate(d)["loss"] for name, d in (eval_data or {}).items()}
     result.report = variant_report(model, out) if comm.is_root else []
     comm.barrier()
     return result
@@ -314,8 +323,9 @@ def load_finetuned(base, adapter_dir, dtype=None, backend_name=None,
         model, tok, _ = load_base(base, dtype, backend_name)
         return peft_files.load_pretrained(model, adapter_dir), tok
     checkpoint.read_adapter_config(adapter_dir)   # before the base: fail early
-    check_same_base(run, base, adapter_dir, allow_other_base)
-    model, tok, _ = load_base(base, dtype, backend_name)
+    source = base_source(base)
+    check_same_base(run, source, adapter_dir, allow_other_base)
+    model, tok, _ = load_base(source, dtype, backend_name)
     peft_files.inject_saved(model, adapter_dir, seed=run.get("train", {}).get("seed", 0))
     if run.get("quantize"):   # the adapter was trained on this quantized base
         quantize_base(model, run["quantize"])
@@ -381,5 +391,6 @@ def generate(model, tok: Tokenizer, prompt: str, max_new_tokens=100, temperature
 
 
 __all__ = ["DataSpec", "ModelSpec", "RunResult", "pretrain", "finetune", "load_base",
+           "base_source",
            "load_finetuned", "evaluate", "generate", "prepare_finetune", "adapted_modules",
            "read_run"]

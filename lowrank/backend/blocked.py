@@ -55,7 +55,10 @@ def add_matmul(c, a, b, alpha: float = 1.0):
     the product lands in ``c`` directly: one memory pass fewer. Where no such symbol is found,
     an operand is laid out so that BLAS cannot read it in place, ``c`` has fewer than
     ``GEMM_MIN_ROWS`` rows, or on CuPy and numpy-strict, the plain expression runs: it is the
-    reference the gemm form is tested against (tests/test_blocked.py)."""
+    reference the gemm form is tested against (tests/test_blocked.py). A ``b`` that multiplies
+    in tiles itself (a quantized base kept in its blocks) adds its product into ``c``."""
+    if getattr(b, "multiplies_in_tiles", False) and alpha == 1.0:
+        return b.matmul(a, out=c)
     gemm = _cblas_gemm(c.dtype) if type(c) is np.ndarray and c.ndim == 2 \
         and c.shape[0] >= GEMM_MIN_ROWS else None
     layout = None if gemm is None else _gemm_layout(c, a, b)

@@ -116,6 +116,28 @@ class GGUFModel:
                 array = unpermute_qk(array, heads[kind])
             yield self.names[t.name], array
 
+    def types(self) -> dict:
+        """``{Hugging Face name: type name}`` (``"Q4_1"``, ``"F32"``, ...) from the header."""
+        return {self.names[t.name]: t.tensor_type.name for t in self._reader.tensors}
+
+    def iter_raw(self, wanted=None):
+        """``(Hugging Face name, type name, raw, shape)`` of each tensor (``wanted``: a set of
+        Hugging Face names, default all): ``raw`` is a host copy of its bytes as stored,
+        ``(rows, bytes per row)`` uint8, the rows of q/k in the Hugging Face order (a row is
+        whole blocks, so reordering rows moves blocks, never splits one)."""
+        heads = {"attn_q": self.config["num_attention_heads"],
+                 "attn_k": self.config["num_key_value_heads"]}
+        for t in self._reader.tensors:
+            if wanted is not None and self.names[t.name] not in wanted:
+                continue
+            shape = _hf_shape(t)
+            raw = np.asarray(t.data).view(np.uint8).reshape(shape[0] if len(shape) > 1 else 1,
+                                                             -1)
+            kind = t.name.split(".")[-2]
+            if self.architecture in PERMUTED_ARCHITECTURES and kind in heads:
+                raw = unpermute_qk(raw, heads[kind])
+            yield self.names[t.name], t.tensor_type.name, np.array(raw, copy=True), shape
+
     def tensors(self) -> dict:
         """``{Hugging Face name: float32 host array}`` (every ``iter_tensors`` item)."""
         return dict(self.iter_tensors())
@@ -266,6 +288,11 @@ def _expected(config) -> dict:
     return out
 
 
+def _block_elems(kind: str) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    return GGML_QUANT_SIZES[GGMLQuantizationType[kind]][0]
+
+
 def _hf_name(name: str):
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
@@ -292,6 +319,10 @@ def _check_tensors(path, reader, config) -> dict:
                    f"{config['model_type']} model")
             raise ValueError(f"{path}: unexpected tensor '{t.name}' ({why})")
         shape, implied_by = expected[t.name]
+        block = _block_elems(kind)
+        if _hf_shape(t)[-1] % block:
+            raise ValueError(f"{path}: tensor '{t.name}' has rows of {_hf_shape(t)[-1]} values, "
+                             f"not a whole number of {kind} blocks of {block}")
         if _hf_shape(t) != shape:
             raise ValueError(f"{path}: tensor '{t.name}' has shape {_hf_shape(t)}, but the "
                              f"metadata ({implied_by}) gives {shape}")

@@ -126,4 +126,5 @@ RUN_SCHEMA = {"kind?": lambda v: None if v in RUN_KINDS else f"must be one of {R
             "config?": (dict, None),
             "data?": dict, "train?": {"seed?": int_in(0, 1 << 63)}, "history?": [dict],
             "tokenizer_sha256?": str, "base_sha256?": str,
-            "quantize?": lambda v: None if v in (None, "nf4") else f"must be null or 'nf4', got {v!r}"}
+            "quantize?": lambda v: None if v in (None, "nf4", "keep") else
+            f"must be null, 'nf4' or 'keep', got {v!r}"}

@@ -183,11 +183,7 @@ def check_config(raw: dict, path) -> dict:
 def read_config(directory) -> dict:
     """The ``config.json`` of a saved model, its integrity record and schema checked."""
     path = Path(directory) / CONFIG_FILE
-    raw = read_json(path)
-    if "format" not in raw and "model_type" in raw:
-        raise ValueError(f"{path} is a Hugging Face model config (no 'format' entry): load "
-                         "it with lr.from_pretrained")
-    return check_config(raw, path)
+    return check_config(read_json(path), path)
 
 
 def load_model(directory, backend: str | None = None, dtype: str | None = None,

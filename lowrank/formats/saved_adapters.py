@@ -15,7 +15,6 @@ from ..nn.module import Module
 from ..files.schema import ADAPTER_CONFIG_SCHEMA, check
 from ..files.storage import read_json
 
-CONFIG_FILE = adapter_files.ADAPTER_CONFIG_FILE
 
 
 def inject_saved(model: Module, source, seed: int = 0) -> list[str]:
@@ -97,9 +96,9 @@ class _Staging(Module):
 
 
 def read_config(directory: Path) -> tuple[dict, str]:
-    path = directory / CONFIG_FILE
+    path = directory / adapter_files.ADAPTER_CONFIG_FILE
     if not path.is_file():
-        raise ValueError(f"{directory} is not an adapter directory: it has no {CONFIG_FILE}")
+        raise ValueError(f"{directory} is not an adapter directory: it has no {adapter_files.ADAPTER_CONFIG_FILE}")
     info = read_json(path)
     if not isinstance(info, dict) or (info.get("format") != adapter_files.ADAPTER_FORMAT
                                       and "peft_type" not in info):

@@ -70,6 +70,8 @@ class Embedding(Module):
         self.padding_idx = padding_idx
 
     def forward(self, idx):
+        if getattr(self.weight, "multiplies_in_tiles", False):   # kept quantized: the rows only
+            return self.weight.take(idx), idx
         return embedding_forward(self.weight.data, idx)
 
     def backward(self, dout, cache) -> None:

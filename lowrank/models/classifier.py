@@ -125,11 +125,10 @@ class SequenceClassifier(Module):
             dhidden = self.encoder.pool_backward(dpooled, c_pool)             # (B, T, d)
         self.encoder.backward(dhidden, c_enc)
 
-    def loss(self, inputs, labels=None):
-        """``(mean cross-entropy: float, cache)``; ``inputs`` is a batch with ``ids``,
-        ``mask`` (and ``labels``) attributes or an ``(ids, attention_mask)`` pair."""
-        ids, mask, labels = _unpack(inputs, labels)
-        logits, cache = self.forward(ids, attention_mask=mask)
+    def loss(self, ids, attention_mask, labels):
+        """``(mean cross-entropy: float, cache)`` of ``labels (B,)`` (the trainer's batch
+        contract: a ``TextBatch``'s ``args``)."""
+        logits, cache = self.forward(ids, attention_mask=attention_mask)
         check_targets(labels, self.num_labels, "labels")
         loss, c_ce = cross_entropy_forward(logits, labels)
         return loss, (cache, c_ce)
@@ -160,11 +159,3 @@ def hidden_size(encoder) -> int:
                          f"has shape {tuple(p.shape)}); give it a config.hidden_size")
     return int(p.shape[1])
 
-
-def _unpack(inputs, labels):
-    if hasattr(inputs, "ids"):
-        return inputs.ids, inputs.mask, inputs.labels if labels is None else labels
-    ids, mask = inputs
-    if labels is None:
-        raise ValueError("labels are required")
-    return ids, mask, labels

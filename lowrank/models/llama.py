@@ -17,7 +17,7 @@ from ..nn.layers import Linear
 from ..nn.module import Module, Parameter
 from ..ops.cross_entropy import check_targets, cross_entropy_backward, cross_entropy_forward
 from ..ops.gqa import gqa_backward, gqa_cached, gqa_forward
-from ..ops.linear import linear_backward, linear_forward
+from ..ops.linear import linear_backward, linear_forward, weight_operand
 from ..ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from ..ops.rope import inv_freq, rope_backward, rope_forward, rope_tables
 from ..ops.swiglu import swiglu_backward, swiglu_forward
@@ -252,7 +252,7 @@ class Llama(Module):
     def head_forward(self, hidden):
         """``hidden (..., d)`` -> ``(logits (..., V), cache)``."""
         if self.config.tie_word_embeddings:
-            return linear_forward(hidden, self.head_weight.data)
+            return linear_forward(hidden, weight_operand(self.head_weight))
         return self.lm_head.forward(hidden)
 
     def head_backward(self, dlogits, cache, need_dx: bool = True):
@@ -261,7 +261,7 @@ class Llama(Module):
         if not self.config.tie_word_embeddings:
             return self.lm_head.backward(dlogits, cache, need_dx=need_dx)
         W = self.head_weight
-        dx, dW, _ = linear_backward(dlogits, cache, W.data, need_dweight=W.trainable,
+        dx, dW, _ = linear_backward(dlogits, cache, weight_operand(W), need_dweight=W.trainable,
                                     need_dbias=False, need_dx=need_dx)
         if dW is not None:
             W.accumulate(dW)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .. import backend
 from .module import Module, Parameter
-from ..ops.linear import check_input, linear_backward, linear_forward
+from ..ops.linear import check_input, linear_backward, linear_forward, weight_operand
 
 
 class Linear(Module):
@@ -40,13 +40,14 @@ class Linear(Module):
         return self.weight.shape[0]
 
     def forward(self, x):
-        check_input(x, self.weight.data)
-        return linear_forward(x, self.weight.data, None if self.bias is None else self.bias.data)
+        W = weight_operand(self.weight)
+        check_input(x, W)
+        return linear_forward(x, W, None if self.bias is None else self.bias.data)
 
     def backward(self, dy, cache, need_dx: bool = True):
         """``dx`` (``None`` with ``need_dx=False``: nothing below needs it)."""
         need_db = self.bias is not None and self.bias.trainable
-        dx, dW, db = linear_backward(dy, cache, self.weight.data,
+        dx, dW, db = linear_backward(dy, cache, weight_operand(self.weight),
                                      need_dweight=self.weight.trainable, need_dbias=need_db,
                                      need_dx=need_dx)
         if dW is not None:

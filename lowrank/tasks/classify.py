@@ -167,14 +167,10 @@ def metrics(preds, labels, num_labels: int) -> dict:
 
 def train_classifier(clf, data, variant: str, config: ClassifyConfig, on_epoch=None,
                      progress: bool = True, extra_hooks=(), shards: int = 1) -> dict:
-    """Train ``clf`` (already ``prepare``d) for ``config.epochs`` epochs; after each epoch
-    evaluate on "val" (when present) and call ``on_epoch(epoch, record)``. Returns a summary
-    with the per-epoch records, train tokens/s (the batches' padded tokens B·T, as the
-    benchmarks count them; the BERT computes only the real ones; over the training wall
-    time, evaluation excluded), the training's process CPU seconds (all
-    threads: less sensitive to a loaded machine than wall time) and the trainer.
-    ``extra_hooks`` run after the variant's own step hooks; ``shards`` splits each batch
-    over threads (docs/performance.md#batch-shards)."""
+    """Train ``clf`` (already ``prepare``d) for ``config.epochs`` epochs, evaluating "val"
+    after each and calling ``on_epoch(epoch, record)``. Returns the per-epoch records, train
+    tokens/s (padded B·T, docs/performance.md#unpadding), process CPU seconds and the trainer.
+    ``extra_hooks`` run after the variant's own; ``shards``: docs/performance.md#batch-shards."""
     per_epoch = data.steps_per_epoch(config.batch_size)
     total = per_epoch * config.epochs
     note = short_run_note(data.size("train"), config)

@@ -27,7 +27,7 @@ from ..formats import checkpoint
 from ..formats.saved_adapters import inject_saved
 from ..models.classifier import SequenceClassifier
 from ..formats.model_dir import from_pretrained
-from ..files.base_identity import _file_sha256
+from ..formats.base_identity import file_sha256
 from ..formats.hf_config_check import read_header
 from ..files.schema import check, int_in
 from ..files.storage import (atomic_write, check_and_assign, read_safetensors, read_sealed_json,
@@ -67,7 +67,7 @@ def save(clf, directory, info: dict) -> Path:
     digests = {HEAD_FILE: _write(directory / HEAD_FILE, clf.head_parameters())}
     if info["mode"] == "adapter":
         checkpoint.save_adapter(clf.encoder, directory)
-        digests[ADAPTER_CONFIG] = _file_sha256(directory / ADAPTER_CONFIG)
+        digests[ADAPTER_CONFIG] = file_sha256(directory / ADAPTER_CONFIG)
     elif info["mode"] == "full":
         digests[ENCODER_FILE] = _write(directory / ENCODER_FILE, clf.encoder.named_parameters())
     write_sealed_json(directory / TASK_FILE, {**info, FILES: digests})
@@ -103,7 +103,7 @@ def _check_file(directory: Path, info: dict, name: str) -> Path:
     if want is None:
         raise ValueError(f"{directory / TASK_FILE}: field {FILES!r} records no SHA-256 for "
                          f"{name}; refusing to load an unverified file")
-    if _file_sha256(path) != want:
+    if file_sha256(path) != want:
         raise ValueError(f"{path} differs from the file {directory / TASK_FILE} recorded "
                          "(changed, swapped or from another save)")
     return path

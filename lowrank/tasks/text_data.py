@@ -99,7 +99,7 @@ class TextBatch:
 
     @property
     def args(self) -> tuple:
-        return (self,)   # SequenceClassifier.loss(batch)
+        return (self.ids, self.mask, self.labels)   # SequenceClassifier.loss(*args)
 
     def take(self, start: int, stop: int) -> "TextBatch":
         return self.rows(start, stop)

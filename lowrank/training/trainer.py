@@ -252,9 +252,10 @@ class Trainer:
         tokens = backend.host_rng(1234).integers(0, cfg.vocab_size, (1, min(8, cfg.context)))
         return backend.asarray(tokens, xp=self.xp)
 
-    def evaluate(self, data=None, split: str = "val") -> float:
-        """Mean loss over ``eval_batches`` fixed batches (dropout off); in parallel each rank
-        scores every K-th batch and the sums are all-reduced (a collective: call on all)."""
+    def evaluate(self, data=None, split: str = "val") -> dict:
+        """``{"loss": mean loss}`` over ``eval_batches`` fixed batches (dropout off); a task's
+        trainer adds its metrics under their names. In parallel each rank scores every K-th
+        batch and the sums are all-reduced (a collective: call on all)."""
         data = self.data if data is None else data
         self.model.eval()
         losses = []
@@ -265,9 +266,9 @@ class Trainer:
                 losses.append(loss)
         self.model.train()
         if self.comm.size == 1:
-            return float(np.mean(losses))
+            return {"loss": float(np.mean(losses))}
         total = self.comm.allreduce_sum(np.array([sum(losses), len(losses)], dtype=np.float64))
-        return float(total[0] / total[1])
+        return {"loss": float(total[0] / total[1])}
 
     def fit(self, on_step=None, progress: bool = True, desc: str = "train") -> list[dict]:
         """Run until ``config.steps``; ``on_step(trainer, record)`` after each (checkpoints)."""
@@ -278,7 +279,7 @@ class Trainer:
         while self.step < self.config.steps:
             record = self.train_step()
             if self.config.eval_interval and self.step % self.config.eval_interval == 0:
-                record["val_loss"] = self.evaluate()
+                record.update({f"val_{k}": v for k, v in self.evaluate().items()})
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)

@@ -227,7 +227,7 @@ def test_view_saves_and_loads_like_a_single_adapter_model(tmp_path):
         assert view.num_parameters() == fresh.num_parameters()
     # evaluation of all adapters in one pass equals each one's own Trainer.evaluate
     together_val = trainer.evaluate()
-    assert np.allclose(together_val, [tr.evaluate() for tr in trainer.trainers], rtol=1e-12)
+    assert np.allclose(together_val, [tr.evaluate()["loss"] for tr in trainer.trainers], rtol=1e-12)
 
 
 def test_inject_multi_rejects_shared_bias_training_and_bad_targets():

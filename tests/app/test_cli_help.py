@@ -15,7 +15,7 @@ from lowrank.app.demo import terminal_table
 from lowrank.training.progress import ProgressLines, progress_bar
 from lowrank.tasks.classify import ClassifyConfig, short_run_note
 
-COMMANDS = ("pretrain", "finetune", "generate", "eval", "predict", "chat", "demo", "bench")
+COMMANDS = ("pretrain", "finetune", "generate", "eval", "predict", "chat", "export", "demo", "bench")
 
 
 def _subparsers():

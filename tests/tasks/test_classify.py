@@ -184,11 +184,11 @@ def test_classifier_gradients_match_finite_differences(pooling, rng):
 
     def loss():
         clf._dropout_rng.state = state          # the same dropout mask every call
-        return clf.loss((ids, mask), labels)[0]
+        return clf.loss(ids, mask, labels)[0]
 
     clf.zero_grad()
     clf._dropout_rng.state = state
-    _, cache = clf.loss((ids, mask), labels)
+    _, cache = clf.loss(ids, mask, labels)
     clf.loss_backward(cache)
     checked = 0
     for name, p in clf.named_parameters(trainable_only=True):
@@ -222,7 +222,7 @@ def test_loss_is_mean_cross_entropy(rng):
     logits, _ = clf.forward(ids, attention_mask=mask)
     z = logits - logits.max(1, keepdims=True)
     want = float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(labels)), labels]))
-    assert abs(clf.loss((ids, mask), labels)[0] - want) < 1e-12
+    assert abs(clf.loss(ids, mask, labels)[0] - want) < 1e-12
     p = clf.predict_proba(ids, mask)
     assert np.allclose(p.sum(1), 1.0)
 
@@ -232,7 +232,7 @@ def test_head_only_skips_the_encoder_backward(rng):
     clf.freeze()
     clf.zero_grad()
     ids, mask, labels = _batch(rng)
-    _, cache = clf.loss((ids, mask), labels)
+    _, cache = clf.loss(ids, mask, labels)
     clf.encoder.backward = None                  # would raise if called
     clf.loss_backward(cache)
     assert np.abs(clf.classifier.weight.grad).sum() > 0
@@ -341,7 +341,7 @@ def test_bert_classifier_with_dropout_matches_finite_differences(pooling, rng):
     def loss():
         for s, st in zip(streams, states):
             s.state = st
-        return clf.loss((ids, mask), labels)[0]
+        return clf.loss(ids, mask, labels)[0]
 
     names = ["classifier.weight", "encoder.encoder.layer.0.attention.self.query.lora_A",
              "encoder.encoder.layer.0.output.dense.lora_B",
@@ -355,7 +355,7 @@ def test_bert_classifier_with_dropout_matches_finite_differences(pooling, rng):
     clf.zero_grad()
     for s, st in zip(streams, states):
         s.state = st
-    _, cache = clf.loss((ids, mask), labels)
+    _, cache = clf.loss(ids, mask, labels)
     clf.loss_backward(cache)
     for name in names:
         assert rel_err(params[name].grad, _fd(loss, params[name].data, 1e-5)) < 1e-6, name
