@@ -56,8 +56,6 @@ def main(argv=None) -> int:
     backend.keep_freed_host_memory()   # training reuses the same large blocks every step
     argv = sys.argv[1:] if argv is None else list(argv)
     warnings.formatwarning = _warning_line
-    if chat_task_cli.handles(argv):    # finetune / eval / demo --task chat (docs/chat.md)
-        return chat_task_cli.main(argv)
     try:
         _, args = parse(argv)
     except SystemExit as exc:   # --help exits 0 as usual; a mistake returns its code
@@ -152,6 +150,8 @@ def _run(args) -> int:
         threads.set_threads(threads.check_threads(args.threads))
     else:
         threads.apply_cli_default()   # one BLAS thread: none spins beside other jobs
+    if getattr(args, "task", None) == "chat":   # finetune / eval / demo (docs/chat.md)
+        return chat_task_cli.run(args)
     if classify_cli.handles(args):     # finetune --task classify, eval --data, predict, ...
         return classify_cli.run(args, data_options(args) if hasattr(args, "format") else {})
     if chat_cli.wants(args):           # chat, generate --chat, generate of a GGUF / smollm2

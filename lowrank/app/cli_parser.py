@@ -8,14 +8,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import math
 import sys
 
 from ..adapters import available, config as adapter_config, field_from_text
 from ..nn.optim import ADAMW_FORMS
 from ..nn.schedules import SCHEDULES
 from .export import add_arguments as export_arguments
-from .cli_task_flags import check_task, classify_flags, data_flags, fill_defaults, real, whole
+from .cli_task_flags import (chat_flags, check_task, classify_flags, data_flags, fill_defaults,
+                             real, whole)
 
 BACKENDS = ("numpy", "numpy-strict", "cupy")
 VARIANT_FLAGS = {"r", "alpha", "dropout", "init", "rslora"}   # fields with their own flag
@@ -57,7 +57,9 @@ def _common(p, steps, lr, out=None, task_defaults=False):
     """The training flags; ``task_defaults``: the defaults that differ between
     ``--task lm`` and ``--task classify`` are left unset here and filled in by ``parse``."""
     lm = p.add_argument_group("language model (--task lm)") if task_defaults else p
-    lm.add_argument("--steps", type=whole(1), default=steps, help="optimizer steps")
+    lm.add_argument("--steps", type=whole(1), default=None if task_defaults else steps,
+                    help="optimizer steps" + (f" (default: {steps}); with --task chat a cap "
+                                              "on the epochs' steps" if task_defaults else ""))
     p.add_argument("--batch-size", type=whole(1), default=None if task_defaults else 16,
                    help="rows per step (global)"
                         + (" (default: 16; 32 with --task classify)" if task_defaults else ""))
@@ -203,16 +205,19 @@ def build_parser(argv=()) -> Parser:
                    help="peft: also write the final adapter to <out>/peft in PEFT's format "
                         "(PeftModel.from_pretrained reads it)")
     classify_flags(p)
+    chat_flags(p)
     data_flags(p, train=True)
     _variant_fields(p, chosen_variants(argv))
 
     for name, text in (("generate", "sample text from a model (and adapter)"),
-                       ("eval", "validation loss of a language model on a corpus, or "
-                                "accuracy of a classifier on a labelled file (--data)")):
+                       ("eval", "validation loss of a language model on a corpus, "
+                                "accuracy of a classifier on a labelled file (--data), or "
+                                "loss and accuracy of a chat model (--task chat)")):
         p = _sub(sub, name, text)
-        p.add_argument("--model", required=True,
+        p.add_argument("--model", required=name == "generate",
                        help="base model directory ('minilm' for a classifier), or a "
-                            "fine-tuned one (its base is found from its run.json)")
+                            "fine-tuned one (its base is found from its run.json); with "
+                            "--task chat the adapter's own base by default")
         p.add_argument("--adapter", default=None,
                        help="fine-tuned directory to apply (a classifier's with --data)")
         p.add_argument("--allow-other-base", action="store_true",
@@ -241,6 +246,9 @@ def build_parser(argv=()) -> Parser:
             p.add_argument("--batch-size", type=whole(1), default=None,
                            help="rows per batch (default: 16; 32 with --data)")
             p.add_argument("--json", action="store_true", help="print the result as JSON")
+            p.add_argument("--task", choices=("lm", "classify", "chat"), default=None,
+                           help="what is scored (default: classify with --data, else lm)")
+            chat_flags(p, train=False)
             data_flags(p, train=False)
 
     p = _sub(sub, "predict", "label and probabilities of each text, from a classifier "
@@ -280,7 +288,8 @@ def build_parser(argv=()) -> Parser:
                         "MiniLM; 'chat': SmolLM2 answering sentiment questions, zero-shot "
                         "then LoRA (`demo --task chat --help`)")
     p.add_argument("--out", default=None,
-                   help="output directory (default: lowrank-demo, or lowrank-demo-sentiment)")
+                   help="output directory (default: lowrank-demo, lowrank-demo-sentiment or "
+                        "lowrank-demo-chat)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("language model (--task lm)")
     g.add_argument("--pretrain-steps", type=whole(1), default=600, help="base model steps")
@@ -291,12 +300,16 @@ def build_parser(argv=()) -> Parser:
                    help="parameter dtype")
     g.add_argument("--seed", type=whole(0), default=0,
                    help="seed of the initialization, batch order and dropout")
-    g = p.add_argument_group("sentiment (--task sentiment)")
-    g.add_argument("--epochs", type=whole(1), default=1, help="epochs per row")
-    g.add_argument("--train-examples", type=whole(1), default=1800,
-                   help="train on the first N of the 1,800 training sentences")
+    g = p.add_argument_group("sentiment and chat (--task sentiment, --task chat)")
+    g.add_argument("--epochs", type=whole(1), default=1, help="epochs per row (sentiment)")
+    g.add_argument("--train-examples", type=whole(1), default=None,
+                   help="train on the first N of the 1,800 training sentences (default: "
+                        "all; 256 with --task chat)")
+    g.add_argument("--val-examples", type=whole(1), default=200,
+                   help="score the first N of the 200 validation sentences (--task chat)")
     g.add_argument("--variants", default=None,
-                   help="comma-separated rows to train: head, full, variants (default: all)")
+                   help="comma-separated rows to train: head, full, variants (default: all; "
+                        "lora with --task chat)")
 
     p = _sub(sub, "bench", "training throughput: full fine-tuning vs LoRA (the PyTorch+PEFT "
                            "baseline: benchmarks/bench_train.py)")

@@ -75,11 +75,13 @@ def data_flags(p, train: bool) -> None:
 
 
 def classify_flags(p) -> None:
-    g = p.add_argument_group("classification (--task classify)")
+    g = p.add_argument_group("classification (--task classify; --epochs and --max-length "
+                             "also --task chat)")
     g.add_argument("--epochs", type=whole(1), default=None,
-                   help="passes over the training data (default: 3)")
+                   help="passes over the training data (default: 3; 1 with --task chat)")
     g.add_argument("--max-length", type=whole(2, 1 << 16), default=None,
-                   help="tokens per text, [CLS] and [SEP] included (default: 64)")
+                   help="tokens per text, [CLS] and [SEP] included (default: 64; with "
+                        "--task chat 512 tokens of each conversation, each cut counted)")
     g.add_argument("--pooling", choices=("mean", "cls"), default=None,
                    help="the head reads the mean of the tokens or the [CLS] pooler "
                         "(default: mean)")
@@ -87,6 +89,22 @@ def classify_flags(p) -> None:
                    help="the encoder's hidden and attention dropout (default: 0.1)")
 
 
+def chat_flags(p, train: bool = True) -> None:
+    """The flags of ``--task chat`` (docs/chat.md) that no other task has."""
+    g = p.add_argument_group("chat (--task chat)")
+    g.add_argument("--metric", choices=("loss", "accuracy"), default="loss",
+                   help="'accuracy' also scores the exact match of the greedy answer (slower)")
+    g.add_argument("--max-new-tokens", type=whole(1, 1 << 16), default=32,
+                   help="longest greedy answer --metric accuracy scores")
+    if train:
+        g.add_argument("--warmup-ratio", type=real(0.0, 1.0), default=0.1,
+                       help="share of the steps spent in linear warm-up from 0")
+    else:
+        g.add_argument("--max-length", type=whole(2, 1 << 16), default=512,
+                       help="tokens kept of each conversation (each cut counted)")
+
+
+CHAT_ONLY = ("--metric", "--max-new-tokens", "--warmup-ratio")
 # flags of one task only: (command, task) -> flags that belong to the other task
 _ONLY = {
     "classify": ("--epochs", "--max-length", "--pooling", "--model-dropout", "--data",
@@ -95,14 +113,21 @@ _ONLY = {
     "lm": ("--steps", "--warmup", "--accum-steps", "--grad-clip", "--eval-interval",
            "--backend", "--resume", "--force", "--save-every", "--corpus", "--max-bytes",
            "--comm", "--quantize", "--loraplus-lr-ratio", "--regex", "--init", "--rslora"),
-    "sentiment": ("--epochs", "--train-examples", "--variants"),
+    "sentiment": ("--epochs", "--train-examples", "--variants", "--val-examples"),
+    "chat": ("--pooling", "--model-dropout", "--max-examples", "--format", "--text-column",
+             "--label-column", "--label-names", "--header", "--warmup", "--accum-steps",
+             "--grad-clip", "--eval-interval", "--backend", "--corpus", "--max-bytes", "--comm",
+             "--quantize", "--regex", "--init", "--rslora", "--save-format"),
     "demo-lm": ("--pretrain-steps", "--steps", "--backend", "--dtype", "--seed"),
 }
 _DEFAULTS = {"lm": {"batch_size": 16, "lr": 3e-3, "weight_decay": 0.0, "dropout": 0.0,
                     "targets": "q,k,v,o,fc1,fc2"},
              "classify": {"batch_size": 32, "weight_decay": 0.01, "dropout": 0.1,
                           "epochs": 3, "max_length": 64, "pooling": "mean",
-                          "model_dropout": 0.1, "dtype": "float32"}}
+                          "model_dropout": 0.1, "dtype": "float32"},
+             "chat": {"batch_size": 8, "lr": 2e-4, "weight_decay": 0.0, "dropout": 0.05,
+                      "targets": "all-linear", "epochs": 1, "max_length": 512,
+                      "dtype": "float32", "lr_schedule": "linear"}}
 
 
 def _given(argv, flag) -> bool:
@@ -111,6 +136,25 @@ def _given(argv, flag) -> bool:
 
 def check_task(sub, argv, args) -> None:
     """Refuse a flag of the other task (one line naming the flag and the task it needs)."""
+    task = getattr(args, "task", None)
+    if task == "chat":
+        refused = _ONLY["chat"] if args.command == "finetune" else \
+            ("--corpus", "--max-bytes", "--batches", "--json") if args.command == "eval" else \
+            _ONLY["demo-lm"] + ("--epochs",)
+        for flag in refused:
+            if _given(argv, flag):
+                sub.error(f"{flag} does not apply to --task chat")
+        if args.command == "eval" and args.model is None and args.adapter is None:
+            sub.error("eval --task chat needs --adapter DIR or --model BASE")
+        if args.command in ("finetune", "eval") and args.data is None:
+            sub.error("--task chat needs --data FILE.jsonl")
+        return
+    if args.command == "finetune":
+        for flag in CHAT_ONLY:
+            if _given(argv, flag):
+                sub.error(f"{flag} needs --task chat")
+    if args.command == "eval" and args.model is None:
+        sub.error("the following arguments are required: --model")
     if args.command in ("eval", "generate") and getattr(args, "data", None) is None:
         for flag in _ONLY["classify"][-5:]:          # the data flags
             if _given(argv, flag):
@@ -138,13 +182,23 @@ def check_task(sub, argv, args) -> None:
 
 def fill_defaults(args) -> None:
     if args.command == "finetune":
-        for key, value in _DEFAULTS[args.task].items():
+        defaults = {**_DEFAULTS[args.task], **({"steps": 200} if args.task == "lm" else {})}
+        for key, value in defaults.items():
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
+    elif args.command == "eval" and args.task == "chat":
+        args.batch_size = args.batch_size or 8
+        args.dtype = args.dtype or "float32"
     elif args.command == "eval" and args.batch_size is None:
         args.batch_size = 32 if args.data is not None else 16
-    elif args.command == "demo" and args.out is None:
-        args.out = "lowrank-demo" if args.task == "lm" else "lowrank-demo-sentiment"
+    elif args.command == "demo":
+        if args.out is None:
+            args.out = {"lm": "lowrank-demo", "sentiment": "lowrank-demo-sentiment",
+                        "chat": "lowrank-demo-chat"}[args.task]
+        if args.train_examples is None:
+            args.train_examples = 256 if args.task == "chat" else 1800
+        if args.variants is None and args.task == "chat":
+            args.variants = "lora"
 
 
 def data_options(args) -> dict:

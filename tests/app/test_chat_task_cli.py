@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lowrank.app import chat_task_cli
+from lowrank.app.cli_parser import parse
 from lowrank.app.cli import main as cli_main
 from tests.helpers.gguf_writer import write_tiny_gguf
 
@@ -61,8 +61,22 @@ def test_existing_run_needs_resume_or_force(files, tmp_path, capsys):
     assert finetune(files, tmp_path / "out", "--steps", "1", "--force") == 0
 
 
-def test_handles_only_the_chat_task():
-    assert chat_task_cli.handles(["finetune", "--task", "chat"])
-    assert chat_task_cli.handles(["eval", "--task=chat", "--data", "x"])
-    assert not chat_task_cli.handles(["finetune", "--task", "classify"])
-    assert not chat_task_cli.handles(["chat", "--model", "smollm2"])
+def test_the_one_parser_takes_the_chat_task_and_refuses_other_tasks_flags(capsys):
+    """``--task chat`` is a choice of the one parser: its defaults filled in, a flag of
+    another task refused in one line, and a chat flag refused for another task."""
+    _, args = parse(["finetune", "--task", "chat", "--base", "smollm2", "--data", "x.jsonl",
+                     "--out", "o"])
+    assert (args.batch_size, args.lr, args.epochs, args.max_length, args.targets,
+            args.steps) == (8, 2e-4, 1, 512, "all-linear", None)
+    _, args = parse(["finetune", "--base", "b", "--out", "o"])
+    assert (args.task, args.steps, args.batch_size) == ("lm", 200, 16)
+    for argv, message in (
+            (["finetune", "--task", "chat", "--base", "b", "--data", "x", "--out", "o",
+              "--pooling", "cls"], "--pooling does not apply to --task chat"),
+            (["finetune", "--base", "b", "--out", "o", "--metric", "accuracy"],
+             "--metric needs --task chat"),
+            (["eval", "--task", "chat", "--data", "x"],
+             "needs --adapter DIR or --model BASE")):
+        with pytest.raises(SystemExit):
+            parse(argv)
+        assert message in capsys.readouterr().err
