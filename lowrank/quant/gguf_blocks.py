@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from .. import backend
-from ..nn.module import Parameter
+from .frozen import QuantizedParameter
 
 BLOCK = 32
 KEPT_TYPES = ("Q8_0", "Q4_0", "Q4_1", "F16")
@@ -75,12 +75,13 @@ def dequantize_fields(fields: dict, qtype: str):
     return values.reshape(k, nb * BLOCK)                                    # (k, n)
 
 
-class GGUFBlocksParameter(Parameter):
+class GGUFBlocksParameter(QuantizedParameter):
     """A frozen weight kept in its GGUF blocks (``KEPT_TYPES``), multiplied tile by tile.
     ``.data`` dequantises it whole; assigning ``.data`` (a merge) keeps that float array
     instead, so the quantisation error is never compounded."""
 
-    __slots__ = ("fields", "qtype", "_shape", "_dtype", "_plain", "source")
+    __slots__ = ("fields", "qtype", "_shape", "_dtype", "source")
+    kind = "a GGUF"
     multiplies_in_tiles = property(lambda self: self._plain is None)
 
     def __init__(self, raw, qtype: str, shape, dtype: str = "float32", xp=None, source=""):
@@ -91,30 +92,19 @@ class GGUFBlocksParameter(Parameter):
         self._plain, self.source = None, source
         self.grad, self.trainable = None, False
 
-    # --- what a Parameter offers ---------------------------------------------------------
-    @property
-    def data(self):
-        if self._plain is not None:
-            return self._plain
+    # --- what a quantized Parameter supplies (quant/frozen.py) --------------------------
+    def _dequantized(self):
         return self.rows(0, self._shape[0])
 
-    @data.setter
-    def data(self, value):
-        self._plain = value
-
     @property
-    def is_quantized(self) -> bool:
-        return self._plain is None
+    def _quantized_shape(self):
+        return self._shape
 
-    @property
-    def shape(self):
-        return self._shape if self._plain is None else self._plain.shape
-
-    @property
-    def dtype(self):
-        if self._plain is not None:
-            return self._plain.dtype
+    def _quantized_dtype(self):
         return self.xp.empty((0,), dtype=self._dtype).dtype
+
+    def _quantized_nbytes(self) -> int:
+        return int(sum(v.nbytes for v in self.fields.values()))
 
     @property
     def xp(self):
@@ -124,14 +114,6 @@ class GGUFBlocksParameter(Parameter):
     def blocks(self):
         """An array of the weight's backend (for backend checks)."""
         return next(iter(self.fields.values()))
-
-    def nbytes(self) -> int:
-        if self._plain is not None:
-            return int(self._plain.nbytes)
-        return int(sum(v.nbytes for v in self.fields.values()))
-
-    def accumulate(self, grad) -> None:
-        raise RuntimeError("a gradient was computed for a GGUF (frozen) weight")
 
     def zero_grad(self) -> None:
         self.grad = None

@@ -20,7 +20,7 @@ import math
 from typing import NamedTuple
 
 from .. import backend
-from ..nn.module import Parameter
+from .frozen import QuantizedParameter
 
 # The published NF4 code values (QLoRA, appendix E; bitsandbytes' NF4 table), ascending.
 NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -128,12 +128,11 @@ def dequantize_nf4(q: NF4Tensor):
     return values.reshape(-1)[:q.numel].reshape(q.shape).astype(q.dtype)
 
 
-class NF4Parameter(Parameter):
-    """A frozen Parameter stored as NF4: ``.data`` dequantizes on every read. Assigning
-    ``.data`` (a merge, a ReLoRA restart) stores that full-precision array instead: the
-    quantization error is never compounded by re-quantizing."""
+class NF4Parameter(QuantizedParameter):
+    """A frozen Parameter stored as NF4 (``quant/frozen.py`` says how ``.data`` behaves)."""
 
-    __slots__ = ("quantized", "_plain")
+    __slots__ = ("quantized",)
+    kind = "an NF4"
 
     def __init__(self, W, double_quant: bool = False):
         self.quantized = quantize_nf4(W, double_quant)
@@ -141,34 +140,19 @@ class NF4Parameter(Parameter):
         self.grad = None
         self.trainable = False
 
-    @property
-    def data(self):
-        return dequantize_nf4(self.quantized) if self._plain is None else self._plain
-
-    @data.setter
-    def data(self, value):
-        self._plain = value
+    def _dequantized(self):
+        return dequantize_nf4(self.quantized)
 
     @property
-    def is_quantized(self) -> bool:
-        return self._plain is None
+    def _quantized_shape(self):
+        return self.quantized.shape
 
-    @property
-    def shape(self):
-        return self.quantized.shape if self._plain is None else self._plain.shape
-
-    @property
-    def dtype(self):
-        if self._plain is not None:
-            return self._plain.dtype
+    def _quantized_dtype(self):
         xp = backend.get_namespace(self.quantized.codes)
         return xp.empty((0,), dtype=self.quantized.dtype).dtype
 
-    def nbytes(self) -> int:
-        return self.quantized.nbytes() if self._plain is None else int(self._plain.nbytes)
-
-    def accumulate(self, grad) -> None:
-        raise RuntimeError("a gradient was computed for an NF4 (frozen) weight")
+    def _quantized_nbytes(self) -> int:
+        return self.quantized.nbytes()
 
     def __repr__(self):
         return f"NF4Parameter(shape={tuple(self.shape)}, dtype={self.dtype}, " \
