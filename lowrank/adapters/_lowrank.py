@@ -22,7 +22,7 @@ from typing import ClassVar, NamedTuple
 
 from ..backend.blocked import add_matmul
 from ..nn.module import Parameter
-from .base import AdapterCache
+from ._cache import AdapterCache
 
 
 class LowRankParts(NamedTuple):

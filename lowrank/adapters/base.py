@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass, fields
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 from .. import backend
 from ..backend.blocked import add_matmul
+from ._cache import AdapterCache
 from ..nn.module import Module, Parameter
 from ..ops.linear import check_input, linear_forward, weight_operand
 from ..nn.validate import (MAX_ALPHA, check_int, check_number, check_seed,  # noqa: F401
@@ -97,16 +98,6 @@ def config(name: str, **kwargs) -> AdapterConfig:
 def config_from_dict(data: dict) -> AdapterConfig:
     data = dict(data)
     return config(data.pop("variant"), **data)
-
-
-class AdapterCache(NamedTuple):
-    """What the skeleton's forward keeps for its backward (docs/variants.md#dropout)."""
-
-    x: object        # (..., n) the input as given
-    x2: object       # (N, n) what the adapter saw, flattened: x ⊙ mask, or x without dropout
-    mask: object     # x's shape: the inverted-dropout multiplier, or None
-    W_eff: object    # (m, n) the effective weight of the no-dropout branch, or None
-    state: object    # the variant's correction_forward state (dropout branch), or None
 
 
 class Report(list):
@@ -197,11 +188,11 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
         if dropout_mask is None and (p == 0.0 or not self.training):
             return x, None
         if dropout_mask is None:
-            return self._dropout_rng.dropout(x, p)
+            return self._dropout_rng.compact_dropout(x, p)
         if tuple(dropout_mask.shape) != tuple(x.shape):
             raise ValueError(f"dropout_mask must have x's shape {tuple(x.shape)}, "
                              f"got {tuple(dropout_mask.shape)}")
-        return x * dropout_mask, dropout_mask
+        return x * dropout_mask, backend.DropoutMask(dense=dropout_mask)
 
     def forward(self, x, dropout_mask=None):
         """``(y, cache)``; ``dropout_mask`` (x's shape, values 0 or 1/(1-p)) fixes dropout."""
@@ -269,9 +260,7 @@ class AdaptedLinear(Module, metaclass=ABCMeta):
     def masked_input_grad(self, dx_adapter, mask, shape):
         """``dx_adapter (N, n) ⊙ mask`` reshaped to the input's ``shape``."""
         dx = dx_adapter.reshape(shape)                                   # (..., n)
-        if mask is not None:
-            dx *= mask
-        return dx
+        return dx if mask is None else mask.apply(dx, in_place=True)
 
     def _correction(self, x, x_d, mask):
         x2 = x_d.reshape(-1, self.in_features)                           # (N, n)

@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from .blocked import map_rows, phi_float32
+from .dropout_mask import DropoutMask
 from .strict import StrictArray, StrictMixingError, strict_numpy
 
 BACKENDS = ("numpy", "numpy-strict", "cupy")
@@ -229,6 +230,16 @@ class DeviceRNG:
         x_d, mask = map_rows(_dropout_chain, x.reshape(-1, k), bits.reshape(-1, k), threshold,
                              1.0 / (1.0 - p), outputs=2)                # (N, k) rows
         return x_d.reshape(x.shape), mask.reshape(x.shape)
+
+    def compact_dropout(self, x, p: float):
+        """``(x ⊙ mask, DropoutMask)``: the bits ``dropout`` draws, the mask kept as one byte
+        per element on NumPy (an adapter's backward forms ``x ⊙ mask`` again from it)."""
+        if type(x) is not np.ndarray or x.ndim < 1:
+            mask = self.keep_mask(x.shape, p, x.dtype)
+            return x * mask, DropoutMask(dense=mask)
+        bits, threshold = self._keep_bits(x.shape, p)
+        mask = DropoutMask(keep=bits >= threshold, scale=1.0 / (1.0 - p))
+        return mask.apply(x), mask
 
 
 def _dropout_chain(x, bits, threshold, scale, out=None):

@@ -255,3 +255,25 @@ def test_multi_adapter_layer_equals_each_adapter_alone(xp, name, extra):
         got = dict(multi.adapters[k].named_parameters(trainable_only=True))
         for pname, p in a.named_parameters(trainable_only=True):
             assert rel_err(got[pname].grad, p.grad) < 1e-13, (k, pname)
+
+
+@pytest.mark.parametrize("name,extra", cases())
+def test_drawn_dropout_equals_the_same_mask_given(xp, name, extra):
+    """A layer drawing its own dropout (on NumPy the mask kept as one byte an element, the
+    dropped input formed again in the backward) gives the bits of a twin given that mask."""
+    drawn, _, _ = make(xp, name, extra, dropout=0.3)
+    given, _, _ = make(xp, name, extra, dropout=0.3)
+    x, G, _ = problem(xp, (M, N), 64)
+    drawn.train()
+    y, cache = drawn.forward(x)
+    mask = getattr(cache, "mask", None)
+    assert mask is not None and mask.compact == (backend.backend_of(x) == "numpy")
+    if mask.compact and hasattr(cache, "_x2"):
+        assert cache._x2 is None                     # no float copy of the dropped input kept
+    dx = drawn.backward(G, cache)
+    y_given, cache_given = given.forward(x, dropout_mask=mask.multiplier(x.dtype))
+    dx_given = given.backward(G, cache_given)
+    for got, want in [(y, y_given), (dx, dx_given)] + [
+            (p.grad, q.grad) for p, q in zip(drawn.parameters(), given.parameters())
+            if p.trainable and (p.grad is not None or q.grad is not None)]:
+        np.testing.assert_array_equal(backend.to_numpy(got), backend.to_numpy(want))

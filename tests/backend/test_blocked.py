@@ -60,6 +60,35 @@ def test_blocked_dropout_draws_the_bits_of_keep_mask(dtype, shape):
     assert 0.05 < float((mask == 0).mean()) < 0.2 or x.size < 100
 
 
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 40), (1500, 300)])
+def test_compact_dropout_is_the_float_mask_in_one_byte(dtype, shape):
+    """``compact_dropout``: the bits of ``dropout``, the mask as bool; applying it again (the
+    backward's ``x ⊙ mask`` and ``dx ⊙ mask``, in place or not) gives the float product's bits,
+    negative zeros included."""
+    x = np.random.default_rng(1).standard_normal(shape).astype(dtype)
+    x.reshape(-1)[:5] = [-0.0, 0.0, -1.5, np.inf, -np.inf]
+    x_d, compact = backend.DeviceRNG(3, np).compact_dropout(x, 0.1)
+    want_d, want_mask = backend.DeviceRNG(3, np).dropout(x, 0.1)
+    assert compact.compact and compact.keep.dtype == np.bool_ and compact.keep.nbytes == x.size
+    np.testing.assert_array_equal(compact.multiplier(dtype), want_mask)
+    for got in (x_d, compact.apply(x), compact.apply(x.copy(), in_place=True)):
+        assert got.dtype == np.dtype(dtype) and got.shape == x.shape
+        assert np.array_equal(got, want_d, equal_nan=True)
+        assert np.array_equal(np.signbit(got), np.signbit(want_d))
+
+
+def test_a_dense_mask_is_applied_as_given():
+    dense = np.array([[0.0, 2.0], [2.0, 0.0]], dtype=np.float32)
+    mask = backend.DropoutMask(dense=dense)
+    x = np.array([[1.0, -3.0], [5.0, 7.0]], dtype=np.float32)
+    assert not mask.compact and np.array_equal(mask.apply(x), x * dense)
+    y = x.copy()
+    assert mask.apply(y, in_place=True) is y and np.array_equal(y, x * dense)
+    with pytest.raises(ValueError, match="either keep bits or a dense"):
+        backend.DropoutMask()
+
 def _gemm_cases(rng, dtype):
     N, k, m = 37, 8, 29
     def arr(*shape):
