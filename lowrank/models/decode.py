@@ -75,7 +75,7 @@ def stream(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k=None
         new, past = prompt, 0
         for step in range(max_new_tokens):
             batch = backend.asarray(np.asarray([new], dtype=np.int64), xp=xp)   # (1, t)
-            logits = model.forward_cached(batch, kv, past)                     # (1, t, V)
+            logits = model.forward_cached(batch, kv, past, last_only=True)    # (1, 1, V)
             past += len(new)
             token = sample(backend.to_numpy(logits[0, -1]), temperature, top_k, top_p, rng)
             yield token
@@ -85,6 +85,57 @@ def stream(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k=None
     finally:
         if was_training:
             model.train()
+
+
+def greedy_batch(model, prompts, max_new_tokens: int, stop_ids=()) -> list[list[int]]:
+    """Greedy continuations of several prompts at once: ``[tokens of prompt b]``, each ending
+    at its first stop id (included) or after ``max_new_tokens``. The prompts are padded on
+    the left to the longest (padded keys masked, positions counted from each prompt's first
+    token), so one product per layer serves every row: a prompt's tokens equal ``stream``'s
+    up to the float rounding of the batched products. A finished row runs on, unread, until
+    every row has finished."""
+    _check(0.0, None, None, max_new_tokens)
+    prompts = [[check_int("token id", int(i), 0) for i in p] for p in prompts]
+    if any(not p for p in prompts):
+        raise ValueError("every prompt must hold at least one token")
+    if not prompts or max_new_tokens == 0:
+        return [[] for _ in prompts]
+    B, L = len(prompts), max(len(p) for p in prompts)
+    if L + max_new_tokens - 1 > model.config.max_position_embeddings:
+        raise ValueError(f"prompt ({L}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"max_position_embeddings ({model.config.max_position_embeddings})")
+    lengths = np.asarray([len(p) for p in prompts])
+    ids = np.zeros((B, L), dtype=np.int64)                                 # (B, L) left-padded
+    mask = np.zeros((B, L + max_new_tokens - 1), dtype=np.int64)          # (B, keys)
+    for b, p in enumerate(prompts):
+        ids[b, L - len(p):] = p
+        mask[b, L - len(p):] = 1                                          # generated keys too
+    positions = np.maximum(np.cumsum(mask[:, :L], axis=1) - 1, 0)         # (B, L)
+    stop, out, done = {int(s) for s in stop_ids}, [[] for _ in prompts], np.zeros(B, bool)
+    was_training = getattr(model, "training", True)
+    model.eval()
+    xp = model.xp
+    try:
+        kv = model.new_kv_cache(B, L + max_new_tokens - 1)
+        new, past = ids, 0
+        for step in range(max_new_tokens):
+            t = new.shape[1]
+            logits = model.forward_cached(
+                backend.asarray(new, xp=xp), kv, past,
+                attention_mask=backend.asarray(mask[:, :past + t], xp=xp),
+                position_ids=backend.asarray(positions, xp=xp), last_only=True)   # (B, 1, V)
+            past += t
+            tokens = np.argmax(backend.to_numpy(logits[:, 0]), axis=1)           # (B,)
+            for b in np.flatnonzero(~done):
+                out[b].append(int(tokens[b]))
+                done[b] = int(tokens[b]) in stop
+            if done.all():
+                break
+            new, positions = tokens[:, None], (lengths + step)[:, None]         # (B, 1)
+    finally:
+        if was_training:
+            model.train()
+    return out
 
 
 def generate(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k=None,

@@ -51,7 +51,7 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k=No
                 if kv is None:
                     kv = model.new_kv_cache(1)
                 new = backend.asarray(np.asarray([ids[past:]], dtype=np.int64), xp=xp)
-                logits = model.forward_cached(new, kv, past)      # (1, t, V)
+                logits = model.forward_cached(new, kv, past, last_only=True)   # (1, 1, V)
                 past = len(ids)
             else:               # no cache, or the window slides: re-run it
                 window = backend.asarray(np.asarray([ids[-C:]], dtype=np.int64), xp=xp)

@@ -179,10 +179,11 @@ class GPT(Module):
         return [(xp.zeros(shape, dtype=self.dtype), xp.zeros(shape, dtype=self.dtype))
                 for _ in self.blocks]
 
-    def forward_cached(self, idx, kv, past: int):
+    def forward_cached(self, idx, kv, past: int, last_only: bool = False):
         """Inference for generation: ``idx (B, t)`` are positions ``past .. past+t-1`` of
         sequences whose earlier keys and values are in ``kv`` (``new_kv_cache``); returns
-        their ``logits (B, t, V)`` and writes their keys and values into ``kv``."""
+        their ``logits (B, t, V)`` (``(B, 1, V)``, the last position's, with ``last_only``)
+        and writes their keys and values into ``kv``."""
         B, t = self.check_idx(idx)
         if past + t > self.config.context:
             raise ValueError(f"positions up to {past + t} exceed the context "
@@ -191,6 +192,8 @@ class GPT(Module):
         x += self.pos_emb.weight.data[past:past + t]           # (t, d) broadcast over B
         for block, layer_kv in zip(self.blocks, kv):
             x = block.forward_cached(x, layer_kv, past)
+        if last_only:
+            x, t = x[:, -1:], 1                                # (B, 1, d)
         h, _ = self.ln_f.forward(x)                            # (B, t, d)
         logits, _ = linear_forward(h.reshape(B * t, -1), self.head_weight.data)   # (N, V)
         return logits.reshape(B, t, -1)

@@ -316,10 +316,12 @@ class Llama(Module):
         return [(xp.zeros(shape, dtype=self.dtype), xp.zeros(shape, dtype=self.dtype))
                 for _ in self.model.layers]
 
-    def forward_cached(self, ids, kv, past: int, attention_mask=None, position_ids=None):
+    def forward_cached(self, ids, kv, past: int, attention_mask=None, position_ids=None,
+                       last_only: bool = False):
         """Inference: ``ids (B, t)`` are positions ``past .. past+t-1`` (or ``position_ids``)
         of sequences whose earlier keys and values are in ``kv``; ``attention_mask
-        (B, past+t)`` marks padded keys. Returns ``logits (B, t, V)``; writes ``kv``."""
+        (B, past+t)`` marks padded keys. Returns ``logits (B, t, V)`` (``(B, 1, V)`` of the
+        last position with ``last_only``: a prompt's other rows need no head); writes ``kv``."""
         cfg = self.config
         self._check_ids(ids, "ids", cfg.vocab_size)
         B, t = ids.shape
@@ -331,5 +333,5 @@ class Llama(Module):
         x, _ = self.model.embed_tokens.forward(ids)         # (B, t, d)
         for layer, layer_kv in zip(self.model.layers, kv):
             x = layer.forward_cached(x, rope, layer_kv, past, attention_mask)
-        h, _ = self.model.norm.forward(x)
-        return self.head_forward(h)[0]                      # (B, t, V)
+        h, _ = self.model.norm.forward(x[:, -1:] if last_only else x)
+        return self.head_forward(h)[0]                      # (B, t or 1, V)

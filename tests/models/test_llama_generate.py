@@ -50,6 +50,19 @@ def test_each_step_runs_one_position(monkeypatch):
     assert widths == [(4, 0), (1, 4), (1, 5), (1, 6), (1, 7)]
 
 
+def test_a_prompt_runs_the_head_on_its_last_position_only(monkeypatch):
+    model = tiny()
+    ids = np.asarray([[4, 5, 6, 7], [1, 2, 3, 9]])
+    every = model.forward_cached(ids, model.new_kv_cache(2, 4), 0)             # (2, 4, V)
+    rows = []
+    original = Llama.head_forward
+    monkeypatch.setattr(Llama, "head_forward",
+                        lambda self, h: (rows.append(h.shape), original(self, h))[1])
+    last = model.forward_cached(ids, model.new_kv_cache(2, 4), 0, last_only=True)
+    assert rows == [(2, 1, TINY["hidden_size"])] and last.shape == (2, 1, TINY["vocab_size"])
+    np.testing.assert_allclose(last[:, 0], every[:, -1], rtol=1e-12, atol=1e-12)
+
+
 def test_stop_ids_end_generation():
     model = tiny()
     free = decode.generate(model, [2, 9], 10)
@@ -131,3 +144,19 @@ def test_generation_on_every_backend(xp):
     for (_, p), (_, q) in zip(model.named_parameters(), host.named_parameters()):
         p.data = xp.asarray(q.data)
     assert decode.generate(model, [5, 1], 6) == decode.generate(host, [5, 1], 6)
+
+
+def test_greedy_batch_equals_each_prompt_alone():
+    """Prompts of 1 to 9 tokens decoded together (left-padded, masked, positions per row)
+    give each prompt's own greedy tokens; a row stops at a stop id while the others go on."""
+    model = tiny()
+    prompts = [[4, 5, 6, 7], [1], [9, 8, 7, 6, 5, 4, 3, 2, 1], [2, 2]]
+    alone = [list(decode.stream(model, p, 10)) for p in prompts]
+    assert decode.greedy_batch(model, prompts, 10) == alone
+    stop = alone[2][3]                                   # the 4th token of the longest prompt
+    cut = [a[:a.index(stop) + 1] if stop in a else a for a in alone]
+    assert decode.greedy_batch(model, prompts, 10, stop_ids=[stop]) == cut
+    assert any(len(c) < 10 for c in cut) and any(len(c) == 10 for c in cut)
+    assert decode.greedy_batch(model, [], 5) == [] and decode.greedy_batch(model, [[1]], 0) == [[]]
+    with pytest.raises(ValueError, match="at least one token"):
+        decode.greedy_batch(model, [[1], []], 3)
