@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import adapters
+from ..backend import threads
 from ..tasks import chat, chat_io
 from ..tasks.chat_data import ChatData
 from ..tasks.text_data import sentiment_split
@@ -44,7 +45,10 @@ def demo_data():
 
 def run_demo(out="lowrank-demo-chat", variants=("lora",), train_examples: int = TRAIN_EXAMPLES,
              val_examples: int = 200, base="smollm2", lr: float = LR, batch_size: int = 8,
-             progress: bool = True) -> list[dict]:
+             progress: bool = True, quantize: str | None = None,
+             shards: int | None = None) -> list[dict]:
+    """``quantize``: the rows train over the base kept in the GGUF's blocks ("keep") or in
+    NF4; ``shards``: batch shards on threads (default: the usable cores)."""
     start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(out)
     unknown = sorted(set(variants) - set(adapters.available()))
@@ -55,10 +59,13 @@ def run_demo(out="lowrank-demo-chat", variants=("lora",), train_examples: int = 
     model, tok, template = chat_io.load_base(base)
     length = min(256, model.config.max_position_embeddings)
     config = chat.ChatConfig(batch_size=batch_size, lr=lr, max_length=length,
-                             max_new_tokens=MAX_NEW_TOKENS)
+                             max_new_tokens=MAX_NEW_TOKENS,
+                             shards=threads.usable_cores() if shards is None else shards)
     data = ChatData.from_conversations(template, tok, {"train": train, "val": val}, length)
     print(f"SmolLM2-135M-Instruct sentiment as a chat: {len(train)} training conversations, "
-          f"{len(val)} validation; rows: zero-shot, {', '.join(variants)}", flush=True)
+          f"{len(val)} validation; rows: zero-shot, {', '.join(variants)}"
+          + (f" (base kept {quantize})" if quantize else "")
+          + f"; {config.shards} batch shard(s)", flush=True)
 
     def accuracy(m):
         return chat.evaluate_accuracy(m, tok, template, val, MAX_NEW_TOKENS)["accuracy"]
@@ -71,7 +78,7 @@ def run_demo(out="lowrank-demo-chat", variants=("lora",), train_examples: int = 
     results = [zero]
     for name in variants:
         m = fresh_copy(model)
-        chat.prepare(m, name, VARIANT_OPTIONS.get(name), seed=config.seed)
+        chat.prepare(m, name, VARIANT_OPTIONS.get(name), seed=config.seed, quantize=quantize)
         data._order, data._pos = None, 0
         result = chat.train_chat(m, data, config, progress=progress)
         row = {"label": name, "trainable": m.num_parameters(True), "total": m.num_parameters(),

@@ -37,7 +37,8 @@ def run(args) -> int:
             weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
             max_length=args.max_length, seed=args.seed, steps=args.steps,
             schedule=args.lr_schedule, adamw=args.adamw,
-            loraplus_lr_ratio=args.loraplus_lr_ratio, max_new_tokens=args.max_new_tokens)
+            loraplus_lr_ratio=args.loraplus_lr_ratio, max_new_tokens=args.max_new_tokens,
+            shards=args.shards)
         for path in (args.data, args.eval_data):   # file:line before --out is touched
             if path is not None:
                 read_jsonl(path)
@@ -53,7 +54,8 @@ def run(args) -> int:
                 guard.path, args.base, args.variant, config, args.data, args.eval_data,
                 {"r": args.r, "alpha": args.alpha, "dropout": args.dropout, **args.variant_options},
             _targets(args.targets), args.dtype, args.resume,
-                args.save_every, not args.no_progress, on_epoch, args.metric == "accuracy")
+                args.save_every, not args.no_progress, on_epoch, args.metric == "accuracy",
+                quantize=args.quantize)
         info = result["info"]
         share = 100.0 * info["trainable"] / info["total"]
         print(f"{args.variant}: {info['trainable']:,} trainable parameters ({share:.2f}%); "
@@ -69,5 +71,5 @@ def run(args) -> int:
     elif args.command == "demo":
         run_demo(args.out, variants=[v for v in args.variants.split(",") if v],
                  train_examples=args.train_examples, val_examples=args.val_examples,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, quantize=args.quantize, shards=args.shards)
     return 0

@@ -310,6 +310,12 @@ def build_parser(argv=()) -> Parser:
     g.add_argument("--variants", default=None,
                    help="comma-separated rows to train: head, full, variants (default: all; "
                         "lora with --task chat)")
+    g.add_argument("--quantize", choices=("nf4", "keep"), default=None,
+                   help="--task chat: train the rows over the base kept in the GGUF's own "
+                        "blocks (keep) or in 4-bit NormalFloat (nf4)")
+    g.add_argument("--shards", type=whole(1, 256), default=None,
+                   help="--task chat: split each batch's rows over this many threads, one "
+                        "BLAS thread each (default: the usable cores)")
 
     p = _sub(sub, "bench", "training throughput: full fine-tuning vs LoRA (the PyTorch+PEFT "
                            "baseline: benchmarks/bench_train.py)")

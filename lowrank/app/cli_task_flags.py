@@ -105,6 +105,7 @@ def chat_flags(p, train: bool = True) -> None:
 
 
 CHAT_ONLY = ("--metric", "--max-new-tokens", "--warmup-ratio")
+DEMO_CHAT_ONLY = ("--quantize", "--shards")
 # flags of one task only: (command, task) -> flags that belong to the other task
 _ONLY = {
     "classify": ("--epochs", "--max-length", "--pooling", "--model-dropout", "--data",
@@ -117,7 +118,7 @@ _ONLY = {
     "chat": ("--pooling", "--model-dropout", "--max-examples", "--format", "--text-column",
              "--label-column", "--label-names", "--header", "--warmup", "--accum-steps",
              "--grad-clip", "--eval-interval", "--backend", "--corpus", "--max-bytes", "--comm",
-             "--quantize", "--regex", "--init", "--rslora", "--save-format"),
+             "--regex", "--init", "--rslora", "--save-format"),
     "demo-lm": ("--pretrain-steps", "--steps", "--backend", "--dtype", "--seed"),
 }
 _DEFAULTS = {"lm": {"batch_size": 16, "lr": 3e-3, "weight_decay": 0.0, "dropout": 0.0,
@@ -149,8 +150,8 @@ def check_task(sub, argv, args) -> None:
         if args.command in ("finetune", "eval") and args.data is None:
             sub.error("--task chat needs --data FILE.jsonl")
         return
-    if args.command == "finetune":
-        for flag in CHAT_ONLY:
+    if args.command in ("finetune", "demo"):
+        for flag in CHAT_ONLY if args.command == "finetune" else DEMO_CHAT_ONLY:
             if _given(argv, flag):
                 sub.error(f"{flag} needs --task chat")
     if args.command == "eval" and args.model is None:

@@ -11,8 +11,9 @@ a new one around the *same* data array with a gradient of its own. After the thr
 the replicas' gradients are added into the model's in shard order, so the result is
 deterministic and equals one pass over the whole batch up to the order of the sums.
 
-The loss is a mean over rows, so shard k's backward is weighted by ``rows_k / rows`` and the
-reported loss is the same weighted sum. Dropout: shard 0 draws from the model's streams;
+The loss is a mean over its terms (rows, tokens, or a chat's labelled tokens: a batch's
+``loss_terms``), so shard k's backward is weighted by ``terms_k / terms`` and the reported
+loss is the same weighted sum. Dropout: shard 0 draws from the model's streams;
 a replica's stream (each ``backend.DeviceRNG``) is seeded from the model's stream it
 replaces, so masks differ from a one-thread run but a rerun gives the same bits. A module
 whose backward keeps state besides gradients (IncreLoRA's ∂L/∂ΔW) says how to merge it:
@@ -61,13 +62,14 @@ class BatchShards:
                 for start, stop in self.bounds(int(arrays[0].shape[0]))]
 
     def loss_backward(self, parts, dloss: float = 1.0) -> float:
-        """``parts``: per shard ``(rows_k, args)`` with ``model.loss(*args)``; runs every
-        shard's loss and backward (weighted ``dloss · rows_k / rows``), adds the replicas'
-        gradients into the model's, returns the batch's mean loss."""
+        """``parts``: per shard ``(terms_k, args)`` with ``model.loss(*args)`` a mean over
+        ``terms_k`` terms (``split`` gives rows); runs every shard's loss and backward (weighted
+        ``dloss · terms_k / terms``), adds the replicas' gradients into the model's, returns
+        the batch's mean loss."""
         if not 1 <= len(parts) <= self.shards:
             raise ValueError(f"{len(parts)} parts for {self.shards} shards")
-        rows = sum(n for n, _ in parts)
-        weights = [n / rows for n, _ in parts]
+        terms = sum(n for n, _ in parts)
+        weights = [n / terms for n, _ in parts]
         replicas = [replicate(self.model) for _ in parts[1:]]
         models = [self.model] + replicas
 

@@ -21,9 +21,10 @@ import numpy as np
 
 from ..adapters import config as adapter_config, inject
 from ..adapters.inject import ALL_LINEAR
-from ..models.decode import stream
+from ..models.decode import greedy_batch, stream
 from ..nn.optim import check_adamw_form
 from ..nn.schedules import check_schedule
+from ..quant import quantize_base
 from ..training.trainer import Trainer, TrainConfig, hooks_for
 from .chat_data import ChatData
 
@@ -46,9 +47,10 @@ class ChatConfig:
     adamw: str | None = None
     loraplus_lr_ratio: float | None = None
     max_new_tokens: int = 32          # the greedy answer scored by accuracy
+    shards: int = 1                   # batch shards on threads (docs/performance.md#batch-shards)
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "max_length", "max_new_tokens"):
+        for name in ("epochs", "batch_size", "max_length", "max_new_tokens", "shards"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -76,10 +78,15 @@ class ChatConfig:
         return asdict(self)
 
 
-def prepare(model, variant: str, options: dict | None = None, targets=TARGETS, seed: int = 0):
-    """Inject ``variant`` (registered adapter) into ``model``'s linears (the base frozen)."""
+def prepare(model, variant: str, options: dict | None = None, targets=TARGETS, seed: int = 0,
+            quantize: str | None = None):
+    """Inject ``variant`` (registered adapter) into ``model``'s linears (the base frozen);
+    ``quantize``: "keep" leaves a GGUF base in its own blocks under the adapters
+    (docs/gguf.md#kept-quantized), "nf4" stores it in 4-bit NormalFloat (QLoRA)."""
     cfg = adapter_config(variant, **{**ADAPTER_OPTIONS, **(options or {})})
     inject(model, cfg, targets if isinstance(targets, str) else list(targets), seed=seed)
+    if quantize:
+        quantize_base(model, quantize)
     return cfg
 
 
@@ -88,7 +95,7 @@ def train_config(config: ChatConfig, total: int) -> TrainConfig:
                        min_lr=0.0, warmup=math.ceil(total * config.warmup_ratio),
                        weight_decay=config.weight_decay, grad_clip=config.grad_clip,
                        seed=config.seed, schedule=config.schedule, adamw=config.adamw,
-                       loraplus_lr_ratio=config.loraplus_lr_ratio)
+                       loraplus_lr_ratio=config.loraplus_lr_ratio, shards=config.shards)
 
 
 def make_trainer(model, data: ChatData, config: ChatConfig, extra_hooks=()) -> Trainer:
@@ -153,26 +160,53 @@ def split_for_answer(messages) -> tuple[list, str]:
     return list(messages[:last]), messages[last]["content"]
 
 
-def greedy_answer(model, tokenizer, template, messages, max_new_tokens: int = 32) -> str:
-    """The model's greedy reply to ``messages`` (KV cache; the end-of-turn token dropped). A
-    prompt longer than the context allows keeps its last tokens (the question and the
-    assistant's header)."""
-    stop = template.stop_ids(tokenizer)
+def answer_prompt(model, tokenizer, template, messages, max_new_tokens: int) -> list[int]:
+    """The ids the reply continues: ``messages`` rendered with the generation prompt. A prompt
+    longer than the context allows keeps its last tokens (the question and the assistant's
+    header)."""
     ids = template.encode(tokenizer, messages, add_generation_prompt=True).tolist()
-    room = model.config.max_position_embeddings - max_new_tokens + 1
-    ids = ids[-room:]
-    out = [t for t in stream(model, ids, max_new_tokens, stop_ids=stop) if t not in stop]
+    return ids[-(model.config.max_position_embeddings - max_new_tokens + 1):]
+
+
+def _reply(tokenizer, tokens, stop) -> str:
+    out = [t for t in tokens if t not in stop]          # the end-of-turn token dropped
     return tokenizer.decode(np.asarray(out, dtype=np.int64)) if out else ""
 
 
+def greedy_answer(model, tokenizer, template, messages, max_new_tokens: int = 32) -> str:
+    """The model's greedy reply to ``messages`` (KV cache; the end-of-turn token dropped)."""
+    stop = template.stop_ids(tokenizer)
+    ids = answer_prompt(model, tokenizer, template, messages, max_new_tokens)
+    return _reply(tokenizer, stream(model, ids, max_new_tokens, stop_ids=stop), stop)
+
+
+def greedy_answers(model, tokenizer, template, conversations, max_new_tokens: int = 32,
+                   batch_size: int = 16) -> list[str]:
+    """``greedy_answer`` of each conversation, ``batch_size`` prompts of similar length decoded
+    together (``decode.greedy_batch``: one product per layer for the batch)."""
+    stop = template.stop_ids(tokenizer)
+    prompts = [answer_prompt(model, tokenizer, template, m, max_new_tokens)
+               for m in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # little padding
+    answers = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        for i, tokens in zip(chunk, greedy_batch(model, [prompts[i] for i in chunk],
+                                                 max_new_tokens, stop)):
+            answers[i] = _reply(tokenizer, tokens, stop)
+    return answers
+
+
 def evaluate_accuracy(model, tokenizer, template, conversations, max_new_tokens: int = 32,
-                      on_answer=None) -> dict:
+                      on_answer=None, batch_size: int = 16) -> dict:
     """Exact match of the greedy answer (stripped) against each conversation's last assistant
-    turn (stripped): ``accuracy``, ``correct``, ``count``."""
+    turn (stripped): ``accuracy``, ``correct``, ``count``. Answers are decoded ``batch_size``
+    at a time (``greedy_answers``)."""
+    pairs = [split_for_answer(messages) for messages in conversations]
+    answers = greedy_answers(model, tokenizer, template, [p for p, _ in pairs], max_new_tokens,
+                             batch_size)
     correct = 0
-    for k, messages in enumerate(conversations):
-        prompt, reference = split_for_answer(messages)
-        answer = greedy_answer(model, tokenizer, template, prompt, max_new_tokens)
+    for k, (answer, (_, reference)) in enumerate(zip(answers, pairs)):
         hit = answer.strip() == reference.strip()
         correct += hit
         if on_answer is not None:
@@ -181,6 +215,6 @@ def evaluate_accuracy(model, tokenizer, template, conversations, max_new_tokens:
     return {"accuracy": correct / n if n else float("nan"), "correct": correct, "count": n}
 
 
-__all__ = ["ADAPTER_OPTIONS", "ChatConfig", "TARGETS", "evaluate_accuracy", "evaluate_loss",
-           "greedy_answer", "make_trainer", "prepare", "split_for_answer", "train_chat",
-           "train_config"]
+__all__ = ["ADAPTER_OPTIONS", "ChatConfig", "TARGETS", "answer_prompt", "evaluate_accuracy",
+           "evaluate_loss", "greedy_answer", "greedy_answers", "make_trainer", "prepare",
+           "split_for_answer", "train_chat", "train_config"]

@@ -177,11 +177,20 @@ class ChatBatch:
         return int((self.targets >= 0).sum())
 
     @property
+    def loss_terms(self) -> int:
+        return self.labels          # the mean over the assistant's tokens
+
+    @property
     def args(self) -> tuple:
         return (self.ids, self.targets, self.mask)
 
     def take(self, start: int, stop: int) -> "ChatBatch":
-        return ChatBatch(self.ids[start:stop], self.targets[start:stop], self.mask[start:stop])
+        """Rows ``start:stop`` (views), cut to their own longest row (rows are padded on the
+        right): a batch shard computes no column that is padding in all of its rows."""
+        mask = self.mask[start:stop]
+        longest = max(1, int(mask.sum(axis=1).max())) if mask.shape[0] else 1
+        return ChatBatch(self.ids[start:stop, :longest], self.targets[start:stop, :longest],
+                         mask[:, :longest])
 
     def to(self, xp) -> "ChatBatch":
         return ChatBatch(*(backend.asarray(a, xp=xp) for a in self.args))

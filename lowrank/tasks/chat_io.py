@@ -15,6 +15,7 @@ from ..files.storage import cap_for, read_json, write_json
 from ..formats import checkpoint
 from ..formats.model_dir import from_pretrained
 from ..formats.saved_adapters import inject_saved
+from ..quant import quantize_base
 from ..text.chat_template import ChatTemplate
 from ..text.tokenizer import Tokenizer
 from ..training.update_check import check_update
@@ -76,7 +77,7 @@ def _resume(model, out: Path, trainer, data) -> list:
 def finetune(out, base, variant: str, config: chat.ChatConfig, train_path, eval_path=None,
              options=None, targets=chat.TARGETS, dtype: str = "float32", resume: bool = False,
              save_every: int = 0, progress: bool = True, on_epoch=None, accuracy: bool = False,
-             say=print) -> dict:
+             say=print, quantize: str | None = None) -> dict:
     """Fine-tune ``base`` on the conversations of ``train_path``; after each epoch score
     ``eval_path`` (loss, perplexity; exact match with ``accuracy``) and save ``out``."""
     model, tok, template = load_base(base, dtype)
@@ -85,11 +86,11 @@ def finetune(out, base, variant: str, config: chat.ChatConfig, train_path, eval_
     for split, report in data.reports.items():
         say(report.line(split))
     out = Path(out)
-    cfg = chat.prepare(model, variant, options, targets, seed=config.seed)
+    cfg = chat.prepare(model, variant, options, targets, seed=config.seed, quantize=quantize)
     trainer = chat.make_trainer(model, data, config)
     info = {"task": "chat", "base": str(base), "variant": variant,
             "targets": targets if isinstance(targets, str) else list(targets),
-            "adapter": cfg.to_dict(), "recipe": config.to_dict(),
+            "adapter": cfg.to_dict(), "recipe": config.to_dict(), "quantize": quantize,
             "cut": {s: vars(r) | {"details": r.details[:100]} for s, r in data.reports.items()},
             "trainable": model.num_parameters(True), "total": model.num_parameters(),
             "history": [], "epochs": []}
@@ -128,6 +129,8 @@ def load(directory, base=None, dtype: str = "float32"):
     info = read_info(directory)
     model, tok, template = load_base(base or info["base"], dtype)
     inject_saved(model, directory, seed=info.get("recipe", {}).get("seed", 0))
+    if info.get("quantize"):   # the adapter was trained over this quantized base
+        quantize_base(model, info["quantize"])
     checkpoint.load_adapter(model, directory)
     return model.eval(), tok, template, info
 

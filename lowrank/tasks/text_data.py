@@ -98,6 +98,10 @@ class TextBatch:
         return self.size
 
     @property
+    def loss_terms(self) -> int:
+        return self.num_rows        # the mean over examples
+
+    @property
     def args(self) -> tuple:
         return (self.ids, self.mask, self.labels)   # SequenceClassifier.loss(*args)
 

@@ -7,6 +7,8 @@ A batch is any object with
     take(start, stop) rows start:stop, a batch of the same kind
     to(xp)            the same batch on backend ``xp`` (an explicit host → device move)
     args              what the model's loss takes: ``loss, cache = model.loss(*batch.args)``
+    loss_terms        how many terms the loss's mean is over (its rows, tokens or labelled
+                      tokens): batch shards weight each share's gradient by its terms
 
 and the model runs the backward with ``model.loss_backward(cache, dloss)``. A data source's
 ``batch(split, batch_size, rng)`` returns such a batch, or an ``(x, y)`` pair of token arrays
@@ -33,6 +35,10 @@ class TokenBatch:
     @property
     def tokens(self) -> int:
         return int(self.x.size)
+
+    @property
+    def loss_terms(self) -> int:
+        return int(self.y.size)     # the mean over every position
 
     @property
     def args(self) -> tuple:

@@ -180,9 +180,10 @@ class Trainer:
         return batch.to(self.xp)
 
     def split_batch(self, batch) -> list:
-        """``[(rows_k, args_k)]``: the batch's contiguous row shares, one per shard."""
-        return [(stop - start, batch.take(start, stop).args)
-                for start, stop in self.shards.bounds(batch.num_rows)]
+        """``[(terms_k, args_k)]``: the batch's contiguous row shares, one per shard, each
+        with the terms of the loss's mean it holds; a share with none adds nothing."""
+        shares = [batch.take(start, stop) for start, stop in self.shards.bounds(batch.num_rows)]
+        return [(s.loss_terms, s.args) for s in shares if s.loss_terms > 0]
 
     def _non_finite(self, loss) -> NonFiniteLossError:
         return NonFiniteLossError(f"loss is {loss} at step {self.step}; stopping (lower --lr, "

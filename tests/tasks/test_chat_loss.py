@@ -144,3 +144,27 @@ def test_all_ignored_is_an_error():
     model = model_with_adapter()
     with pytest.raises(ValueError, match="no position carries a label"):
         model.loss(IDS, np.full(IDS.shape, IGNORE), MASK)
+
+
+def test_batch_shards_weight_each_share_by_its_labelled_tokens():
+    """Two shards whose rows hold 1 and 5 labelled tokens: weighted by labels (not rows) the
+    gradient is the one-pass gradient; a row-weighted split would be far off. A share cut to
+    its own longest row computes no all-padding column."""
+    from lowrank.parallel import BatchShards
+    from lowrank.tasks.chat_data import ChatBatch
+    labelled = np.array([[0, 0, 0, 0, 0, 0, 1], [0, 1, 1, 1, 1, 1, 0]], dtype=bool)
+    mask = np.array([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0]])
+    batch = ChatBatch(IDS, targets_of(IDS, labelled), mask)
+    model = model_with_adapter()
+    model.zero_grad()
+    loss, cache = model.loss(*batch.args)
+    model.loss_backward(cache)
+    want = {n: p.grad.copy() for n, p in model.named_parameters(trainable_only=True)}
+    shares = [batch.take(0, 1), batch.take(1, 2)]
+    assert [s.loss_terms for s in shares] == [1, 5] and shares[1].ids.shape == (1, 6)
+    for weights_by, close in (("labels", True), ("rows", False)):
+        model.zero_grad()
+        parts = [(s.loss_terms if weights_by == "labels" else 1, s.args) for s in shares]
+        got_loss = BatchShards(model, 2).loss_backward(parts)
+        err = max(rel_err(p.grad, want[n]) for n, p in model.named_parameters(trainable_only=True))
+        assert (err < 1e-12 and abs(got_loss - loss) < 1e-12) == close, (weights_by, err)

@@ -106,3 +106,44 @@ def test_resume_without_state_is_an_error(files, tmp_path):
     run(files, tmp_path / "out", config={"epochs": 1})   # epoch saves carry the state
     with pytest.raises(ValueError, match="chat directory|training state"):
         run(files, tmp_path / "empty", resume=True)
+
+
+def test_shards_split_the_batches_and_are_recorded(files, tmp_path, monkeypatch):
+    from lowrank.parallel import BatchShards
+    seen, real = [], BatchShards.loss_backward
+
+    def spy(self, parts, dloss=1.0):
+        seen.append([n for n, _ in parts])
+        return real(self, parts, dloss)
+    monkeypatch.setattr(BatchShards, "loss_backward", spy)
+    result = run(files, tmp_path / "out", config={"steps": 2, "shards": 2})
+    assert len(seen) == 2 and all(len(parts) == 2 and min(parts) > 0 for parts in seen)
+    assert result["info"]["recipe"]["shards"] == 2
+    assert np.isfinite(result["info"]["epochs"][-1]["train_loss"])
+    with pytest.raises(ValueError, match="shards"):
+        chat.ChatConfig(shards=0)
+
+
+def test_chat_trains_over_a_base_kept_in_its_gguf_blocks(tmp_path):
+    """``quantize="keep"``: the adapters train over the file's Q8_0/Q4_0 blocks, the run
+    records it, and loading the directory puts the base back in its blocks: the same loss."""
+    from lowrank.quant import GGUFBlocksParameter
+    from tests.helpers.gguf_writer import T
+    path = tmp_path / "q.gguf"
+    write_tiny_gguf(path, shape=dict(hidden=64, ffn=96, heads=2, kv_heads=1),
+                    types={"attn_q.weight": T.Q8_0, "ffn_down.weight": T.Q4_0})
+    for name, n in (("train.jsonl", 8), ("val.jsonl", 4)):
+        (tmp_path / name).write_text("".join(json.dumps(c) + "\n" for c in conversations(n)))
+    config = chat.ChatConfig(epochs=1, batch_size=4, lr=1e-2, max_new_tokens=4)
+    result = chat_io.finetune(tmp_path / "out", path, "lora", config, tmp_path / "train.jsonl",
+                              tmp_path / "val.jsonl", progress=False, say=lambda *_: None,
+                              quantize="keep")
+    kept = [m for m in (m for _, m in result["model"].named_modules()) if isinstance(getattr(m, "weight", None),
+                                                               GGUFBlocksParameter)]
+    assert len(kept) == 2 * 2 and result["info"]["quantize"] == "keep"   # 2 layers x q, down
+    assert np.isfinite(result["info"]["epochs"][-1]["val_loss"])
+    model, _, _, info = chat_io.load(tmp_path / "out")
+    assert sum(isinstance(getattr(m, "weight", None), GGUFBlocksParameter)
+               for _, m in model.named_modules()) == len(kept)
+    again = chat_io.evaluate_file(tmp_path / "val.jsonl", tmp_path / "out")
+    assert again["loss"] == pytest.approx(result["info"]["epochs"][-1]["val_loss"], rel=1e-6)

@@ -19,6 +19,7 @@ class ReplyBatch:
 
     num_rows = property(lambda self: int(self.x.shape[0]))
     tokens = property(lambda self: int(self.reply))
+    loss_terms = property(lambda self: int(self.x.size))
     args = property(lambda self: (self.x, self.y))
 
     def take(self, start, stop):
