@@ -95,8 +95,9 @@ class BatchShards:
 
 
 def replicate(model: Module) -> Module:
-    """A replica of ``model``: modules shallow-copied, parameters sharing data with fresh
-    (empty) gradients, dropout streams seeded from the model's."""
+    """A replica of ``model``: modules shallow-copied, trainable parameters sharing data with
+    fresh (empty) gradients, frozen ones shared whole, dropout streams seeded from the
+    model's."""
     memo = {}
 
     def clone(module):
@@ -115,6 +116,8 @@ def _clone_value(value, clone, memo):
     if isinstance(value, Module):
         return clone(value)
     if isinstance(value, Parameter):
+        if not value.trainable:     # never written: shared as is (a quantized base stays so)
+            return value
         if id(value) not in memo:   # tied weights stay tied
             memo[id(value)] = Parameter(value.data, trainable=value.trainable)
         return memo[id(value)]

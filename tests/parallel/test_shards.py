@@ -114,11 +114,34 @@ def test_replica_shares_data_not_gradients():
     pairs = list(zip(model.named_parameters(), twin.named_parameters()))
     assert len(pairs) == len(list(model.named_parameters()))
     for (n, p), (m, q) in pairs:
-        assert n == m and p is not q and q.data is p.data and q.trainable == p.trainable
+        assert n == m and q.data is p.data and q.trainable == p.trainable
+        # trainable: a Parameter of its own (its own gradient); frozen: the same one
+        assert (p is not q) if p.trainable else (p is q)
         assert q.grad is None
     assert twin.blocks[0] is not model.blocks[0]
     if model.head_weight is model.tok_emb.weight:   # tied weights stay tied in the replica
         assert twin.head_weight is twin.tok_emb.weight
+
+
+def test_a_quantized_base_is_shared_not_dequantized_per_replica(monkeypatch):
+    model = tiny_gpt("lora", dtype="float32")
+    lr.quantize_base(model, "nf4")
+    frozen = [p for _, p in model.named_parameters() if getattr(p, "is_quantized", False)]
+    assert frozen
+    x, y = tokens()
+    expected = plain(model, x, y)
+    calls = []
+    for p in frozen:   # a dequantisation of a whole weight would go through .data
+        original = type(p)._dequantized
+        monkeypatch.setattr(type(p), "_dequantized",
+                            lambda self, f=original: (calls.append(self), f(self))[1])
+    twin = replicate(model)
+    assert all(q is p for p in frozen for q in [dict(twin.named_parameters())[
+        next(n for n, r in model.named_parameters() if r is p)]])
+    assert calls == []
+    loss, got = sharded(model, x, y, 2)
+    assert abs(loss - expected[0]) < 1e-5
+    assert all(rel_err(got[n], expected[1][n]) < 1e-4 for n in expected[1])
 
 
 def test_dropout_streams_are_reproducible_and_per_shard():
