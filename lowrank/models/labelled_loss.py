@@ -21,15 +21,29 @@ from .blocks import any_trainable
 IGNORE = -100
 
 
-def labelled_loss_forward(model, ids, targets, attention_mask=None):
-    """``(mean cross-entropy over the positions whose target is >= 0, cache)``."""
-    xp = model.xp
+def labelled_rows(model, ids, targets):
+    """``(targets flattened (B·T,), the indices n of the labelled ones (n,))``."""
     if tuple(targets.shape) != tuple(ids.shape):
         raise ValueError(f"targets must have shape {tuple(ids.shape)}, got {tuple(targets.shape)}")
     flat = targets.reshape(-1)                                   # (B·T,)
-    rows = xp.nonzero(flat >= 0)[0]                              # (n,)
+    rows = model.xp.nonzero(flat >= 0)[0]                        # (n,)
     if int(rows.size) == 0:
         raise ValueError("no position carries a label (every target is ignored)")
+    return flat, rows
+
+
+def labelled_loss_value(model, ids, targets, attention_mask=None) -> float:
+    """The same mean as ``labelled_loss_forward`` for scoring: no cache is kept, so its
+    memory is one layer's activations, not the whole trunk's."""
+    flat, rows = labelled_rows(model, ids, targets)
+    hidden, _ = model.forward(ids, attention_mask, logits=False, keep_cache=False)
+    logits, _ = model.head_forward(hidden.reshape(-1, hidden.shape[-1])[rows])   # (n, V)
+    return cross_entropy_forward(logits[None], flat[rows][None])[0]
+
+
+def labelled_loss_forward(model, ids, targets, attention_mask=None):
+    """``(mean cross-entropy over the positions whose target is >= 0, cache)``."""
+    flat, rows = labelled_rows(model, ids, targets)
     hidden, cache = model.forward(ids, attention_mask, logits=False)   # (B, T, d)
     shape = hidden.shape
     picked = hidden.reshape(-1, shape[-1])[rows]                 # (n, d)
@@ -52,4 +66,5 @@ def labelled_loss_backward(model, cache, dloss: float = 1.0) -> None:
     model.backward(dhidden.reshape(shape), model_cache)         # (B, T, d)
 
 
-__all__ = ["IGNORE", "labelled_loss_forward", "labelled_loss_backward"]
+__all__ = ["IGNORE", "labelled_loss_forward", "labelled_loss_backward", "labelled_loss_value",
+           "labelled_rows"]

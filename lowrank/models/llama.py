@@ -220,11 +220,14 @@ class Llama(Module):
         return rope_tables(self.rope_freq.astype(self.dtype), position_ids, self.dtype)
 
     # --- forward / backward ----------------------------------------------------------------------
-    def forward(self, ids, attention_mask=None, position_ids=None, logits: bool = True):
+    def forward(self, ids, attention_mask=None, position_ids=None, logits: bool = True,
+                keep_cache: bool = True):
         """``ids (B, T)`` int, ``attention_mask (B, T)`` (1 token, 0 padding; padded keys get
         no weight), ``position_ids (B, T)`` (default 0..T-1, as transformers without a
         cache) -> ``(logits (B, T, V), cache)``, or ``(hidden (B, T, d), cache)`` after the
-        final norm with ``logits=False`` (then ``head_forward`` on the rows wanted)."""
+        final norm with ``logits=False`` (then ``head_forward`` on the rows wanted).
+        ``keep_cache=False`` (scoring): each layer's cache is dropped as soon as the next
+        layer runs, so a whole batch's activations are never held; the cache is ``None``."""
         cfg = self.config
         self._check_ids(ids, "ids", cfg.vocab_size)
         B, T = ids.shape
@@ -237,8 +240,12 @@ class Llama(Module):
         c_layers = []
         for layer in self.model.layers:
             x, c = layer.forward(x, rope, attention_mask)
-            c_layers.append(c)
+            if keep_cache:
+                c_layers.append(c)
+        c = None                                            # scoring: drop the last layer's too
         h, c_norm = self.model.norm.forward(x)              # (B, T, d)
+        if not keep_cache:
+            return (self.head_forward(h)[0] if logits else h), None
         if not logits:
             return h, (c_emb, c_layers, c_norm, None)
         out, c_head = self.head_forward(h)

@@ -22,6 +22,7 @@ import numpy as np
 from ..adapters import config as adapter_config, inject
 from ..adapters.inject import ALL_LINEAR
 from ..models.decode import greedy_batch, stream
+from ..models.labelled_loss import labelled_loss_value
 from ..nn.optim import check_adamw_form
 from ..nn.schedules import check_schedule
 from ..quant import quantize_base
@@ -146,7 +147,7 @@ def evaluate_loss(model, data: ChatData, split: str = "val", batch_size: int = 8
     try:
         for batch in data.eval_batches(split, batch_size):
             n = batch.labels
-            loss, _ = model.loss(*batch.to(model.xp).args)
+            loss = labelled_loss_value(model, *batch.to(model.xp).args)
             total, count = total + loss * n, count + n
     finally:
         model.train(was_training)

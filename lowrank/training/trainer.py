@@ -263,8 +263,8 @@ class Trainer:
         batches = data.eval_batches(split, self.config.batch_size, self.config.eval_batches)
         for i, batch in enumerate(batches):
             if i % self.comm.size == self.comm.rank:
-                loss, _ = self.model.loss(*as_batch(batch).to(self.xp).args)
-                losses.append(loss)
+                # [0]: the cache goes at once, not when the next batch's replaces it
+                losses.append(self.model.loss(*as_batch(batch).to(self.xp).args)[0])
         self.model.train()
         if self.comm.size == 1:
             return {"loss": float(np.mean(losses))}

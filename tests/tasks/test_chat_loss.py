@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank.models.labelled_loss import IGNORE
+from lowrank.models.labelled_loss import IGNORE, labelled_loss_value
 from lowrank.models.llama import Llama
 from lowrank.models.llama_config import LlamaConfig
 from reference.finite_diff import numerical_gradient
@@ -61,6 +61,18 @@ def test_labelled_loss_equals_the_whole_head_oracle():
     # no ignored target: the ordinary path, the same number
     full = np.where(TARGETS >= 0, TARGETS, 0)
     assert abs(model.loss(IDS, full, MASK)[0] - oracle_loss(model, IDS, full, MASK)) < 1e-12
+
+
+def test_scoring_without_a_cache_gives_the_same_loss_and_keeps_nothing():
+    model = model_with_adapter()
+    model.eval()
+    loss, _ = model.loss(IDS, TARGETS, MASK)
+    assert labelled_loss_value(model, IDS, TARGETS, MASK) == loss
+    logits, cache = model.forward(IDS, MASK)
+    scored, none = model.forward(IDS, MASK, keep_cache=False)
+    assert none is None and np.array_equal(to_host(scored), to_host(logits))
+    with pytest.raises(ValueError, match="no position carries a label"):
+        labelled_loss_value(model, IDS, np.full(IDS.shape, IGNORE), MASK)
 
 
 def test_head_runs_only_on_labelled_rows(monkeypatch):
