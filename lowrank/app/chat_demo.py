@@ -26,6 +26,7 @@ from .sentiment_demo import fresh_copy
 QUESTION = "Is this review positive or negative? Answer with one word.\n\nReview: "
 ANSWERS = {"0": "negative", "1": "positive"}   # a label index, or its name already
 TRAIN_EXAMPLES, LR, MAX_NEW_TOKENS = 256, 5e-4, 3
+BASE_NOTE = {"keep": " over the base kept in its GGUF blocks", "nf4": " over an NF4 base"}
 VARIANT_OPTIONS = {"adalora": {"init_r": 12, "target_r": 8},
                    "relora": {"reset_interval": 10, "restart_warmup": 2},
                    "increlora": {"init_warmup": 3, "incre_interval": 3}}
@@ -64,7 +65,7 @@ def run_demo(out="lowrank-demo-chat", variants=("lora",), train_examples: int = 
     data = ChatData.from_conversations(template, tok, {"train": train, "val": val}, length)
     print(f"SmolLM2-135M-Instruct sentiment as a chat: {len(train)} training conversations, "
           f"{len(val)} validation; rows: zero-shot, {', '.join(variants)}"
-          + (f" (base kept {quantize})" if quantize else "")
+          + BASE_NOTE.get(quantize, "")
           + f"; {config.shards} batch shard(s)", flush=True)
 
     def accuracy(m):
@@ -97,7 +98,8 @@ def run_demo(out="lowrank-demo-chat", variants=("lora",), train_examples: int = 
               f"{row['tokens_per_s']:,.0f} train tok/s", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(results, len(train), len(val),
-                         "SmolLM2-135M-Instruct" if base == "smollm2" else Path(base).name)
+                         ("SmolLM2-135M-Instruct" if base == "smollm2" else Path(base).name)
+                         + BASE_NOTE.get(quantize, ""))
     print()
     print(table)
     (out / "results.md").write_text(table + "\n")
