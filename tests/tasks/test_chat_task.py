@@ -79,8 +79,10 @@ def test_loraplus_trains(files, tmp_path):
     assert np.isfinite(result["info"]["epochs"][-1]["train_loss"])
 
 
-def test_resume_after_a_kill_is_bit_identical(files, tmp_path, monkeypatch):
-    whole = run(files, tmp_path / "whole", options={"dropout": 0.1}, save_every=2)
+@pytest.mark.parametrize("shards", [1, 2])
+def test_resume_after_a_kill_is_bit_identical(files, tmp_path, monkeypatch, shards):
+    opts = {"options": {"dropout": 0.1}, "save_every": 2, "config": {"shards": shards}}
+    whole = run(files, tmp_path / "whole", **dict(opts))
     real = chat_io.check_update
 
     def killed(trainer, saved=None):
@@ -90,9 +92,9 @@ def test_resume_after_a_kill_is_bit_identical(files, tmp_path, monkeypatch):
 
     monkeypatch.setattr(chat_io, "check_update", killed)
     with pytest.raises(KeyboardInterrupt):
-        run(files, tmp_path / "cut", options={"dropout": 0.1}, save_every=2)
+        run(files, tmp_path / "cut", **dict(opts))
     monkeypatch.setattr(chat_io, "check_update", real)
-    resumed = run(files, tmp_path / "cut", options={"dropout": 0.1}, save_every=2, resume=True)
+    resumed = run(files, tmp_path / "cut", **dict(opts), resume=True)
     assert resumed["trainer"].step == whole["trainer"].step == 6
     a = read_safetensors(tmp_path / "whole" / "adapter_model.safetensors")
     b = read_safetensors(tmp_path / "cut" / "adapter_model.safetensors")
