@@ -16,11 +16,11 @@ from typing import ClassVar
 
 from .. import backend
 from ..backend.blocked import add_matmul
-from ._cache import AdapterCache
 from ..nn.module import Module, Parameter
 from ..ops.linear import check_input, linear_forward, weight_operand
 from ..nn.validate import (MAX_ALPHA, check_int, check_number, check_seed,  # noqa: F401
                            config_error, field_from_text, near_fields)
+from ._cache import AdapterCache
 
 BIAS_MODES = ("none", "lora_only", "all")
 _REGISTRY: dict[str, tuple[type, type]] = {}

@@ -30,10 +30,6 @@ class DropoutMask:
         self.keep, self.scale, self.dense = keep, scale, dense
 
     @property
-    def shape(self) -> tuple:
-        return tuple((self.keep if self.dense is None else self.dense).shape)
-
-    @property
     def compact(self) -> bool:
         """Whether the multiplier is kept as bits (then the caller need not keep ``x_d``)."""
         return self.dense is None

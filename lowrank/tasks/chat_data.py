@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import backend
 from ..models.labelled_loss import IGNORE
+from ..training.batches import padded_width
 
 ROLES = ("system", "user", "assistant")
 MAX_LINE_BYTES = 1 << 22   # a line of a few MB is not a conversation
@@ -188,7 +189,7 @@ class ChatBatch:
         """Rows ``start:stop`` (views), cut to their own longest row (rows are padded on the
         right): a batch shard computes no column that is padding in all of its rows."""
         mask = self.mask[start:stop]
-        longest = max(1, int(mask.sum(axis=1).max())) if mask.shape[0] else 1
+        longest = padded_width(mask)
         return ChatBatch(self.ids[start:stop, :longest], self.targets[start:stop, :longest],
                          mask[:, :longest])
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import backend
 from ..text.datasets import SENTIMENT_FILES, SENTIMENT_LABELS
+from ..training.batches import padded_width
 from .data_files import MAX_LABELS, Example, read_examples
 
 VAL_SIZE = 200
@@ -112,7 +113,7 @@ class TextBatch:
         """Rows ``start:stop`` (views), cut to their own longest row (rows are padded on
         the right, as ``encode_batch`` pads them)."""
         mask = self.mask[start:stop]
-        longest = max(1, int(mask.sum(axis=1).max())) if mask.shape[0] else 1
+        longest = padded_width(mask)
         return TextBatch(self.ids[start:stop, :longest], mask[:, :longest],
                          self.labels[start:stop])
 

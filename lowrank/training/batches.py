@@ -51,6 +51,12 @@ class TokenBatch:
         return TokenBatch(backend.asarray(self.x, xp=xp), backend.asarray(self.y, xp=xp))
 
 
+def padded_width(mask) -> int:
+    """The columns that hold every real token of right-padded rows (``mask (rows, T)``, 1 on
+    a token): a share of a batch cut to this width computes no all-padding column."""
+    return max(1, int(mask.sum(axis=1).max())) if mask.shape[0] else 1
+
+
 def as_batch(value):
     """``value`` when it keeps the contract, else an ``(x, y)`` pair as a ``TokenBatch``."""
     if hasattr(value, "args") and hasattr(value, "take"):
@@ -59,4 +65,4 @@ def as_batch(value):
     return TokenBatch(x, y)
 
 
-__all__ = ["TokenBatch", "as_batch"]
+__all__ = ["TokenBatch", "as_batch", "padded_width"]
